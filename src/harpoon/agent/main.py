@@ -1,14 +1,60 @@
-"""Placeholder entry point of the guest agent (being written); its imports are the real set."""
+"""Entry point of the guest agent, PID 1 in every harpoon VM (exec'd by /init).
 
-import asyncio  # noqa: F401
-import ctypes  # noqa: F401
-import os  # noqa: F401
-import signal  # noqa: F401
-import struct  # noqa: F401
-import time  # noqa: F401
+It serves the Agent ttrpc service on the host channel for as long as the VM lives,
+reaps every child (it is init), and powers the VM off rather than exit: an init that
+exits panics the kernel, and a silent agent would leave the host waiting.
+"""
 
-from harpoon.api.agent.v1 import agent_pb2  # noqa: F401
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+import traceback
+
+from harpoon.agent import channel
+from harpoon.agent.processes import ProcessTable
+from harpoon.agent.service import AgentService, power_off
+from harpoon.api.agent.v1 import agent_pb2
+from harpoon.ttrpc.server import Server
+from harpoon.ttrpc.service import register_service
+
+RECONNECT_PAUSE_S = 0.02
+
+
+def log(message: str) -> None:
+    print(f"harpoon-agent: {message}", file=sys.stderr, flush=True)
+
+
+async def serve(started_monotonic: float) -> None:
+    loop = asyncio.get_running_loop()
+    table = ProcessTable()
+    loop.add_signal_handler(signal.SIGCHLD, table.reap)
+    table.reap()
+    server = Server()
+    register_service(
+        server,
+        agent_pb2.DESCRIPTOR.services_by_name["Agent"],
+        AgentService(table, started_monotonic),
+    )
+    path = await channel.wait_for_port()
+    log(f"serving on {path}")
+    while True:
+        reader, writer = await channel.open_port(path)
+        try:
+            await server.serve_connection(reader, writer)
+        finally:
+            writer.close()
+        # EOF: no host on the other end (yet, or any more). Wait for one.
+        await asyncio.sleep(RECONNECT_PAUSE_S)
 
 
 def main() -> None:
-    print("harpoon-agent: placeholder", flush=True)
+    started = time.monotonic()
+    try:
+        asyncio.run(serve(started))
+    except BaseException:
+        traceback.print_exc()
+        log("fatal error, powering off")
+        power_off()

@@ -33,9 +33,8 @@ def derive_task_v3(v2_text: str) -> str:
 
 def generate(out_dir: Path) -> None:
     """Runs protoc over every .proto file, writing modules and stubs under out_dir."""
-    from grpc_tools import protoc  # dev dependency: only needed to regenerate
-
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency: only needed to regenerate
 
     TASK_V3.write_text(derive_task_v3(TASK_V2.read_text()))
     well_known = Path(grpc_tools.__file__).parent / "_proto"
@@ -63,8 +62,7 @@ def generated_files(root: Path) -> set[Path]:
     return {
         p.relative_to(root)
         for p in api.rglob("*")
-        if p.name.endswith(GENERATED_SUFFIXES)
-        or (p.name == "__init__.py" and p.parent != api)
+        if p.name.endswith(GENERATED_SUFFIXES) or (p.name == "__init__.py" and p.parent != api)
     }
 
 

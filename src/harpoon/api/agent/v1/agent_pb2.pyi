@@ -53,7 +53,7 @@ class UnmountRequest(_message.Message):
     def __init__(self, target: _Optional[str] = ...) -> None: ...
 
 class CreateProcessRequest(_message.Message):
-    __slots__ = ("id", "args", "env", "cwd", "root", "terminal", "stdin", "uid", "gid", "additional_gids", "hostname")
+    __slots__ = ("id", "args", "env", "cwd", "root", "terminal", "stdin", "uid", "gid", "additional_gids", "hostname", "stdout", "stderr", "container_init")
     ID_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +65,9 @@ class CreateProcessRequest(_message.Message):
     GID_FIELD_NUMBER: _ClassVar[int]
     ADDITIONAL_GIDS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    STDOUT_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_INIT_FIELD_NUMBER: _ClassVar[int]
     id: str
     args: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.RepeatedScalarFieldContainer[str]
@@ -76,7 +79,10 @@ class CreateProcessRequest(_message.Message):
     gid: int
     additional_gids: _containers.RepeatedScalarFieldContainer[int]
     hostname: str
-    def __init__(self, id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., root: _Optional[str] = ..., terminal: _Optional[bool] = ..., stdin: _Optional[bool] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., additional_gids: _Optional[_Iterable[int]] = ..., hostname: _Optional[str] = ...) -> None: ...
+    stdout: bool
+    stderr: bool
+    container_init: bool
+    def __init__(self, id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., root: _Optional[str] = ..., terminal: _Optional[bool] = ..., stdin: _Optional[bool] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., additional_gids: _Optional[_Iterable[int]] = ..., hostname: _Optional[str] = ..., stdout: _Optional[bool] = ..., stderr: _Optional[bool] = ..., container_init: _Optional[bool] = ...) -> None: ...
 
 class StartProcessRequest(_message.Message):
     __slots__ = ("id",)

@@ -1,0 +1,242 @@
+"""The agent's process table: every process it runs for the host, by id.
+
+A process is created with its stdio pipes (so the host can attach readers before it
+runs), started by fork and exec, and reaped by the agent's SIGCHLD handler, which is
+the only place that calls waitpid: as PID 1 the agent also reaps orphans it never
+started. Exit statuses follow the shell's convention (128 + signal when killed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+from harpoon import aio
+from harpoon.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+
+# Signals Python sets to SIG_IGN; an exec'd program would inherit the ignore.
+_SIGNALS_PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+@dataclass
+class ProcessSpec:
+    """What to run: the parts of an OCI process the agent implements itself."""
+
+    args: list[str]
+    env: list[str]
+    cwd: str = "/"
+    root: str = ""
+    uid: int = 0
+    gid: int = 0
+    additional_gids: list[int] = field(default_factory=list)
+    stdin: bool = False
+    stdout: bool = False
+    stderr: bool = False
+    container_init: bool = False
+
+
+@dataclass
+class Process:
+    id: str
+    spec: ProcessSpec
+    pid: int = 0
+    exit_status: int | None = None
+    exited_at: float = 0.0
+    stdin_fd: int | None = None
+    # Read ends of the output pipes, keyed by stream name ("stdout", "stderr").
+    output_fds: dict[str, int] = field(default_factory=dict)
+    # Set when a stream has been read to EOF (or never existed).
+    drained: dict[str, asyncio.Event] = field(default_factory=dict)
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    # The child's ends of the pipes, closed in the agent once the child has them.
+    child_fds: list[int] = field(default_factory=list)
+
+    @property
+    def started(self) -> bool:
+        return self.pid != 0
+
+
+def _env_dict(env: list[str]) -> dict[str, str]:
+    result: dict[str, str] = {}
+    for entry in env:
+        key, sep, value = entry.partition("=")
+        if sep:
+            result[key] = value
+    return result
+
+
+def _exec_child(spec: ProcessSpec, stdio: tuple[int, int, int], error_fd: int) -> None:
+    """Runs in the forked child: set up and exec, or report why not and exit 127."""
+    try:
+        os.setsid()
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target)
+        for signum in _SIGNALS_PYTHON_IGNORES:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if spec.root:
+            os.chroot(spec.root)
+        os.chdir(spec.cwd or "/")
+        if spec.uid or spec.gid or spec.additional_gids:
+            os.setgroups(spec.additional_gids)
+            os.setgid(spec.gid)
+            os.setuid(spec.uid)
+        os.execvpe(spec.args[0], spec.args, _env_dict(spec.env))
+    except BaseException as error:
+        errno = getattr(error, "errno", 0) or 0
+        message = f"{errno}:{error}"
+        os.write(error_fd, message.encode(errors="replace"))
+    finally:
+        os._exit(127)
+
+
+class ProcessTable:
+    """Processes by id, and the reaper that turns SIGCHLD into exit statuses."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, Process] = {}
+        self._by_pid: dict[int, Process] = {}
+
+    def get(self, process_id: str) -> Process:
+        try:
+            return self._by_id[process_id]
+        except KeyError:
+            raise NotFound(f"process {process_id!r} does not exist in the guest") from None
+
+    def all(self) -> list[Process]:
+        return list(self._by_id.values())
+
+    def create(self, process_id: str, spec: ProcessSpec) -> Process:
+        if process_id in self._by_id:
+            raise AlreadyExists(f"process {process_id!r} already exists in the guest")
+        if not spec.args:
+            raise InvalidArgument(f"process {process_id!r} has no args to run")
+        process = Process(process_id, spec)
+        if spec.stdin:
+            read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            process.stdin_fd = write_end
+            process.child_fds.append(read_end)
+        for name, wanted in (("stdout", spec.stdout), ("stderr", spec.stderr)):
+            process.drained[name] = asyncio.Event()
+            if wanted:
+                read_end, write_end = os.pipe2(os.O_CLOEXEC)
+                os.set_blocking(read_end, False)
+                process.output_fds[name] = read_end
+                process.child_fds.append(write_end)
+            else:
+                process.drained[name].set()
+        self._by_id[process_id] = process
+        return process
+
+    def start(self, process: Process) -> int:
+        if process.started:
+            raise FailedPrecondition(f"process {process.id!r} has already been started")
+        devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        fds = iter(process.child_fds)
+        stdin = next(fds) if process.spec.stdin else devnull
+        stdout = next(fds) if process.spec.stdout else devnull
+        stderr = next(fds) if process.spec.stderr else devnull
+        error_read, error_write = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            _exec_child(process.spec, (stdin, stdout, stderr), error_write)
+        os.close(error_write)
+        os.close(devnull)
+        for fd in process.child_fds:
+            os.close(fd)
+        process.child_fds.clear()
+        # The exec either succeeds (the pipe closes on exec) or the child reports why.
+        # No await since fork: the reaper cannot run before the pid is registered.
+        with os.fdopen(error_read, "rb") as errors:
+            failure = errors.read()
+        process.pid = pid
+        self._by_pid[pid] = process
+        if failure:
+            process.pid = 0
+            errno_text, _, message = failure.decode(errors="replace").partition(":")
+            raise FailedPrecondition(
+                f"cannot start {process.spec.args[0]!r} in the guest: {message}"
+                + (" (executable not found in $PATH)" if errno_text == "2" else "")
+            )
+        return pid
+
+    def reap(self) -> None:
+        """Collects every exited child; called on SIGCHLD. Orphans are dropped."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            process = self._by_pid.pop(pid, None)
+            if process is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            process.exit_status = 128 - code if code < 0 else code
+            process.exited_at = time.time()
+            process.exited.set()
+            if process.spec.container_init and process.pid != 0:
+                # As when the init of a PID namespace dies: nothing else may live on.
+                kill_everything_but_me()
+
+    def signal(self, process: Process, signum: int, all_processes: bool = False) -> None:
+        if all_processes:
+            for other in self._by_id.values():
+                if other.started and other.exit_status is None:
+                    self.signal(other, signum)
+            return
+        if not process.started:
+            raise FailedPrecondition(f"process {process.id!r} has not been started")
+        if process.exit_status is not None:
+            raise NotFound(f"process {process.id!r} has already exited")
+        os.kill(process.pid, signum)
+
+    def delete(self, process: Process) -> None:
+        if process.started and process.exit_status is None:
+            raise FailedPrecondition(f"process {process.id!r} is still running")
+        for fd in [*process.output_fds.values(), process.stdin_fd, *process.child_fds]:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        process.output_fds.clear()
+        process.stdin_fd = None
+        del self._by_id[process.id]
+
+
+def kill_everything_but_me() -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(-1, signal.SIGKILL)
+
+
+async def read_output(process: Process, stream: str) -> bytes | None:
+    """The next chunk available on a stream, or None at end of file."""
+    fd = process.output_fds.get(stream)
+    if fd is None:
+        return None
+    chunk = await aio.read_some(fd)
+    if chunk:
+        return chunk
+    os.close(fd)
+    del process.output_fds[stream]
+    process.drained[stream].set()
+    return None
+
+
+async def write_input(process: Process, data: bytes) -> None:
+    """Writes all of data to the process's stdin, waiting while the pipe is full."""
+    fd = process.stdin_fd
+    if fd is None:
+        raise FailedPrecondition(f"process {process.id!r} has no open stdin")
+    os.set_blocking(fd, False)
+    await aio.write_all(fd, data)
+
+
+def close_input(process: Process) -> None:
+    if process.stdin_fd is not None:
+        os.close(process.stdin_fd)
+        process.stdin_fd = None

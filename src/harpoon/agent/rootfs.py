@@ -1,0 +1,47 @@
+"""Prepares a container's root inside the guest: the share mounted, /proc, /sys, /dev.
+
+Kept deliberately small: full OCI mount and device semantics will come from running
+the container through crun in the guest; until then a chroot gets the mounts every
+program expects.
+"""
+
+from __future__ import annotations
+
+import os
+
+from harpoon import linux
+
+# (fstype, target inside the root, flags, data)
+_BASE_MOUNTS: tuple[tuple[str, str, int, str], ...] = (
+    ("proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, ""),
+    ("sysfs", "sys", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_RDONLY, ""),
+    ("devtmpfs", "dev", linux.MS_NOSUID, "mode=755"),
+    ("devpts", "dev/pts", linux.MS_NOSUID | linux.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620"),
+    ("tmpfs", "dev/shm", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777"),
+)
+
+
+def mount_filesystem(source: str, target: str, fstype: str, options: list[str]) -> None:
+    """Mounts source on target, creating the target (a file for a bind of a file)."""
+    flags, _, _ = linux.parse_mount_options(options)
+    if flags & linux.MS_BIND and os.path.exists(source) and not os.path.isdir(source):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if not os.path.exists(target):
+            open(target, "a").close()
+    else:
+        os.makedirs(target, exist_ok=True)
+    linux.mount_with_options(source, target, fstype, options)
+
+
+def prepare_root(root: str) -> None:
+    """Mounts the filesystems every process expects under root (idempotent)."""
+    mounted = set(linux.mounts_under(root))
+    for fstype, relative, flags, data in _BASE_MOUNTS:
+        target = os.path.join(root, relative)
+        if target in mounted:
+            continue
+        try:
+            os.makedirs(target, exist_ok=True)
+        except OSError:
+            continue  # a read-only root without the directory: do without it
+        linux.mount(fstype, target, fstype, flags, data)

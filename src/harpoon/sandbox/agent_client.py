@@ -1,0 +1,104 @@
+"""The host's typed client for the guest agent's ttrpc service."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import TypeVar
+
+from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf.message import Message
+
+from harpoon.api.agent.v1 import agent_pb2
+from harpoon.api.names import AGENT_SERVICE
+from harpoon.ttrpc.client import Client
+
+ResponseT = TypeVar("ResponseT", bound=Message)
+CONTROL_TIMEOUT_S = 30.0
+
+
+class AgentClient:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    @classmethod
+    async def connect(cls, socket_path: str) -> AgentClient:
+        return cls(await Client.connect_unix(socket_path))
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def _call(
+        self,
+        method: str,
+        request: Message,
+        response_type: type[ResponseT],
+        timeout: float | None = CONTROL_TIMEOUT_S,
+    ) -> ResponseT:
+        payload = await self._client.call(
+            AGENT_SERVICE, method, request.SerializeToString(), timeout=timeout
+        )
+        response = response_type()
+        response.ParseFromString(payload)
+        return response
+
+    async def hello(self, timeout: float) -> agent_pb2.HelloResponse:
+        host_time = timestamp_pb2.Timestamp()
+        host_time.FromNanoseconds(time.time_ns())
+        return await self._call(
+            "Hello", agent_pb2.HelloRequest(host_time=host_time), agent_pb2.HelloResponse, timeout
+        )
+
+    async def mount(self, source: str, target: str, fstype: str, options: list[str]) -> None:
+        request = agent_pb2.MountRequest(
+            source=source, target=target, fstype=fstype, options=options
+        )
+        await self._call("Mount", request, empty_pb2.Empty)
+
+    async def create_process(self, request: agent_pb2.CreateProcessRequest) -> None:
+        await self._call("CreateProcess", request, empty_pb2.Empty)
+
+    async def start_process(self, process_id: str) -> int:
+        request = agent_pb2.StartProcessRequest(id=process_id)
+        response = await self._call("StartProcess", request, agent_pb2.StartProcessResponse)
+        return response.pid
+
+    async def wait_process(self, process_id: str) -> agent_pb2.WaitProcessResponse:
+        request = agent_pb2.WaitProcessRequest(id=process_id)
+        return await self._call("WaitProcess", request, agent_pb2.WaitProcessResponse, None)
+
+    async def signal_process(self, process_id: str, signal: int, all_processes: bool) -> None:
+        request = agent_pb2.SignalProcessRequest(id=process_id, signal=signal, all=all_processes)
+        await self._call("SignalProcess", request, empty_pb2.Empty)
+
+    async def delete_process(self, process_id: str) -> None:
+        await self._call(
+            "DeleteProcess", agent_pb2.DeleteProcessRequest(id=process_id), empty_pb2.Empty
+        )
+
+    async def read_output(self, process_id: str, stream: int) -> AsyncIterator[bytes]:
+        request = agent_pb2.ReadOutputRequest(id=process_id, stream=stream)
+        async for payload in self._client.stream(
+            AGENT_SERVICE, "ReadOutput", request.SerializeToString()
+        ):
+            chunk = agent_pb2.OutputChunk()
+            chunk.ParseFromString(payload)
+            yield chunk.data
+
+    async def write_stdin(self, process_id: str, data: AsyncIterable[bytes]) -> None:
+        async def messages() -> AsyncIterator[bytes]:
+            first = True
+            async for block in data:
+                chunk = agent_pb2.StdinChunk(id=process_id if first else "", data=block)
+                first = False
+                yield chunk.SerializeToString()
+            if first:
+                yield agent_pb2.StdinChunk(id=process_id).SerializeToString()
+
+        await self._client.call_client_stream(AGENT_SERVICE, "WriteStdin", messages())
+
+    async def close_stdin(self, process_id: str) -> None:
+        await self._call("CloseStdin", agent_pb2.CloseStdinRequest(id=process_id), empty_pb2.Empty)
+
+    async def shutdown(self) -> None:
+        await self._call("Shutdown", empty_pb2.Empty(), empty_pb2.Empty, timeout=5.0)

@@ -1,0 +1,7 @@
+"""VMM backends behind one interface (base.VirtualMachine).
+
+harpoon.vmm knows virtual machine monitors and nothing of containerd: it boots a
+kernel and initramfs with a set of shares and hands back a byte stream to the
+guest agent. QEMU (KVM, HVF or TCG) lives in qemu.py; the macOS
+Virtualization.framework backend will sit beside it behind the same interface.
+"""

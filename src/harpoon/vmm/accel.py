@@ -1,0 +1,102 @@
+"""Chooses QEMU's accelerator by trying it: KVM on Linux, HVF on macOS, else TCG.
+
+The presence of /dev/kvm proves nothing (on our own machines it exists but a guest
+cannot run under it: `-cpu host` aborts when QEMU sets the vCPU's MSRs), so the probe
+starts a paused, guest-less QEMU with the accelerator and `-cpu host`, lets the vCPU
+run for a moment, and keeps the accelerator only if QEMU is still alive. The verdict is
+cached per QEMU binary for the host's uptime, because a probe costs about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PROBE_TIMEOUT_S = 5.0
+PROBE_RUN_S = 0.5
+ACCEL_ENV = "HARPOON_ACCEL"
+CACHE_DIR = Path(os.environ.get("HARPOON_RUN_DIR", "/run/harpoon"))
+
+
+def hardware_accelerator() -> str:
+    return "hvf" if sys.platform == "darwin" else "kvm"
+
+
+def probe(qemu: str, accel: str) -> bool:
+    """True when a QEMU with this accelerator and `-cpu host` survives starting its vCPU."""
+    script = b'{"execute":"qmp_capabilities"}\n{"execute":"cont"}\n'
+    try:
+        proc = subprocess.Popen(
+            [
+                qemu,
+                "-accel",
+                accel,
+                "-cpu",
+                "host",
+                "-M",
+                "none" if accel == "hvf" else "microvm",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-S",
+                "-qmp",
+                "stdio",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    except OSError:
+        return False
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(script)
+        proc.stdin.flush()
+        proc.wait(PROBE_RUN_S)
+        return False  # it exited on its own: the accelerator failed
+    except subprocess.TimeoutExpired:
+        pass
+    except BrokenPipeError:
+        proc.wait(PROBE_TIMEOUT_S)
+        return False
+    try:
+        proc.stdin.write(b'{"execute":"quit"}\n')
+        proc.stdin.close()
+        return proc.wait(PROBE_TIMEOUT_S) == 0
+    except (subprocess.TimeoutExpired, BrokenPipeError):
+        proc.kill()
+        proc.wait()
+        return False
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def choose(qemu: str) -> str:
+    """The accelerator to run guests with: $HARPOON_ACCEL if set, else the probed one."""
+    forced = os.environ.get(ACCEL_ENV)
+    if forced:
+        return forced
+    key = hashlib.sha256(f"{qemu}:{_boot_id()}".encode()).hexdigest()[:16]
+    cache = CACHE_DIR / f"accel-{key}"
+    try:
+        return cache.read_text().strip()
+    except OSError:
+        pass
+    hardware = hardware_accelerator()
+    verdict = hardware if probe(qemu, hardware) else "tcg"
+    try:
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}")
+        tmp.write_text(verdict)
+        tmp.replace(cache)
+    except OSError:
+        pass
+    return verdict

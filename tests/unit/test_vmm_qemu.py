@@ -1,0 +1,67 @@
+"""The QEMU command line harpoon builds, checked without starting QEMU."""
+
+from pathlib import Path
+
+import pytest
+
+from harpoon import linux
+from harpoon.vmm.base import Share, VMConfig, VMError
+from harpoon.vmm.qemu import command_line
+
+
+def config(**overrides: object) -> VMConfig:
+    values: dict[str, object] = dict(
+        name="c1",
+        arch="amd64",
+        kernel=Path("/g/vmlinux"),
+        initrd=Path("/g/initrd"),
+        state_dir=Path("/run/harpoon/vm/x"),
+        shares=(Share("rootfs", Path("/b/rootfs"), read_only=True),),
+    )
+    values.update(overrides)
+    return VMConfig(**values)  # type: ignore[arg-type]
+
+
+def test_microvm_with_pvh_kernel_virtio_serial_agent_and_9p_rootfs() -> None:
+    argv = command_line(config(), "tcg")
+    line = " ".join(argv)
+    assert argv[0] == "qemu-system-x86_64"
+    assert "-M microvm" in line and "-accel tcg,thread=multi" in line
+    assert "-kernel /g/vmlinux" in line and "-initrd /g/initrd" in line
+    assert "socket,id=agent,path=/run/harpoon/vm/x/agent.sock,server=on,wait=off" in line
+    assert "virtserialport,chardev=agent,name=harpoon.agent" in line
+    assert "local,id=fs0,path=/b/rootfs,security_model=none,readonly=on" in line
+    assert "virtio-9p-device,fsdev=fs0,mount_tag=rootfs" in line
+    assert "-no-reboot" in argv and "-cpu" not in argv
+
+
+def test_hardware_acceleration_uses_the_host_cpu() -> None:
+    argv = command_line(config(), "kvm")
+    assert argv[argv.index("-accel") + 1] == "kvm"
+    assert argv[argv.index("-cpu") + 1] == "host"
+
+
+def test_q35_uses_pci_devices() -> None:
+    line = " ".join(command_line(config(extra={"machine": "q35"}), "tcg"))
+    assert "virtio-serial-pci" in line and "virtio-9p-pci" in line
+
+
+def test_arm64_guests_are_emulated_on_virt() -> None:
+    argv = command_line(config(arch="arm64"), "kvm")
+    line = " ".join(argv)
+    assert argv[0] == "qemu-system-aarch64" and "-M virt" in line
+    assert "console=ttyAMA0" in line and "-cpu cortex-a72" in line
+
+
+def test_unknown_machine_is_a_clear_error() -> None:
+    with pytest.raises(VMError, match="no QEMU machine profile"):
+        command_line(config(arch="riscv64"), "tcg")
+
+
+def test_mount_options_split_into_flags_and_data() -> None:
+    flags, propagation, data = linux.parse_mount_options(
+        ["ro", "rbind", "nosuid", "index=off", "lowerdir=/a:/b", "rprivate"]
+    )
+    assert flags == linux.MS_RDONLY | linux.MS_BIND | linux.MS_REC | linux.MS_NOSUID
+    assert propagation == linux.MS_PRIVATE | linux.MS_REC
+    assert data == "index=off,lowerdir=/a:/b"
