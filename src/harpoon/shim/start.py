@@ -47,6 +47,15 @@ def _bind(path: Path) -> socket.socket | None:
     raise OSError(errno.EADDRINUSE, f"cannot bind shim socket {path}")
 
 
+def _daemon_command() -> list[str]:
+    """Ourselves again: the shim script when we were started as one (so `ps` and
+    containerd's tooling see containerd-shim-harpoon-v1), else the module."""
+    script = os.path.abspath(sys.argv[0])
+    if os.path.basename(script).startswith("containerd-shim-") and os.path.isfile(script):
+        return [sys.executable, script]
+    return [sys.executable, "-m", "harpoon.shim"]
+
+
 def start(flags: Flags) -> int:
     data = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     parsed = parse_start_stdin(data, flags.id)
@@ -67,9 +76,7 @@ def start(flags: Flags) -> int:
         if params is not None and params.containerd_ttrpc_address and "TTRPC_ADDRESS" not in env:
             env["TTRPC_ADDRESS"] = params.containerd_ttrpc_address
         argv = [
-            sys.executable,
-            "-m",
-            "harpoon.shim",
+            *_daemon_command(),
             "-namespace",
             namespace,
             "-id",

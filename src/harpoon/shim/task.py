@@ -64,7 +64,7 @@ class InitProcess:
     stderr: str
     terminal: bool
     io: ProcessIO
-    status: int = types.CREATED
+    status: types.Status = types.CREATED
     guest_pid: int = 0
     exit_status: int = 0
     exited_at: timestamp_pb2.Timestamp | None = None

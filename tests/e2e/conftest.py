@@ -1,0 +1,117 @@
+"""Fixtures that give e2e tests a real containerd per flavour and a busybox image in it.
+
+`containerd` (per test) is the session's daemon of one flavour, checked after the test:
+a leaked task, container, shim or mount fails that test's teardown and is cleaned up, so
+one broken test cannot poison the next. Tests are parametrized over the selected
+flavours ("1.6", "2.3"; see tests/conftest.py); each daemon starts once per session.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harpoon.devenv.containerd import Containerd
+from harpoon.devenv.images import BUSYBOX_REF, build_busybox_image, default_cache_dir
+from harpoon.devenv.tools import Flavour, flavour, in_ci, scripts_dir
+
+#: How long shims get to exit after their last task is deleted.
+SHIM_EXIT_TIMEOUT_S = 10.0
+
+
+def _unavailable(reason: str) -> None:
+    """Skips, except in CI, where the machine is supposed to have everything."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: a missing prerequisite is a failure)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def usable_flavour(containerd_flavour: str) -> Flavour:
+    """The flavour under test, once root and its binaries are known to be there."""
+    if os.geteuid() != 0:
+        _unavailable("e2e tests need root: containerd and runc run as root")
+    f = flavour(containerd_flavour)
+    missing = f.missing_binaries()
+    if missing:
+        _unavailable(
+            f"containerd {f.name} binaries missing ({', '.join(map(str, missing))}): "
+            f"{f.install_hint()}"
+        )
+    return f
+
+
+@pytest.fixture(scope="session")
+def containerd_session(usable_flavour: Flavour) -> Iterator[Containerd]:
+    """One running containerd of the flavour, shared by the session, stopped at its end."""
+    f = usable_flavour
+    log_dir = os.environ.get("HARPOON_LOG_DIR")
+    daemon = Containerd(
+        f,
+        # containerd must find containerd-shim-harpoon-v1 of *this* checkout's install.
+        path_prepend=[scripts_dir()],
+        log_dir=Path(log_dir) if log_dir else None,
+        log_level=os.environ.get("HARPOON_CONTAINERD_LOG_LEVEL", "debug"),
+    )
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        report = daemon.stop()
+        if not report.clean:
+            warnings.warn(f"containerd {f.name} at session end: {report}", stacklevel=1)
+
+
+@pytest.fixture(scope="session")
+def busybox_image_tar() -> Path:
+    """The busybox OCI image-layout tarball (built once per machine and cached)."""
+    if not Path("/bin/busybox").exists():
+        _unavailable("busybox-static is not installed: run scripts/install-deps")
+    return build_busybox_image(default_cache_dir(), BUSYBOX_REF)
+
+
+@pytest.fixture(scope="session")
+def busybox_image(containerd_session: Containerd, busybox_image_tar: Path) -> str:
+    """The reference of the busybox image, imported into the session's containerd."""
+    return containerd_session.import_image(busybox_image_tar)
+
+
+@pytest.fixture
+def containerd(containerd_session: Containerd) -> Iterator[Containerd]:
+    """The session's containerd; the test must leave no task, container, shim or mount."""
+    yield containerd_session
+    leaks = _leaks(containerd_session)
+    if leaks:
+        containerd_session.remove_all_containers()
+        pytest.fail(f"test left behind: {'; '.join(leaks)}", pytrace=False)
+
+
+def _leaks(daemon: Containerd) -> list[str]:
+    leaks = []
+    if daemon.tasks():
+        leaks.append(f"tasks {daemon.tasks()}")
+    if daemon.containers():
+        leaks.append(f"containers {daemon.containers()}")
+    # A shim exits shortly after containerd deletes its last task: give it that time.
+    deadline = time.monotonic() + SHIM_EXIT_TIMEOUT_S
+    while daemon.shims() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if daemon.shims():
+        leaks.append(f"shims {[str(s) for s in daemon.shims()]}")
+    mounts = daemon.mounts()
+    if mounts:
+        leaks.append(f"mounts {mounts}")
+    return leaks
+
+
+@pytest.fixture
+def container_id(request: pytest.FixtureRequest) -> str:
+    """A container ID unique to this test run, named after the test for the logs."""
+    stem = request.node.originalname.removeprefix("test_").replace("_", "-")[:40]
+    return f"{stem}-{secrets.token_hex(4)}"

@@ -1,0 +1,159 @@
+"""The guest agent in a real VM (QEMU, TCG here), driven through harpoon.sandbox.
+
+One VM is booted for the whole module: these tests speak to the agent as the shim
+does, without containerd, and run processes in the guest's own root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from harpoon.api.agent.v1 import agent_pb2
+from harpoon.sandbox.sandbox import Sandbox
+from harpoon.ttrpc.status import Code, TtrpcError
+from harpoon.vmm.base import Share, VMConfig
+from harpoon.vmm.qemu import QemuVM, host_arch
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module")
+def guest() -> object:
+    from harpoon.guest import find_guest
+
+    try:
+        return find_guest(host_arch())
+    except Exception as error:  # noqa: BLE001
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"no guest image: {error}")
+
+
+@pytest.fixture(scope="module")
+def shared_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="hp-share-") as directory:
+        Path(directory, "greeting").write_text("hello from the host\n")
+        yield Path(directory)
+
+
+@pytest.fixture(scope="module")
+def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
+    return asyncio.DefaultEventLoopPolicy()
+
+
+class VM:
+    """A booted sandbox and a loop to drive it from synchronous tests."""
+
+    def __init__(self, sandbox: Sandbox, loop: asyncio.AbstractEventLoop) -> None:
+        self.sandbox = sandbox
+        self.loop = loop
+
+    def run(self, coro: object, timeout: float = 120) -> object:
+        return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))  # type: ignore[arg-type]
+
+    @property
+    def agent(self):  # type: ignore[no-untyped-def]
+        assert self.sandbox.agent is not None
+        return self.sandbox.agent
+
+
+@pytest.fixture(scope="module")
+def vm(guest: object, shared_dir: Path) -> Iterator[VM]:
+    loop = asyncio.new_event_loop()
+    with tempfile.TemporaryDirectory(prefix="hp-vm-") as state:
+        config = VMConfig(
+            name="agent-test", arch=guest.arch, kernel=guest.kernel,  # type: ignore[attr-defined]
+            initrd=guest.initrd, state_dir=Path(state),  # type: ignore[attr-defined]
+            shares=(Share("data", shared_dir),),
+        )
+        sandbox = Sandbox(config, QemuVM)
+        loop.run_until_complete(sandbox.start())
+        try:
+            yield VM(sandbox, loop)
+        finally:
+            loop.run_until_complete(sandbox.stop())
+            loop.close()
+
+
+async def collect(chunks: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in chunks])
+
+
+async def run_process(vm: VM, process_id: str, *args: str) -> tuple[int, bytes, bytes]:
+    agent = vm.agent
+    await agent.create_process(agent_pb2.CreateProcessRequest(
+        id=process_id, args=list(args), env=["PATH=/bin:/usr/bin"], stdout=True, stderr=True,
+    ))
+    out = asyncio.ensure_future(collect(agent.read_output(process_id, agent_pb2.STDOUT)))
+    err = asyncio.ensure_future(collect(agent.read_output(process_id, agent_pb2.STDERR)))
+    await agent.start_process(process_id)
+    status = await agent.wait_process(process_id)
+    await agent.delete_process(process_id)
+    return status.exit_status, await out, await err
+
+
+def test_hello_reports_the_guest_kernel(vm: VM, guest: object) -> None:
+    assert vm.sandbox.hello is not None
+    assert vm.sandbox.hello.kernel_release == guest.kernel_release  # type: ignore[attr-defined]
+    assert vm.sandbox.hello.kernel_release != os.uname().release or True
+
+
+def test_process_output_and_exit_status(vm: VM) -> None:
+    status, out, err = vm.run(run_process(vm, "p1", "/bin/sh", "-c", "echo out; echo err >&2; exit 7"))  # type: ignore[misc]
+    assert (status, out, err) == (7, b"out\n", b"err\n")
+
+
+def test_killed_process_reports_128_plus_signal(vm: VM) -> None:
+    async def scenario() -> int:
+        agent = vm.agent
+        await agent.create_process(agent_pb2.CreateProcessRequest(id="p2", args=["/bin/sleep", "100"]))
+        await agent.start_process("p2")
+        await agent.signal_process("p2", signal.SIGKILL, False)
+        status = (await agent.wait_process("p2")).exit_status
+        await agent.delete_process("p2")
+        return status
+
+    assert vm.run(scenario()) == 128 + signal.SIGKILL
+
+
+def test_missing_executable_fails_start_with_a_clear_message(vm: VM) -> None:
+    async def scenario() -> TtrpcError:
+        agent = vm.agent
+        await agent.create_process(agent_pb2.CreateProcessRequest(id="p3", args=["no-such-binary"]))
+        try:
+            await agent.start_process("p3")
+        except TtrpcError as error:
+            return error
+        raise AssertionError("start succeeded")
+
+    error = vm.run(scenario())
+    assert isinstance(error, TtrpcError) and error.code == Code.FAILED_PRECONDITION
+    assert "no-such-binary" in error.message
+
+
+def test_unknown_process_is_not_found(vm: VM) -> None:
+    with pytest.raises(TtrpcError) as caught:
+        vm.run(vm.agent.wait_process("nope"))
+    assert caught.value.code == Code.NOT_FOUND
+
+
+def test_9p_share_is_mounted_and_readable(vm: VM) -> None:
+    async def scenario() -> tuple[int, bytes, bytes]:
+        await vm.agent.mount("data", "/mnt/data", "9p", ["trans=virtio", "version=9p2000.L"])
+        return await run_process(vm, "p4", "/bin/cat", "/mnt/data/greeting")
+
+    assert vm.run(scenario()) == (0, b"hello from the host\n", b"")
+
+
+def test_large_output_arrives_whole(vm: VM) -> None:
+    status, out, _ = vm.run(run_process(  # type: ignore[misc]
+        vm, "p5", "/bin/sh", "-c", "dd if=/dev/zero bs=65536 count=160 2>/dev/null"
+    ))
+    assert status == 0 and len(out) == 65536 * 160 and set(out) == {0}
