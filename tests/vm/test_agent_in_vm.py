@@ -30,7 +30,7 @@ def guest() -> object:
 
     try:
         return find_guest(host_arch())
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         if os.environ.get("CI"):
             raise
         pytest.skip(f"no guest image: {error}")
@@ -69,8 +69,11 @@ def vm(guest: object, shared_dir: Path) -> Iterator[VM]:
     loop = asyncio.new_event_loop()
     with tempfile.TemporaryDirectory(prefix="hp-vm-") as state:
         config = VMConfig(
-            name="agent-test", arch=guest.arch, kernel=guest.kernel,  # type: ignore[attr-defined]
-            initrd=guest.initrd, state_dir=Path(state),  # type: ignore[attr-defined]
+            name="agent-test",
+            arch=guest.arch,
+            kernel=guest.kernel,  # type: ignore[attr-defined]
+            initrd=guest.initrd,
+            state_dir=Path(state),  # type: ignore[attr-defined]
             shares=(Share("data", shared_dir),),
         )
         sandbox = Sandbox(config, QemuVM)
@@ -88,9 +91,15 @@ async def collect(chunks: AsyncIterator[bytes]) -> bytes:
 
 async def run_process(vm: VM, process_id: str, *args: str) -> tuple[int, bytes, bytes]:
     agent = vm.agent
-    await agent.create_process(agent_pb2.CreateProcessRequest(
-        id=process_id, args=list(args), env=["PATH=/bin:/usr/bin"], stdout=True, stderr=True,
-    ))
+    await agent.create_process(
+        agent_pb2.CreateProcessRequest(
+            id=process_id,
+            args=list(args),
+            env=["PATH=/bin:/usr/bin"],
+            stdout=True,
+            stderr=True,
+        )
+    )
     out = asyncio.ensure_future(collect(agent.read_output(process_id, agent_pb2.STDOUT)))
     err = asyncio.ensure_future(collect(agent.read_output(process_id, agent_pb2.STDERR)))
     await agent.start_process(process_id)
@@ -106,14 +115,18 @@ def test_hello_reports_the_guest_kernel(vm: VM, guest: object) -> None:
 
 
 def test_process_output_and_exit_status(vm: VM) -> None:
-    status, out, err = vm.run(run_process(vm, "p1", "/bin/sh", "-c", "echo out; echo err >&2; exit 7"))  # type: ignore[misc]
+    status, out, err = vm.run(
+        run_process(vm, "p1", "/bin/sh", "-c", "echo out; echo err >&2; exit 7")
+    )  # type: ignore[misc]
     assert (status, out, err) == (7, b"out\n", b"err\n")
 
 
 def test_killed_process_reports_128_plus_signal(vm: VM) -> None:
     async def scenario() -> int:
         agent = vm.agent
-        await agent.create_process(agent_pb2.CreateProcessRequest(id="p2", args=["/bin/sleep", "100"]))
+        await agent.create_process(
+            agent_pb2.CreateProcessRequest(id="p2", args=["/bin/sleep", "100"])
+        )
         await agent.start_process("p2")
         await agent.signal_process("p2", signal.SIGKILL, False)
         status = (await agent.wait_process("p2")).exit_status
@@ -153,7 +166,9 @@ def test_9p_share_is_mounted_and_readable(vm: VM) -> None:
 
 
 def test_large_output_arrives_whole(vm: VM) -> None:
-    status, out, _ = vm.run(run_process(  # type: ignore[misc]
-        vm, "p5", "/bin/sh", "-c", "dd if=/dev/zero bs=65536 count=160 2>/dev/null"
-    ))
+    status, out, _ = vm.run(
+        run_process(  # type: ignore[misc]
+            vm, "p5", "/bin/sh", "-c", "dd if=/dev/zero bs=65536 count=160 2>/dev/null"
+        )
+    )
     assert status == 0 and len(out) == 65536 * 160 and set(out) == {0}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import TypeVar
@@ -23,7 +24,10 @@ class AgentClient:
 
     @classmethod
     async def connect(cls, socket_path: str) -> AgentClient:
-        return cls(await Client.connect_unix(socket_path))
+        reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 22)
+        # A stdout stream nobody drains (a client that stopped reading its FIFO) stalls
+        # the connection rather than dropping output: output is never lost.
+        return cls(Client(reader, writer, stream_full_timeout_s=None))
 
     async def close(self) -> None:
         await self._client.close()

@@ -1,0 +1,158 @@
+"""ttrpc framing: the 10-byte header plus payload, encoded and decoded without any I/O.
+
+The decoder is fed whatever bytes the transport delivered, split anywhere, and returns
+the frames completed so far. It must never touch sockets or asyncio, never hold more
+than one frame's payload (an oversized frame is skipped as it arrives, not buffered),
+and never do per-byte Python work: stdio of whole containers flows through Data frames.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum, IntFlag
+
+HEADER_BYTES = 10
+MAX_MESSAGE_BYTES = 4 << 20
+# The first byte of the length is reserved and always zero on the wire; a header whose
+# length needs it cannot come from any ttrpc peer, so the byte stream is out of step.
+_MAX_FRAMEABLE_BYTES = (1 << 24) - 1
+
+_HEADER = struct.Struct(">IIBB")
+
+
+class MessageType(IntEnum):
+    REQUEST = 1
+    RESPONSE = 2
+    DATA = 3
+
+
+class Flags(IntFlag):
+    NONE = 0
+    REMOTE_CLOSED = 1
+    REMOTE_OPEN = 2
+    NO_DATA = 4
+
+
+_KNOWN_TYPES = frozenset(int(t) for t in MessageType)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One message on the wire. ``type`` is a plain int for types this version does not
+    know (peers must ignore them, for forward compatibility)."""
+
+    stream_id: int
+    type: MessageType | int
+    flags: Flags
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OversizedFrame:
+    """A frame whose declared payload exceeded the limit; its payload was skipped."""
+
+    stream_id: int
+    type: MessageType | int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class FramingError:
+    """The byte stream cannot be split into frames any more; the connection is useless.
+    Always the last event a decoder returns."""
+
+    reason: str
+
+
+Event = Frame | OversizedFrame | FramingError
+
+
+def encode_header(
+    stream_id: int, message_type: MessageType | int, flags: Flags | int, length: int
+) -> bytes:
+    """The 10-byte header; ValueError if ``length`` exceeds MAX_MESSAGE_BYTES."""
+    if length > MAX_MESSAGE_BYTES:
+        raise ValueError(
+            f"ttrpc message of {length} bytes exceeds the maximum of {MAX_MESSAGE_BYTES} bytes"
+        )
+    return _HEADER.pack(length, stream_id, int(message_type), int(flags))
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """The frame's bytes; ValueError if the payload exceeds MAX_MESSAGE_BYTES."""
+    header = encode_header(frame.stream_id, frame.type, frame.flags, len(frame.payload))
+    return header + frame.payload
+
+
+class FrameDecoder:
+    """Turns a byte stream into frames; see the module docstring."""
+
+    def __init__(self, max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self._max_message_bytes = max_message_bytes
+        # Holds either a partial header or a partial payload, never both.
+        self._buffer = bytearray()
+        self._header: tuple[int, int, MessageType | int, Flags] | None = None
+        self._discard_bytes = 0
+        self._broken = False
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held for an incomplete frame (what a peer can make us store)."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        if self._broken:
+            return []
+        events: list[Event] = []
+        view = memoryview(data).cast("B")
+        pos, end = 0, len(view)
+        buffer = self._buffer
+        while True:
+            if self._discard_bytes:
+                skipped = min(self._discard_bytes, end - pos)
+                pos += skipped
+                self._discard_bytes -= skipped
+                if self._discard_bytes:
+                    break
+            if self._header is None:
+                needed = HEADER_BYTES - len(buffer)
+                if end - pos < needed:
+                    buffer += view[pos:end]
+                    break
+                if buffer:
+                    buffer += view[pos : pos + needed]
+                    fields = _HEADER.unpack(buffer)
+                    buffer.clear()
+                else:
+                    fields = _HEADER.unpack_from(view, pos)
+                pos += needed
+                length, stream_id, raw_type, raw_flags = fields
+                type_ = MessageType(raw_type) if raw_type in _KNOWN_TYPES else raw_type
+                if length > _MAX_FRAMEABLE_BYTES:
+                    self._broken = True
+                    events.append(
+                        FramingError(f"frame length {length} uses the reserved length byte")
+                    )
+                    return events
+                if length > self._max_message_bytes:
+                    self._discard_bytes = length
+                    events.append(OversizedFrame(stream_id, type_, length))
+                    continue
+                self._header = (length, stream_id, type_, Flags(raw_flags))
+            length, stream_id, type_, flags = self._header
+            if not buffer and end - pos >= length:
+                # Whole payload in this chunk: one copy, no staging.
+                payload = bytes(view[pos : pos + length])
+                pos += length
+            else:
+                take = min(length - len(buffer), end - pos)
+                buffer += view[pos : pos + take]
+                pos += take
+                if len(buffer) < length:
+                    break
+                payload = bytes(buffer)
+                buffer.clear()
+            self._header = None
+            events.append(Frame(stream_id, type_, flags, payload))
+        return events

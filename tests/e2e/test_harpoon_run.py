@@ -1,0 +1,196 @@
+"""harpoon's walking skeleton under a real containerd (1.6 and 2.3) driven by real `ctr`.
+
+Each test runs busybox in its own VM through `ctr run --runtime io.containerd.harpoon.v1`
+and checks what a user sees: output, exit statuses, signals, the event order, the
+guest's kernel, and that nothing (VM process, socket, mount, state directory) is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harpoon.devenv.containerd import Containerd
+from harpoon.shim import paths
+
+pytestmark = pytest.mark.vm
+
+HARPOON = "io.containerd.harpoon.v1"
+RUN_TIMEOUT_S = 180.0
+RUNNING_TIMEOUT_S = 120.0
+
+
+def ctr_command(containerd: Containerd, *args: str) -> list[str]:
+    return [str(containerd.flavour.ctr), "--address", containerd.address,
+            "--namespace", containerd.namespace, *args]  # fmt: skip
+
+
+def run(containerd: Containerd, image: str, container_id: str, *argv: str) -> tuple[int, str]:
+    result = containerd.ctr(
+        "run", "--rm", "--runtime", HARPOON, image, container_id, *argv,
+        timeout=RUN_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    return result.returncode, result.stdout + result.stderr
+
+
+@pytest.fixture
+def background(containerd: Containerd) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts in the background; killed if the test leaves them."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def run_in_background(
+    containerd: Containerd, started: list[subprocess.Popen[bytes]], *args: str
+) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        ctr_command(containerd, *args), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    started.append(process)
+    return process
+
+
+def wait_until_running(containerd: Containerd, container_id: str) -> None:
+    deadline = time.monotonic() + RUNNING_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for line in containerd.ctr("task", "ls", check=False).stdout.splitlines()[1:]:
+            fields = line.split()
+            if fields and fields[0] == container_id and fields[-1] == "RUNNING":
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"task {container_id} never reached RUNNING")
+
+
+def vm_processes(state_dir: Path) -> list[int]:
+    """Host processes whose command line names the VM's state directory (its QEMU)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(state_dir).encode() in cmdline and b"qemu" in cmdline:
+                found.append(int(entry))
+    return found
+
+
+def leftovers(containerd: Containerd, container_id: str) -> list[str]:
+    state_dir = paths.vm_state_dir(containerd.namespace, container_id)
+    found = [f"VM process {pid}" for pid in vm_processes(state_dir)]
+    if state_dir.exists():
+        found.append(f"state directory {state_dir}")
+    socket = paths.socket_path(containerd.address, containerd.namespace, container_id)
+    if socket.exists():
+        found.append(f"shim socket {socket}")
+    found += [f"mount {m}" for m in containerd.mounts() if container_id in m]
+    return found
+
+
+def test_echo_runs_in_a_vm_and_prints_hello(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    assert run(containerd, busybox_image, container_id, "echo", "hello") == (0, "hello\n")
+
+
+def test_exit_status_of_the_container_is_ctrs_exit_status(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    status, _ = run(containerd, busybox_image, container_id, "sh", "-c", "exit 3")
+    assert status == 3
+
+
+def test_uname_shows_the_guest_kernel_not_the_hosts(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    from harpoon.guest import find_guest
+    from harpoon.vmm.qemu import host_arch
+
+    status, out = run(containerd, busybox_image, container_id, "uname", "-r")
+    assert status == 0
+    assert out.strip() == find_guest(host_arch()).kernel_release
+    assert out.strip() != os.uname().release
+
+
+def test_sigkill_ends_the_container_with_137(
+    containerd: Containerd, busybox_image: str, container_id: str,
+    background: list[subprocess.Popen[bytes]],
+) -> None:  # fmt: skip
+    ctr_run = run_in_background(
+        containerd, background, "run", "--rm", "--runtime", HARPOON, busybox_image,
+        container_id, "sleep", "1000",
+    )  # fmt: skip
+    wait_until_running(containerd, container_id)
+    containerd.ctr("task", "kill", "--signal", "SIGKILL", container_id)
+    assert ctr_run.wait(RUN_TIMEOUT_S) == 137
+
+
+def test_sigterm_runs_the_containers_trap(
+    containerd: Containerd, busybox_image: str, container_id: str,
+    background: list[subprocess.Popen[bytes]],
+) -> None:  # fmt: skip
+    script = 'trap "exit 42" TERM; while :; do sleep 1; done'
+    ctr_run = run_in_background(
+        containerd, background, "run", "--rm", "--runtime", HARPOON, busybox_image,
+        container_id, "sh", "-c", script,
+    )  # fmt: skip
+    wait_until_running(containerd, container_id)
+    containerd.ctr("task", "kill", container_id)
+    assert ctr_run.wait(RUN_TIMEOUT_S) == 42
+
+
+def test_events_arrive_as_create_start_exit_delete(
+    containerd: Containerd, busybox_image: str, container_id: str,
+    background: list[subprocess.Popen[bytes]],
+) -> None:  # fmt: skip
+    events = run_in_background(containerd, background, "events")
+    time.sleep(0.5)  # let `ctr events` subscribe before anything happens
+    assert run(containerd, busybox_image, container_id, "true")[0] == 0
+    time.sleep(1.0)  # TaskDelete is published as the run ends
+    events.send_signal(signal.SIGTERM)
+    out, _ = events.communicate(timeout=30)
+    topics = [
+        line.split()[3]
+        for line in out.decode().splitlines()
+        if container_id in line and "/tasks/" in line
+    ]
+    assert topics == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
+
+
+def test_rm_leaves_no_vm_socket_mount_or_state(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    assert run(containerd, busybox_image, container_id, "true") == (0, "")
+    assert leftovers(containerd, container_id) == []
+
+
+def test_a_killed_shim_takes_its_vm_and_delete_cleans_up(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    containerd.ctr(
+        "run", "-d", "--runtime", HARPOON, busybox_image, container_id, "sleep", "1000",
+        timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    wait_until_running(containerd, container_id)
+    state_dir = paths.vm_state_dir(containerd.namespace, container_id)
+    assert vm_processes(state_dir), "the container's VM is not running"
+    [shim] = [s for s in containerd.shims() if s.flag("id") == container_id]
+    os.kill(shim.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while vm_processes(state_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert vm_processes(state_dir) == [], "the VM outlived its shim"
+    containerd.ctr("task", "delete", "--force", container_id, check=False)
+    containerd.ctr("container", "delete", container_id)
+    assert leftovers(containerd, container_id) == []
