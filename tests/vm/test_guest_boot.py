@@ -7,6 +7,8 @@ The small QEMU launcher below is temporary: harpoon.vmm.qemu will replace it.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import selectors
 import shutil
@@ -14,11 +16,12 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from harpoon.guest import GuestImage, build_floor_image, build_guest
-from harpoon.guest.build import FLOOR_MARKER, SELFTEST_MARKER
+from harpoon.guest import GuestImage, build_floor_image, build_guest, initramfs
+from harpoon.guest.build import FLOOR_MARKER, MODULES_MAP_PATH, SELFTEST_MARKER
 
 pytestmark = pytest.mark.vm
 
@@ -113,6 +116,39 @@ def test_the_floor_image_boots_to_its_marker(arch: str) -> None:
     result = boot(image, FLOOR_MARKER)
 
     print(f"{arch}: launch to {FLOOR_MARKER} in {result.seconds_to_marker:.2f} s")
+
+
+def with_init(image: GuestImage, script: str, directory: Path) -> GuestImage:
+    """The same image with another /init (for tests that need the guest to do more)."""
+    entries = dict(initramfs.read(image.initrd.read_bytes()))
+    entries["init"] = initramfs.file("init", script.encode(), 0o755)
+    initrd = directory / f"{image.arch}-test.cpio"
+    initrd.write_bytes(initramfs.write(entries.values()))
+    return dataclasses.replace(image, initrd=initrd)
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_every_shipped_module_loads_with_its_dependencies(arch: str, tmp_path: Path) -> None:
+    """modules.json gives, for each module, the insmod order the agent will use later."""
+    need_qemu(arch)
+    image = build_guest(arch)
+    members = initramfs.read(image.initrd.read_bytes())
+    dependency_map = json.loads(members[MODULES_MAP_PATH].data)
+    order = list(dict.fromkeys(path for paths in dependency_map.values() for path in paths))
+    script = "\n".join(
+        [
+            "#!/bin/sh",
+            "mount -t proc proc /proc",
+            *(f"insmod {path} || echo MODULE-FAILED {path}" for path in order),
+            "echo MODULES-DONE $(wc -l < /proc/modules)",
+            "poweroff -f",
+        ]
+    )
+
+    result = boot(with_init(image, script, tmp_path), "MODULES-DONE")
+
+    assert "MODULE-FAILED" not in result.console, result.console
+    assert set(dependency_map) >= {"ext4", "erofs", "virtiofs", "vmw_vsock_virtio_transport"}
 
 
 def median_boot_s(image: GuestImage, marker: str, runs: int, extra_append: str = "") -> float:

@@ -23,6 +23,10 @@ from harpoon.vmm.base import AGENT_PORT_NAME, VirtualMachine, VMConfig, VMError
 SOCKET_WAIT_S = 10.0
 STOP_GRACE_S = 2.0
 BASE_KERNEL_ARGS = ("quiet", "panic=-1", "rdinit=/init", "random.trust_cpu=on")
+# On a loaded host the x86 guest cannot calibrate its TSC against the PIT and hangs
+# silently before printing anything (about one boot in two under load, measured);
+# telling it the frequency skips the calibration.
+X86_KERNEL_ARGS = ("tsc_early_khz=2000000",)
 
 
 @dataclass(frozen=True)
@@ -34,13 +38,20 @@ class MachineProfile:
     device_suffix: str  # "device" for virtio-mmio, "pci" for PCI machines
     console: str
     cpu_tcg: str | None = None
+    kernel_args: tuple[str, ...] = ()
 
 
 PROFILES: dict[tuple[str, str], MachineProfile] = {
     ("amd64", "microvm"): MachineProfile(
-        "qemu-system-x86_64", "microvm,rtc=on,x-option-roms=off", "device", "ttyS0"
+        "qemu-system-x86_64",
+        "microvm,rtc=on,x-option-roms=off",
+        "device",
+        "ttyS0",
+        kernel_args=X86_KERNEL_ARGS,
     ),
-    ("amd64", "q35"): MachineProfile("qemu-system-x86_64", "q35", "pci", "ttyS0"),
+    ("amd64", "q35"): MachineProfile(
+        "qemu-system-x86_64", "q35", "pci", "ttyS0", kernel_args=X86_KERNEL_ARGS
+    ),
     ("arm64", "virt"): MachineProfile(
         "qemu-system-aarch64", "virt", "device", "ttyAMA0", cpu_tcg="cortex-a72"
     ),
@@ -89,7 +100,14 @@ def command_line(config: VMConfig, accelerator: str) -> list[str]:
         "-initrd",
         str(config.initrd),
         "-append",
-        " ".join((f"console={profile.console}", *BASE_KERNEL_ARGS, *config.kernel_args)),
+        " ".join(
+            (
+                f"console={profile.console}",
+                *BASE_KERNEL_ARGS,
+                *profile.kernel_args,
+                *config.kernel_args,
+            )
+        ),
         "-chardev",
         f"file,id=console,path={config.console_log}",
         "-serial",

@@ -1,0 +1,21 @@
+"""The `harpoon` command: a click group; each part of harpoon adds its own subgroup."""
+
+from __future__ import annotations
+
+import click
+
+from harpoon.guest.cli import guest
+
+
+@click.group()
+@click.version_option(package_name="harpoon")
+def main() -> None:
+    """harpoon: run every container in its own Linux VM."""
+
+
+# One line per subgroup; each lives beside the code it drives.
+main.add_command(guest)
+
+
+if __name__ == "__main__":
+    main()

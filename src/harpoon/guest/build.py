@@ -1,0 +1,452 @@
+"""Build the guest image (kernel + initramfs) for amd64 or arm64 from Debian packages.
+
+`build_guest` resolves exact package versions (kept in a lock file until `refresh`),
+computes the content digest of every input, and returns at once when that image exists.
+Otherwise it downloads and unpacks the .debs, extracts a bootable kernel, picks kernel
+modules in load order, measures the agent's Python closure, and writes two initramfs:
+the agent's, and a busybox-only "floor" one (prints `FLOOR_MARKER`, powers off) that is
+the boot-time baseline. This module decides *what* goes in the image; the formats live
+in `initramfs`, `kernel`, `debian` and `python_runtime`.
+
+The guest's /init contract is in `INIT_SCRIPT`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import harpoon
+from harpoon.guest import cache, debian, initramfs, kernel, python_runtime
+from harpoon.guest.cache import GuestImage
+
+# Bump when the builder changes what it puts in an image for the same inputs.
+FORMAT_VERSION = 1
+
+SELFTEST_MARKER = "HARPOON-SELFTEST-OK"
+FLOOR_MARKER = "HARPOON-FLOOR-READY"
+AGENT_ENTRY = "harpoon.agent.main"
+PROTOBUF_PROJECT = "protobuf"
+PIP_TIMEOUT_S = 300
+# Uncompressed boots faster under TCG (see the measurements in the module's tests/report);
+# the kernel accepts either.
+INITRD_COMPRESSION = "none"
+
+KERNEL_METAPACKAGE = {"amd64": "linux-image-amd64", "arm64": "linux-image-arm64"}
+KERNEL_PACKAGE_PATTERN = {
+    "amd64": r"linux-image-6\.\d+\.\d+-\d+-amd64(-unsigned)?",
+    "arm64": r"linux-image-6\.\d+\.\d+-\d+-arm64(-unsigned)?",
+}
+BASE_PACKAGES: tuple[str, ...] = (
+    "busybox-static",
+    "python3.11-minimal",
+    "libpython3.11-minimal",
+    "libpython3.11-stdlib",
+    "libc6",
+    "zlib1g",
+    "libexpat1",
+    "libffi8",
+)
+
+# Loaded by /init, in dependency order, before the agent starts.
+BOOT_MODULES: tuple[str, ...] = (
+    "virtio_mmio",
+    "virtio_pci",
+    "virtio_console",
+    "9pnet_virtio",
+    "9p",
+    "overlay",
+)
+# Shipped for the agent to load when a container needs them (see modules.json).
+ON_DEMAND_MODULES: tuple[str, ...] = (
+    "virtio_blk",
+    "virtio_net",
+    "failover",
+    "net_failover",
+    "fuse",
+    "virtiofs",
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
+    "erofs",
+    "libcrc32c",
+    "crc32c_generic",
+    "ext4",  # a module in Debian's standard kernel (built into the cloud one)
+)
+
+BUSYBOX_APPLETS: tuple[str, ...] = (
+    "sh", "ash", "mount", "umount", "insmod", "rmmod", "lsmod", "poweroff", "reboot",
+    "halt", "cat", "ls", "echo", "sleep", "mkdir", "rm", "cp", "mv", "ln", "ps", "kill",
+    "dmesg", "ip", "ifconfig", "route", "udhcpc", "grep", "sed", "head", "tail", "wc",
+    "stat", "uname", "env", "find", "df", "free", "top", "mknod", "chmod", "hostname",
+    "sync", "true", "false", "test", "[", "vi", "less", "hexdump", "nc", "wget",
+)  # fmt: skip
+
+BOOT_MODULES_PATH = "etc/harpoon/modules.boot"
+MODULES_MAP_PATH = "etc/harpoon/modules.json"
+IMAGE_INFO_PATH = "etc/harpoon/image.json"
+
+INIT_SCRIPT = f"""#!/bin/sh
+# harpoon guest /init: mounts, boot modules, then exec the agent as PID 1.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+export PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python PYTHONDONTWRITEBYTECODE=1
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts
+mount -t tmpfs -o mode=0755 tmpfs /run
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+while read -r m; do
+  insmod "$m" 2>/dev/null || echo "harpoon-init: insmod $m failed"
+done < /{BOOT_MODULES_PATH}
+read -r cmdline < /proc/cmdline
+case " $cmdline " in
+*" harpoon.selftest=1 "*)
+  /usr/bin/python3 -S -c 'import {AGENT_ENTRY}; print("{SELFTEST_MARKER}")' ||
+    echo "HARPOON-SELFTEST-FAILED"
+  poweroff -f ;;
+esac
+exec /usr/bin/python3 -S -c 'from {AGENT_ENTRY} import main; main()'
+"""
+
+FLOOR_INIT_SCRIPT = f"""#!/bin/sh
+echo {FLOOR_MARKER}
+poweroff -f
+"""
+
+Report = Callable[[str], None]
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def source_root() -> Path:
+    """The directory holding the `harpoon` package (src/ in a checkout)."""
+    return Path(harpoon.__file__).resolve().parent.parent
+
+
+def protobuf_version() -> str:
+    """The protobuf version harpoon pins (from the installed distribution's metadata)."""
+    import importlib.metadata
+
+    for requirement in importlib.metadata.requires("harpoon") or []:
+        name, _, version = requirement.partition("==")
+        if name.strip() == PROTOBUF_PROJECT and version:
+            return version.split(";")[0].strip()
+    raise RuntimeError("harpoon's metadata pins no protobuf version (protobuf==X.Y.Z)")
+
+
+def ensure_protobuf_wheel(cache_dir: Path, report: Report) -> tuple[Path, Path]:
+    """The pure-Python protobuf wheel (downloaded once) and its unpacked directory."""
+    import subprocess
+    import sys
+
+    version = protobuf_version()
+    wheels = cache_dir / "wheels"
+    found = sorted(wheels.glob(f"protobuf-{version}-py3-none-any.whl"))
+    if not found:
+        report(f"downloading the protobuf {version} wheel")
+        wheels.mkdir(parents=True, exist_ok=True)
+        command = [
+            sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+            "--only-binary=:all:", "--platform", "any", "--python-version", "3.11",
+            "--dest", str(wheels), f"{PROTOBUF_PROJECT}=={version}",
+        ]  # fmt: skip
+        subprocess.run(command, check=True, timeout=PIP_TIMEOUT_S)
+        found = sorted(wheels.glob(f"protobuf-{version}-py3-none-any.whl"))
+        if not found:
+            raise RuntimeError(f"pip left no pure-Python wheel of protobuf {version} in {wheels}")
+    wheel = found[0]
+    unpacked = wheels / wheel.name.removesuffix(".whl")
+    if not (unpacked / "google").is_dir():
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(unpacked)
+    return wheel, unpacked
+
+
+def resolve_packages(
+    arch: str, cache_dir: Path, refresh: bool, report: Report
+) -> list[debian.DebPackage]:
+    """The exact packages of the image (kernel first), from the lock file unless `refresh`,
+    or the lock is missing or was resolved for another package list."""
+    lock = cache_dir / "debs" / arch / "packages.lock.json"
+    requested = [KERNEL_METAPACKAGE[arch], *BASE_PACKAGES]
+    if lock.exists() and not refresh:
+        locked = json.loads(lock.read_text())
+        if isinstance(locked, dict) and locked.get("requested") == requested:
+            return [debian.DebPackage(**entry) for entry in locked["packages"]]
+    apt = debian.PrivateApt(cache_dir / "apt" / arch, arch)
+    report(f"updating the {arch} package lists")
+    apt.update()
+    metapackage = apt.show([KERNEL_METAPACKAGE[arch]])[0]
+    kernel_name = debian.exact_dependency(metapackage.depends, KERNEL_PACKAGE_PATTERN[arch])
+    packages = apt.show([kernel_name, *BASE_PACKAGES])
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    locked = {"requested": requested, "packages": [asdict(p) for p in packages]}
+    lock.write_text(json.dumps(locked, indent=1) + "\n")
+    return packages
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What one build is made from (resolved, not yet fetched) and its digest."""
+
+    arch: str
+    packages: tuple[debian.DebPackage, ...]
+    cache_dir: Path
+    wheel_dir: Path
+    source_dir: Path
+    inputs: dict[str, Any]
+    digest: str
+
+    @property
+    def kernel_release(self) -> str:
+        return self.packages[0].name.removeprefix("linux-image-").removesuffix("-unsigned")
+
+
+def build_inputs(
+    arch: str, packages: Sequence[debian.DebPackage], wheel: Path, source_dir: Path
+) -> dict[str, Any]:
+    """Everything the image is made from, for its digest (small files only: fast)."""
+    sources = python_runtime.harpoon_sources(source_dir)
+    return {
+        "format": FORMAT_VERSION,
+        "arch": arch,
+        "packages": [[p.name, p.version, p.sha256] for p in packages],
+        "protobuf_wheel": [wheel.name, _sha256(wheel.read_bytes())],
+        "harpoon": {name: _sha256(path.read_bytes()) for name, path in sources.items()},
+        "boot_modules": list(BOOT_MODULES),
+        "on_demand_modules": list(ON_DEMAND_MODULES),
+        "extra_python_modules": list(python_runtime.EXTRA_MODULES),
+        "excluded_python_modules": list(python_runtime.EXCLUDED_MODULES),
+        "base_packages": list(BASE_PACKAGES),
+        "busybox_applets": list(BUSYBOX_APPLETS),
+        "init": _sha256(INIT_SCRIPT.encode() + FLOOR_INIT_SCRIPT.encode()),
+        "pyc_magic": importlib.util.MAGIC_NUMBER.hex(),
+        "compression": INITRD_COMPRESSION,
+    }
+
+
+def _busybox_entries(root: Path) -> list[initramfs.Entry]:
+    busybox = python_runtime.resolve_in_root(root, "bin/busybox")
+    entries = [
+        initramfs.file("bin/busybox", busybox.read_bytes(), 0o755),
+        initramfs.char_device("dev/console", 5, 1),
+        initramfs.char_device("dev/null", 1, 3, 0o666),
+    ]
+    entries += [initramfs.symlink(f"bin/{a}", "busybox") for a in BUSYBOX_APPLETS]
+    entries += [initramfs.symlink("sbin", "bin"), initramfs.directory("tmp", 0o1777)]
+    entries += [initramfs.directory(d) for d in ("proc", "sys", "run", "root", "mnt", "etc")]
+    return entries
+
+
+def _compile_tree(files: dict[str, Path]) -> list[initramfs.Entry]:
+    """Guest .py path -> source becomes sourceless .pyc entries."""
+    entries = []
+    for guest, source in sorted(files.items()):
+        pyc = python_runtime.compile_pyc(source.read_bytes(), "/" + guest)
+        entries.append(initramfs.file(guest.removesuffix(".py") + ".pyc", pyc))
+    return entries
+
+
+def _python_entries(
+    root: Path, plan: BuildPlan, report: Report
+) -> tuple[list[initramfs.Entry], dict[str, Any]]:
+    arch, wheel_dir, guest_lib = plan.arch, plan.wheel_dir, python_runtime.GUEST_STDLIB
+    report("measuring the agent's Python module closure")
+    modules = python_runtime.imported_modules([plan.source_dir, wheel_dir], AGENT_ENTRY)
+    harpoon_sources = python_runtime.harpoon_sources(plan.source_dir)
+    stray = python_runtime.unshipped_harpoon_modules(modules, harpoon_sources)
+    if stray:
+        raise python_runtime.PythonRuntimeError(
+            f"the agent imports {', '.join(stray)}, which never go into the guest: guest code "
+            f"is harpoon/*.py and the packages {', '.join(python_runtime.HARPOON_GUEST_PACKAGES)}"
+        )
+    stdlib, builtin = python_runtime.stdlib_files(modules, root, arch)
+    interpreter = f"usr/bin/{python_runtime.GUEST_PYTHON}"
+    extensions = [g for g in stdlib if g.endswith(".so")]
+    libraries, links = python_runtime.library_closure(root, [interpreter, *extensions], arch)
+    report(f"compiling {len(stdlib) - len(extensions)} stdlib modules, protobuf and harpoon")
+    entries = [
+        initramfs.file(interpreter, (root / interpreter).read_bytes(), 0o755),
+        initramfs.symlink("usr/bin/python3", python_runtime.GUEST_PYTHON),
+        initramfs.directory(python_runtime.GUEST_DYNLOAD),
+    ]
+    entries += [initramfs.file(g, p.read_bytes(), 0o755) for g, p in libraries.items()]
+    entries += [initramfs.symlink(g, target) for g, target in links.items()]
+    entries += [initramfs.file(g, stdlib[g].read_bytes(), 0o644) for g in extensions]
+    entries += _compile_tree({g: p for g, p in stdlib.items() if g.endswith(".py")})
+    # All of pure-Python protobuf: its lazy imports (json_format, well_known_types...)
+    # would otherwise be missed by the measured closure.
+    protobuf = {
+        f"{guest_lib}/{p.relative_to(wheel_dir).as_posix()}": p
+        for p in sorted((wheel_dir / "google").rglob("*.py"))
+    }
+    entries += _compile_tree(protobuf)
+    entries += _compile_tree({f"{guest_lib}/harpoon/{n}": p for n, p in harpoon_sources.items()})
+    summary = {
+        "stdlib_files": len(stdlib),
+        "assumed_builtin": builtin,
+        "libraries": sorted([*libraries, *links]),
+    }
+    return entries, summary
+
+
+def _module_entries(root: Path, release: str) -> tuple[list[initramfs.Entry], dict[str, Any]]:
+    modules = kernel.select_modules(
+        root / "lib/modules" / release, [*BOOT_MODULES, *ON_DEMAND_MODULES]
+    )
+    boot = kernel.load_order([m for m in BOOT_MODULES if m in modules.files], modules.depends)
+    entries = [
+        initramfs.file(modules.guest_path(name), kernel.decompress_module(path))
+        for name, path in sorted(modules.files.items())
+    ]
+    dependency_map = {
+        name: ["/" + modules.guest_path(m) for m in modules.closure(name)]
+        for name in sorted(modules.files)
+    }
+    entries.append(
+        initramfs.file(
+            BOOT_MODULES_PATH, "".join(f"/{modules.guest_path(m)}\n" for m in boot).encode()
+        )
+    )
+    entries.append(
+        initramfs.file(MODULES_MAP_PATH, (json.dumps(dependency_map, indent=1) + "\n").encode())
+    )
+    summary = {"boot": boot, "shipped": sorted(modules.files), "builtin": sorted(modules.builtin)}
+    return entries, summary
+
+
+def _kernel_image(root: Path, arch: str, release: str) -> tuple[str, bytes]:
+    vmlinuz = (root / "boot" / f"vmlinuz-{release}").read_bytes()
+    if arch == "amd64":
+        return "vmlinux", kernel.extract_vmlinux(vmlinuz)
+    return "Image", kernel.arm64_image(vmlinuz)
+
+
+def _write_initrd(directory: Path, name: str, entries: Iterable[initramfs.Entry]) -> str:
+    archive = initramfs.write(entries)
+    if INITRD_COMPRESSION == "gzip":
+        name += ".gz"
+        archive = gzip.compress(archive, compresslevel=6, mtime=0)
+    (directory / name).write_bytes(archive)
+    return name
+
+
+def build_guest(
+    arch: str | None = None,
+    *,
+    cache_dir: Path | None = None,
+    guest_dir: Path | None = None,
+    refresh: bool = False,
+    source_dir: Path | None = None,
+    report: Report = _quiet,
+) -> GuestImage:
+    """Build (or find, when its inputs are unchanged) the guest image for `arch`.
+
+    `source_dir` holds the `harpoon` package to put in the image (default: this one's).
+    """
+    started = time.monotonic()
+    arch = cache.check_arch(arch or cache.host_arch())
+    python_runtime.check_host_python()
+    cache_dir = cache.cache_root(cache_dir)
+    with cache.build_lock(arch, guest_dir):
+        packages = resolve_packages(arch, cache_dir, refresh, report)
+        wheel, wheel_dir = ensure_protobuf_wheel(cache_dir, report)
+        source_dir = source_dir or source_root()
+        inputs = build_inputs(arch, packages, wheel, source_dir)
+        digest = cache.digest_of(inputs)
+        plan = BuildPlan(arch, tuple(packages), cache_dir, wheel_dir, source_dir, inputs, digest)
+        final = cache.image_dir(arch, digest, guest_dir)
+        if (final / cache.MANIFEST_NAME).exists():
+            cache.set_current(arch, final, guest_dir)
+            report(f"{arch} guest {digest[:12]} is up to date ({time.monotonic() - started:.2f} s)")
+            return cache.image_from_manifest(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=final.parent, prefix=".build-") as scratch:
+            work = Path(scratch)
+            _build_into(work / "image", work / "root", plan, report)
+            shutil.rmtree(final, ignore_errors=True)
+            (work / "image").rename(final)
+        cache.set_current(arch, final, guest_dir)
+        cache.prune(arch, guest_dir)
+        report(f"built {arch} guest {digest[:12]} in {time.monotonic() - started:.1f} s")
+        return cache.image_from_manifest(final)
+
+
+def _build_into(out: Path, root: Path, plan: BuildPlan, report: Report) -> None:
+    arch, packages, cache_dir = plan.arch, plan.packages, plan.cache_dir
+    apt = debian.PrivateApt(cache_dir / "apt" / arch, arch)
+    if not apt.has_lists:
+        report(f"updating the {arch} package lists")
+        apt.update()
+    report(f"fetching {len(packages)} {arch} packages")
+    debs = apt.download(packages, cache_dir / "debs" / arch)
+    for deb in debs:
+        report(f"unpacking {deb.name}")
+        debian.extract(deb, root)
+    release = plan.kernel_release
+    out.mkdir()
+    report("extracting the kernel")
+    kernel_name, kernel_bytes = _kernel_image(root, arch, release)
+    (out / kernel_name).write_bytes(kernel_bytes)
+
+    base = _busybox_entries(root)
+    base.append(initramfs.file("init", FLOOR_INIT_SCRIPT.encode(), 0o755))
+    floor_name = _write_initrd(out, "floor.cpio", base)
+
+    report("selecting kernel modules")
+    module_entries, module_summary = _module_entries(root, release)
+    python_entries, python_summary = _python_entries(root, plan, report)
+    info = {"arch": arch, "digest": plan.digest, "kernel_release": release}
+    entries = [
+        *base,
+        initramfs.file("init", INIT_SCRIPT.encode(), 0o755),
+        *module_entries,
+        *python_entries,
+        initramfs.file(IMAGE_INFO_PATH, (json.dumps(info) + "\n").encode()),
+    ]
+    report("writing the initramfs")
+    initrd_name = _write_initrd(out, "initrd.cpio", entries)
+    manifest = {
+        **info,
+        "kernel": kernel_name,
+        "initrd": initrd_name,
+        "floor": floor_name,
+        "sizes_bytes": {
+            n: (out / n).stat().st_size for n in (kernel_name, initrd_name, floor_name)
+        },
+        "modules": module_summary,
+        "python": python_summary,
+        "inputs": plan.inputs,
+    }
+    (out / cache.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def build_floor_image(
+    arch: str | None = None,
+    *,
+    cache_dir: Path | None = None,
+    guest_dir: Path | None = None,
+    report: Report = _quiet,
+) -> GuestImage:
+    """The boot-floor baseline: the guest's kernel with a busybox-only initramfs that
+    prints `FLOOR_MARKER` and powers off. Built together with the guest image."""
+    image = build_guest(arch, cache_dir=cache_dir, guest_dir=guest_dir, report=report)
+    return cache.image_from_manifest(image.kernel.parent, "floor")

@@ -1,0 +1,148 @@
+"""Content addressing of guest images: what changes the digest, and finding a built image."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from harpoon.guest import build, cache, debian
+
+KERNEL = debian.DebPackage("linux-image-6.1.0-9-amd64", "6.1.1-1", "amd64", "pool/k.deb", "a" * 64)
+BUSYBOX = debian.DebPackage("busybox-static", "1:1.35", "amd64", "pool/b.deb", "b" * 64)
+
+
+def source_tree(root: Path) -> Path:
+    for relative in ("__init__.py", "agent/main.py", "ttrpc/codec.py", "api/x_pb2.py"):
+        (root / "harpoon" / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / "harpoon" / relative).write_text(f"# {relative}\n")
+    (root / "harpoon/shim").mkdir()
+    (root / "harpoon/shim/cli.py").write_text("# host only\n")
+    (root / "harpoon/api/regen.py").write_text("# host only\n")
+    return root
+
+
+def digest(packages: list[debian.DebPackage], wheel: Path, sources: Path) -> str:
+    return cache.digest_of(build.build_inputs("amd64", packages, wheel, sources))
+
+
+@pytest.fixture
+def wheel(tmp_path: Path) -> Path:
+    path = tmp_path / "protobuf-7.36.2-py3-none-any.whl"
+    path.write_bytes(b"wheel")
+    return path
+
+
+def test_the_digest_is_stable_when_nothing_changes(tmp_path: Path, wheel: Path) -> None:
+    sources = source_tree(tmp_path / "src")
+
+    assert digest([KERNEL, BUSYBOX], wheel, sources) == digest([KERNEL, BUSYBOX], wheel, sources)
+
+
+def test_the_digest_changes_with_a_package_version(tmp_path: Path, wheel: Path) -> None:
+    sources = source_tree(tmp_path / "src")
+    newer = debian.DebPackage(**{**KERNEL.__dict__, "version": "6.1.2-1", "sha256": "c" * 64})
+
+    assert digest([KERNEL, BUSYBOX], wheel, sources) != digest([newer, BUSYBOX], wheel, sources)
+
+
+def test_the_digest_changes_with_the_agent_source(tmp_path: Path, wheel: Path) -> None:
+    sources = source_tree(tmp_path / "src")
+    before = digest([KERNEL], wheel, sources)
+
+    (sources / "harpoon/agent/main.py").write_text("import json\n")
+
+    assert digest([KERNEL], wheel, sources) != before
+
+
+def test_the_digest_changes_with_the_protobuf_wheel(tmp_path: Path, wheel: Path) -> None:
+    sources = source_tree(tmp_path / "src")
+    before = digest([KERNEL], wheel, sources)
+
+    wheel.write_bytes(b"another wheel")
+
+    assert digest([KERNEL], wheel, sources) != before
+
+
+def test_the_digest_ignores_harpoon_code_that_stays_on_the_host(
+    tmp_path: Path, wheel: Path
+) -> None:
+    sources = source_tree(tmp_path / "src")
+    before = digest([KERNEL], wheel, sources)
+
+    (sources / "harpoon/shim/cli.py").write_text("# changed\n")
+    (sources / "harpoon/api/regen.py").write_text("# changed\n")
+
+    assert digest([KERNEL], wheel, sources) == before
+
+
+def test_finding_an_unbuilt_guest_says_how_to_build_it(tmp_path: Path) -> None:
+    with pytest.raises(cache.GuestNotBuiltError, match="harpoon guest build --arch arm64"):
+        cache.find_guest("arm64", tmp_path)
+
+
+def test_a_second_build_with_unchanged_inputs_is_instant_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No apt, no pip, no hashing of big files: the lock, the wheel and the manifest."""
+    cache_dir, guest_dir = tmp_path / "cache", tmp_path / "guest"
+    sources = source_tree(tmp_path / "src")
+    lock = cache_dir / "debs/amd64/packages.lock.json"
+    lock.parent.mkdir(parents=True)
+    requested = [build.KERNEL_METAPACKAGE["amd64"], *build.BASE_PACKAGES]
+    lock.write_text(
+        json.dumps({"requested": requested, "packages": [KERNEL.__dict__, BUSYBOX.__dict__]})
+    )
+    wheels = cache_dir / "wheels"
+    (wheels / "protobuf-7.36.2-py3-none-any/google").mkdir(parents=True)
+    (wheels / "protobuf-7.36.2-py3-none-any.whl").write_bytes(b"wheel")
+    monkeypatch.setattr(build, "protobuf_version", lambda: "7.36.2")
+    inputs = build.build_inputs(
+        "amd64", [KERNEL, BUSYBOX], wheels / "protobuf-7.36.2-py3-none-any.whl", sources
+    )
+    built = cache.image_dir("amd64", cache.digest_of(inputs), guest_dir)
+    built.mkdir(parents=True)
+    manifest = {
+        "arch": "amd64",
+        "digest": cache.digest_of(inputs),
+        "kernel_release": "6.1.0-9-amd64",
+        "kernel": "vmlinux",
+        "initrd": "initrd.cpio",
+        "floor": "floor.cpio",
+    }
+    (built / cache.MANIFEST_NAME).write_text(json.dumps(manifest))
+    messages: list[str] = []
+
+    started = time.monotonic()
+    image = build.build_guest(
+        "amd64", cache_dir=cache_dir, guest_dir=guest_dir, source_dir=sources,
+        report=messages.append,
+    )  # fmt: skip
+
+    assert time.monotonic() - started < 1.0
+    assert any("up to date" in m for m in messages)
+    assert image == cache.find_guest("amd64", guest_dir)
+    assert image.kernel == built / "vmlinux"
+    assert image.kernel_release == "6.1.0-9-amd64"
+    floor = cache.find_guest("amd64", guest_dir, which="floor")
+    assert floor.initrd == built / "floor.cpio"
+    assert floor.kernel == image.kernel
+
+
+def test_pruning_keeps_the_newest_images_and_always_the_current_one(tmp_path: Path) -> None:
+    directories = []
+    for index in range(5):
+        directory = tmp_path / "amd64" / f"image{index}"
+        directory.mkdir(parents=True)
+        (directory / cache.MANIFEST_NAME).write_text("{}")
+        os.utime(directory / cache.MANIFEST_NAME, (1000 + index, 1000 + index))
+        directories.append(directory)
+    cache.set_current("amd64", directories[0], tmp_path)
+
+    removed = cache.prune("amd64", tmp_path, keep=2)
+
+    assert sorted(removed) == directories[1:4]
+    assert [d.exists() for d in directories] == [True, False, False, False, True]
