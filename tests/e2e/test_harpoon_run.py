@@ -55,7 +55,7 @@ def run_in_background(
 ) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         ctr_command(containerd, *args), stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     started.append(process)
     return process
@@ -140,12 +140,14 @@ def test_sigterm_runs_the_containers_trap(
     containerd: Containerd, busybox_image: str, container_id: str,
     background: list[subprocess.Popen[bytes]],
 ) -> None:  # fmt: skip
-    script = 'trap "exit 42" TERM; while :; do sleep 1; done'
+    script = 'trap "exit 42" TERM; echo trapped; while :; do sleep 1; done'
     ctr_run = run_in_background(
         containerd, background, "run", "--rm", "--runtime", HARPOON, busybox_image,
         container_id, "sh", "-c", script,
     )  # fmt: skip
-    wait_until_running(containerd, container_id)
+    assert ctr_run.stdout is not None
+    # RUNNING only means started: the shell must have set its trap before we signal.
+    assert ctr_run.stdout.readline() == b"trapped\n"
     containerd.ctr("task", "kill", container_id)
     assert ctr_run.wait(RUN_TIMEOUT_S) == 42
 

@@ -80,9 +80,7 @@ class AgentClient:
             "DeleteProcess", agent_pb2.DeleteProcessRequest(id=process_id), empty_pb2.Empty
         )
 
-    async def read_output(
-        self, process_id: str, stream: agent_pb2.Stream
-    ) -> AsyncIterator[bytes]:
+    async def read_output(self, process_id: str, stream: agent_pb2.Stream) -> AsyncIterator[bytes]:
         request = agent_pb2.ReadOutputRequest(id=process_id, stream=stream)
         async for payload in self._client.stream(
             AGENT_SERVICE, "ReadOutput", request.SerializeToString()
