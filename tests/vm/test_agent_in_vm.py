@@ -172,3 +172,26 @@ def test_large_output_arrives_whole(vm: VM) -> None:
         )
     )
     assert status == 0 and len(out) == 65536 * 160 and set(out) == {0}
+
+
+def test_a_guest_without_an_agent_is_reported_with_its_console(guest: object) -> None:
+    """The floor image prints a marker and powers off: the boot must fail fast, loudly."""
+    from harpoon.guest import find_guest
+    from harpoon.vmm.base import VMError
+
+    floor = find_guest(host_arch(), which="floor")
+    loop = asyncio.new_event_loop()
+    with tempfile.TemporaryDirectory(prefix="hp-vm-") as state:
+        config = VMConfig(
+            name="no-agent", arch=floor.arch, kernel=floor.kernel, initrd=floor.initrd,
+            state_dir=Path(state),
+        )  # fmt: skip
+        sandbox = Sandbox(config, QemuVM)
+        try:
+            with pytest.raises(VMError) as caught:
+                loop.run_until_complete(asyncio.wait_for(sandbox.start(), 120))
+        finally:
+            loop.run_until_complete(sandbox.stop())
+            loop.close()
+    assert "HARPOON-FLOOR-READY" in str(caught.value)
+    assert "did not start" in str(caught.value)

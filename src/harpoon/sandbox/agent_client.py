@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import TypeVar
@@ -16,6 +17,7 @@ from harpoon.ttrpc.client import Client
 
 ResponseT = TypeVar("ResponseT", bound=Message)
 CONTROL_TIMEOUT_S = 30.0
+HELLO_ENTROPY_BYTES = 64
 
 
 class AgentClient:
@@ -50,7 +52,10 @@ class AgentClient:
         host_time = timestamp_pb2.Timestamp()
         host_time.FromNanoseconds(time.time_ns())
         return await self._call(
-            "Hello", agent_pb2.HelloRequest(host_time=host_time), agent_pb2.HelloResponse, timeout
+            "Hello",
+            agent_pb2.HelloRequest(host_time=host_time, entropy=os.urandom(HELLO_ENTROPY_BYTES)),
+            agent_pb2.HelloResponse,
+            timeout,
         )
 
     async def mount(self, source: str, target: str, fstype: str, options: list[str]) -> None:

@@ -62,16 +62,21 @@ class Sandbox:
         done, _ = await asyncio.wait(
             {hello, died}, timeout=BOOT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
         )
-        if hello not in done:
-            hello.cancel()
+        if hello in done and hello.exception() is None:
             died.cancel()
-            reason = (
-                f"the VMM exited with status {died.result()}"
-                if died in done
-                else f"no answer from the agent within {BOOT_TIMEOUT_S:.0f} s"
-            )
+        else:
+            if hello not in done:
+                hello.cancel()
+                reason = f"no answer from the agent within {BOOT_TIMEOUT_S:.0f} s"
+            else:
+                reason = f"the agent connection failed ({hello.exception()})"
+                # The channel closes as the VMM exits: give it a moment to say how.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(died), 2.0)
+            if died.done():
+                reason += f"; the VMM exited with status {died.result()}"
+            died.cancel()
             raise VMError(f"{reason}; console:\n{vm.console_tail()}")
-        died.cancel()
         self.hello = hello.result()
         self.boot_seconds = time.monotonic() - began
 

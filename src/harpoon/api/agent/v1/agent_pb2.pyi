@@ -19,10 +19,12 @@ STDOUT: Stream
 STDERR: Stream
 
 class HelloRequest(_message.Message):
-    __slots__ = ("host_time",)
+    __slots__ = ("host_time", "entropy")
     HOST_TIME_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_FIELD_NUMBER: _ClassVar[int]
     host_time: _timestamp_pb2.Timestamp
-    def __init__(self, host_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    entropy: bytes
+    def __init__(self, host_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., entropy: _Optional[bytes] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
     __slots__ = ("agent_version", "kernel_release", "agent_uptime_s")
