@@ -4,14 +4,20 @@ A process is created with its stdio pipes (so the host can attach readers before
 runs), started by fork and exec, and reaped by the agent's SIGCHLD handler, which is
 the only place that calls waitpid: as PID 1 the agent also reaps orphans it never
 started. Exit statuses follow the shell's convention (128 + signal when killed).
+A terminal process gets a pty: the slave is its stdin, stdout and stderr and its
+controlling terminal; the master carries its input and its (single) output stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import os
 import signal
+import struct
+import termios
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +42,7 @@ class ProcessSpec:
     stdin: bool = False
     stdout: bool = False
     stderr: bool = False
+    terminal: bool = False
     container_init: bool = False
 
 
@@ -52,8 +59,10 @@ class Process:
     # Set when a stream has been read to EOF (or never existed).
     drained: dict[str, asyncio.Event] = field(default_factory=dict)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
-    # The child's ends of the pipes, closed in the agent once the child has them.
-    child_fds: list[int] = field(default_factory=list)
+    # The child's stdin, stdout and stderr (None: /dev/null), closed in the agent
+    # once the child has them.
+    child_stdio: list[int | None] = field(default_factory=lambda: [None, None, None])
+    terminal_fd: int | None = None
 
     @property
     def started(self) -> bool:
@@ -73,6 +82,8 @@ def _exec_child(spec: ProcessSpec, stdio: tuple[int, int, int], error_fd: int) -
     """Runs in the forked child: set up and exec, or report why not and exit 127."""
     try:
         os.setsid()
+        if spec.terminal:
+            fcntl.ioctl(stdio[0], termios.TIOCSCTTY, 0)
         for target, fd in enumerate(stdio):
             os.dup2(fd, target)
         for signum in _SIGNALS_PYTHON_IGNORES:
@@ -116,19 +127,33 @@ class ProcessTable:
         if not spec.args:
             raise InvalidArgument(f"process {process_id!r} has no args to run")
         process = Process(process_id, spec)
-        if spec.stdin:
-            read_end, write_end = os.pipe2(os.O_CLOEXEC)
-            process.stdin_fd = write_end
-            process.child_fds.append(read_end)
-        for name, wanted in (("stdout", spec.stdout), ("stderr", spec.stderr)):
+        for name in ("stdout", "stderr"):
             process.drained[name] = asyncio.Event()
-            if wanted:
+        if spec.terminal:
+            master, slave = os.openpty()
+            os.set_inheritable(master, False)
+            os.set_inheritable(slave, False)
+            os.set_blocking(master, False)
+            process.terminal_fd = master
+            process.stdin_fd = os.dup(master) if spec.stdin else None
+            process.output_fds["stdout"] = master
+            process.child_stdio = [slave, os.dup(slave), os.dup(slave)]
+            process.drained["stderr"].set()
+        else:
+            if spec.stdin:
                 read_end, write_end = os.pipe2(os.O_CLOEXEC)
-                os.set_blocking(read_end, False)
-                process.output_fds[name] = read_end
-                process.child_fds.append(write_end)
-            else:
-                process.drained[name].set()
+                process.stdin_fd = write_end
+                process.child_stdio[0] = read_end
+            for index, (name, wanted) in enumerate(
+                (("stdout", spec.stdout), ("stderr", spec.stderr)), start=1
+            ):
+                if wanted:
+                    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+                    os.set_blocking(read_end, False)
+                    process.output_fds[name] = read_end
+                    process.child_stdio[index] = write_end
+                else:
+                    process.drained[name].set()
         self._by_id[process_id] = process
         return process
 
@@ -136,19 +161,14 @@ class ProcessTable:
         if process.started:
             raise FailedPrecondition(f"process {process.id!r} has already been started")
         devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
-        fds = iter(process.child_fds)
-        stdin = next(fds) if process.spec.stdin else devnull
-        stdout = next(fds) if process.spec.stdout else devnull
-        stderr = next(fds) if process.spec.stderr else devnull
+        stdin, stdout, stderr = (devnull if fd is None else fd for fd in process.child_stdio)
         error_read, error_write = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
         if pid == 0:
             _exec_child(process.spec, (stdin, stdout, stderr), error_write)
         os.close(error_write)
         os.close(devnull)
-        for fd in process.child_fds:
-            os.close(fd)
-        process.child_fds.clear()
+        _close_child_stdio(process)
         # The exec either succeeds (the pipe closes on exec) or the child reports why.
         # No await since fork: the reaper cannot run before the pid is registered.
         with os.fdopen(error_read, "rb") as errors:
@@ -199,13 +219,29 @@ class ProcessTable:
     def delete(self, process: Process) -> None:
         if process.started and process.exit_status is None:
             raise FailedPrecondition(f"process {process.id!r} is still running")
-        for fd in [*process.output_fds.values(), process.stdin_fd, *process.child_fds]:
+        for fd in {*process.output_fds.values(), process.stdin_fd, process.terminal_fd}:
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+        _close_child_stdio(process)
         process.output_fds.clear()
-        process.stdin_fd = None
+        process.stdin_fd = process.terminal_fd = None
         del self._by_id[process.id]
+
+
+def _close_child_stdio(process: Process) -> None:
+    for fd in process.child_stdio:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    process.child_stdio = [None, None, None]
+
+
+def resize_terminal(process: Process, width: int, height: int) -> None:
+    if process.terminal_fd is not None:
+        fcntl.ioctl(
+            process.terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0)
+        )
 
 
 def kill_everything_but_me() -> None:
@@ -218,10 +254,16 @@ async def read_output(process: Process, stream: str) -> bytes | None:
     fd = process.output_fds.get(stream)
     if fd is None:
         return None
-    chunk = await aio.read_some(fd)
+    try:
+        chunk = await aio.read_some(fd)
+    except OSError as error:
+        if error.errno != errno.EIO:  # a pty master reads EIO once every slave is closed
+            raise
+        chunk = b""
     if chunk:
         return chunk
-    os.close(fd)
+    if fd != process.terminal_fd:  # the terminal's master is closed on delete
+        os.close(fd)
     del process.output_fds[stream]
     process.drained[stream].set()
     return None
@@ -237,6 +279,12 @@ async def write_input(process: Process, data: bytes) -> None:
 
 
 def close_input(process: Process) -> None:
-    if process.stdin_fd is not None:
-        os.close(process.stdin_fd)
-        process.stdin_fd = None
+    if process.stdin_fd is None:
+        return
+    if process.terminal_fd is not None:
+        # A terminal has no EOF of its own: the line discipline's EOF character ends
+        # input for a reader in canonical mode, as when a user types Ctrl-D.
+        with contextlib.suppress(OSError):
+            os.write(process.stdin_fd, termios.tcgetattr(process.stdin_fd)[6][termios.VEOF])
+    os.close(process.stdin_fd)
+    process.stdin_fd = None

@@ -11,14 +11,19 @@ import os
 
 from harpoon import linux
 
-# (fstype, target inside the root, flags, data)
-_BASE_MOUNTS: tuple[tuple[str, str, int, str], ...] = (
-    ("proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, ""),
-    ("sysfs", "sys", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_RDONLY, ""),
-    ("devtmpfs", "dev", linux.MS_NOSUID, "mode=755"),
-    ("devpts", "dev/pts", linux.MS_NOSUID | linux.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620"),
-    ("tmpfs", "dev/shm", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777"),
-)
+# (source, fstype, target inside the root, flags, data)
+_BASE_MOUNTS: tuple[tuple[str, str, str, int, str], ...] = (
+    ("proc", "proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, ""),
+    (
+        "sysfs", "sysfs", "sys",
+        linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_RDONLY, "",
+    ),
+    ("devtmpfs", "devtmpfs", "dev", linux.MS_NOSUID, "mode=755"),
+    # The guest's own devpts, not a new instance: the agent opens terminals there, and
+    # a process must find its terminal under /dev/pts (tty(1), ttyname(3)).
+    ("/dev/pts", "", "dev/pts", linux.MS_BIND, ""),
+    ("tmpfs", "tmpfs", "dev/shm", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777"),
+)  # fmt: skip
 
 
 def mount_filesystem(source: str, target: str, fstype: str, options: list[str]) -> None:
@@ -36,7 +41,7 @@ def mount_filesystem(source: str, target: str, fstype: str, options: list[str]) 
 def prepare_root(root: str) -> None:
     """Mounts the filesystems every process expects under root (idempotent)."""
     mounted = set(linux.mounts_under(root))
-    for fstype, relative, flags, data in _BASE_MOUNTS:
+    for source, fstype, relative, flags, data in _BASE_MOUNTS:
         target = os.path.join(root, relative)
         if target in mounted:
             continue
@@ -44,4 +49,4 @@ def prepare_root(root: str) -> None:
             os.makedirs(target, exist_ok=True)
         except OSError:
             continue  # a read-only root without the directory: do without it
-        linux.mount(fstype, target, fstype, flags, data)
+        linux.mount(source, target, fstype, flags, data)

@@ -15,7 +15,6 @@ from harpoon import __version__, linux
 from harpoon.agent import processes, rootfs
 from harpoon.agent.processes import ProcessSpec, ProcessTable
 from harpoon.api.agent.v1 import agent_pb2
-from harpoon.errdefs import FailedPrecondition
 from harpoon.ttrpc.server import CallContext
 
 STREAM_NAMES = {agent_pb2.STDOUT: "stdout", agent_pb2.STDERR: "stderr"}
@@ -62,8 +61,6 @@ class AgentService:
     async def CreateProcess(
         self, request: agent_pb2.CreateProcessRequest, ctx: CallContext
     ) -> empty_pb2.Empty:
-        if request.terminal:
-            raise FailedPrecondition("terminals are not supported by this agent yet")
         spec = ProcessSpec(
             args=list(request.args),
             env=list(request.env),
@@ -75,6 +72,7 @@ class AgentService:
             stdin=request.stdin,
             stdout=request.stdout,
             stderr=request.stderr,
+            terminal=request.terminal,
             container_init=request.container_init,
         )
         if request.root:
@@ -137,6 +135,12 @@ class AgentService:
         self, request: agent_pb2.CloseStdinRequest, ctx: CallContext
     ) -> empty_pb2.Empty:
         processes.close_input(self.table.get(request.id))
+        return _EMPTY
+
+    async def ResizeTerminal(
+        self, request: agent_pb2.ResizeTerminalRequest, ctx: CallContext
+    ) -> empty_pb2.Empty:
+        processes.resize_terminal(self.table.get(request.id), request.width, request.height)
         return _EMPTY
 
     async def Shutdown(self, request: empty_pb2.Empty, ctx: CallContext) -> empty_pb2.Empty:

@@ -9,9 +9,11 @@ process in the guest instead of filling the shim's memory.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import stat
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -78,7 +80,52 @@ class ProcessIO:
         self.stdout = self.stderr = None
 
 
-async def pump(chunks: object, fd: int) -> None:
+async def pump(chunks: AsyncIterator[bytes], fd: int) -> None:
     """Copies an async iterator of byte chunks into fd, all of it, in order."""
-    async for chunk in chunks:  # type: ignore[attr-defined]
+    async for chunk in chunks:
         await aio.write_all(fd, chunk)
+
+
+def open_stdin(path: str) -> int:
+    """The stdin FIFO, opened read-write so that it never reads EOF: as under runc, a
+    process's stdin closes on CloseIO, not when a client closes its end of the FIFO."""
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+class StdinForwarder:
+    """Yields what arrives on the stdin FIFO until close(), then what is left in it.
+
+    Draining at close matters: a client writes its last bytes and then calls CloseIO,
+    so those bytes are in the pipe when the close is asked for.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        self._closing.set()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        while not self._closing.is_set():
+            read = asyncio.ensure_future(aio.read_some(self.fd))
+            closing = asyncio.ensure_future(self._closing.wait())
+            done, _ = await asyncio.wait({read, closing}, return_when=asyncio.FIRST_COMPLETED)
+            closing.cancel()
+            if read not in done:
+                read.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await read
+                break
+            data = read.result()
+            if not data:
+                return
+            yield data
+        while True:
+            try:
+                data = os.read(self.fd, aio.READ_CHUNK_BYTES)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            yield data

@@ -1,9 +1,10 @@
 """The containerd Task service (containerd.task.v2.Task and v3.Task): one container,
-its VM, and its init process, with runc's shim as the behavioural reference.
+its VM, its init process and its execs, with runc's shim as the behavioural reference.
 
-Lifecycle of the init process: created (VM booted, process prepared in the guest) →
-running (Start) → stopped (its exit recorded, TaskExit published) → deleted (VM torn
-down, TaskDelete published). Events go through one ordered publisher, so containerd
+Lifecycle of a process: created (prepared in the guest, stdio connected) → running
+(Start) → stopped (its exit recorded, TaskExit published) → deleted. The init's
+Create boots the VM and its Delete tears it down (TaskDelete published); the init's
+exit is published after every exec's. Events go through one ordered publisher, so containerd
 sees create → start → exit → delete. Methods not yet implemented answer
 Unimplemented with a message saying so; they never pretend.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -20,28 +22,37 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from google.protobuf import empty_pb2, timestamp_pb2
+from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
 
 from harpoon.api.agent.v1 import agent_pb2
 from harpoon.api.containerd.events import task_pb2 as events
+from harpoon.api.containerd.runc.v1 import process_pb2
 from harpoon.api.containerd.task.v2 import shim_pb2 as task
 from harpoon.api.containerd.types import task_pb2 as types
 from harpoon.errdefs import (
     AlreadyExists,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     Unimplemented,
 )
+from harpoon.sandbox.agent_client import AgentClient
 from harpoon.sandbox.sandbox import Sandbox
 from harpoon.shim import paths
 from harpoon.shim.bundle import Bundle, mount_rootfs, unmount_rootfs
 from harpoon.shim.events import EventPublisher
-from harpoon.shim.stdio import ProcessIO, pump
+from harpoon.shim.stdio import ProcessIO, StdinForwarder, open_stdin, pump
 from harpoon.ttrpc.server import CallContext
-from harpoon.ttrpc.status import TtrpcError
+from harpoon.ttrpc.status import Code, TtrpcError
 from harpoon.vmm.base import Share, VMConfig
 
 GUEST_ROOTFS = "/run/harpoon/rootfs"
+INIT_GUEST_ID = "init"
+EXEC_GUEST_PREFIX = "exec:"
+# How long the init's exit waits for its execs' exits to be published first.
+EXEC_EXIT_WAIT_S = 10.0
+# How long CloseIO waits for buffered stdin to reach the guest before the EOF.
+STDIN_DRAIN_S = 10.0
 NINEP_OPTIONS = ["trans=virtio", "version=9p2000.L", "msize=524288"]
 VM_DIED_EXIT_STATUS = 255
 EMPTY = empty_pb2.Empty()
@@ -56,21 +67,34 @@ def _now() -> timestamp_pb2.Timestamp:
 
 
 @dataclass
-class InitProcess:
-    """The host's record of the container's first process."""
+class HostProcess:
+    """The shim's record of one process of the container: its init or an exec."""
 
+    exec_id: str  # "" for the container's init
+    guest_id: str  # the process's id in the agent
+    spec: dict[str, Any]  # the OCI process
     stdin: str
     stdout: str
     stderr: str
     terminal: bool
     io: ProcessIO
     status: types.Status = types.CREATED
-    guest_pid: int = 0
     exit_status: int = 0
     exited_at: timestamp_pb2.Timestamp | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
     waiter: asyncio.Task[None] | None = None
+    stdin_fd: int | None = None
+    stdin_forwarder: StdinForwarder | None = None
+    stdin_task: asyncio.Task[None] | None = None
+
+    def release_stdin(self) -> None:
+        if self.stdin_forwarder is not None:
+            self.stdin_forwarder.close()
+        if self.stdin_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.stdin_fd)
+            self.stdin_fd = None
 
 
 @dataclass
@@ -78,16 +102,44 @@ class Container:
     id: str
     bundle: Bundle
     sandbox: Sandbox
-    init: InitProcess
+    init: HostProcess
     rootfs_mounted: bool
+    execs: dict[str, HostProcess] = field(default_factory=dict)
+
+    @property
+    def agent(self) -> AgentClient:
+        agent = self.sandbox.agent
+        if agent is None:
+            raise FailedPrecondition(f"the VM of container {self.id!r} is not running")
+        return agent
 
 
 def _spec_user(process: dict[str, Any]) -> tuple[int, int, list[int]]:
     user = process.get("user") or {}
-    return (
-        int(user.get("uid", 0)),
-        int(user.get("gid", 0)),
-        [int(g) for g in user.get("additionalGids") or []],
+    groups = [int(g) for g in user.get("additionalGids") or []]
+    return int(user.get("uid", 0)), int(user.get("gid", 0)), groups
+
+
+def _create_request(
+    process: HostProcess, hostname: str, container_init: bool
+) -> agent_pb2.CreateProcessRequest:
+    spec = process.spec
+    uid, gid, groups = _spec_user(spec)
+    return agent_pb2.CreateProcessRequest(
+        id=process.guest_id,
+        args=spec["args"],
+        env=spec.get("env") or [],
+        cwd=spec.get("cwd") or "/",
+        root=GUEST_ROOTFS,
+        uid=uid,
+        gid=gid,
+        additional_gids=groups,
+        hostname=hostname,
+        terminal=process.terminal,
+        stdin=bool(process.stdin),
+        stdout=process.io.stdout is not None,
+        stderr=process.io.stderr is not None and not process.terminal,
+        container_init=container_init,
     )
 
 
@@ -114,11 +166,89 @@ class TaskService:
             raise NotFound(f"container {container_id!r} not created")
         return self.container
 
-    def _init(self, container_id: str, exec_id: str) -> tuple[Container, InitProcess]:
+    def _process(self, container_id: str, exec_id: str) -> tuple[Container, HostProcess]:
         container = self._container(container_id)
-        if exec_id:
-            raise NotFound(f"process {exec_id!r} does not exist: exec is not supported yet")
-        return container, container.init
+        if not exec_id:
+            return container, container.init
+        try:
+            return container, container.execs[exec_id]
+        except KeyError:
+            raise NotFound(f"process {exec_id!r} does not exist in {container_id!r}") from None
+
+    async def _prepare(self, container: Container, process: HostProcess) -> None:
+        """Creates the process in the guest and connects its stdio to containerd's."""
+        agent = container.agent
+        await agent.create_process(
+            _create_request(process, container.bundle.hostname, process is container.init)
+        )
+        streams = ((agent_pb2.STDOUT, process.io.stdout), (agent_pb2.STDERR, process.io.stderr))
+        for stream, fd in streams:
+            if fd is not None and not (process.terminal and stream == agent_pb2.STDERR):
+                output = agent.read_output(process.guest_id, stream)
+                process.pumps.append(asyncio.ensure_future(pump(output, fd)))
+        if process.stdin:
+            process.stdin_fd = open_stdin(process.stdin)
+            process.stdin_forwarder = StdinForwarder(process.stdin_fd)
+            process.stdin_task = asyncio.ensure_future(
+                self._forward_stdin(agent, process, process.stdin_forwarder)
+            )
+
+    async def _forward_stdin(
+        self, agent: AgentClient, process: HostProcess, forwarder: StdinForwarder
+    ) -> None:
+        try:
+            await agent.write_stdin(process.guest_id, forwarder.chunks())
+        except (TtrpcError, OSError) as error:
+            # The process exited (or closed its stdin) before reading all of it.
+            log.debug("stdin of %s ended: %s", process.guest_id, error)
+
+    async def _start(self, container: Container, process: HostProcess) -> int:
+        if process.status != types.CREATED:
+            raise FailedPrecondition(f"process {process.guest_id!r} has already been started")
+        await container.agent.start_process(process.guest_id)
+        process.status = types.RUNNING
+        return container.sandbox.pid
+
+    async def _wait(self, container: Container, process: HostProcess) -> None:
+        """Follows a started process to its exit, then publishes it."""
+        try:
+            response = await container.agent.wait_process(process.guest_id)
+            status, exited_at = response.exit_status, response.exited_at
+        except (TtrpcError, OSError) as error:
+            log.error("lost the VM of %s: %s", container.id, error)
+            status, exited_at = VM_DIED_EXIT_STATUS, _now()
+        # Every byte reaches containerd's FIFOs before anyone hears of the exit.
+        await asyncio.gather(*process.pumps, return_exceptions=True)
+        process.io.close()
+        process.release_stdin()
+        if process is container.init:
+            # The init's exit is the container's last: execs die with it (the agent
+            # kills every process when the init exits) and are reported first.
+            execs = [e.waiter for e in container.execs.values() if e.waiter is not None]
+            if execs:
+                await asyncio.wait(execs, timeout=EXEC_EXIT_WAIT_S)
+        self._record_exit(container, process, status, exited_at)
+
+    def _record_exit(
+        self,
+        container: Container,
+        process: HostProcess,
+        status: int,
+        exited_at: timestamp_pb2.Timestamp,
+    ) -> None:
+        process.exit_status, process.exited_at = status, exited_at
+        process.status = types.STOPPED
+        self.publisher.publish(
+            "/tasks/exit",
+            events.TaskExit(
+                container_id=container.id,
+                id=process.exec_id or container.id,
+                pid=container.sandbox.pid,
+                exit_status=status,
+                exited_at=exited_at,
+            ),
+        )
+        process.exited.set()
 
     # -- Task methods ----------------------------------------------------------------
 
@@ -129,8 +259,6 @@ class TaskService:
             raise AlreadyExists(f"container {self.container.id!r} already exists in this shim")
         if request.checkpoint:
             raise Unimplemented("restoring from a checkpoint is not supported by harpoon")
-        if request.terminal:
-            raise Unimplemented("terminals (-t) are not supported by harpoon yet")
         bundle = Bundle.load(request.bundle)
         try:
             image = self.find_image()
@@ -138,9 +266,10 @@ class TaskService:
             raise FailedPrecondition(f"no guest image: {error}") from None
         rootfs = bundle.path / "rootfs" if request.rootfs else bundle.rootfs
         state_dir = paths.vm_state_dir(self.namespace, request.id)
-        io = ProcessIO.open(request.stdout, request.stderr)
+        io = ProcessIO.open(request.stdout, "" if request.terminal else request.stderr)
         sandbox: Sandbox | None = None
         mounted = False
+        container: Container | None = None
         try:
             if request.rootfs:
                 mount_rootfs(rootfs, list(request.rootfs))
@@ -157,28 +286,23 @@ class TaskService:
             )
             sandbox = Sandbox(config, self.make_vm)
             await sandbox.start()
-            agent = sandbox.agent
-            assert agent is not None
-            await agent.mount("rootfs", GUEST_ROOTFS, "9p", NINEP_OPTIONS)
-            process = bundle.process
-            uid, gid, groups = _spec_user(process)
-            await agent.create_process(
-                agent_pb2.CreateProcessRequest(
-                    id=request.id,
-                    args=process["args"],
-                    env=process.get("env") or [],
-                    cwd=process.get("cwd") or "/",
-                    root=GUEST_ROOTFS,
-                    uid=uid,
-                    gid=gid,
-                    additional_gids=groups,
-                    hostname=bundle.hostname,
-                    stdout=io.stdout is not None,
-                    stderr=io.stderr is not None,
-                    container_init=True,
-                )
+            assert sandbox.agent is not None
+            await sandbox.agent.mount("rootfs", GUEST_ROOTFS, "9p", NINEP_OPTIONS)
+            init = HostProcess(
+                exec_id="",
+                guest_id=INIT_GUEST_ID,
+                spec=bundle.process,
+                stdin=request.stdin,
+                stdout=request.stdout,
+                stderr=request.stderr,
+                terminal=request.terminal,
+                io=io,
             )
+            container = Container(request.id, bundle, sandbox, init, mounted)
+            await self._prepare(container, init)
         except BaseException:
+            if container is not None:
+                container.init.release_stdin()
             if sandbox is not None:
                 await sandbox.stop()
             io.close()
@@ -186,15 +310,12 @@ class TaskService:
                 unmount_rootfs(rootfs)
             shutil.rmtree(state_dir, ignore_errors=True)
             raise
-        init = InitProcess(request.stdin, request.stdout, request.stderr, request.terminal, io)
-        for stream, fd in ((agent_pb2.STDOUT, io.stdout), (agent_pb2.STDERR, io.stderr)):
-            if fd is not None:
-                init.pumps.append(
-                    asyncio.ensure_future(pump(agent.read_output(request.id, stream), fd))
-                )
-        self.container = Container(request.id, bundle, sandbox, init, mounted)
+        self.container = container
         log.info(
-            "created %s: VM pid %d booted in %.2f s", request.id, sandbox.pid, sandbox.boot_seconds
+            "created %s: VM pid %d booted in %.2f s",
+            request.id,
+            sandbox.pid,
+            sandbox.boot_seconds,
         )
         self.publisher.publish(
             "/tasks/create",
@@ -215,126 +336,163 @@ class TaskService:
         return task.CreateTaskResponse(pid=sandbox.pid)
 
     async def Start(self, request: task.StartRequest, ctx: CallContext) -> task.StartResponse:
-        container, init = self._init(request.id, request.exec_id)
-        if init.status != types.CREATED:
-            raise FailedPrecondition(f"container {request.id!r} has already been started")
-        agent = container.sandbox.agent
-        assert agent is not None
-        init.guest_pid = await agent.start_process(request.id)
-        init.status = types.RUNNING
-        pid = container.sandbox.pid
+        container, process = self._process(request.id, request.exec_id)
+        pid = await self._start(container, process)
         # Published before the waiter can publish the exit, however fast the process.
-        self.publisher.publish("/tasks/start", events.TaskStart(container_id=request.id, pid=pid))
-        init.waiter = asyncio.ensure_future(self._wait_init(container))
+        if process.exec_id:
+            self.publisher.publish(
+                "/tasks/exec-started",
+                events.TaskExecStarted(container_id=container.id, exec_id=process.exec_id, pid=pid),
+            )
+        else:
+            self.publisher.publish(
+                "/tasks/start", events.TaskStart(container_id=container.id, pid=pid)
+            )
+        process.waiter = asyncio.ensure_future(self._wait(container, process))
         return task.StartResponse(pid=pid)
 
-    async def _wait_init(self, container: Container) -> None:
-        init = container.init
-        agent = container.sandbox.agent
-        assert agent is not None
+    async def Exec(self, request: task.ExecProcessRequest, ctx: CallContext) -> empty_pb2.Empty:
+        container = self._container(request.id)
+        if not request.exec_id:
+            raise InvalidArgument("exec needs an exec id")
+        if request.exec_id in container.execs:
+            raise AlreadyExists(f"id {request.exec_id}: already exists")
+        if container.init.status != types.RUNNING:
+            raise FailedPrecondition(
+                f"cannot exec in container {request.id!r}: its init process is not running"
+            )
         try:
-            response = await agent.wait_process(container.id)
-            status, exited_at = response.exit_status, response.exited_at
-        except (TtrpcError, OSError) as error:
-            log.error("lost the VM of %s: %s", container.id, error)
-            status, exited_at = VM_DIED_EXIT_STATUS, _now()
-        # Every byte reaches containerd's FIFOs before anyone hears of the exit.
-        await asyncio.gather(*init.pumps, return_exceptions=True)
-        init.io.close()
-        self._record_exit(container, status, exited_at)
-
-    def _record_exit(
-        self, container: Container, status: int, exited_at: timestamp_pb2.Timestamp
-    ) -> None:
-        init = container.init
-        init.exit_status, init.exited_at, init.status = status, exited_at, types.STOPPED
-        self.publisher.publish(
-            "/tasks/exit",
-            events.TaskExit(
-                container_id=container.id,
-                id=container.id,
-                pid=container.sandbox.pid,
-                exit_status=status,
-                exited_at=exited_at,
-            ),
+            spec = json.loads(request.spec.value)
+        except ValueError as error:
+            raise InvalidArgument(f"the exec's process spec is not JSON: {error}") from None
+        if not isinstance(spec, dict) or not spec.get("args"):
+            raise InvalidArgument("the exec's process spec has no args")
+        io = ProcessIO.open(request.stdout, "" if request.terminal else request.stderr)
+        process = HostProcess(
+            exec_id=request.exec_id,
+            guest_id=f"{EXEC_GUEST_PREFIX}{request.exec_id}",
+            spec=spec,
+            stdin=request.stdin,
+            stdout=request.stdout,
+            stderr=request.stderr,
+            terminal=request.terminal,
+            io=io,
         )
-        init.exited.set()
+        try:
+            await self._prepare(container, process)
+        except BaseException:
+            process.release_stdin()
+            io.close()
+            raise
+        container.execs[request.exec_id] = process
+        self.publisher.publish(
+            "/tasks/exec-added",
+            events.TaskExecAdded(container_id=container.id, exec_id=request.exec_id),
+        )
+        return EMPTY
 
     async def Delete(self, request: task.DeleteRequest, ctx: CallContext) -> task.DeleteResponse:
-        container, init = self._init(request.id, request.exec_id)
-        if init.status == types.RUNNING:
-            raise FailedPrecondition(f"cannot delete container {request.id!r}: it is still running")
+        container, process = self._process(request.id, request.exec_id)
+        if process.status == types.RUNNING:
+            raise FailedPrecondition(
+                f"cannot delete process {process.exec_id or container.id!r}: it is still running"
+            )
         pid = container.sandbox.pid
+        exited_at = process.exited_at or _now()
+        response = task.DeleteResponse(
+            pid=pid, exit_status=process.exit_status, exited_at=exited_at
+        )
+        if process.exec_id:
+            self._cancel(process)
+            with contextlib.suppress(TtrpcError):
+                await container.agent.delete_process(process.guest_id)
+            del container.execs[process.exec_id]
+            return response
         await self._teardown(container)
-        exited_at = init.exited_at or _now()
         self.publisher.publish(
             "/tasks/delete",
             events.TaskDelete(
                 container_id=container.id,
                 pid=pid,
-                exit_status=init.exit_status,
+                exit_status=process.exit_status,
                 exited_at=exited_at,
             ),
         )
         self.container = None
-        return task.DeleteResponse(pid=pid, exit_status=init.exit_status, exited_at=exited_at)
+        return response
+
+    @staticmethod
+    def _cancel(process: HostProcess) -> None:
+        for running in (process.waiter, process.stdin_task, *process.pumps):
+            if running is not None and not running.done():
+                running.cancel()
+        process.io.close()
+        process.release_stdin()
 
     async def _teardown(self, container: Container) -> None:
-        init = container.init
-        if init.waiter is not None and not init.waiter.done():
-            init.waiter.cancel()
-        for pumping in init.pumps:
-            pumping.cancel()
+        for process in (container.init, *container.execs.values()):
+            self._cancel(process)
         await container.sandbox.stop()
-        init.io.close()
         if container.rootfs_mounted:
             unmount_rootfs(container.bundle.path / "rootfs")
         shutil.rmtree(container.sandbox.config.state_dir, ignore_errors=True)
 
     async def Kill(self, request: task.KillRequest, ctx: CallContext) -> empty_pb2.Empty:
-        container, init = self._init(request.id, request.exec_id)
-        if init.status == types.STOPPED:
-            raise NotFound(f"process {request.id!r} already finished")
-        if init.status == types.CREATED:
+        container, process = self._process(request.id, request.exec_id)
+        if process.status == types.STOPPED:
+            raise NotFound(f"process {process.exec_id or container.id!r} already finished")
+        if process.status == types.CREATED:
             # Nothing runs in the guest yet: the process dies before it ever starts.
-            self._record_exit(container, 128 + request.signal, _now())
+            self._record_exit(container, process, 128 + request.signal, _now())
             return EMPTY
-        agent = container.sandbox.agent
-        assert agent is not None
         try:
-            await agent.signal_process(request.id, request.signal, request.all)
+            await container.agent.signal_process(
+                process.guest_id, request.signal, request.all and not process.exec_id
+            )
         except TtrpcError as error:
-            if init.status == types.STOPPED or error.code.name == "NOT_FOUND":
-                raise NotFound(f"process {request.id!r} already finished") from None
+            if error.code == Code.NOT_FOUND:
+                name = process.exec_id or container.id
+                raise NotFound(f"process {name!r} already finished") from None
             raise
         return EMPTY
 
     async def Wait(self, request: task.WaitRequest, ctx: CallContext) -> task.WaitResponse:
-        _, init = self._init(request.id, request.exec_id)
-        await init.exited.wait()
-        return task.WaitResponse(exit_status=init.exit_status, exited_at=init.exited_at)
+        _, process = self._process(request.id, request.exec_id)
+        await process.exited.wait()
+        return task.WaitResponse(exit_status=process.exit_status, exited_at=process.exited_at)
 
     async def State(self, request: task.StateRequest, ctx: CallContext) -> task.StateResponse:
-        container, init = self._init(request.id, request.exec_id)
+        container, process = self._process(request.id, request.exec_id)
         response = task.StateResponse(
             id=container.id,
             bundle=str(container.bundle.path),
             pid=container.sandbox.pid,
-            status=init.status,
-            stdin=init.stdin,
-            stdout=init.stdout,
-            stderr=init.stderr,
-            terminal=init.terminal,
-            exit_status=init.exit_status,
+            status=process.status,
+            stdin=process.stdin,
+            stdout=process.stdout,
+            stderr=process.stderr,
+            terminal=process.terminal,
+            exit_status=process.exit_status,
+            exec_id=process.exec_id,
         )
-        if init.exited_at is not None:
-            response.exited_at.CopyFrom(init.exited_at)
+        if process.exited_at is not None:
+            response.exited_at.CopyFrom(process.exited_at)
         return response
 
     async def Pids(self, request: task.PidsRequest, ctx: CallContext) -> task.PidsResponse:
         container = self._container(request.id)
-        # Guest pids mean nothing on the host: the VM's pid stands for the container.
-        return task.PidsResponse(processes=[types.ProcessInfo(pid=container.sandbox.pid)])
+        # Guest pids mean nothing on the host: the VM's pid stands for every process,
+        # and execs carry their id as runc's shim gives it.
+        pid = container.sandbox.pid
+        processes = [types.ProcessInfo(pid=pid)]
+        for exec_id, process in container.execs.items():
+            if process.status == types.RUNNING:
+                details = process_pb2.ProcessDetails(exec_id=exec_id)
+                info = any_pb2.Any(
+                    type_url=details.DESCRIPTOR.full_name, value=details.SerializeToString()
+                )
+                processes.append(types.ProcessInfo(pid=pid, info=info))
+        return task.PidsResponse(processes=processes)
 
     async def Connect(self, request: task.ConnectRequest, ctx: CallContext) -> task.ConnectResponse:
         pid = self.container.sandbox.pid if self.container else 0
@@ -347,16 +505,27 @@ class TaskService:
         return EMPTY
 
     async def CloseIO(self, request: task.CloseIORequest, ctx: CallContext) -> empty_pb2.Empty:
-        self._init(request.id, request.exec_id)
-        return EMPTY  # stdin is not forwarded yet, so the process already reads EOF
+        container, process = self._process(request.id, request.exec_id)
+        if not request.stdin or process.stdin_forwarder is None:
+            return EMPTY
+        # What the client wrote before asking is forwarded first, then the EOF.
+        process.stdin_forwarder.close()
+        if process.stdin_task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(process.stdin_task), STDIN_DRAIN_S)
+        if process.status != types.STOPPED:
+            with contextlib.suppress(TtrpcError):
+                await container.agent.close_stdin(process.guest_id)
+        return EMPTY
 
     async def ResizePty(self, request: task.ResizePtyRequest, ctx: CallContext) -> empty_pb2.Empty:
-        self._init(request.id, request.exec_id)
-        return EMPTY  # no terminal: a no-op, as for runc
-
-    async def Exec(self, request: task.ExecProcessRequest, ctx: CallContext) -> empty_pb2.Empty:
-        self._container(request.id)
-        raise Unimplemented("exec is not supported by harpoon yet")
+        container, process = self._process(request.id, request.exec_id)
+        if process.terminal and process.status == types.RUNNING:
+            with contextlib.suppress(TtrpcError):
+                await container.agent.resize_terminal(
+                    process.guest_id, request.width, request.height
+                )
+        return EMPTY  # without a terminal: a no-op, as for runc
 
     async def Pause(self, request: task.PauseRequest, ctx: CallContext) -> empty_pb2.Empty:
         raise Unimplemented("pause is not supported by harpoon yet")
@@ -367,9 +536,7 @@ class TaskService:
     async def Checkpoint(
         self, request: task.CheckpointTaskRequest, ctx: CallContext
     ) -> empty_pb2.Empty:
-        raise Unimplemented(
-            "checkpoint is not supported by harpoon: a VM's state is not a CRIU image"
-        )
+        raise Unimplemented("checkpoint is not supported by harpoon: a VM is not a CRIU image")
 
     async def Update(self, request: task.UpdateTaskRequest, ctx: CallContext) -> empty_pb2.Empty:
         raise Unimplemented("update is not supported by harpoon yet")

@@ -1,0 +1,150 @@
+"""Exec, stdin and terminals under harpoon, through real containerd and ctr."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import select
+import struct
+import subprocess
+import termios
+import time
+
+import pytest
+
+from harpoon.devenv.containerd import Containerd
+from tests.e2e.test_harpoon_run import HARPOON, RUN_TIMEOUT_S, ctr_command, wait_until_running
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture
+def sleeper(containerd: Containerd, busybox_image: str, container_id: str):  # type: ignore[no-untyped-def]
+    """A running `sleep 1000` container, killed and removed after the test."""
+    containerd.ctr(
+        "run", "-d", "--runtime", HARPOON, busybox_image, container_id, "sleep", "1000",
+        timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    wait_until_running(containerd, container_id)
+    yield container_id
+    containerd.ctr("task", "kill", "--signal", "SIGKILL", container_id, check=False)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if containerd.ctr("task", "delete", container_id, check=False).returncode == 0:
+            break
+        time.sleep(0.2)
+    containerd.ctr("container", "delete", container_id, check=False)
+
+
+def test_exec_runs_in_the_container_with_its_own_output_and_status(
+    containerd: Containerd, sleeper: str
+) -> None:
+    result = containerd.ctr(
+        "task", "exec", "--exec-id", "e1", sleeper, "sh", "-c", "echo out; echo err >&2; exit 5",
+        timeout=RUN_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert result.returncode == 5
+    assert result.stdout == "out\n"
+    assert "err\n" in result.stderr
+
+
+def test_exec_sees_the_containers_filesystem(containerd: Containerd, sleeper: str) -> None:
+    result = containerd.ctr(
+        "task", "exec", "--exec-id", "e2", sleeper, "sh", "-c",
+        "echo marker > /tmp/m; cat /tmp/m; ls /bin/busybox",
+        timeout=RUN_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout) == (0, "marker\n/bin/busybox\n")
+
+
+def test_duplicate_exec_id_is_already_exists(containerd: Containerd, sleeper: str) -> None:
+    first = subprocess.Popen(
+        ctr_command(containerd, "task", "exec", "--exec-id", "dup", sleeper, "sleep", "100"),
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "dup" not in containerd.ctr("task", "ps", sleeper, check=False).stdout:
+            assert time.monotonic() < deadline, "the first exec never showed in `ctr task ps`"
+            time.sleep(0.2)
+        second = containerd.ctr(
+            "task", "exec", "--exec-id", "dup", sleeper, "true", timeout=RUN_TIMEOUT_S, check=False
+        )
+        assert second.returncode != 0
+        assert "already exists" in second.stderr
+    finally:
+        containerd.ctr("task", "kill", "--signal", "SIGKILL", sleeper, check=False)
+        first.wait(RUN_TIMEOUT_S)
+
+
+def test_exec_in_a_stopped_container_fails(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    containerd.ctr(
+        "run", "-d", "--runtime", HARPOON, busybox_image, container_id, "true",
+        timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while "STOPPED" not in containerd.ctr("task", "ls").stdout:
+            assert time.monotonic() < deadline, "the container never stopped"
+            time.sleep(0.2)
+        result = containerd.ctr(
+            "task", "exec", "--exec-id", "late", container_id, "true", check=False
+        )
+        assert result.returncode != 0 and "not running" in result.stderr
+    finally:
+        containerd.ctr("task", "delete", container_id, check=False)
+        containerd.ctr("container", "delete", container_id, check=False)
+
+
+def test_piped_stdin_reaches_the_process(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    result = containerd.ctr(
+        "run", "--rm", "--runtime", HARPOON, busybox_image, container_id, "head", "-n", "1",
+        input="hello through stdin\nsecond line\n", timeout=RUN_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert (result.returncode, result.stdout) == (0, "hello through stdin\n")
+
+
+def run_in_terminal(argv: list[str], rows: int, cols: int, timeout: float) -> tuple[int, bytes]:
+    """Runs argv with a pty of the given size as its terminal; returns (status, output)."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    process = subprocess.Popen(
+        argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True
+    )
+    os.close(slave)
+    output = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+        elif process.poll() is not None:
+            break
+    os.close(master)
+    return process.wait(timeout), output
+
+
+def test_terminal_run_gets_a_tty_of_the_clients_size(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    status, output = run_in_terminal(
+        ctr_command(
+            containerd, "run", "-t", "--rm", "--runtime", HARPOON, busybox_image, container_id,
+            "sh", "-c", "tty; stty size; exit 4",
+        ),
+        rows=37, cols=101, timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    text = output.decode(errors="replace")
+    assert status == 4, text
+    assert "/dev/pts/" in text and "37 101" in text
