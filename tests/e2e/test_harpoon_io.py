@@ -10,6 +10,7 @@ import struct
 import subprocess
 import termios
 import time
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +149,39 @@ def test_terminal_run_gets_a_tty_of_the_clients_size(
     text = output.decode(errors="replace")
     assert status == 4, text
     assert "/dev/pts/" in text and "37 101" in text
+
+
+LOGGER_SCRIPT = """#!/bin/sh
+# A binary:// logger as containerd defines them: fd 3 stdout, fd 4 stderr, fd 5 ready.
+[ "$1" = file ] || exit 2
+cat <&3 > "$2.out" &
+cat <&4 > "$2.err" &
+printf x >&5
+exec 5>&-
+echo "$CONTAINER_NAMESPACE/$CONTAINER_ID" > "$2.env"
+wait
+"""
+
+
+def test_binary_logger_receives_stdout_and_stderr(
+    containerd: Containerd, busybox_image: str, container_id: str, tmp_path: Path
+) -> None:
+    logger = tmp_path / "logger.sh"
+    logger.write_text(LOGGER_SCRIPT)
+    logger.chmod(0o755)
+    base = tmp_path / "log"
+    result = containerd.ctr(
+        "run", "--rm", "--runtime", HARPOON, "--log-uri", f"binary://{logger}?file={base}",
+        busybox_image, container_id, "sh", "-c", "echo to-out; echo to-err >&2; exit 6",
+        timeout=RUN_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert result.returncode == 6, result.stderr
+    deadline = time.monotonic() + 20
+    wanted = {".out": "to-out\n", ".err": "to-err\n"}
+    while time.monotonic() < deadline:
+        got = {s: Path(f"{base}{s}").read_text() for s in wanted if Path(f"{base}{s}").exists()}
+        if got == wanted:
+            break
+        time.sleep(0.2)
+    assert got == wanted
+    assert Path(f"{base}.env").read_text() == f"{containerd.namespace}/{container_id}\n"

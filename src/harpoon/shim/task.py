@@ -266,7 +266,12 @@ class TaskService:
             raise FailedPrecondition(f"no guest image: {error}") from None
         rootfs = bundle.path / "rootfs" if request.rootfs else bundle.rootfs
         state_dir = paths.vm_state_dir(self.namespace, request.id)
-        io = ProcessIO.open(request.stdout, "" if request.terminal else request.stderr)
+        io = ProcessIO.open(
+            request.stdout,
+            "" if request.terminal else request.stderr,
+            namespace=self.namespace,
+            container_id=request.id,
+        )
         sandbox: Sandbox | None = None
         mounted = False
         container: Container | None = None
@@ -367,7 +372,12 @@ class TaskService:
             raise InvalidArgument(f"the exec's process spec is not JSON: {error}") from None
         if not isinstance(spec, dict) or not spec.get("args"):
             raise InvalidArgument("the exec's process spec has no args")
-        io = ProcessIO.open(request.stdout, "" if request.terminal else request.stderr)
+        io = ProcessIO.open(
+            request.stdout,
+            "" if request.terminal else request.stderr,
+            namespace=self.namespace,
+            container_id=request.id,
+        )
         process = HostProcess(
             exec_id=request.exec_id,
             guest_id=f"{EXEC_GUEST_PREFIX}{request.exec_id}",
