@@ -123,6 +123,32 @@ def test_uname_shows_the_guest_kernel_not_the_hosts(
     assert out.strip() != os.uname().release
 
 
+def test_the_containers_first_process_is_pid_1_of_its_own_namespace(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    status, out = run(
+        containerd, busybox_image, container_id, "sh", "-c", "echo $$; ls /proc | grep -c '^[0-9]'"
+    )
+    # Only the shell, ls and grep are in the container's /proc, as under runc.
+    assert (status, out.split()) == (0, ["1", "3"])
+
+
+def test_sigterm_without_a_handler_does_not_stop_pid_1_but_sigkill_does(
+    containerd: Containerd, busybox_image: str, container_id: str,
+    background: list[subprocess.Popen[bytes]],
+) -> None:  # fmt: skip
+    ctr_run = run_in_background(
+        containerd, background, "run", "--rm", "--runtime", HARPOON, busybox_image,
+        container_id, "sleep", "1000",
+    )  # fmt: skip
+    wait_until_running(containerd, container_id)
+    containerd.ctr("task", "kill", container_id)  # SIGTERM: PID 1 has no handler
+    time.sleep(2)
+    assert ctr_run.poll() is None, "SIGTERM stopped a PID 1 that has no handler for it"
+    containerd.ctr("task", "kill", "--signal", "SIGKILL", container_id)
+    assert ctr_run.wait(RUN_TIMEOUT_S) == 137
+
+
 def test_sigkill_ends_the_container_with_137(
     containerd: Containerd, busybox_image: str, container_id: str,
     background: list[subprocess.Popen[bytes]],

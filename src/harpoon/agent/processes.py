@@ -19,11 +19,13 @@ import signal
 import struct
 import termios
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from harpoon import aio
+from harpoon import aio, linux
 from harpoon.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
+PROC_MOUNT_FLAGS = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
 # Signals Python sets to SIG_IGN; an exec'd program would inherit the ignore.
 _SIGNALS_PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)
 
@@ -78,10 +80,18 @@ def _env_dict(env: list[str]) -> dict[str, str]:
     return result
 
 
-def _exec_child(spec: ProcessSpec, stdio: tuple[int, int, int], error_fd: int) -> None:
+def _exec_child(
+    spec: ProcessSpec, stdio: tuple[int, int, int], error_fd: int, mount_proc: bool
+) -> None:
     """Runs in the forked child: set up and exec, or report why not and exit 127."""
     try:
         os.setsid()
+        if mount_proc:
+            # PID 1 of the container's new PID namespace: a /proc that shows it.
+            proc = os.path.join(spec.root, "proc")
+            with contextlib.suppress(OSError):
+                os.makedirs(proc, exist_ok=True)
+            linux.mount("proc", proc, "proc", PROC_MOUNT_FLAGS)
         if spec.terminal:
             fcntl.ioctl(stdio[0], termios.TIOCSCTTY, 0)
         for target, fd in enumerate(stdio):
@@ -111,6 +121,28 @@ class ProcessTable:
     def __init__(self) -> None:
         self._by_id: dict[str, Process] = {}
         self._by_pid: dict[int, Process] = {}
+        # The container's PID namespace, which its execs join (held open as an fd).
+        self._container_pid_ns: int | None = None
+
+    @contextlib.contextmanager
+    def _pid_namespace_for(self, process: Process, new: bool) -> Iterator[None]:
+        """Makes the next fork land in the container's PID namespace (a new one for
+        its init, as under runc, so the init is PID 1 there); the agent itself never
+        leaves its own."""
+        if not new and (self._container_pid_ns is None or not process.spec.root):
+            yield
+            return
+        own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if new:
+                linux.unshare(linux.CLONE_NEWPID)
+            else:
+                assert self._container_pid_ns is not None
+                linux.setns(self._container_pid_ns, linux.CLONE_NEWPID)
+            yield
+        finally:
+            linux.setns(own, linux.CLONE_NEWPID)
+            os.close(own)
 
     def get(self, process_id: str) -> Process:
         try:
@@ -163,9 +195,13 @@ class ProcessTable:
         devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         stdin, stdout, stderr = (devnull if fd is None else fd for fd in process.child_stdio)
         error_read, error_write = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            _exec_child(process.spec, (stdin, stdout, stderr), error_write)
+        new_namespace = process.spec.container_init and bool(process.spec.root)
+        with self._pid_namespace_for(process, new_namespace):
+            pid = os.fork()
+            if pid == 0:
+                _exec_child(process.spec, (stdin, stdout, stderr), error_write, new_namespace)
+        if new_namespace:
+            self._container_pid_ns = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         os.close(error_write)
         os.close(devnull)
         _close_child_stdio(process)

@@ -1,4 +1,6 @@
-"""Prepares a container's root inside the guest: the share mounted, /proc, /sys, /dev.
+"""Prepares a container's root inside the guest: the share mounted, /sys, /dev.
+
+/proc is mounted by the container's init itself, from inside its PID namespace.
 
 Kept deliberately small: full OCI mount and device semantics will come from running
 the container through crun in the guest; until then a chroot gets the mounts every
@@ -13,7 +15,6 @@ from harpoon import linux
 
 # (source, fstype, target inside the root, flags, data)
 _BASE_MOUNTS: tuple[tuple[str, str, str, int, str], ...] = (
-    ("proc", "proc", "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, ""),
     (
         "sysfs", "sysfs", "sys",
         linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC | linux.MS_RDONLY, "",
