@@ -231,3 +231,40 @@ def test_a_killed_shim_takes_its_vm_and_delete_cleans_up(
     while leftovers(containerd, container_id) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert leftovers(containerd, container_id) == []
+
+
+def test_a_running_container_survives_a_containerd_restart(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    containerd.ctr(
+        "run", "-d", "--runtime", HARPOON, busybox_image, container_id, "sleep", "1000",
+        timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    wait_until_running(containerd, container_id)
+    containerd.restart()
+    wait_until_running(containerd, container_id)
+    containerd.ctr("task", "kill", "--signal", "SIGKILL", container_id)
+    deadline = time.monotonic() + 60
+    while "STOPPED" not in containerd.ctr("task", "ls").stdout:
+        assert time.monotonic() < deadline, "the kill after the restart did not stop the task"
+        time.sleep(0.2)
+    deleted = containerd.ctr("task", "delete", container_id)
+    assert "exit code 137" in deleted.stdout + deleted.stderr
+    containerd.ctr("container", "delete", container_id)
+    assert leftovers(containerd, container_id) == []
+
+
+def test_a_missing_executable_fails_clearly_and_leaves_nothing(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    result = containerd.ctr(
+        "run", "--rm", "--runtime", HARPOON, busybox_image, container_id, "no-such-command",
+        timeout=RUN_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "no-such-command" in result.stderr and "not found" in result.stderr
+    containerd.ctr("container", "delete", container_id, check=False)
+    deadline = time.monotonic() + 30
+    while leftovers(containerd, container_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers(containerd, container_id) == []

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from harpoon import aio, linux
 from harpoon.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROC_MOUNT_FLAGS = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
 # Signals Python sets to SIG_IGN; an exec'd program would inherit the ignore.
 _SIGNALS_PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)
@@ -69,6 +70,25 @@ class Process:
     @property
     def started(self) -> bool:
         return self.pid != 0
+
+
+def find_executable(spec: ProcessSpec) -> str | None:
+    """Where args[0] is in the process's root (as execvpe would search), or None.
+
+    Symlinks are not followed (an absolute link points into the root, not ours), so a
+    dangling link passes here and fails at exec instead.
+    """
+    command = spec.args[0]
+    if "/" in command:
+        candidates = [os.path.join(spec.cwd or "/", command)]
+    else:
+        path = _env_dict(spec.env).get("PATH", DEFAULT_PATH)
+        candidates = [os.path.join(d or ".", command) for d in path.split(":")]
+    for candidate in candidates:
+        inside = os.path.join(spec.root, candidate.lstrip("/"))
+        if os.path.islink(inside) or (os.path.isfile(inside) and os.access(inside, os.X_OK)):
+            return candidate
+    return None
 
 
 def _env_dict(env: list[str]) -> dict[str, str]:
@@ -158,6 +178,9 @@ class ProcessTable:
             raise AlreadyExists(f"process {process_id!r} already exists in the guest")
         if not spec.args:
             raise InvalidArgument(f"process {process_id!r} has no args to run")
+        if spec.root and find_executable(spec) is None:
+            # runc refuses at create time too, so a client sees the error from Create.
+            raise FailedPrecondition(f'exec: "{spec.args[0]}": executable file not found in $PATH')
         process = Process(process_id, spec)
         for name in ("stdout", "stderr"):
             process.drained[name] = asyncio.Event()

@@ -55,6 +55,7 @@ EXEC_EXIT_WAIT_S = 10.0
 STDIN_DRAIN_S = 10.0
 NINEP_OPTIONS = ["trans=virtio", "version=9p2000.L", "msize=524288"]
 VM_DIED_EXIT_STATUS = 255
+EXEC_FAILED_EXIT_STATUS = 127
 EMPTY = empty_pb2.Empty()
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,15 @@ class TaskService:
     async def _start(self, container: Container, process: HostProcess) -> int:
         if process.status != types.CREATED:
             raise FailedPrecondition(f"process {process.guest_id!r} has already been started")
-        await container.agent.start_process(process.guest_id)
+        try:
+            await container.agent.start_process(process.guest_id)
+        except TtrpcError:
+            # It never ran: stopped, so that a client can delete it (runc's exit 127
+            # for a process that could not be exec'd).
+            process.io.close()
+            process.release_stdin()
+            self._record_exit(container, process, EXEC_FAILED_EXIT_STATUS, _now(), publish=False)
+            raise
         process.status = types.RUNNING
         return container.sandbox.pid
 
@@ -235,9 +244,15 @@ class TaskService:
         process: HostProcess,
         status: int,
         exited_at: timestamp_pb2.Timestamp,
+        *,
+        publish: bool = True,
     ) -> None:
+        """Marks a process stopped and (unless it never started) publishes its exit."""
         process.exit_status, process.exited_at = status, exited_at
         process.status = types.STOPPED
+        if not publish:
+            process.exited.set()
+            return
         self.publisher.publish(
             "/tasks/exit",
             events.TaskExit(
