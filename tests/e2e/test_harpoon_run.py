@@ -268,3 +268,31 @@ def test_a_missing_executable_fails_clearly_and_leaves_nothing(
     while leftovers(containerd, container_id) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert leftovers(containerd, container_id) == []
+
+
+def test_exceeding_the_memory_limit_kills_with_137_and_publishes_oom(
+    containerd: Containerd, busybox_image: str, container_id: str,
+    background: list[subprocess.Popen[bytes]],
+) -> None:  # fmt: skip
+    events = run_in_background(containerd, background, "events")
+    time.sleep(0.5)  # let `ctr events` subscribe
+    # 64 MiB allowed; the shell tries to hold 1 GiB in a variable.
+    result = containerd.ctr(
+        "run", "--rm", "--runtime", HARPOON, "--memory-limit", str(64 << 20), busybox_image,
+        container_id, "sh", "-c", 'x=$(head -c 1073741824 /dev/zero | tr "\\0" a); echo survived',
+        timeout=RUN_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert result.returncode == 137, result.stdout + result.stderr
+    assert "survived" not in result.stdout
+    time.sleep(1.0)
+    events.send_signal(signal.SIGTERM)
+    out, _ = events.communicate(timeout=30)
+    topics = [
+        word
+        for line in out.decode().splitlines()
+        if container_id in line
+        for word in line.split()
+        if word.startswith("/tasks/")
+    ]
+    assert "/tasks/oom" in topics
+    assert topics.index("/tasks/oom") < topics.index("/tasks/exit")

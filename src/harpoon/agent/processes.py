@@ -56,6 +56,8 @@ class Process:
     pid: int = 0
     exit_status: int | None = None
     exited_at: float = 0.0
+    oom_kills_at_start: int = 0
+    oom_killed: bool = False
     stdin_fd: int | None = None
     # Read ends of the output pipes, keyed by stream name ("stdout", "stderr").
     output_fds: dict[str, int] = field(default_factory=dict)
@@ -233,6 +235,7 @@ class ProcessTable:
         with os.fdopen(error_read, "rb") as errors:
             failure = errors.read()
         process.pid = pid
+        process.oom_kills_at_start = oom_kill_count()
         self._by_pid[pid] = process
         if failure:
             process.pid = 0
@@ -257,6 +260,9 @@ class ProcessTable:
                 continue
             code = os.waitstatus_to_exitcode(status)
             process.exit_status = 128 - code if code < 0 else code
+            process.oom_killed = (
+                code == -signal.SIGKILL and oom_kill_count() > process.oom_kills_at_start
+            )
             process.exited_at = time.time()
             process.exited.set()
             if process.spec.container_init and process.pid != 0:
@@ -301,6 +307,18 @@ def resize_terminal(process: Process, width: int, height: int) -> None:
         fcntl.ioctl(
             process.terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0)
         )
+
+
+def oom_kill_count() -> int:
+    """How many processes the guest's OOM killer has killed since boot."""
+    try:
+        with open("/proc/vmstat", "rb") as vmstat:
+            for line in vmstat:
+                if line.startswith(b"oom_kill "):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def kill_everything_but_me() -> None:

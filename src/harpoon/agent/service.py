@@ -97,7 +97,9 @@ class AgentService:
             await drained.wait()
         assert process.exit_status is not None
         return agent_pb2.WaitProcessResponse(
-            exit_status=process.exit_status, exited_at=_timestamp(process.exited_at)
+            exit_status=process.exit_status,
+            exited_at=_timestamp(process.exited_at),
+            oom_killed=process.oom_killed,
         )
 
     async def SignalProcess(

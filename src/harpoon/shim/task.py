@@ -41,6 +41,7 @@ from harpoon.sandbox.sandbox import Sandbox
 from harpoon.shim import paths
 from harpoon.shim.bundle import Bundle, mount_rootfs, unmount_rootfs
 from harpoon.shim.events import EventPublisher
+from harpoon.shim.resources import vm_size
 from harpoon.shim.stdio import ProcessIO, StdinForwarder, open_stdin, pump
 from harpoon.ttrpc.server import CallContext
 from harpoon.ttrpc.status import Code, TtrpcError
@@ -223,6 +224,8 @@ class TaskService:
         try:
             response = await container.agent.wait_process(process.guest_id)
             status, exited_at = response.exit_status, response.exited_at
+            if response.oom_killed:
+                self.publisher.publish("/tasks/oom", events.TaskOOM(container_id=container.id))
         except (TtrpcError, OSError) as error:
             log.error("lost the VM of %s: %s", container.id, error)
             status, exited_at = VM_DIED_EXIT_STATUS, _now()
@@ -280,6 +283,7 @@ class TaskService:
         except Exception as error:
             raise FailedPrecondition(f"no guest image: {error}") from None
         rootfs = bundle.path / "rootfs" if request.rootfs else bundle.rootfs
+        size = vm_size(bundle.spec)
         state_dir = paths.vm_state_dir(self.namespace, request.id)
         io = ProcessIO.open(
             request.stdout,
@@ -302,6 +306,8 @@ class TaskService:
                 kernel=image.kernel,
                 initrd=image.initrd,
                 state_dir=state_dir,
+                cpus=size.cpus,
+                memory_mib=size.memory_mib,
                 shares=(Share("rootfs", rootfs, read_only=bundle.readonly_root),),
             )
             sandbox = Sandbox(config, self.make_vm)
