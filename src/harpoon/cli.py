@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from harpoon.guest.cli import guest
+from harpoon.sandbox.cli import template
 
 
 @click.group()
@@ -15,6 +16,7 @@ def main() -> None:
 
 # One line per subgroup; each lives beside the code it drives.
 main.add_command(guest)
+main.add_command(template)
 
 
 if __name__ == "__main__":

@@ -185,3 +185,16 @@ def test_binary_logger_receives_stdout_and_stderr(
         time.sleep(0.2)
     assert got == wanted
     assert Path(f"{base}.env").read_text() == f"{containerd.namespace}/{container_id}\n"
+
+
+def test_metrics_come_from_the_containers_cgroup_in_the_guest(
+    containerd: Containerd, sleeper: str
+) -> None:
+    from harpoon.api.containerd.cgroups.v2 import metrics_pb2
+
+    del metrics_pb2  # ctr decodes the Any itself: the text shows what it understood
+    result = containerd.ctr("task", "metrics", sleeper, check=False)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(None, 1) for line in result.stdout.splitlines() if " " in line)
+    assert int(lines["pids.current"].strip()) >= 1
+    assert int(lines["memory.usage"].strip()) > 0

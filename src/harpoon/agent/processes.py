@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from harpoon import aio, linux
+from harpoon.agent import cgroups
 from harpoon.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -122,6 +123,7 @@ def _exec_child(
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         if spec.root:
+            cgroups.join_container_group()
             os.chroot(spec.root)
         os.chdir(spec.cwd or "/")
         if spec.uid or spec.gid or spec.additional_gids:

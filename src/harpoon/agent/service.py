@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import time
 from collections.abc import AsyncIterator
@@ -12,13 +13,14 @@ from collections.abc import AsyncIterator
 from google.protobuf import empty_pb2, timestamp_pb2
 
 from harpoon import __version__, linux
-from harpoon.agent import processes, rootfs
+from harpoon.agent import cgroups, processes, rootfs
 from harpoon.agent.processes import ProcessSpec, ProcessTable
 from harpoon.api.agent.v1 import agent_pb2
 from harpoon.ttrpc.server import CallContext
 
 STREAM_NAMES = {agent_pb2.STDOUT: "stdout", agent_pb2.STDERR: "stderr"}
 _EMPTY = empty_pb2.Empty()
+RNDRESEEDCRNG = 0x5207  # linux/random.h: _IO('R', 0x07)
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -38,6 +40,10 @@ class AgentService:
         if request.entropy:
             with contextlib.suppress(OSError), open("/dev/urandom", "wb") as pool:
                 pool.write(request.entropy)
+                pool.flush()
+                # Mixing in is not enough on Linux 6.1: VMs restored from one template
+                # would go on drawing the same bytes until the next scheduled reseed.
+                fcntl.ioctl(pool, RNDRESEEDCRNG)
         if request.HasField("host_time"):
             # The guest clock stands still while a VM is saved; the host's is right.
             with contextlib.suppress(OSError):
@@ -77,6 +83,7 @@ class AgentService:
         )
         if request.root:
             rootfs.prepare_root(request.root)
+            cgroups.ensure_container_group()
         if request.hostname:
             linux.sethostname(request.hostname)
         self.table.create(request.id, spec)
@@ -138,6 +145,9 @@ class AgentService:
     ) -> empty_pb2.Empty:
         processes.close_input(self.table.get(request.id))
         return _EMPTY
+
+    async def Stats(self, request: empty_pb2.Empty, ctx: CallContext) -> agent_pb2.StatsResponse:
+        return agent_pb2.StatsResponse(metrics=cgroups.read_metrics())
 
     async def ResizeTerminal(
         self, request: agent_pb2.ResizeTerminalRequest, ctx: CallContext

@@ -18,15 +18,27 @@ from harpoon.ttrpc.client import Client
 ResponseT = TypeVar("ResponseT", bound=Message)
 CONTROL_TIMEOUT_S = 30.0
 HELLO_ENTROPY_BYTES = 64
+CONNECT_ATTEMPTS = 200
+CONNECT_RETRY_S = 0.005
 
 
 class AgentClient:
     def __init__(self, client: Client) -> None:
         self._client = client
+        self.process_started = asyncio.Event()
+        """Set once a process has started in the guest (the container is running)."""
 
     @classmethod
     async def connect(cls, socket_path: str) -> AgentClient:
-        reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 22)
+        # The VMM binds its socket a moment before it listens on it.
+        for _ in range(CONNECT_ATTEMPTS - 1):
+            try:
+                reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 22)
+                break
+            except ConnectionRefusedError:
+                await asyncio.sleep(CONNECT_RETRY_S)
+        else:
+            reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 22)
         # A stdout stream nobody drains (a client that stopped reading its FIFO) stalls
         # the connection rather than dropping output: output is never lost.
         return cls(Client(reader, writer, stream_full_timeout_s=None))
@@ -70,6 +82,7 @@ class AgentClient:
     async def start_process(self, process_id: str) -> int:
         request = agent_pb2.StartProcessRequest(id=process_id)
         response = await self._call("StartProcess", request, agent_pb2.StartProcessResponse)
+        self.process_started.set()
         return response.pid
 
     async def wait_process(self, process_id: str) -> agent_pb2.WaitProcessResponse:
@@ -111,3 +124,10 @@ class AgentClient:
 
     async def shutdown(self) -> None:
         await self._call("Shutdown", empty_pb2.Empty(), empty_pb2.Empty, timeout=5.0)
+
+    async def stats(self) -> agent_pb2.StatsResponse:
+        return await self._call("Stats", empty_pb2.Empty(), agent_pb2.StatsResponse)
+
+    async def resize_terminal(self, process_id: str, width: int, height: int) -> None:
+        request = agent_pb2.ResizeTerminalRequest(id=process_id, width=width, height=height)
+        await self._call("ResizeTerminal", request, empty_pb2.Empty)

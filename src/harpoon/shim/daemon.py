@@ -1,8 +1,8 @@
 """The long-running shim: serves the Task service on the socket `start` bound (fd 3).
 
-It logs to the bundle's `log` FIFO (containerd copies it into its own log), is a
-child subreaper like runc's shim, and exits after Shutdown once it holds no
-container, or on SIGTERM/SIGINT after tearing its VM down.
+It logs to the bundle's `log` FIFO (containerd copies it into its own log) and exits
+after Shutdown once it holds no container, or on SIGTERM/SIGINT after tearing its VM
+down.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import signal
 import socket
 import sys
 
-from harpoon import linux
 from harpoon.api.containerd.task.v2 import shim_pb2
 from harpoon.shim.cli import Flags
 from harpoon.shim.events import EventPublisher
@@ -83,8 +82,8 @@ async def serve(flags: Flags) -> None:
 
 
 def run_daemon(flags: Flags) -> int:
+    # Not a child subreaper (runc's shim is one for its runc init): our only children
+    # are VMMs we wait for, and orphans of theirs are better left to init to reap.
     _log_to_fifo(flags.debug)
-    with contextlib.suppress(OSError):
-        linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
     asyncio.run(serve(flags))
     return 0

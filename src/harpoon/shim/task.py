@@ -573,7 +573,14 @@ class TaskService:
         raise Unimplemented("update is not supported by harpoon yet")
 
     async def Stats(self, request: task.StatsRequest, ctx: CallContext) -> task.StatsResponse:
-        raise Unimplemented("stats are not supported by harpoon yet")
+        container = self._container(request.id)
+        metrics = (await container.agent.stats()).metrics
+        # The cgroup's figures from inside the guest, as runc reports its cgroup's.
+        return task.StatsResponse(
+            stats=any_pb2.Any(
+                type_url=metrics.DESCRIPTOR.full_name, value=metrics.SerializeToString()
+            )
+        )
 
     async def close(self) -> None:
         """Tears down whatever is left (the daemon is exiting)."""

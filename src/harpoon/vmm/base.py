@@ -3,6 +3,10 @@
 A backend must expose the guest agent as a unix socket on the host (QEMU's
 virtio-serial chardev, vfkit's vsock-over-unix-socket): that is the common ground
 between Linux and macOS, so the shim never learns which VMM it runs on.
+
+A backend that can save a running guest and start another from the saved state (QEMU
+migration to a file; Virtualization.framework's saveMachineStateToURL on macOS 14+)
+says so with `template_identity()`; harpoon.sandbox.template builds VM templates on it.
 """
 
 from __future__ import annotations
@@ -10,14 +14,26 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from harpoon.api.names import AGENT_PORT_NAME
 
-__all__ = ["AGENT_PORT_NAME", "Share", "VMConfig", "VMError", "VirtualMachine"]
+__all__ = [
+    "AGENT_PORT_NAME",
+    "SavedStateUnsupported",
+    "Share",
+    "VMConfig",
+    "VMError",
+    "VirtualMachine",
+]
 
 
 class VMError(Exception):
     """A VM could not be started, or died; the message carries the console's tail."""
+
+
+class SavedStateUnsupported(VMError):
+    """This backend (or this host) cannot save a guest or start one from a saved state."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +60,8 @@ class VMConfig:
     shares: tuple[Share, ...] = ()
     kernel_args: tuple[str, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
+    low_priority: bool = False
+    """Run the VMM at the lowest CPU priority (background work: building a template)."""
 
     @property
     def agent_socket(self) -> Path:
@@ -56,6 +74,11 @@ class VMConfig:
     @property
     def pid_file(self) -> Path:
         return self.state_dir / "vmm.pid"
+
+    @property
+    def control_socket(self) -> Path:
+        """The VMM's own control channel (QEMU's QMP), for pausing, saving and restoring."""
+        return self.state_dir / "vmm.sock"
 
 
 class VirtualMachine(abc.ABC):
@@ -80,6 +103,36 @@ class VirtualMachine(abc.ABC):
     @abc.abstractmethod
     async def wait(self) -> int:
         """Waits for the VMM process to exit and returns its exit status."""
+
+    # -- saved states (VM templates) ---------------------------------------------------
+    # The protocol: a template VM is started cold with a host connected to its agent
+    # socket (and kept connected), `wait_for_agent_channel()`, then `save_state()`. A
+    # later VM with the same identity (host paths may differ) is started with
+    # `restore(state)`, its agent socket connected (the guest was saved with a host
+    # attached, so it must never see the host go away), then `resume()`.
+
+    def template_identity(self) -> dict[str, Any] | None:
+        """What a saved state of this VM depends on (backend, its version, machine, devices,
+        kernel and initrd; never host paths that may differ at restore), as JSON-able
+        data; None when this backend cannot save and restore. Cheap: no VM is started."""
+        return None
+
+    async def wait_for_agent_channel(self, timeout_s: float) -> None:
+        """Returns once the guest agent has opened its end of the agent channel."""
+        raise SavedStateUnsupported(f"{type(self).__name__} cannot watch the agent channel")
+
+    async def save_state(self, path: Path) -> None:
+        """Pauses the guest and writes its whole state to `path`; the VM stays paused."""
+        raise SavedStateUnsupported(f"{type(self).__name__} cannot save a guest")
+
+    async def restore(self, state: Path) -> None:
+        """Launches the VMM to continue the guest saved in `state` instead of booting; returns
+        once the agent socket exists, with the guest not yet running (see `resume`)."""
+        raise SavedStateUnsupported(f"{type(self).__name__} cannot restore a guest")
+
+    async def resume(self) -> None:
+        """Loads the state `restore` was given and lets the guest run from it."""
+        raise SavedStateUnsupported(f"{type(self).__name__} cannot restore a guest")
 
     def console_tail(self, max_bytes: int = 4000) -> str:
         """The end of the guest console, for error messages."""

@@ -5,6 +5,12 @@ through PVH so the kernel is not decompressed at every boot); `q35` is the fallb
 arm64 guests run on `-M virt`. The agent channel is a virtio-serial port whose host
 end is a unix socket QEMU listens on. The QEMU process is started with a parent-death
 signal, so a shim killed with SIGKILL takes its VM with it.
+
+Every VM also has a QMP socket (`VMConfig.control_socket`), which saving and restoring
+guests use: save = `stop` + migration to `exec:cat > FILE` (QEMU 7.2 has no `file:`
+URI); restore = the same command line plus `-incoming defer`, the agent socket
+connected, `migrate-incoming exec:cat FILE`, then `cont`. The 9p `-fsdev path=` may
+name another host directory at restore than at save: only the device layout counts.
 """
 
 from __future__ import annotations
@@ -13,15 +19,27 @@ import asyncio
 import contextlib
 import os
 import platform
+import shlex
 import shutil
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 from harpoon.vmm import accel
 from harpoon.vmm.base import AGENT_PORT_NAME, VirtualMachine, VMConfig, VMError
+from harpoon.vmm.qmp import QmpClient
 
 SOCKET_WAIT_S = 10.0
+SOCKET_RETRY_S = 0.005
 STOP_GRACE_S = 2.0
+MIGRATION_TIMEOUT_S = 60.0
+MIGRATION_POLL_S = 0.005
+AGENT_CHANNEL_POLL_S = 0.02
+# QEMU's default migration bandwidth (~128 MiB/s) makes saving a guest 10x slower.
+MIGRATION_MAX_BANDWIDTH_BYTES_S = 10_000_000_000
+AGENT_DEVICE_ID = "agent-port"
+LOWEST_PRIORITY_NICE = 19
 BASE_KERNEL_ARGS = ("quiet", "panic=-1", "rdinit=/init", "random.trust_cpu=on")
 # On a loaded host the x86 guest cannot calibrate its TSC against the PIT and hangs
 # silently before printing anything (about one boot in two under load, measured);
@@ -117,7 +135,9 @@ def command_line(config: VMConfig, accelerator: str) -> list[str]:
         "-device",
         f"virtio-serial-{profile.device_suffix}",
         "-device",
-        f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        f"virtserialport,chardev=agent,name={AGENT_PORT_NAME},id={AGENT_DEVICE_ID}",
+        "-qmp",
+        f"unix:{config.control_socket},server=on,wait=off",
         "-pidfile",
         str(config.pid_file),
     ]
@@ -136,6 +156,12 @@ def command_line(config: VMConfig, accelerator: str) -> list[str]:
     return args
 
 
+def _file_identity(path: str | Path) -> list[int]:
+    """Changes whenever the file is replaced or rewritten (no hashing: this runs per start)."""
+    info = os.stat(path)
+    return [info.st_size, info.st_mtime_ns, info.st_ino]
+
+
 def _die_with_parent() -> None:
     # Runs in the forked child before exec: QEMU gets SIGKILL if the shim dies.
     from harpoon import linux
@@ -144,12 +170,19 @@ def _die_with_parent() -> None:
     os.setsid()
 
 
+def _die_with_parent_at_lowest_priority() -> None:
+    _die_with_parent()
+    os.nice(LOWEST_PRIORITY_NICE)
+
+
 class QemuVM(VirtualMachine):
     """A guest running in a QEMU child process of this shim."""
 
     def __init__(self, config: VMConfig) -> None:
         super().__init__(config)
         self._process: asyncio.subprocess.Process | None = None
+        self._qmp_client: QmpClient | None = None
+        self._incoming: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -157,28 +190,46 @@ class QemuVM(VirtualMachine):
             raise VMError(f"VM {self.config.name} has not been started")
         return self._process.pid
 
-    async def start(self) -> None:
+    def _binary(self) -> str:
         profile = profile_for(self.config)
         binary = shutil.which(profile.binary)
         if binary is None:
             raise VMError(f"{profile.binary} not found on PATH: install QEMU")
+        return binary
+
+    async def start(self) -> None:
+        await self._launch([])
+
+    async def _launch(self, extra_args: list[str]) -> None:
+        binary = self._binary()
         argv = command_line(self.config, accel.choose(binary))
         argv[0] = binary
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
-        self._process = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=open(self.config.state_dir / "vmm.log", "wb"),  # noqa: SIM115 (child owns it)
-            preexec_fn=_die_with_parent,
-        )
+        sockets = (self.config.agent_socket, self.config.control_socket)
+        # A QEMU that failed (a restore refused its state) leaves its sockets behind, and
+        # the wait below must only see the ones this QEMU creates.
+        for path in sockets:
+            path.unlink(missing_ok=True)
+        with open(self.config.state_dir / "vmm.log", "wb") as vmm_log:
+            self._process = await asyncio.create_subprocess_exec(
+                *argv,
+                *extra_args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=vmm_log,
+                preexec_fn=(
+                    _die_with_parent_at_lowest_priority
+                    if self.config.low_priority
+                    else _die_with_parent
+                ),
+            )
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SOCKET_WAIT_S
-        while not self.config.agent_socket.exists():
+        while not all(path.exists() for path in sockets):
             if self._process.returncode is not None or loop.time() > deadline:
                 await self.stop()
                 raise VMError(
-                    f"QEMU for {self.config.name} did not open its agent socket "
+                    f"QEMU for {self.config.name} did not open its sockets "
                     f"(exit status {self._process.returncode}): {self._vmm_log()}"
                 )
             await asyncio.sleep(0.005)
@@ -189,7 +240,33 @@ class QemuVM(VirtualMachine):
         except OSError:
             return ""
 
+    async def _qmp(self) -> QmpClient:
+        if self._qmp_client is None:
+            path = str(self.config.control_socket)
+            # QEMU binds its socket a moment before it listens on it.
+            for _ in range(int(SOCKET_WAIT_S / SOCKET_RETRY_S)):
+                try:
+                    self._qmp_client = await QmpClient.connect(path)
+                    break
+                except ConnectionRefusedError:
+                    if self._process is None or self._process.returncode is not None:
+                        raise
+                    await asyncio.sleep(SOCKET_RETRY_S)
+            else:
+                self._qmp_client = await QmpClient.connect(path)
+        return self._qmp_client
+
+    async def _execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """A QMP command; a failure names the VM and carries QEMU's own log."""
+        try:
+            return await (await self._qmp()).execute(command, arguments)
+        except (VMError, OSError) as error:
+            raise VMError(f"VM {self.config.name}: {error}; QEMU said: {self._vmm_log()}") from None
+
     async def stop(self) -> None:
+        if self._qmp_client is not None:
+            await self._qmp_client.close()
+            self._qmp_client = None
         process = self._process
         if process is None or process.returncode is not None:
             return
@@ -206,3 +283,92 @@ class QemuVM(VirtualMachine):
         if self._process is None:
             raise VMError(f"VM {self.config.name} has not been started")
         return await self._process.wait()
+
+    # -- saved states ------------------------------------------------------------------
+
+    def template_identity(self) -> dict[str, Any] | None:
+        try:
+            binary = os.path.realpath(self._binary())
+            # Host paths that may differ between the template and its restores are
+            # replaced by fixed ones; everything else in the command line counts.
+            neutral = replace(
+                self.config,
+                name="template",
+                state_dir=Path("/state"),
+                shares=tuple(
+                    replace(share, host_path=Path(f"/share{index}"))
+                    for index, share in enumerate(self.config.shares)
+                ),
+                low_priority=False,
+            )
+            argv = command_line(neutral, accel.choose(binary))
+            files = {
+                str(path): _file_identity(path)
+                for path in (binary, self.config.kernel, self.config.initrd)
+            }
+        except (VMError, OSError):
+            return None
+        return {"backend": "qemu", "argv": argv[1:], "files": files}
+
+    async def wait_for_agent_channel(self, timeout_s: float) -> None:
+        # The port's chardev "frontend" is open exactly while the guest holds the port
+        # open (virtio-console.c: set_guest_connected); the guest agent opens it once
+        # its service is registered, so this is "agent ready" without a request.
+        async with asyncio.timeout(timeout_s):
+            while True:
+                chardevs = await self._execute("query-chardev")
+                if any(c.get("label") == "agent" and c.get("frontend-open") for c in chardevs):
+                    return
+                await asyncio.sleep(AGENT_CHANNEL_POLL_S)
+
+    async def save_state(self, path: Path) -> None:
+        await self._execute("stop")
+        await self._execute(
+            "migrate-set-parameters", {"max-bandwidth": MIGRATION_MAX_BANDWIDTH_BYTES_S}
+        )
+        await self._execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
+        await self._await_migration("query-migrate", {"completed"})
+
+    async def _await_migration(self, query: str, done: set[str]) -> str:
+        """Polls `query` until its status is one of `done`; a failed migration raises."""
+        async with asyncio.timeout(MIGRATION_TIMEOUT_S):
+            while True:
+                answer = await self._execute(query)
+                status = str(answer.get("status", ""))
+                if status in done:
+                    return status
+                if status in ("failed", "cancelled"):
+                    raise VMError(
+                        f"VM {self.config.name}: migration {status}: "
+                        f"{answer.get('error-desc', '')}; QEMU said: {self._vmm_log()}"
+                    )
+                await asyncio.sleep(MIGRATION_POLL_S)
+
+    async def restore(self, state: Path) -> None:
+        if not state.is_file():
+            raise VMError(f"no saved guest state at {state}")
+        self._incoming = state
+        await self._launch(["-incoming", "defer"])
+
+    async def resume(self) -> None:
+        if self._incoming is None:
+            raise VMError(f"VM {self.config.name} was not started with restore()")
+        await self._execute(
+            "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(self._incoming))}"}
+        )
+        # The guest was stopped when it was saved, so it arrives paused, not running.
+        await self._await_status({"paused"})
+        await self._execute("cont")
+
+    async def _await_status(self, done: set[str]) -> None:
+        async with asyncio.timeout(MIGRATION_TIMEOUT_S):
+            while True:
+                status = (await self._execute("query-status")).get("status")
+                if status in done:
+                    return
+                if status not in ("inmigrate", "prelaunch"):
+                    raise VMError(
+                        f"VM {self.config.name}: restoring ended in state {status!r}; "
+                        f"QEMU said: {self._vmm_log()}"
+                    )
+                await asyncio.sleep(MIGRATION_POLL_S)

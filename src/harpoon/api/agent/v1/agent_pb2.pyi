@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from harpoon.api.containerd.cgroups.v2 import metrics_pb2 as _metrics_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -157,6 +158,12 @@ class CloseStdinRequest(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("metrics",)
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    metrics: _metrics_pb2.Metrics
+    def __init__(self, metrics: _Optional[_Union[_metrics_pb2.Metrics, _Mapping]] = ...) -> None: ...
 
 class ResizeTerminalRequest(_message.Message):
     __slots__ = ("id", "width", "height")

@@ -1,0 +1,107 @@
+"""The container's cgroup in the guest: where its processes live, and their usage.
+
+One container per VM, so one group: /sys/fs/cgroup/container, with the cpu, memory,
+pids and io controllers enabled. Stats read it into containerd's cgroup v2 Metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from harpoon import linux
+from harpoon.api.containerd.cgroups.v2 import metrics_pb2
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+CONTAINER_GROUP = os.path.join(CGROUP_ROOT, "container")
+CONTROLLERS = ("cpu", "memory", "pids", "io")
+_MEMORY_STAT_FIELDS = {f.name for f in metrics_pb2.MemoryStat.DESCRIPTOR.fields}
+
+
+def ensure_container_group() -> None:
+    """Mounts cgroup2 and creates the container's group (idempotent, best effort)."""
+    if not os.path.exists(os.path.join(CGROUP_ROOT, "cgroup.controllers")):
+        os.makedirs(CGROUP_ROOT, exist_ok=True)
+        linux.mount("cgroup2", CGROUP_ROOT, "cgroup2", linux.MS_NOSUID | linux.MS_NODEV)
+    for controller in CONTROLLERS:
+        with contextlib.suppress(OSError):  # a kernel without it: report without it
+            _write(os.path.join(CGROUP_ROOT, "cgroup.subtree_control"), f"+{controller}")
+    os.makedirs(CONTAINER_GROUP, exist_ok=True)
+
+
+def join_container_group() -> None:
+    """Moves the calling process into the container's group (runs in a forked child)."""
+    with contextlib.suppress(OSError):
+        _write(os.path.join(CONTAINER_GROUP, "cgroup.procs"), "0")
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as control:
+        control.write(value)
+
+
+def _read(name: str) -> str:
+    try:
+        with open(os.path.join(CONTAINER_GROUP, name)) as control:
+            return control.read()
+    except OSError:
+        return ""
+
+
+def _number(text: str) -> int:
+    text = text.strip()
+    return int(text) if text.isdigit() else 0
+
+
+def _pairs(text: str) -> dict[str, int]:
+    pairs: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            pairs[key] = int(value)
+    return pairs
+
+
+def read_metrics() -> metrics_pb2.Metrics:
+    cpu = _pairs(_read("cpu.stat"))
+    memory = _pairs(_read("memory.stat"))
+    events = _pairs(_read("memory.events"))
+    metrics = metrics_pb2.Metrics(
+        pids=metrics_pb2.PidsStat(
+            current=_number(_read("pids.current")), limit=_number(_read("pids.max"))
+        ),
+        cpu=metrics_pb2.CPUStat(
+            **{
+                k: cpu.get(k, 0)
+                for k in (
+                    "usage_usec",
+                    "user_usec",
+                    "system_usec",
+                    "nr_periods",
+                    "nr_throttled",
+                    "throttled_usec",
+                )
+            }
+        ),
+        memory=metrics_pb2.MemoryStat(
+            **{k: v for k, v in memory.items() if k in _MEMORY_STAT_FIELDS},
+            usage=_number(_read("memory.current")),
+            usage_limit=_number(_read("memory.max")),
+            max_usage=_number(_read("memory.peak")),
+        ),
+        memory_events=metrics_pb2.MemoryEvents(
+            **{k: events.get(k, 0) for k in ("low", "high", "max", "oom", "oom_kill")}
+        ),
+    )
+    for line in _read("io.stat").splitlines():
+        device, *fields = line.split()
+        major, _, minor = device.partition(":")
+        values = dict(field.split("=", 1) for field in fields if "=" in field)
+        metrics.io.usage.append(
+            metrics_pb2.IOEntry(
+                major=int(major),
+                minor=int(minor or 0),
+                **{k: int(values.get(k, 0)) for k in ("rbytes", "wbytes", "rios", "wios")},
+            )
+        )
+    return metrics

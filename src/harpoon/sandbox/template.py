@@ -1,0 +1,287 @@
+"""VM templates: a guest booted to "agent ready" once and saved, so later VMs restore it.
+
+A template is keyed by everything its saved state depends on (`template_key`: the
+backend's `template_identity()` — VMM binary, machine, accelerator, cpus, memory,
+devices with their share tags and read-only flags, kernel arguments, kernel and
+initrd — plus FORMAT_VERSION). It is taken before the agent mounts anything (a mounted
+9p share blocks migration) with the shares pointing at an empty placeholder directory;
+each restore points them at its own directories.
+
+Layout, under $HARPOON_TEMPLATE_DIR (/var/lib/harpoon/templates):
+    <key>/state, <key>/meta.json      one template, published by a rename, never edited
+    <key>.lock                        held while <key> is built (one builder at a time)
+    .build-<pid>-<random>/            a build in progress; a dead builder's is removed
+
+Nothing here may ever break a container start: a template that is missing, unreadable
+or fails to restore means a cold boot, and the broken one is removed to be rebuilt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from harpoon.api.agent.v1 import agent_pb2
+from harpoon.sandbox.agent_client import AgentClient
+from harpoon.vmm.base import VirtualMachine, VMConfig, VMError
+
+FORMAT_VERSION = 1
+TEMPLATE_DIR_ENV = "HARPOON_TEMPLATE_DIR"
+TEMPLATES_ENV = "HARPOON_TEMPLATES"  # "off" or "0": always boot cold
+DEFAULT_TEMPLATE_DIR = Path("/var/lib/harpoon/templates")
+STATE_NAME = "state"
+META_NAME = "meta.json"
+KEY_CHARS = 24
+KEEP_TEMPLATES = 4  # the most recently used ones; each holds a state file of ~100 MB
+BUILD_TIMEOUT_S = 120.0
+RESTORE_HELLO_TIMEOUT_S = 5.0  # from the guest running again; a cold boot takes ~5 s
+RESTORE_CALL_TIMEOUT_S = 120.0  # Hello is sent before the state loads: resume() bounds that
+LOCK_POLL_S = 0.1
+PRIVATE_MODE = 0o700  # a state file is guest memory: the guest's secrets are in it
+
+log = logging.getLogger(__name__)
+
+MakeVM = Callable[[VMConfig], VirtualMachine]
+
+
+def template_key(identity: dict[str, Any]) -> str:
+    canonical = json.dumps(
+        {"format": FORMAT_VERSION, **identity}, sort_keys=True, separators=(",", ":")
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:KEY_CHARS]
+
+
+@dataclass(frozen=True)
+class Template:
+    key: str
+    directory: Path
+
+    @property
+    def state(self) -> Path:
+        return self.directory / STATE_NAME
+
+
+class TemplateStore:
+    """The templates under one directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @classmethod
+    def from_environment(cls) -> TemplateStore | None:
+        """The store $HARPOON_TEMPLATE_DIR names, or None when $HARPOON_TEMPLATES is off."""
+        if os.environ.get(TEMPLATES_ENV, "").lower() in ("0", "off", "no", "false"):
+            return None
+        return cls(Path(os.environ.get(TEMPLATE_DIR_ENV) or DEFAULT_TEMPLATE_DIR))
+
+    def find(self, key: str) -> Template | None:
+        """The published template for key if it looks whole (two stats and a small read)."""
+        directory = self.root / key
+        try:
+            meta = json.loads((directory / META_NAME).read_text())
+            if meta.get("format") != FORMAT_VERSION or meta.get("key") != key:
+                return None
+            if (directory / STATE_NAME).stat().st_size != meta["state_bytes"]:
+                return None
+        except (OSError, ValueError, KeyError, AttributeError):
+            return None
+        return Template(key, directory)
+
+    def mark_used(self, template: Template) -> None:
+        """Pruning keeps the most recently used templates."""
+        with contextlib.suppress(OSError):
+            os.utime(template.directory / META_NAME)
+
+    def discard(self, template: Template) -> None:
+        """Removes a template that failed; renamed away first so no reader sees it half gone."""
+        doomed = self.root / f".discard-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            template.directory.rename(doomed)
+        except OSError:
+            return  # already discarded or replaced by another shim
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _staging(self) -> Iterator[Path]:
+        """A private build directory, removed whatever happens (and, if this process is
+        killed, by the next build: its name carries our pid)."""
+        self.root.mkdir(mode=PRIVATE_MODE, parents=True, exist_ok=True)
+        self._remove_dead_builds()
+        staging = self.root / f".build-{os.getpid()}-{secrets.token_hex(4)}"
+        staging.mkdir(mode=PRIVATE_MODE)
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _remove_dead_builds(self) -> None:
+        for entry in self.root.glob(".build-*"):
+            pid = entry.name.split("-")[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
+        for entry in self.root.glob(".discard-*"):
+            shutil.rmtree(entry, ignore_errors=True)
+
+    def _publish(self, staging: Path, key: str) -> Template:
+        final = self.root / key
+        try:
+            staging.rename(final)
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            # A stale template of the same key is in the way: swap it out first.
+            old = self.root / f".discard-{os.getpid()}-{secrets.token_hex(4)}"
+            final.rename(old)
+            staging.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        self._prune(keep=final)
+        return Template(key, final)
+
+    def _prune(self, keep: Path) -> None:
+        templates = [p for p in self.root.iterdir() if (p / META_NAME).is_file() and p != keep]
+        templates.sort(key=lambda p: (p / META_NAME).stat().st_mtime, reverse=True)
+        for directory in templates[KEEP_TEMPLATES - 1 :]:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    @contextlib.asynccontextmanager
+    async def _lock(self, key: str, wait: bool) -> AsyncIterator[bool]:
+        """Yields True while holding key's build lock; False if another holds it and not wait."""
+        self.root.mkdir(mode=PRIVATE_MODE, parents=True, exist_ok=True)
+        with open(self.root / f"{key}.lock", "w") as lock:
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if not wait:
+                        yield False
+                        return
+                    await asyncio.sleep(LOCK_POLL_S)
+            try:
+                yield True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    async def build(
+        self, config: VMConfig, make_vm: MakeVM, *, wait_for_lock: bool = True
+    ) -> Template | None:
+        """The template for config, built unless it exists; None when the backend cannot
+        save guests, or (with wait_for_lock=False) when another process is building it.
+        The VMs it starts run at config's priority and are gone when it returns or fails."""
+        identity = make_vm(config).template_identity()
+        if identity is None:
+            return None
+        key = template_key(identity)
+        async with self._lock(key, wait_for_lock) as locked:
+            if not locked:
+                return None
+            existing = self.find(key)
+            if existing is not None:
+                return existing
+            with self._staging() as staging:
+                meta = await _save_template(config, make_vm, staging)
+                verify = replace(template_config(config, staging), state_dir=staging / "verify")
+                began = time.monotonic()
+                vm, agent, _ = await restore(make_vm, verify, staging / STATE_NAME)
+                meta["verify_restore_s"] = round(time.monotonic() - began, 3)
+                await agent.close()
+                await vm.stop()
+                for scratch in ("vm", "verify", "share"):
+                    shutil.rmtree(staging / scratch, ignore_errors=True)
+                meta.update(format=FORMAT_VERSION, key=key, identity=identity)
+                (staging / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+                template = self._publish(staging, key)
+        log.info("built VM template %s in %s", key, template.directory)
+        return template
+
+
+def template_config(config: VMConfig, staging: Path) -> VMConfig:
+    """config with its own paths replaced: private state, shares on an empty directory."""
+    placeholder = staging / "share"
+    placeholder.mkdir(exist_ok=True)
+    return replace(
+        config,
+        name=f"template-{staging.name}",
+        state_dir=staging / "vm",
+        shares=tuple(replace(share, host_path=placeholder) for share in config.shares),
+    )
+
+
+async def _save_template(config: VMConfig, make_vm: MakeVM, staging: Path) -> dict[str, Any]:
+    vm = make_vm(template_config(config, staging))
+    began = time.monotonic()
+    try:
+        await vm.start()
+        # Held open and silent while the guest is saved: restored guests then find a host
+        # already attached and serve it as a fresh connection (see VirtualMachine).
+        _, host_end = await asyncio.open_unix_connection(str(vm.config.agent_socket))
+        try:
+            await vm.wait_for_agent_channel(BUILD_TIMEOUT_S)
+            booted = time.monotonic()
+            await vm.save_state(staging / STATE_NAME)
+            saved = time.monotonic()
+        finally:
+            host_end.close()
+    except TimeoutError:
+        raise VMError(f"the template guest's agent did not start: {vm.console_tail()}") from None
+    finally:
+        await vm.stop()
+    return {
+        "boot_s": round(booted - began, 3),
+        "save_s": round(saved - booted, 3),
+        "state_bytes": (staging / STATE_NAME).stat().st_size,
+        "created": time.time(),
+    }
+
+
+async def restore(
+    make_vm: MakeVM, config: VMConfig, state: Path
+) -> tuple[VirtualMachine, AgentClient, agent_pb2.HelloResponse]:
+    """A VM continued from `state`, its agent connected and answering Hello (which sets
+    the guest clock, stopped since the save, and reseeds its entropy pool); raises (and
+    leaves nothing running) when the agent does not answer within RESTORE_HELLO_TIMEOUT_S."""
+    vm = make_vm(config)
+    agent: AgentClient | None = None
+    try:
+        await vm.restore(state)
+        agent = await AgentClient.connect(str(config.agent_socket))
+        # Sent before the guest runs: it waits in the channel for the restored agent.
+        hello = asyncio.ensure_future(agent.hello(timeout=RESTORE_CALL_TIMEOUT_S))
+        try:
+            await vm.resume()
+            response = await asyncio.wait_for(hello, RESTORE_HELLO_TIMEOUT_S)
+        finally:
+            if not hello.done():
+                hello.cancel()
+            elif not hello.cancelled():
+                hello.exception()  # retrieved: resume's own error is the one to report
+        return vm, agent, response
+    except BaseException:
+        if agent is not None:
+            with contextlib.suppress(Exception):
+                await agent.close()
+        await vm.stop()
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,175 @@
+"""The VM template store and key, without a VM: what is found, what is refused, what is removed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from harpoon.sandbox.template import (
+    FORMAT_VERSION,
+    META_NAME,
+    STATE_NAME,
+    TemplateStore,
+    template_key,
+)
+from harpoon.vmm.base import Share, VMConfig
+from harpoon.vmm.qemu import QemuVM
+
+
+def publish(store: TemplateStore, key: str, state: bytes = b"guest memory") -> Path:
+    directory = store.root / key
+    directory.mkdir(parents=True)
+    (directory / STATE_NAME).write_bytes(state)
+    meta = {"format": FORMAT_VERSION, "key": key, "state_bytes": len(state)}
+    (directory / META_NAME).write_text(json.dumps(meta))
+    return directory
+
+
+def config(tmp_path: Path, **overrides: object) -> VMConfig:
+    kernel, initrd = tmp_path / "vmlinux", tmp_path / "initrd"
+    for path in (kernel, initrd):
+        if not path.exists():
+            path.write_bytes(b"image")
+    values: dict[str, object] = dict(
+        name="c1",
+        arch="amd64",
+        kernel=kernel,
+        initrd=initrd,
+        state_dir=tmp_path / "state-a",
+        shares=(Share("rootfs", tmp_path / "rootfs-a"),),
+    )
+    values.update(overrides)
+    return VMConfig(**values)  # type: ignore[arg-type]
+
+
+def key_of(vm_config: VMConfig) -> str:
+    identity = QemuVM(vm_config).template_identity()
+    if identity is None:
+        pytest.skip("no QEMU on this host")
+    return template_key(identity)
+
+
+def test_key_ignores_host_paths_that_differ_at_restore(tmp_path: Path) -> None:
+    one = config(tmp_path)
+    other = config(
+        tmp_path, name="c2", state_dir=tmp_path / "b", shares=(Share("rootfs", tmp_path / "b"),)
+    )
+    assert key_of(one) == key_of(other)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"memory_mib": 512},
+        {"cpus": 2},
+        {"kernel_args": ("debug",)},
+        {"shares": ()},
+        {"shares": (Share("data", Path("/x")),)},
+        {"extra": {"machine": "q35"}},
+    ],
+)
+def test_key_changes_with_what_the_saved_state_depends_on(
+    tmp_path: Path, change: dict[str, object]
+) -> None:
+    assert key_of(config(tmp_path)) != key_of(config(tmp_path, **change))
+
+
+def test_key_changes_with_read_only_flags_and_a_rewritten_initrd(tmp_path: Path) -> None:
+    base = key_of(config(tmp_path))
+    read_only = config(tmp_path, shares=(Share("rootfs", tmp_path / "r", read_only=True),))
+    assert key_of(read_only) != base
+    (tmp_path / "initrd").write_bytes(b"a new image")
+    assert key_of(config(tmp_path)) != base
+
+
+def test_a_whole_template_is_found(tmp_path: Path) -> None:
+    store = TemplateStore(tmp_path)
+    directory = publish(store, "k1")
+    found = store.find("k1")
+    assert found is not None and found.state == directory / STATE_NAME
+    assert store.find("k2") is None
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no meta", "bad meta", "old format", "no state"])
+def test_a_damaged_template_is_not_found(tmp_path: Path, damage: str) -> None:
+    store = TemplateStore(tmp_path)
+    directory = publish(store, "k1")
+    meta = directory / META_NAME
+    if damage == "truncated":
+        (directory / STATE_NAME).write_bytes(b"guest")
+    elif damage == "no meta":
+        meta.unlink()
+    elif damage == "bad meta":
+        meta.write_text("{not json")
+    elif damage == "old format":
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "format": 0}))
+    else:
+        (directory / STATE_NAME).unlink()
+    assert store.find("k1") is None
+
+
+def test_discard_removes_the_template_and_leaves_nothing(tmp_path: Path) -> None:
+    store = TemplateStore(tmp_path)
+    publish(store, "k1")
+    found = store.find("k1")
+    assert found is not None
+    store.discard(found)
+    store.discard(found)  # twice (two shims failing at once) is fine
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_publishing_replaces_a_stale_template_and_prunes_the_least_recently_used(
+    tmp_path: Path,
+) -> None:
+    store = TemplateStore(tmp_path)
+    for index, key in enumerate(["old1", "old2", "old3", "old4", "k1"]):
+        directory = publish(store, key)
+        os.utime(directory / META_NAME, (index, index))
+    staging = tmp_path / ".build-1-x"
+    staging.mkdir()
+    (staging / STATE_NAME).write_bytes(b"new")
+    (staging / META_NAME).write_text("{}")
+    template = store._publish(staging, "k1")
+    assert (template.state).read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k1", "old2", "old3", "old4"]
+
+
+def test_staging_of_a_dead_builder_is_removed_and_ours_never_outlives_the_build(
+    tmp_path: Path,
+) -> None:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    leftover = tmp_path / f".build-{process.pid}-abcd"
+    leftover.mkdir()
+    (leftover / STATE_NAME).write_bytes(b"half")
+    store = TemplateStore(tmp_path)
+    with pytest.raises(RuntimeError), store._staging() as staging:
+        assert staging.is_dir() and not leftover.exists()
+        raise RuntimeError("the build failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_builder_does_not_wait_for_the_lock(tmp_path: Path) -> None:
+    store = TemplateStore(tmp_path)
+
+    async def scenario() -> list[bool]:
+        async with (
+            store._lock("k1", wait=False) as first,
+            store._lock("k1", wait=False) as second,
+        ):
+            return [first, second]
+
+    assert asyncio.run(scenario()) == [True, False]
+
+
+def test_templates_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HARPOON_TEMPLATE_DIR", str(tmp_path))
+    store = TemplateStore.from_environment()
+    assert store is not None and store.root == tmp_path
+    monkeypatch.setenv("HARPOON_TEMPLATES", "off")
+    assert TemplateStore.from_environment() is None

@@ -1,0 +1,243 @@
+"""VM templates with a real guest: build one, restore VMs from it, survive a broken one.
+
+Every template here lives in a temporary store; after each test no QEMU started for it
+may still run and no build or discard directory may remain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from harpoon.api.agent.v1 import agent_pb2
+from harpoon.guest import GuestImage, find_guest
+from harpoon.sandbox.agent_client import AgentClient
+from harpoon.sandbox.cli import container_config
+from harpoon.sandbox.sandbox import Sandbox
+from harpoon.sandbox.template import STATE_NAME, Template, TemplateStore
+from harpoon.vmm.base import Share, VMConfig
+from harpoon.vmm.qemu import QemuVM
+
+pytestmark = pytest.mark.vm
+
+NINEP = ["trans=virtio", "version=9p2000.L"]
+CLOCK_SLACK_S = 3
+
+
+@pytest.fixture(scope="module")
+def guest() -> GuestImage:
+    try:
+        return find_guest()
+    except Exception as error:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"no guest image: {error}")
+
+
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="hp-tpl-") as directory:
+        yield Path(directory)
+
+
+@pytest.fixture(scope="module")
+def store(workdir: Path) -> TemplateStore:
+    return TemplateStore(workdir / "templates")
+
+
+@pytest.fixture(scope="module")
+def template(guest: GuestImage, store: TemplateStore) -> Template:
+    built = asyncio.run(store.build(container_config(guest, read_only=False), QemuVM))
+    assert built is not None
+    return built
+
+
+def processes_under(directory: Path) -> list[str]:
+    """The command lines of live processes (QEMU, its `cat`) naming paths under directory."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_text().replace("\0", " ")
+            if entry.name.isdigit() and str(directory) in cmdline:
+                found.append(f"{entry.name}: {cmdline[:300]}")
+        except OSError:
+            continue
+    return found
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind(workdir: Path) -> Iterator[None]:
+    yield
+    assert processes_under(workdir) == []
+    templates = workdir / "templates"
+    if templates.exists():
+        assert [p.name for p in templates.glob(".*")] == []
+
+
+def sandbox_config(guest: GuestImage, workdir: Path, name: str, share: Path) -> VMConfig:
+    config = container_config(guest, read_only=False)
+    from dataclasses import replace
+
+    return replace(
+        config,
+        name=name,
+        state_dir=workdir / "vms" / name,
+        shares=(Share("rootfs", share),),
+    )
+
+
+async def collect(chunks: AsyncIterator[bytes]) -> bytes:
+    return b"".join([chunk async for chunk in chunks])
+
+
+async def run(agent: AgentClient, process_id: str, *args: str) -> tuple[int, bytes]:
+    await agent.create_process(
+        agent_pb2.CreateProcessRequest(
+            id=process_id, args=list(args), env=["PATH=/bin:/usr/bin"], stdout=True
+        )
+    )
+    out = asyncio.ensure_future(collect(agent.read_output(process_id, agent_pb2.STDOUT)))
+    await agent.start_process(process_id)
+    status = await agent.wait_process(process_id)
+    await agent.delete_process(process_id)
+    return status.exit_status, await out
+
+
+def share_with(workdir: Path, name: str, content: str) -> Path:
+    directory = workdir / "shares" / name
+    directory.mkdir(parents=True)
+    (directory / "only-here").write_text(content)
+    return directory
+
+
+def test_a_built_template_is_published_whole(template: Template, store: TemplateStore) -> None:
+    assert store.find(template.key) == template
+    assert template.state.stat().st_size > 10_000_000
+    assert sorted(p.name for p in template.directory.iterdir()) == ["meta.json", STATE_NAME]
+
+
+def test_two_vms_restored_at_once_each_see_their_own_share_and_the_host_clock(
+    guest: GuestImage, store: TemplateStore, template: Template, workdir: Path
+) -> None:
+    async def one(name: str) -> tuple[bool, int, bytes, int, float, bytes]:
+        share = share_with(workdir, name, f"I am {name}\n")
+        sandbox = Sandbox(sandbox_config(guest, workdir, name, share), QemuVM, store)
+        await sandbox.start()
+        try:
+            agent = sandbox.agent
+            assert agent is not None
+            await agent.mount("rootfs", "/mnt/own", "9p", NINEP)
+            status, content = await run(agent, "cat", "/bin/cat", "/mnt/own/only-here")
+            _, guest_time = await run(agent, "date", "/bin/busybox", "date", "+%s")
+            _, random = await run(agent, "rand", "/bin/sh", "-c", "head -c 16 /dev/urandom")
+            return sandbox.restored, status, content, int(guest_time), time.time(), random
+        finally:
+            await sandbox.stop()
+            shutil.rmtree(sandbox.config.state_dir)
+
+    async def both() -> list[tuple[bool, int, bytes, int, float, bytes]]:
+        return list(await asyncio.gather(one("vm-a"), one("vm-b")))
+
+    a, b = asyncio.run(both())
+    assert a[:3] == (True, 0, b"I am vm-a\n")
+    assert b[:3] == (True, 0, b"I am vm-b\n")
+    for result in (a, b):
+        assert abs(result[3] - result[4]) <= CLOCK_SLACK_S
+    # Hello reseeds each guest's CRNG with host entropy: siblings must differ.
+    assert a[5] != b[5], "two guests restored from one template read the same random bytes"
+
+
+def test_a_corrupt_template_falls_back_to_a_cold_boot_and_is_rebuilt(
+    guest: GuestImage, template: Template, workdir: Path
+) -> None:
+    broken_store = TemplateStore(workdir / "broken")
+    broken_store.root.mkdir()
+    broken = broken_store.root / template.key
+    shutil.copytree(template.directory, broken)
+    with open(broken / STATE_NAME, "r+b") as state:  # same size: only restoring finds out
+        state.write(b"\0" * 4096)
+
+    async def scenario() -> tuple[bool, bool, bytes]:
+        share = share_with(workdir, "cold", "cold\n")
+        sandbox = Sandbox(sandbox_config(guest, workdir, "cold", share), QemuVM, broken_store)
+        await sandbox.start()
+        try:
+            discarded = broken_store.find(template.key) is None
+            agent = sandbox.agent
+            assert agent is not None
+            await agent.mount("rootfs", "/mnt/own", "9p", NINEP)
+            _, content = await run(agent, "cat", "/bin/cat", "/mnt/own/only-here")
+            # The container runs: the sandbox now rebuilds the template in the background.
+            for _ in range(1200):
+                if broken_store.find(template.key) is not None:
+                    break
+                await asyncio.sleep(0.1)
+            return sandbox.restored, discarded, content
+        finally:
+            await sandbox.stop()
+            shutil.rmtree(sandbox.config.state_dir)
+
+    restored, discarded, content = asyncio.run(scenario())
+    assert (restored, discarded, content) == (False, True, b"cold\n")
+    rebuilt = broken_store.find(template.key)
+    assert rebuilt is not None and rebuilt.state.read_bytes()[:4096] != b"\0" * 4096
+
+
+def test_stopping_a_sandbox_stops_its_template_build(guest: GuestImage, workdir: Path) -> None:
+    empty_store = TemplateStore(workdir / "empty")
+
+    async def scenario() -> bool:
+        share = share_with(workdir, "stopper", "x\n")
+        sandbox = Sandbox(sandbox_config(guest, workdir, "stopper", share), QemuVM, empty_store)
+        await sandbox.start()
+        try:
+            agent = sandbox.agent
+            assert agent is not None
+            await run(agent, "true", "/bin/true")
+            for _ in range(100):  # the build's VM is being started
+                if list(empty_store.root.glob(".build-*/vm/vmm.pid")):
+                    return True
+                await asyncio.sleep(0.1)
+            return False
+        finally:
+            await sandbox.stop()
+            shutil.rmtree(sandbox.config.state_dir)
+
+    assert asyncio.run(scenario())
+    assert list(empty_store.root.iterdir()) != [] and not list(empty_store.root.glob(".build-*"))
+
+
+def test_restore_is_much_faster_than_a_cold_boot(
+    guest: GuestImage, store: TemplateStore, template: Template, workdir: Path
+) -> None:
+    """Also prints the medians the project reports (pytest -s)."""
+
+    async def start_once(name: str, templates: TemplateStore | bool) -> float:
+        share = share_with(workdir, name, "\n")
+        config = sandbox_config(guest, workdir, name, share)
+        sandbox = Sandbox(config, QemuVM, templates if templates else False)  # type: ignore[arg-type]
+        began = time.monotonic()
+        await sandbox.start()
+        elapsed = time.monotonic() - began
+        assert sandbox.restored == bool(templates)
+        await sandbox.stop()
+        shutil.rmtree(config.state_dir)
+        return elapsed
+
+    async def measure() -> tuple[list[float], list[float]]:
+        warm = [await start_once(f"warm{i}", store) for i in range(5)]
+        cold = [await start_once(f"cold{i}", False) for i in range(5)]
+        return warm, cold
+
+    warm, cold = asyncio.run(measure())
+    print(f"\nstart to Hello: restored median {statistics.median(warm):.2f} s {warm}, "
+          f"cold median {statistics.median(cold):.2f} s {cold}")  # fmt: skip
+    assert statistics.median(warm) * 3 < statistics.median(cold)
