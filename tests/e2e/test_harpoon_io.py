@@ -198,3 +198,17 @@ def test_metrics_come_from_the_containers_cgroup_in_the_guest(
     lines = dict(line.split(None, 1) for line in result.stdout.splitlines() if " " in line)
     assert int(lines["pids.current"].strip()) >= 1
     assert int(lines["memory.usage"].strip()) > 0
+
+
+def test_pause_freezes_the_vm_and_resume_continues_it(containerd: Containerd, sleeper: str) -> None:
+    containerd.ctr("task", "pause", sleeper)
+    [line] = [ln for ln in containerd.ctr("task", "ls").stdout.splitlines() if sleeper in ln]
+    assert line.split()[-1] == "PAUSED"
+    kill = containerd.ctr("task", "kill", sleeper, check=False)
+    assert kill.returncode != 0 and "paused" in kill.stderr
+    containerd.ctr("task", "resume", sleeper)
+    wait_until_running(containerd, sleeper)
+    result = containerd.ctr(
+        "task", "exec", "--exec-id", "after", sleeper, "echo", "awake", timeout=RUN_TIMEOUT_S
+    )
+    assert result.stdout == "awake\n"

@@ -45,7 +45,7 @@ from harpoon.shim.resources import vm_size
 from harpoon.shim.stdio import ProcessIO, StdinForwarder, open_stdin, pump
 from harpoon.ttrpc.server import CallContext
 from harpoon.ttrpc.status import Code, TtrpcError
-from harpoon.vmm.base import Share, VMConfig
+from harpoon.vmm.base import Share, VMConfig, VMError
 
 GUEST_ROOTFS = "/run/harpoon/rootfs"
 INIT_GUEST_ID = "init"
@@ -472,6 +472,9 @@ class TaskService:
         container, process = self._process(request.id, request.exec_id)
         if process.status == types.STOPPED:
             raise NotFound(f"process {process.exec_id or container.id!r} already finished")
+        if container.init.status == types.PAUSED:
+            # The guest's vCPUs are stopped: the agent could not deliver it until then.
+            raise FailedPrecondition(f"container {container.id!r} is paused: resume it first")
         if process.status == types.CREATED:
             # Nothing runs in the guest yet: the process dies before it ever starts.
             self._record_exit(container, process, 128 + request.signal, _now())
@@ -559,10 +562,29 @@ class TaskService:
         return EMPTY  # without a terminal: a no-op, as for runc
 
     async def Pause(self, request: task.PauseRequest, ctx: CallContext) -> empty_pb2.Empty:
-        raise Unimplemented("pause is not supported by harpoon yet")
+        container = self._container(request.id)
+        if container.init.status != types.RUNNING:
+            raise FailedPrecondition(f"cannot pause container {request.id!r}: it is not running")
+        vm = container.sandbox.vm
+        assert vm is not None
+        try:
+            await vm.freeze()  # the whole VM stops: every process of the container
+        except VMError as error:
+            raise FailedPrecondition(f"cannot pause container {request.id!r}: {error}") from None
+        container.init.status = types.PAUSED
+        self.publisher.publish("/tasks/paused", events.TaskPaused(container_id=container.id))
+        return EMPTY
 
     async def Resume(self, request: task.ResumeRequest, ctx: CallContext) -> empty_pb2.Empty:
-        raise Unimplemented("resume is not supported by harpoon yet")
+        container = self._container(request.id)
+        if container.init.status != types.PAUSED:
+            raise FailedPrecondition(f"cannot resume container {request.id!r}: it is not paused")
+        vm = container.sandbox.vm
+        assert vm is not None
+        await vm.thaw()
+        container.init.status = types.RUNNING
+        self.publisher.publish("/tasks/resumed", events.TaskResumed(container_id=container.id))
+        return EMPTY
 
     async def Checkpoint(
         self, request: task.CheckpointTaskRequest, ctx: CallContext

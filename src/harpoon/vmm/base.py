@@ -134,6 +134,14 @@ class VirtualMachine(abc.ABC):
         """Loads the state `restore` was given and lets the guest run from it."""
         raise SavedStateUnsupported(f"{type(self).__name__} cannot restore a guest")
 
+    async def freeze(self) -> None:
+        """Stops the guest's vCPUs (the whole container pauses); its memory stays."""
+        raise VMError(f"{type(self).__name__} cannot pause a guest")
+
+    async def thaw(self) -> None:
+        """Lets a frozen guest run again."""
+        raise VMError(f"{type(self).__name__} cannot unpause a guest")
+
     def console_tail(self, max_bytes: int = 4000) -> str:
         """The end of the guest console, for error messages."""
         try:

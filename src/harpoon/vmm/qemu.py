@@ -360,6 +360,12 @@ class QemuVM(VirtualMachine):
         await self._await_status({"paused"})
         await self._execute("cont")
 
+    async def freeze(self) -> None:
+        await self._execute("stop")
+
+    async def thaw(self) -> None:
+        await self._execute("cont")
+
     async def _await_status(self, done: set[str]) -> None:
         async with asyncio.timeout(MIGRATION_TIMEOUT_S):
             while True:
