@@ -36,6 +36,7 @@ MS_STRICTATIME = 1 << 24
 MNT_DETACH = 0x2
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
 
 # mount(8)-style option words and the flags they set (True) or clear (False).
 _FLAG_OPTIONS: dict[str, tuple[int, bool]] = {

@@ -296,3 +296,15 @@ def test_exceeding_the_memory_limit_kills_with_137_and_publishes_oom(
     ]
     assert "/tasks/oom" in topics
     assert topics.index("/tasks/oom") < topics.index("/tasks/exit")
+
+
+def test_rlimits_and_no_new_privileges_of_the_spec_apply(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    # ctr's default spec sets RLIMIT_NOFILE 1024 and noNewPrivileges, as runc applies them.
+    status, out = run(
+        containerd, busybox_image, container_id, "sh", "-c",
+        "ulimit -n; grep NoNewPrivs /proc/self/status",
+    )  # fmt: skip
+    assert status == 0
+    assert out.split() == ["1024", "NoNewPrivs:", "1"]

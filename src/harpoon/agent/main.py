@@ -1,4 +1,5 @@
-"""Entry point of the guest agent, PID 1 in every harpoon VM (exec'd by /init).
+"""The guest agent's main loop, PID 1 in every harpoon VM (started by harpoon.agent.boot,
+once the filesystems are mounted and the boot modules loaded).
 
 It serves the Agent ttrpc service on the host channel for as long as the VM lives,
 reaps every child (it is init), and powers the VM off rather than exit: an init that
@@ -11,7 +12,6 @@ import asyncio
 import signal
 import sys
 import time
-import traceback
 
 from harpoon.agent import channel
 from harpoon.agent.processes import ProcessTable
@@ -55,6 +55,8 @@ def main() -> None:
     try:
         asyncio.run(serve(started))
     except BaseException:
+        import traceback  # only on the way down
+
         traceback.print_exc()
         log("fatal error, powering off")
         power_off()

@@ -15,6 +15,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import resource
 import signal
 import struct
 import termios
@@ -48,6 +49,9 @@ class ProcessSpec:
     stderr: bool = False
     terminal: bool = False
     container_init: bool = False
+    # (resource number, soft, hard), resolved from OCI names when created.
+    rlimits: list[tuple[int, int, int]] = field(default_factory=list)
+    no_new_privileges: bool = False
 
 
 @dataclass
@@ -73,6 +77,14 @@ class Process:
     @property
     def started(self) -> bool:
         return self.pid != 0
+
+
+def rlimit_number(name: str) -> int:
+    """The resource number of an OCI rlimit type such as RLIMIT_NOFILE."""
+    number = getattr(resource, name, None)
+    if not name.startswith("RLIMIT_") or not isinstance(number, int):
+        raise InvalidArgument(f"unknown rlimit type {name!r}")
+    return number
 
 
 def find_executable(spec: ProcessSpec) -> str | None:
@@ -126,6 +138,10 @@ def _exec_child(
             cgroups.join_container_group()
             os.chroot(spec.root)
         os.chdir(spec.cwd or "/")
+        for number, soft, hard in spec.rlimits:
+            resource.setrlimit(number, (soft, hard))
+        if spec.no_new_privileges:
+            linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
         if spec.uid or spec.gid or spec.additional_gids:
             os.setgroups(spec.additional_gids)
             os.setgid(spec.gid)

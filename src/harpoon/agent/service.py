@@ -23,6 +23,11 @@ _EMPTY = empty_pb2.Empty()
 RNDRESEEDCRNG = 0x5207  # linux/random.h: _IO('R', 0x07)
 
 
+def _rlim(value: int) -> int:
+    # OCI writes "unlimited" as the all-ones uint64; setrlimit wants RLIM_INFINITY (-1).
+    return -1 if value >= (1 << 64) - 1 else value
+
+
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     stamp = timestamp_pb2.Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
@@ -80,6 +85,11 @@ class AgentService:
             stderr=request.stderr,
             terminal=request.terminal,
             container_init=request.container_init,
+            rlimits=[
+                (processes.rlimit_number(r.type), _rlim(r.soft), _rlim(r.hard))
+                for r in request.rlimits
+            ],
+            no_new_privileges=request.no_new_privileges,
         )
         if request.root:
             rootfs.prepare_root(request.root)

@@ -27,15 +27,17 @@ from pathlib import Path
 from typing import Any
 
 import harpoon
+from harpoon.agent import boot
 from harpoon.guest import cache, debian, initramfs, kernel, python_runtime
 from harpoon.guest.cache import GuestImage
 
 # Bump when the builder changes what it puts in an image for the same inputs.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
-SELFTEST_MARKER = "HARPOON-SELFTEST-OK"
+SELFTEST_MARKER = boot.SELFTEST_MARKER
 FLOOR_MARKER = "HARPOON-FLOOR-READY"
 AGENT_ENTRY = "harpoon.agent.main"
+BOOT_ENTRY = "harpoon.agent.boot"
 PROTOBUF_PROJECT = "protobuf"
 PIP_TIMEOUT_S = 300
 # Uncompressed boots faster under TCG (see the measurements in the module's tests/report);
@@ -58,7 +60,8 @@ BASE_PACKAGES: tuple[str, ...] = (
     "libffi8",
 )
 
-# Loaded by /init, in dependency order, before the agent starts.
+# Loaded by harpoon.agent.boot, in dependency order, before the agent's imports (the
+# virtio_pci ones only where there is a PCI bus).
 BOOT_MODULES: tuple[str, ...] = (
     "virtio_mmio",
     "virtio_pci",
@@ -92,32 +95,15 @@ BUSYBOX_APPLETS: tuple[str, ...] = (
     "sync", "true", "false", "test", "[", "vi", "less", "hexdump", "nc", "wget",
 )  # fmt: skip
 
-BOOT_MODULES_PATH = "etc/harpoon/modules.boot"
+BOOT_MODULES_PATH = boot.BOOT_MODULES_PATH.lstrip("/")
 MODULES_MAP_PATH = "etc/harpoon/modules.json"
 IMAGE_INFO_PATH = "etc/harpoon/image.json"
 
-INIT_SCRIPT = f"""#!/bin/sh
-# harpoon guest /init: mounts, boot modules, then exec the agent as PID 1.
-export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
-export PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python PYTHONDONTWRITEBYTECODE=1
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
-mkdir -p /dev/pts /dev/shm
-mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts
-mount -t tmpfs -o mode=0755 tmpfs /run
-mount -t tmpfs -o mode=1777 tmpfs /tmp
-while read -r m; do
-  insmod "$m" 2>/dev/null || echo "harpoon-init: insmod $m failed"
-done < /{BOOT_MODULES_PATH}
-read -r cmdline < /proc/cmdline
-case " $cmdline " in
-*" harpoon.selftest=1 "*)
-  /usr/bin/python3 -S -c 'import {AGENT_ENTRY}; print("{SELFTEST_MARKER}")' ||
-    echo "HARPOON-SELFTEST-FAILED"
-  poweroff -f ;;
-esac
-exec /usr/bin/python3 -S -c 'from {AGENT_ENTRY} import main; main()'
+# Python from the first instruction (one exec, no shell): harpoon.agent.boot mounts,
+# loads the boot modules, runs the selftest when asked, and becomes the agent.
+INIT_SCRIPT = f"""#!/usr/bin/python3 -SB
+from {BOOT_ENTRY} import start
+start()
 """
 
 FLOOR_INIT_SCRIPT = f"""#!/bin/sh
@@ -249,6 +235,9 @@ def _busybox_entries(root: Path) -> list[initramfs.Entry]:
         initramfs.file("bin/busybox", busybox.read_bytes(), 0o755),
         initramfs.char_device("dev/console", 5, 1),
         initramfs.char_device("dev/null", 1, 3, 0o666),
+        # Python starts before /dev is mounted: its hash seed comes from here when the
+        # kernel's random pool is not ready yet.
+        initramfs.char_device("dev/urandom", 1, 9, 0o666),
     ]
     entries += [initramfs.symlink(f"bin/{a}", "busybox") for a in BUSYBOX_APPLETS]
     entries += [initramfs.symlink("sbin", "bin"), initramfs.directory("tmp", 0o1777)]
@@ -270,7 +259,9 @@ def _python_entries(
 ) -> tuple[list[initramfs.Entry], dict[str, Any]]:
     arch, wheel_dir, guest_lib = plan.arch, plan.wheel_dir, python_runtime.GUEST_STDLIB
     report("measuring the agent's Python module closure")
-    modules = python_runtime.imported_modules([plan.source_dir, wheel_dir], AGENT_ENTRY)
+    modules = python_runtime.imported_modules(
+        [plan.source_dir, wheel_dir], AGENT_ENTRY, [BOOT_ENTRY, *python_runtime.EXTRA_MODULES]
+    )
     harpoon_sources = python_runtime.harpoon_sources(plan.source_dir)
     stray = python_runtime.unshipped_harpoon_modules(modules, harpoon_sources)
     if stray:

@@ -9,19 +9,20 @@ plain unix:// address, which all versions accept.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
-from google.protobuf import any_pb2
-from google.protobuf.message import DecodeError
+if TYPE_CHECKING:
+    from google.protobuf import any_pb2
 
-from harpoon.api.containerd.runtime.bootstrap.v1 import bootstrap_pb2
+    from harpoon.api.containerd.runtime.bootstrap.v1 import bootstrap_pb2
 
 # Task API version announced to containerd >= 2.3 (we serve v2 and v3 alike).
 ANNOUNCED_TASK_VERSION = 3
 
 
-@dataclass(frozen=True)
-class StartInput:
+class StartInput(NamedTuple):
+    # protobuf is imported only when stdin holds something to parse: `start` runs on
+    # every container's critical path, and containerd before 2.3 usually sends nothing.
     params: bootstrap_pb2.BootstrapParams | None
     options: any_pb2.Any | None
 
@@ -75,6 +76,11 @@ def parse_start_stdin(data: bytes, task_id: str) -> StartInput:
     numbers = _field_numbers(data)
     if numbers is None:
         return StartInput(None, None)
+    from google.protobuf import any_pb2
+    from google.protobuf.message import DecodeError
+
+    from harpoon.api.containerd.runtime.bootstrap.v1 import bootstrap_pb2
+
     try:
         if any(n >= 3 for n in numbers):
             return _as_params(data)
@@ -87,6 +93,8 @@ def parse_start_stdin(data: bytes, task_id: str) -> StartInput:
 
 
 def _as_params(data: bytes) -> StartInput:
+    from harpoon.api.containerd.runtime.bootstrap.v1 import bootstrap_pb2
+
     params = bootstrap_pb2.BootstrapParams.FromString(data)
     options = params.extensions[0].value if params.extensions else None
     return StartInput(params, options)
@@ -96,6 +104,8 @@ def start_output(address: str, params: bootstrap_pb2.BootstrapParams | None) -> 
     """What `start` prints: a BootstrapResult for 2.3+, else the bare address."""
     if params is None:
         return address.encode()
+    from harpoon.api.containerd.runtime.bootstrap.v1 import bootstrap_pb2
+
     result = bootstrap_pb2.BootstrapResult(
         version=ANNOUNCED_TASK_VERSION, address=address, protocol="ttrpc"
     )

@@ -142,6 +142,11 @@ def _create_request(
         stdout=process.io.stdout is not None,
         stderr=process.io.stderr is not None and not process.terminal,
         container_init=container_init,
+        rlimits=[
+            agent_pb2.Rlimit(type=r["type"], hard=int(r["hard"]), soft=int(r["soft"]))
+            for r in spec.get("rlimits") or []
+        ],
+        no_new_privileges=bool(spec.get("noNewPrivileges", False)),
     )
 
 

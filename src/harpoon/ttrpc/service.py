@@ -10,15 +10,18 @@ ids or connections.
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
-from harpoon.ttrpc.client import Client
 from harpoon.ttrpc.server import CallContext, Server
 from harpoon.ttrpc.status import Code, TtrpcError
+
+if TYPE_CHECKING:
+    # Only the calling side needs the client; the guest agent, a server, never loads it.
+    from harpoon.ttrpc.client import Client
 
 M = TypeVar("M", bound=Message)
 

@@ -44,7 +44,9 @@ BASE_KERNEL_ARGS = ("quiet", "panic=-1", "rdinit=/init", "random.trust_cpu=on")
 # On a loaded host the x86 guest cannot calibrate its TSC against the PIT and hangs
 # silently before printing anything (about one boot in two under load, measured);
 # telling it the frequency skips the calibration.
-X86_KERNEL_ARGS = ("tsc_early_khz=2000000",)
+# tsc=reliable keeps the TSC as the clocksource: otherwise the guest falls back to
+# refined-jiffies and its timers (asyncio's included) tick only every 4 ms.
+X86_KERNEL_ARGS = ("tsc_early_khz=2000000", "tsc=reliable")
 
 
 @dataclass(frozen=True)

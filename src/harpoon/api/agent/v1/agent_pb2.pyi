@@ -56,7 +56,7 @@ class UnmountRequest(_message.Message):
     def __init__(self, target: _Optional[str] = ...) -> None: ...
 
 class CreateProcessRequest(_message.Message):
-    __slots__ = ("id", "args", "env", "cwd", "root", "terminal", "stdin", "uid", "gid", "additional_gids", "hostname", "stdout", "stderr", "container_init")
+    __slots__ = ("id", "args", "env", "cwd", "root", "terminal", "stdin", "uid", "gid", "additional_gids", "hostname", "stdout", "stderr", "container_init", "rlimits", "no_new_privileges")
     ID_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,8 @@ class CreateProcessRequest(_message.Message):
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_INIT_FIELD_NUMBER: _ClassVar[int]
+    RLIMITS_FIELD_NUMBER: _ClassVar[int]
+    NO_NEW_PRIVILEGES_FIELD_NUMBER: _ClassVar[int]
     id: str
     args: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.RepeatedScalarFieldContainer[str]
@@ -85,7 +87,19 @@ class CreateProcessRequest(_message.Message):
     stdout: bool
     stderr: bool
     container_init: bool
-    def __init__(self, id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., root: _Optional[str] = ..., terminal: _Optional[bool] = ..., stdin: _Optional[bool] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., additional_gids: _Optional[_Iterable[int]] = ..., hostname: _Optional[str] = ..., stdout: _Optional[bool] = ..., stderr: _Optional[bool] = ..., container_init: _Optional[bool] = ...) -> None: ...
+    rlimits: _containers.RepeatedCompositeFieldContainer[Rlimit]
+    no_new_privileges: bool
+    def __init__(self, id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., root: _Optional[str] = ..., terminal: _Optional[bool] = ..., stdin: _Optional[bool] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., additional_gids: _Optional[_Iterable[int]] = ..., hostname: _Optional[str] = ..., stdout: _Optional[bool] = ..., stderr: _Optional[bool] = ..., container_init: _Optional[bool] = ..., rlimits: _Optional[_Iterable[_Union[Rlimit, _Mapping]]] = ..., no_new_privileges: _Optional[bool] = ...) -> None: ...
+
+class Rlimit(_message.Message):
+    __slots__ = ("type", "hard", "soft")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    HARD_FIELD_NUMBER: _ClassVar[int]
+    SOFT_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    hard: int
+    soft: int
+    def __init__(self, type: _Optional[str] = ..., hard: _Optional[int] = ..., soft: _Optional[int] = ...) -> None: ...
 
 class StartProcessRequest(_message.Message):
     __slots__ = ("id",)
