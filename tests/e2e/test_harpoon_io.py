@@ -212,3 +212,63 @@ def test_pause_freezes_the_vm_and_resume_continues_it(containerd: Containerd, sl
         "task", "exec", "--exec-id", "after", sleeper, "echo", "awake", timeout=RUN_TIMEOUT_S
     )
     assert result.stdout == "awake\n"
+
+
+def test_update_sets_the_guest_cgroup_limits_and_refuses_to_outgrow_the_vm(
+    containerd: Containerd, sleeper: str
+) -> None:
+    """Neither ctr 1.6 nor 2.3 has `task update`: talk to the shim's socket directly,
+    as containerd does for CRI's and docker's updates."""
+    import asyncio
+    import json
+
+    from google.protobuf import any_pb2
+
+    from harpoon.api.containerd.cgroups.v2 import metrics_pb2
+    from harpoon.api.containerd.task.v2 import shim_pb2
+    from harpoon.shim import paths
+    from harpoon.ttrpc.client import Client
+    from harpoon.ttrpc.status import Code, TtrpcError
+
+    socket = paths.socket_path(containerd.address, containerd.namespace, sleeper)
+    task_service = "containerd.task.v2.Task"
+    metadata = {"containerd-namespace-ttrpc": containerd.namespace}
+
+    def update(memory_limit: int) -> shim_pb2.UpdateTaskRequest:
+        resources = json.dumps({"memory": {"limit": memory_limit}}).encode()
+        return shim_pb2.UpdateTaskRequest(
+            id=sleeper,
+            resources=any_pb2.Any(
+                type_url="types.containerd.io/opencontainers/runtime-spec/1/LinuxResources",
+                value=resources,
+            ),
+        )
+
+    async def scenario() -> tuple[int, TtrpcError]:
+        client = await Client.connect_unix(str(socket))
+        try:
+            call = client.call
+            await call(task_service, "Update", update(48 << 20).SerializeToString(),
+                       timeout=30, metadata=metadata)  # fmt: skip
+            stats = shim_pb2.StatsResponse.FromString(
+                await call(
+                    task_service,
+                    "Stats",
+                    shim_pb2.StatsRequest(id=sleeper).SerializeToString(),
+                    timeout=30,
+                    metadata=metadata,
+                )
+            )
+            metrics = metrics_pb2.Metrics.FromString(stats.stats.value)
+            try:
+                await call(task_service, "Update", update(8 << 30).SerializeToString(),
+                           timeout=30, metadata=metadata)  # fmt: skip
+            except TtrpcError as error:
+                return metrics.memory.usage_limit, error
+            raise AssertionError("an 8 GiB limit on a small VM was accepted")
+        finally:
+            await client.close()
+
+    limit, refused = asyncio.run(scenario())
+    assert limit == 48 << 20
+    assert refused.code == Code.FAILED_PRECONDITION and "fixed" in refused.message

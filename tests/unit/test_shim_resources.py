@@ -27,3 +27,28 @@ def test_cpu_quota_rounds_up_to_whole_vcpus_within_the_host() -> None:
 def test_a_cpuset_counts_its_cpus() -> None:
     spec = {"linux": {"resources": {"cpu": {"cpus": "0-2,5"}}}}
     assert vm_size(spec, host_cpus=8).cpus == 4
+
+
+def test_cgroup_limits_carry_memory_cpu_and_pids() -> None:
+    from harpoon.shim.resources import cgroup_limits
+
+    limits = cgroup_limits(
+        {"memory": {"limit": 64 << 20}, "cpu": {"quota": 50000, "period": 100000},
+         "pids": {"limit": 100}},
+        vm_memory_mib=256,
+    )  # fmt: skip
+    assert (limits.memory_limit_bytes, limits.cpu_quota_us, limits.cpu_period_us) == (
+        64 << 20, 50000, 100000,
+    )  # fmt: skip
+    assert limits.pids_limit == 100
+    assert not cgroup_limits({}, vm_memory_mib=256).ListFields()
+
+
+def test_a_memory_limit_beyond_the_vm_is_refused_not_ignored() -> None:
+    import pytest
+
+    from harpoon.errdefs import FailedPrecondition
+    from harpoon.shim.resources import cgroup_limits
+
+    with pytest.raises(FailedPrecondition, match="fixed when the container is created"):
+        cgroup_limits({"memory": {"limit": 1 << 30}}, vm_memory_mib=256)

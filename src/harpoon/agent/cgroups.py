@@ -35,6 +35,21 @@ def join_container_group() -> None:
         _write(os.path.join(CONTAINER_GROUP, "cgroup.procs"), "0")
 
 
+def set_limits(memory_bytes: int, cpu_quota_us: int, cpu_period_us: int, pids: int) -> None:
+    """Writes the container group's limits; 0 leaves one alone, -1 lifts it."""
+
+    def value(limit: int) -> str:
+        return "max" if limit < 0 else str(limit)
+
+    if memory_bytes:
+        _write(os.path.join(CONTAINER_GROUP, "memory.max"), value(memory_bytes))
+    if cpu_quota_us:
+        period = f" {cpu_period_us}" if cpu_period_us else ""
+        _write(os.path.join(CONTAINER_GROUP, "cpu.max"), value(cpu_quota_us) + period)
+    if pids:
+        _write(os.path.join(CONTAINER_GROUP, "pids.max"), value(pids))
+
+
 def _write(path: str, value: str) -> None:
     with open(path, "w") as control:
         control.write(value)

@@ -16,6 +16,7 @@ from harpoon import __version__, linux
 from harpoon.agent import cgroups, processes, rootfs
 from harpoon.agent.processes import ProcessSpec, ProcessTable
 from harpoon.api.agent.v1 import agent_pb2
+from harpoon.errdefs import InvalidArgument
 from harpoon.ttrpc.server import CallContext
 
 STREAM_NAMES = {agent_pb2.STDOUT: "stdout", agent_pb2.STDERR: "stderr"}
@@ -158,6 +159,21 @@ class AgentService:
 
     async def Stats(self, request: empty_pb2.Empty, ctx: CallContext) -> agent_pb2.StatsResponse:
         return agent_pb2.StatsResponse(metrics=cgroups.read_metrics())
+
+    async def UpdateResources(
+        self, request: agent_pb2.UpdateResourcesRequest, ctx: CallContext
+    ) -> empty_pb2.Empty:
+        cgroups.ensure_container_group()
+        try:
+            cgroups.set_limits(
+                request.memory_limit_bytes,
+                request.cpu_quota_us,
+                request.cpu_period_us,
+                request.pids_limit,
+            )
+        except OSError as error:
+            raise InvalidArgument(f"cannot set the container's limits: {error}") from None
+        return _EMPTY
 
     async def ResizeTerminal(
         self, request: agent_pb2.ResizeTerminalRequest, ctx: CallContext

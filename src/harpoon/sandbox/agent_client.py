@@ -128,6 +128,9 @@ class AgentClient:
     async def stats(self) -> agent_pb2.StatsResponse:
         return await self._call("Stats", empty_pb2.Empty(), agent_pb2.StatsResponse)
 
+    async def update_resources(self, request: agent_pb2.UpdateResourcesRequest) -> None:
+        await self._call("UpdateResources", request, empty_pb2.Empty)
+
     async def resize_terminal(self, process_id: str, width: int, height: int) -> None:
         request = agent_pb2.ResizeTerminalRequest(id=process_id, width=width, height=height)
         await self._call("ResizeTerminal", request, empty_pb2.Empty)

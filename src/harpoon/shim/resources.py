@@ -13,6 +13,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from harpoon.api.agent.v1 import agent_pb2
+from harpoon.errdefs import FailedPrecondition
+
 DEFAULT_MEMORY_MIB = 256
 GUEST_OVERHEAD_MIB = 128
 MIN_MEMORY_MIB = 128
@@ -39,7 +42,7 @@ def _cpuset_count(cpus: str) -> int:
 
 def vm_size(spec: dict[str, Any], host_cpus: int | None = None) -> VMSize:
     """The vCPUs and RAM for a container with this OCI spec."""
-    resources = (spec.get("linux") or {}).get("resources") or {}
+    resources = spec_resources(spec)
     memory = resources.get("memory") or {}
     limit = memory.get("limit")
     if isinstance(limit, int) and limit > 0:
@@ -55,3 +58,39 @@ def vm_size(spec: dict[str, Any], host_cpus: int | None = None) -> VMSize:
         cpus = _cpuset_count(cpu["cpus"])
     cpus = max(1, min(cpus, host_cpus or os.cpu_count() or 1))
     return VMSize(cpus=cpus, memory_mib=memory_mib)
+
+
+def spec_resources(spec: dict[str, Any]) -> dict[str, Any]:
+    resources = (spec.get("linux") or {}).get("resources") or {}
+    return resources if isinstance(resources, dict) else {}
+
+
+def cgroup_limits(
+    resources: dict[str, Any], vm_memory_mib: int
+) -> agent_pb2.UpdateResourcesRequest:
+    """The guest cgroup limits for OCI LinuxResources (as Create's spec or Update send).
+
+    The VM's RAM was sized at Create and cannot grow: a memory limit above what the VM
+    can give the container is refused rather than silently not honoured.
+    """
+    request = agent_pb2.UpdateResourcesRequest()
+    memory = resources.get("memory") or {}
+    limit = memory.get("limit")
+    if isinstance(limit, int) and limit != 0:
+        capacity = (vm_memory_mib - GUEST_OVERHEAD_MIB) * MIB
+        if limit < 0 or limit > capacity:
+            raise FailedPrecondition(
+                f"memory limit {limit} exceeds what this container's VM can give it "
+                f"({capacity} bytes): a VM's memory is fixed when the container is created"
+            )
+        request.memory_limit_bytes = limit
+    cpu = resources.get("cpu") or {}
+    quota, period = cpu.get("quota"), cpu.get("period")
+    if isinstance(quota, int) and quota != 0:
+        request.cpu_quota_us = quota
+        if isinstance(period, int) and period > 0:
+            request.cpu_period_us = period
+    pids = (resources.get("pids") or {}).get("limit")
+    if isinstance(pids, int) and pids != 0:
+        request.pids_limit = pids
+    return request

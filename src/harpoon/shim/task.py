@@ -41,7 +41,7 @@ from harpoon.sandbox.sandbox import Sandbox
 from harpoon.shim import paths
 from harpoon.shim.bundle import Bundle, mount_rootfs, unmount_rootfs
 from harpoon.shim.events import EventPublisher
-from harpoon.shim.resources import vm_size
+from harpoon.shim.resources import cgroup_limits, spec_resources, vm_size
 from harpoon.shim.stdio import ProcessIO, StdinForwarder, open_stdin, pump
 from harpoon.ttrpc.server import CallContext
 from harpoon.ttrpc.status import Code, TtrpcError
@@ -319,6 +319,9 @@ class TaskService:
             await sandbox.start()
             assert sandbox.agent is not None
             await sandbox.agent.mount("rootfs", GUEST_ROOTFS, "9p", NINEP_OPTIONS)
+            limits = cgroup_limits(spec_resources(bundle.spec), size.memory_mib)
+            if limits.ListFields():
+                await sandbox.agent.update_resources(limits)
             init = HostProcess(
                 exec_id="",
                 guest_id=INIT_GUEST_ID,
@@ -597,7 +600,16 @@ class TaskService:
         raise Unimplemented("checkpoint is not supported by harpoon: a VM is not a CRIU image")
 
     async def Update(self, request: task.UpdateTaskRequest, ctx: CallContext) -> empty_pb2.Empty:
-        raise Unimplemented("update is not supported by harpoon yet")
+        container = self._container(request.id)
+        try:
+            resources = json.loads(request.resources.value or b"{}")
+        except ValueError as error:
+            raise InvalidArgument(f"the resources are not JSON: {error}") from None
+        if not isinstance(resources, dict):
+            raise InvalidArgument("the resources are not a JSON object")
+        limits = cgroup_limits(resources, container.sandbox.config.memory_mib)
+        await container.agent.update_resources(limits)
+        return EMPTY
 
     async def Stats(self, request: task.StatsRequest, ctx: CallContext) -> task.StatsResponse:
         container = self._container(request.id)

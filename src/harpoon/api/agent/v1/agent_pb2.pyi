@@ -173,6 +173,18 @@ class CloseStdinRequest(_message.Message):
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
+class UpdateResourcesRequest(_message.Message):
+    __slots__ = ("memory_limit_bytes", "cpu_quota_us", "cpu_period_us", "pids_limit")
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CPU_QUOTA_US_FIELD_NUMBER: _ClassVar[int]
+    CPU_PERIOD_US_FIELD_NUMBER: _ClassVar[int]
+    PIDS_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    memory_limit_bytes: int
+    cpu_quota_us: int
+    cpu_period_us: int
+    pids_limit: int
+    def __init__(self, memory_limit_bytes: _Optional[int] = ..., cpu_quota_us: _Optional[int] = ..., cpu_period_us: _Optional[int] = ..., pids_limit: _Optional[int] = ...) -> None: ...
+
 class StatsResponse(_message.Message):
     __slots__ = ("metrics",)
     METRICS_FIELD_NUMBER: _ClassVar[int]
