@@ -272,3 +272,30 @@ def test_update_sets_the_guest_cgroup_limits_and_refuses_to_outgrow_the_vm(
     limit, refused = asyncio.run(scenario())
     assert limit == 48 << 20
     assert refused.code == Code.FAILED_PRECONDITION and "fixed" in refused.message
+
+
+def test_a_client_that_stops_reading_output_cannot_block_kill_and_delete(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    """Output flows through its own channel: a full stdout FIFO stalls only it."""
+    client = subprocess.Popen(
+        ctr_command(containerd, "run", "--rm", "--runtime", HARPOON, busybox_image,
+                    container_id, "yes", "flood"),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until_running(containerd, container_id)
+        time.sleep(2)  # the FIFO and every buffer behind it fill up
+        client.kill()  # nobody reads stdout any more
+        client.wait(30)
+        started = time.monotonic()
+        containerd.ctr("task", "kill", "--signal", "SIGKILL", container_id, timeout=30)
+        deadline = time.monotonic() + 30
+        while containerd.ctr("task", "delete", container_id, check=False).returncode != 0:
+            assert time.monotonic() < deadline, "the task could not be deleted"
+            time.sleep(0.2)
+        assert time.monotonic() - started < 30
+    finally:
+        if client.poll() is None:
+            client.kill()
+        containerd.ctr("container", "delete", container_id, check=False)

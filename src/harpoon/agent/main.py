@@ -17,6 +17,7 @@ from harpoon.agent import channel
 from harpoon.agent.processes import ProcessTable
 from harpoon.agent.service import AgentService, power_off
 from harpoon.api.agent.v1 import agent_pb2
+from harpoon.api.names import AGENT_PORT_NAME, STDIO_PORT_NAME
 from harpoon.ttrpc.server import Server
 from harpoon.ttrpc.service import register_service
 
@@ -38,8 +39,14 @@ async def serve(started_monotonic: float) -> None:
         agent_pb2.DESCRIPTOR.services_by_name["Agent"],
         AgentService(table, started_monotonic),
     )
-    path = await channel.wait_for_port()
-    log(f"serving on {path}")
+    # The agent port first: the host's first request (Hello) comes on it.
+    await asyncio.gather(serve_port(server, AGENT_PORT_NAME), serve_port(server, STDIO_PORT_NAME))
+
+
+async def serve_port(server: Server, name: str) -> None:
+    """Serves one host channel for ever: each time the host (re)connects."""
+    path = await channel.wait_for_port(name)
+    log(f"serving {name} on {path}")
     while True:
         reader, writer = await channel.open_port(path)
         try:

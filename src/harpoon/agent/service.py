@@ -21,6 +21,7 @@ from harpoon.ttrpc.server import CallContext
 
 STREAM_NAMES = {agent_pb2.STDOUT: "stdout", agent_pb2.STDERR: "stderr"}
 _EMPTY = empty_pb2.Empty()
+OUTPUT_DRAIN_WAIT_S = 2.0
 RNDRESEEDCRNG = 0x5207  # linux/random.h: _IO('R', 0x07)
 
 
@@ -111,8 +112,12 @@ class AgentService:
     ) -> agent_pb2.WaitProcessResponse:
         process = self.table.get(request.id)
         await process.exited.wait()
-        for drained in process.drained.values():
-            await drained.wait()
+        # Normally the output is all sent before the exit is: but a host that does not
+        # read it (a client gone) must not keep the exit from being reported.
+        drained = [asyncio.ensure_future(event.wait()) for event in process.drained.values()]
+        _, pending = await asyncio.wait(drained, timeout=OUTPUT_DRAIN_WAIT_S)
+        for waiting in pending:
+            waiting.cancel()
         assert process.exit_status is not None
         return agent_pb2.WaitProcessResponse(
             exit_status=process.exit_status,

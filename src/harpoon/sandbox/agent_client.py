@@ -23,28 +23,30 @@ CONNECT_RETRY_S = 0.005
 
 
 class AgentClient:
-    def __init__(self, client: Client) -> None:
+    """Control calls on the agent port; process output and input on the stdio port
+    (the same connection when there is no stdio port)."""
+
+    def __init__(self, client: Client, stdio: Client | None = None) -> None:
         self._client = client
+        self._stdio = stdio or client
         self.process_started = asyncio.Event()
         """Set once a process has started in the guest (the container is running)."""
 
     @classmethod
-    async def connect(cls, socket_path: str) -> AgentClient:
-        # The VMM binds its socket a moment before it listens on it.
-        for _ in range(CONNECT_ATTEMPTS - 1):
-            try:
-                reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 22)
-                break
-            except ConnectionRefusedError:
-                await asyncio.sleep(CONNECT_RETRY_S)
-        else:
-            reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 22)
-        # A stdout stream nobody drains (a client that stopped reading its FIFO) stalls
-        # the connection rather than dropping output: output is never lost.
-        return cls(Client(reader, writer, stream_full_timeout_s=None))
+    async def connect(cls, socket_path: str, stdio_path: str | None = None) -> AgentClient:
+        control = await _connect(socket_path)
+        if stdio_path is None:
+            return cls(control)
+        try:
+            return cls(control, await _connect(stdio_path))
+        except BaseException:
+            await control.close()
+            raise
 
     async def close(self) -> None:
         await self._client.close()
+        if self._stdio is not self._client:
+            await self._stdio.close()
 
     async def _call(
         self,
@@ -100,7 +102,7 @@ class AgentClient:
 
     async def read_output(self, process_id: str, stream: agent_pb2.Stream) -> AsyncIterator[bytes]:
         request = agent_pb2.ReadOutputRequest(id=process_id, stream=stream)
-        async for payload in self._client.stream(
+        async for payload in self._stdio.stream(
             AGENT_SERVICE, "ReadOutput", request.SerializeToString()
         ):
             chunk = agent_pb2.OutputChunk()
@@ -117,7 +119,7 @@ class AgentClient:
             if first:
                 yield agent_pb2.StdinChunk(id=process_id).SerializeToString()
 
-        await self._client.call_client_stream(AGENT_SERVICE, "WriteStdin", messages())
+        await self._stdio.call_client_stream(AGENT_SERVICE, "WriteStdin", messages())
 
     async def close_stdin(self, process_id: str) -> None:
         await self._call("CloseStdin", agent_pb2.CloseStdinRequest(id=process_id), empty_pb2.Empty)
@@ -134,3 +136,19 @@ class AgentClient:
     async def resize_terminal(self, process_id: str, width: int, height: int) -> None:
         request = agent_pb2.ResizeTerminalRequest(id=process_id, width=width, height=height)
         await self._call("ResizeTerminal", request, empty_pb2.Empty)
+
+
+async def _connect(socket_path: str) -> Client:
+    # The VMM binds its socket a moment before it listens on it.
+    for _ in range(CONNECT_ATTEMPTS - 1):
+        try:
+            reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 22)
+            break
+        except ConnectionRefusedError:
+            await asyncio.sleep(CONNECT_RETRY_S)
+    else:
+        reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 22)
+    # A stdout stream nobody drains (a client that stopped reading its FIFO) stalls
+    # its connection rather than dropping output: output is never lost. That is why
+    # streams have a connection (and a port) of their own.
+    return Client(reader, writer, stream_full_timeout_s=None)

@@ -127,7 +127,9 @@ class Sandbox:
         vm = self._make_vm(self.config)
         self.vm = vm
         await vm.start()
-        self.agent = await AgentClient.connect(str(self.config.agent_socket))
+        self.agent = await AgentClient.connect(
+            str(self.config.agent_socket), str(self.config.stdio_socket)
+        )
         hello = asyncio.ensure_future(self.agent.hello(timeout=BOOT_TIMEOUT_S))
         died = asyncio.ensure_future(vm.wait())
         done, _ = await asyncio.wait(

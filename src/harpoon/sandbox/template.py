@@ -227,14 +227,18 @@ async def _save_template(config: VMConfig, make_vm: MakeVM, staging: Path) -> di
         await vm.start()
         # Held open and silent while the guest is saved: restored guests then find a host
         # already attached and serve it as a fresh connection (see VirtualMachine).
-        _, host_end = await asyncio.open_unix_connection(str(vm.config.agent_socket))
+        host_ends = [
+            (await asyncio.open_unix_connection(str(path)))[1]
+            for path in (vm.config.agent_socket, vm.config.stdio_socket)
+        ]
         try:
             await vm.wait_for_agent_channel(BUILD_TIMEOUT_S)
             booted = time.monotonic()
             await vm.save_state(staging / STATE_NAME)
             saved = time.monotonic()
         finally:
-            host_end.close()
+            for host_end in host_ends:
+                host_end.close()
     except TimeoutError:
         raise VMError(f"the template guest's agent did not start: {vm.console_tail()}") from None
     finally:
@@ -257,7 +261,7 @@ async def restore(
     agent: AgentClient | None = None
     try:
         await vm.restore(state)
-        agent = await AgentClient.connect(str(config.agent_socket))
+        agent = await AgentClient.connect(str(config.agent_socket), str(config.stdio_socket))
         # Sent before the guest runs: it waits in the channel for the restored agent.
         hello = asyncio.ensure_future(agent.hello(timeout=RESTORE_CALL_TIMEOUT_S))
         try:

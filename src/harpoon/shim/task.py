@@ -52,6 +52,8 @@ INIT_GUEST_ID = "init"
 EXEC_GUEST_PREFIX = "exec:"
 # How long the init's exit waits for its execs' exits to be published first.
 EXEC_EXIT_WAIT_S = 10.0
+# How long an exit waits for its output to reach the client before it is reported.
+OUTPUT_FLUSH_WAIT_S = 2.0
 # How long CloseIO waits for buffered stdin to reach the guest before the EOF.
 STDIN_DRAIN_S = 10.0
 NINEP_OPTIONS = ["trans=virtio", "version=9p2000.L", "msize=524288"]
@@ -89,6 +91,7 @@ class HostProcess:
     stdin_fd: int | None = None
     stdin_forwarder: StdinForwarder | None = None
     stdin_task: asyncio.Task[None] | None = None
+    io_done: asyncio.Future[None] | None = None
 
     def release_stdin(self) -> None:
         if self.stdin_forwarder is not None:
@@ -234,9 +237,13 @@ class TaskService:
         except (TtrpcError, OSError) as error:
             log.error("lost the VM of %s: %s", container.id, error)
             status, exited_at = VM_DIED_EXIT_STATUS, _now()
-        # Every byte reaches containerd's FIFOs before anyone hears of the exit.
-        await asyncio.gather(*process.pumps, return_exceptions=True)
-        process.io.close()
+        # Every byte reaches containerd's FIFOs before anyone hears of the exit, unless
+        # nobody reads them: then the exit goes first (clients wait for EOF on their
+        # FIFOs before they delete, and EOF comes when the pumps are done).
+        pumps = [p for p in process.pumps if not p.done()]
+        if pumps:
+            await asyncio.wait(pumps, timeout=OUTPUT_FLUSH_WAIT_S)
+        process.io_done = asyncio.ensure_future(self._finish_io(process))
         process.release_stdin()
         if process is container.init:
             # The init's exit is the container's last: execs die with it (the agent
@@ -245,6 +252,11 @@ class TaskService:
             if execs:
                 await asyncio.wait(execs, timeout=EXEC_EXIT_WAIT_S)
         self._record_exit(container, process, status, exited_at)
+
+    @staticmethod
+    async def _finish_io(process: HostProcess) -> None:
+        await asyncio.gather(*process.pumps, return_exceptions=True)
+        process.io.close()  # EOF for the client
 
     def _record_exit(
         self,
@@ -462,7 +474,7 @@ class TaskService:
 
     @staticmethod
     def _cancel(process: HostProcess) -> None:
-        for running in (process.waiter, process.stdin_task, *process.pumps):
+        for running in (process.waiter, process.stdin_task, process.io_done, *process.pumps):
             if running is not None and not running.done():
                 running.cancel()
         process.io.close()

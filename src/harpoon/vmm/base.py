@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harpoon.api.names import AGENT_PORT_NAME
+from harpoon.api.names import AGENT_PORT_NAME, STDIO_PORT_NAME
 
 __all__ = [
     "AGENT_PORT_NAME",
+    "STDIO_PORT_NAME",
     "SavedStateUnsupported",
     "Share",
     "VMConfig",
@@ -66,6 +67,10 @@ class VMConfig:
     @property
     def agent_socket(self) -> Path:
         return self.state_dir / "agent.sock"
+
+    @property
+    def stdio_socket(self) -> Path:
+        return self.state_dir / "stdio.sock"
 
     @property
     def console_log(self) -> Path:

@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from harpoon.vmm import accel
-from harpoon.vmm.base import AGENT_PORT_NAME, VirtualMachine, VMConfig, VMError
+from harpoon.vmm.base import (
+    AGENT_PORT_NAME,
+    STDIO_PORT_NAME,
+    VirtualMachine,
+    VMConfig,
+    VMError,
+)
 from harpoon.vmm.qmp import QmpClient
 
 SOCKET_WAIT_S = 10.0
@@ -138,6 +144,10 @@ def command_line(config: VMConfig, accelerator: str) -> list[str]:
         f"virtio-serial-{profile.device_suffix}",
         "-device",
         f"virtserialport,chardev=agent,name={AGENT_PORT_NAME},id={AGENT_DEVICE_ID}",
+        "-chardev",
+        f"socket,id=stdio,path={config.stdio_socket},server=on,wait=off",
+        "-device",
+        f"virtserialport,chardev=stdio,name={STDIO_PORT_NAME}",
         "-qmp",
         f"unix:{config.control_socket},server=on,wait=off",
         "-pidfile",
@@ -207,7 +217,7 @@ class QemuVM(VirtualMachine):
         argv = command_line(self.config, accel.choose(binary))
         argv[0] = binary
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
-        sockets = (self.config.agent_socket, self.config.control_socket)
+        sockets = (self.config.agent_socket, self.config.stdio_socket, self.config.control_socket)
         # A QEMU that failed (a restore refused its state) leaves its sockets behind, and
         # the wait below must only see the ones this QEMU creates.
         for path in sockets:
@@ -319,7 +329,9 @@ class QemuVM(VirtualMachine):
         async with asyncio.timeout(timeout_s):
             while True:
                 chardevs = await self._execute("query-chardev")
-                if any(c.get("label") == "agent" and c.get("frontend-open") for c in chardevs):
+                opened = {c.get("label") for c in chardevs if c.get("frontend-open")}
+                # Both ports: a guest saved before it opened one would never see its host.
+                if {"agent", "stdio"} <= opened:
                     return
                 await asyncio.sleep(AGENT_CHANNEL_POLL_S)
 
