@@ -1,0 +1,404 @@
+"""The benchmarks: each runs its runtimes and baselines interleaved, N times.
+
+Interleaving (floor, runc, harpoon, floor, runc, harpoon, …) makes the noise of a shared
+machine hit every series alike, so their ratios hold even when absolute times drift.
+Every function records into `Figures` and returns; a failed or slow run becomes a
+recorded failure, never an exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+
+from rich.console import Console
+
+from bench import host
+from bench.ctr import HARPOON_RUNTIME, RUNTIMES, UNIMPLEMENTED, Ctr, CtrResult
+from bench.floor import boot_floor
+from bench.shimlog import ShimLog
+from bench.stats import Figure, Figures
+from harpoon.devenv.containerd import Containerd
+from harpoon.guest import GuestImage
+
+#: A single `ctr run --rm … echo hi` (a harpoon one takes 6-8 s under TCG).
+RUN_TIMEOUT_S = 180.0
+#: A run that pushes the stdout payload through (harpoon: boot + ~15-40 MiB/s).
+STDOUT_RUN_TIMEOUT_S = 600.0
+#: A batch of concurrent runs: ten VMs on two cores under TCG take a while.
+BATCH_RUN_TIMEOUT_S = 600.0
+#: `ctr task exec` of `echo hi` in a running container.
+EXEC_TIMEOUT_S = 60.0
+#: How long an idle container sits before its memory is read (let start-up settle).
+IDLE_SETTLE_S = 2.0
+#: How long a detached harpoon container may take to build the VM template (warm-up).
+TEMPLATE_BUILD_WAIT_S = 180.0
+
+MIB = 1 << 20
+MODE_LABELS = {"template": "restored from template", "cold": "cold boot"}
+
+
+@dataclass
+class Bench:
+    """What every benchmark needs: the daemon, the image, where to record, how often."""
+
+    daemon: Containerd
+    ctr: Ctr
+    image: str
+    floor_image: GuestImage
+    qemu: str
+    accelerator: str
+    figures: Figures
+    runs: int
+    console: Console
+    shim_log: ShimLog
+    stdout_mib: int = 256
+    containers: int = 10
+    concurrency_runs: int = 3
+    templates: bool = True
+    _ids: dict[str, int] = field(default_factory=dict)
+
+    def new_id(self, prefix: str) -> str:
+        """A container ID never used before in this run (`bench-PREFIX-N`)."""
+        n = self._ids[prefix] = self._ids.get(prefix, 0) + 1
+        return f"bench-{prefix}-{n}"
+
+    def used_ids(self) -> dict[str, int]:
+        """How many IDs of each prefix were handed out."""
+        return dict(self._ids)
+
+    def say(self, message: str) -> None:
+        self.console.log(message, highlight=False)
+
+
+def _expect_output(result: CtrResult, expected: bytes) -> str | None:
+    """Why a run does not count, or None when it exited 0 and printed `expected`."""
+    if not result.ok:
+        return result.failure()
+    if result.stdout != expected:
+        return f"`ctr {' '.join(result.argv)}` printed {result.stdout[:200]!r}, not {expected!r}"
+    return None
+
+
+async def warm_up(bench: Bench) -> None:
+    """One untimed floor boot and one run of each runtime, so that page cache, the
+    accelerator probe and first-start costs are paid before anything is measured; and,
+    when harpoon restores VMs from templates, a template built for this configuration."""
+    bench.say("warm-up: one floor boot, one runc and one harpoon run (not measured)")
+    await boot_floor(bench.floor_image, bench.qemu, bench.accelerator)
+    mode = None
+    for name, runtime in RUNTIMES.items():
+        container_id = bench.new_id(f"warm-{name}")
+        result = await bench.ctr.run_container(
+            runtime, bench.image, container_id, "echo", "hi", timeout_s=RUN_TIMEOUT_S
+        )
+        if not result.ok:
+            bench.say(f"[yellow]warm-up {name} failed: {result.failure()}")
+        elif name == "harpoon":
+            mode = (await bench.shim_log.start(container_id)).mode
+    if mode == "cold" and bench.templates:
+        await _build_template(bench)
+
+
+async def _build_template(bench: Bench) -> None:
+    """Keeps a harpoon container running until its shim has built the VM template (the
+    shim builds it in the background after a cold boot and cancels it when the VM
+    stops, which a short `echo` does at once)."""
+    bench.say("warm-up: no VM template yet; keeping a container up while the shim builds it")
+    container_id = bench.new_id("warm-template")
+    result = await bench.ctr.run_container(
+        HARPOON_RUNTIME, bench.image, container_id, "sleep", "1000",
+        timeout_s=RUN_TIMEOUT_S, detach=True,
+    )  # fmt: skip
+    try:
+        if result.ok:
+            built = await bench.shim_log.template_built(TEMPLATE_BUILD_WAIT_S)
+            bench.say(f"warm-up: {built or 'no template built; harpoon runs will boot cold'}")
+    finally:
+        await bench.ctr.remove_container(container_id)
+
+
+async def startup(bench: Bench) -> None:
+    """Boot floor vs `ctr run --rm … echo hi` on runc and harpoon, and harpoon's split."""
+    section = "startup"
+    f = bench.figures
+    floor = f.get(section, "boot floor: QEMU launch → marker (same kernel, machine, args)", "s")
+    runc = f.get(section, "runc: `ctr run --rm … echo hi`", "s")
+    harpoon = f.get(section, "harpoon: `ctr run --rm … echo hi`", "s")
+    rest_name = "harpoon: rest of the run (wall - VM start)"
+    harpoon_ids = []
+    for i in range(1, bench.runs + 1):
+        floor_boot = await boot_floor(bench.floor_image, bench.qemu, bench.accelerator)
+        if floor_boot.seconds is not None:
+            floor.add(floor_boot.seconds)
+        else:
+            floor.fail(floor_boot.error or "no marker")
+        results: dict[str, CtrResult] = {}
+        vm_start = "VM start unknown"
+        for name, runtime in RUNTIMES.items():
+            container_id = bench.new_id(f"run-{name}")
+            result = await bench.ctr.run_container(
+                runtime, bench.image, container_id, "echo", "hi", timeout_s=RUN_TIMEOUT_S
+            )
+            figure = runc if name == "runc" else harpoon
+            problem = _expect_output(result, b"hi\n")
+            if problem:
+                figure.fail(problem)
+                continue
+            figure.add(result.seconds)
+            results[name] = result
+            if name != "harpoon":
+                continue
+            harpoon_ids.append(container_id)
+            start = await bench.shim_log.start(container_id)
+            if start.seconds is None:
+                f.get(section, rest_name, "s").fail(f"no 'created {container_id}' log line")
+                continue
+            how = MODE_LABELS.get(start.mode or "", "mode unknown")
+            f.get(section, f"harpoon: VM start → agent ready, {how} (shim log)", "s").add(
+                start.seconds
+            )
+            f.get(section, rest_name, "s").add(result.seconds - start.seconds)
+            vm_start = f"VM {how} {start.seconds:.2f} s"
+            if floor_boot.seconds is not None and start.mode == "cold":
+                f.get(section, "harpoon: cold VM boot - boot floor (same round)", "s").add(
+                    start.seconds - floor_boot.seconds
+                )
+        bench.say(
+            f"startup {i}/{bench.runs}: floor {_s(floor_boot.seconds)}, "
+            f"runc {_s(_secs(results.get('runc')))}, harpoon {_s(_secs(results.get('harpoon')))}"
+            f" ({vm_start})"
+        )
+    await _note_modes(bench, harpoon, harpoon_ids)
+
+
+async def _note_modes(bench: Bench, figure: Figure, container_ids: list[str]) -> None:
+    """Notes how many of a harpoon figure's VMs were restored from a template."""
+    modes = [(await bench.shim_log.start(c)).mode for c in container_ids]
+    if modes:
+        restored = modes.count("template")
+        figure.notes.append(f"{restored} of {len(modes)} VMs restored from a template")
+
+
+async def stdout_throughput(bench: Bench) -> None:
+    """`dd` of N MiB of zeros to stdout through `ctr run --rm`, counted, not kept."""
+    section = "stdout"
+    payload = bench.stdout_mib * MIB
+    command = ("sh", "-c", f"dd if=/dev/zero bs=1M count={bench.stdout_mib} 2>/dev/null")
+    f = bench.figures
+    short: dict[str, list[int]] = {}
+    harpoon_ids: list[str] = []
+    for i in range(1, bench.runs + 1):
+        line = []
+        for name, runtime in RUNTIMES.items():
+            rate = f.get(
+                section, f"{name}: stdout {bench.stdout_mib} MiB, first byte → EOF", "MiB/s",
+                higher_is_better=True,
+            )  # fmt: skip
+            wall = f.get(section, f"{name}: stdout {bench.stdout_mib} MiB, whole `ctr run`", "s")
+            container_id = bench.new_id(f"stdout-{name}")
+            if name == "harpoon":
+                harpoon_ids.append(container_id)
+            result = await bench.ctr.run_container(
+                runtime, bench.image, container_id, *command,
+                timeout_s=STDOUT_RUN_TIMEOUT_S, keep_stdout=False,
+            )  # fmt: skip
+            if not result.ok or not result.stdout_bytes:
+                problem = result.failure() if not result.ok else "no output"
+                rate.fail(problem)
+                wall.fail(problem)
+                line.append(f"{name} failed")
+                continue
+            if result.stdout_bytes != payload:
+                # Reported, not dropped: losing the tail of a container's output is a
+                # finding in itself (the rate below counts only the bytes that came).
+                short.setdefault(name, []).append(result.stdout_bytes)
+            assert result.first_byte_s is not None
+            streaming_s = max(result.seconds - result.first_byte_s, 1e-6)
+            rate.add(result.stdout_bytes / MIB / streaming_s)
+            wall.add(result.seconds)
+            line.append(f"{name} {rate.samples[-1]:.0f} MiB/s ({result.seconds:.1f} s)")
+        bench.say(f"stdout {i}/{bench.runs}: {', '.join(line)}")
+    for name, received in short.items():
+        note = (
+            f"{len(received)} run(s) delivered fewer bytes than the container wrote "
+            f"(as few as {min(received)} of {payload})"
+        )
+        for figure in f.matching(section, f"{name}: "):
+            figure.notes.append(note)
+    for figure in f.matching(section, "harpoon: "):
+        await _note_modes(bench, figure, harpoon_ids)
+
+
+async def _exec(bench: Bench, container_id: str, *command: str) -> CtrResult:
+    return await bench.ctr.run(
+        "task", "exec", "--exec-id", bench.new_id("exec"), container_id, *command,
+        timeout_s=EXEC_TIMEOUT_S,
+    )  # fmt: skip
+
+
+async def idle(bench: Bench) -> None:
+    """An idle `sleep 1000` container per runtime: shim and VM memory, then exec latency."""
+    section = "idle"
+    f = bench.figures
+    runc_shim = f.get(section, "runc: shim RSS", "MiB")
+    harpoon_shim = f.get(section, "harpoon: shim RSS", "MiB")
+    qemu = f.get(section, "harpoon: QEMU RSS", "MiB")
+    harpoon_total = f.get(section, "harpoon: shim + QEMU RSS", "MiB")
+    guest_used = f.get(section, "harpoon: guest memory in use (MemTotal - MemAvailable)", "MiB")
+    exec_figures = {
+        name: f.get(section, f"{name}: `ctr task exec … echo hi`", "s") for name in RUNTIMES
+    }
+    harpoon_ids = []
+    for i in range(1, bench.runs + 1):
+        ids = {name: bench.new_id(f"idle-{name}") for name in RUNTIMES}
+        harpoon_ids.append(ids["harpoon"])
+        try:
+            started = {}
+            for name, runtime in RUNTIMES.items():
+                result = await bench.ctr.run_container(
+                    runtime, bench.image, ids[name], "sleep", "1000",
+                    timeout_s=RUN_TIMEOUT_S, detach=True,
+                )  # fmt: skip
+                started[name] = result.ok
+                if not result.ok:
+                    exec_figures[name].fail(result.failure())
+            await asyncio.sleep(IDLE_SETTLE_S)
+            _record_memory(bench, ids, started, runc_shim, harpoon_shim, qemu, harpoon_total)
+            for name in RUNTIMES:
+                if started[name]:
+                    await _measure_exec(bench, name, ids[name], exec_figures[name])
+            if started["harpoon"]:
+                await _guest_memory(bench, ids["harpoon"], guest_used, exec_figures["harpoon"])
+        finally:
+            for container_id in ids.values():
+                await bench.ctr.remove_container(container_id)
+        bench.say(
+            f"idle {i}/{bench.runs}: runc shim {_mib(runc_shim)}, harpoon shim "
+            f"{_mib(harpoon_shim)} + QEMU {_mib(qemu)}; exec runc "
+            f"{_s(_last(exec_figures['runc'].samples))}, harpoon "
+            f"{exec_figures['harpoon'].unavailable or _s(_last(exec_figures['harpoon'].samples))}"
+        )
+    await _note_modes(bench, harpoon_total, harpoon_ids)
+
+
+def _record_memory(
+    bench: Bench,
+    ids: dict[str, str],
+    started: dict[str, bool],
+    runc_shim: Figure,
+    harpoon_shim: Figure,
+    qemu: Figure,
+    harpoon_total: Figure,
+) -> None:
+    """Reads the RSS of each idle container's shim (and harpoon's QEMU child)."""
+    for name, figure in (("runc", runc_shim), ("harpoon", harpoon_shim)):
+        if not started[name]:
+            figure.fail(f"{ids[name]} did not start")
+            continue
+        shim = host.shim_of(bench.daemon, ids[name])
+        shim_rss = host.rss_mib(shim.pid) if shim else None
+        if shim is None or shim_rss is None:
+            figure.fail(f"no live shim with -id {ids[name]}")
+            continue
+        figure.add(shim_rss)
+        if name != "harpoon":
+            continue
+        vm = host.qemu_child(shim.pid)
+        vm_rss = host.rss_mib(vm) if vm else None
+        if vm_rss is None:
+            qemu.fail(f"no qemu-system-* child of shim pid {shim.pid}")
+            continue
+        qemu.add(vm_rss)
+        harpoon_total.add(shim_rss + vm_rss)
+
+
+async def _measure_exec(bench: Bench, name: str, container_id: str, figure: Figure) -> None:
+    """One `ctr task exec … echo hi`; a shim without exec marks the figure unavailable."""
+    if figure.unavailable:
+        return
+    result = await _exec(bench, container_id, "echo", "hi")
+    if not result.ok and UNIMPLEMENTED.search(result.stderr):
+        figure.unavailable = f"not implemented ({result.stderr.splitlines()[-1]})"
+        return
+    problem = _expect_output(result, b"hi\n")
+    if problem:
+        figure.fail(problem)
+    else:
+        figure.add(result.seconds)
+
+
+async def _guest_memory(
+    bench: Bench, container_id: str, figure: Figure, exec_figure: Figure
+) -> None:
+    """MemTotal - MemAvailable inside the VM, read with exec (n/a while exec is missing)."""
+    if exec_figure.unavailable:
+        figure.unavailable = "n/a: needs exec, which harpoon does not implement yet"
+        return
+    result = await _exec(bench, container_id, "cat", "/proc/meminfo")
+    fields = dict(re.findall(r"^(\w+):\s+(\d+) kB$", result.stdout.decode(errors="replace"), re.M))
+    if not result.ok or "MemTotal" not in fields or "MemAvailable" not in fields:
+        figure.fail(result.failure() if not result.ok else "no MemTotal/MemAvailable in output")
+        return
+    figure.add((int(fields["MemTotal"]) - int(fields["MemAvailable"])) / 1024)
+
+
+async def concurrency(bench: Bench) -> None:
+    """K containers at once vs one after another, total wall time, per runtime."""
+    section = "concurrency"
+    k = bench.containers
+    f = bench.figures
+    batch_ids: dict[str, list[str]] = {}
+    for i in range(1, bench.concurrency_runs + 1):
+        line = []
+        for mode in ("concurrent", "sequential"):
+            for name, runtime in RUNTIMES.items():
+                figure = f.get(section, f"{name}: {k} x `ctr run --rm … echo hi`, {mode}", "s")
+                loop = asyncio.get_running_loop()
+                ids = [bench.new_id(f"{mode[:4]}-{name}") for _ in range(k)]
+                if name == "harpoon":
+                    batch_ids.setdefault(figure.name, []).extend(ids)
+                started = loop.time()
+                runs = [
+                    bench.ctr.run_container(
+                        runtime,
+                        bench.image,
+                        container_id,
+                        "echo",
+                        "hi",
+                        timeout_s=BATCH_RUN_TIMEOUT_S,
+                    )
+                    for container_id in ids
+                ]
+                if mode == "concurrent":
+                    results = list(await asyncio.gather(*runs))
+                else:
+                    results = [await run for run in runs]
+                total = loop.time() - started
+                problems = [p for p in (_expect_output(r, b"hi\n") for r in results) if p]
+                if problems:
+                    figure.fail(f"{len(problems)} of {k} runs failed; first: {problems[0]}")
+                    line.append(f"{name} {mode} failed")
+                else:
+                    figure.add(total)
+                    line.append(f"{name} {mode} {total:.1f} s")
+        bench.say(f"concurrency {i}/{bench.concurrency_runs}: {', '.join(line)}")
+    for figure in f.matching(section, "harpoon: "):
+        await _note_modes(bench, figure, batch_ids.get(figure.name, []))
+
+
+def _secs(result: CtrResult | None) -> float | None:
+    return result.seconds if result is not None else None
+
+
+def _last(values: list[float]) -> float | None:
+    return values[-1] if values else None
+
+
+def _s(value: float | None) -> str:
+    return f"{value:.2f} s" if value is not None else "failed"
+
+
+def _mib(figure: Figure) -> str:
+    return f"{figure.samples[-1]:.0f} MiB" if figure.samples else "n/a"

@@ -1,0 +1,80 @@
+"""What harpoon's shims logged: each VM's start time and whether it was restored.
+
+containerd copies each shim's log FIFO into its own log (at debug level), so the shim's
+`created ID: VM pid N booted in X s` (launch → agent ready, a cold boot or a template
+restore), `restored ID from template K in X s` and `built VM template K in DIR` lines
+are in our throw-away daemon's log. Read-only; the log is read incrementally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+#: How long to wait for a shim's line to reach containerd's log.
+LINE_WAIT_S = 5.0
+POLL_S = 0.05
+
+_CREATED = re.compile(r"created (\S+): VM pid \d+ booted in ([0-9.]+) s")
+_RESTORED = re.compile(r"restored (\S+) from template")
+_TEMPLATE = re.compile(r"(built VM template \S+|building a VM template for \S+ failed: [^\n]*)")
+
+
+@dataclass(frozen=True)
+class VMStart:
+    """launch → agent ready of one container's VM, and how: "template" or "cold"."""
+
+    seconds: float | None
+    mode: str | None
+
+
+class ShimLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._created: dict[str, float] = {}
+        self._restored: set[str] = set()
+        self._templates: list[str] = []
+
+    def _scan(self) -> None:
+        try:
+            with self.path.open("rb") as log:
+                log.seek(self._offset)
+                data = log.read()
+        except OSError:
+            return
+        # Only whole lines: a line being written is read again next time.
+        complete = data[: data.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        text = complete.decode(errors="replace")
+        for match in _CREATED.finditer(text):
+            self._created[match.group(1)] = float(match.group(2))
+        self._restored.update(m.group(1) for m in _RESTORED.finditer(text))
+        self._templates.extend(m.group(1) for m in _TEMPLATE.finditer(text))
+
+    async def start(self, container_id: str) -> VMStart:
+        """How the VM of `container_id` started (waits briefly for the log line)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LINE_WAIT_S
+        self._scan()
+        while container_id not in self._created and loop.time() < deadline:
+            await asyncio.sleep(POLL_S)
+            self._scan()
+        seconds = self._created.get(container_id)
+        if seconds is None:
+            return VMStart(None, None)
+        return VMStart(seconds, "template" if container_id in self._restored else "cold")
+
+    async def template_built(self, timeout_s: float) -> str | None:
+        """Waits for a shim to report a template built (or its build failed)."""
+        loop = asyncio.get_running_loop()
+        seen = len(self._templates)
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            self._scan()
+            if len(self._templates) > seen:
+                return self._templates[-1]
+            await asyncio.sleep(POLL_S * 10)
+        return None
