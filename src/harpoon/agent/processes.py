@@ -28,6 +28,8 @@ from harpoon.agent import cgroups
 from harpoon.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+F_SETPIPE_SZ = 1031  # linux/fcntl.h
+OUTPUT_PIPE_BYTES = 1 << 20
 PROC_MOUNT_FLAGS = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
 # Signals Python sets to SIG_IGN; an exec'd program would inherit the ignore.
 _SIGNALS_PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)
@@ -224,6 +226,9 @@ class ProcessTable:
             ):
                 if wanted:
                     read_end, write_end = os.pipe2(os.O_CLOEXEC)
+                    # Bigger pipes, bigger reads: each chunk costs the agent fixed work.
+                    with contextlib.suppress(OSError):
+                        fcntl.fcntl(read_end, F_SETPIPE_SZ, OUTPUT_PIPE_BYTES)
                     os.set_blocking(read_end, False)
                     process.output_fds[name] = read_end
                     process.child_stdio[index] = write_end
@@ -350,7 +355,7 @@ async def read_output(process: Process, stream: str) -> bytes | None:
     if fd is None:
         return None
     try:
-        chunk = await aio.read_some(fd)
+        chunk = await aio.read_some(fd, OUTPUT_PIPE_BYTES)
     except OSError as error:
         if error.errno != errno.EIO:  # a pty master reads EIO once every slave is closed
             raise
