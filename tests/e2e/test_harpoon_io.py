@@ -15,7 +15,13 @@ from pathlib import Path
 import pytest
 
 from harpoon.devenv.containerd import Containerd
-from tests.e2e.test_harpoon_run import HARPOON, RUN_TIMEOUT_S, ctr_command, wait_until_running
+from tests.e2e.test_harpoon_run import (
+    HARPOON,
+    RUN_TIMEOUT_S,
+    ctr_command,
+    start_sleeper,
+    wait_until_running,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -23,11 +29,7 @@ pytestmark = pytest.mark.vm
 @pytest.fixture
 def sleeper(containerd: Containerd, busybox_image: str, container_id: str):  # type: ignore[no-untyped-def]
     """A running `sleep 1000` container, killed and removed after the test."""
-    containerd.ctr(
-        "run", "-d", "--runtime", HARPOON, busybox_image, container_id, "sleep", "1000",
-        timeout=RUN_TIMEOUT_S,
-    )  # fmt: skip
-    wait_until_running(containerd, container_id)
+    start_sleeper(containerd, busybox_image, container_id)
     yield container_id
     containerd.ctr("task", "kill", "--signal", "SIGKILL", container_id, check=False)
     deadline = time.monotonic() + 60

@@ -72,6 +72,30 @@ def wait_until_running(containerd: Containerd, container_id: str) -> None:
     raise AssertionError(f"task {container_id} never reached RUNNING")
 
 
+def task_topics(events: subprocess.Popen[bytes], container_id: str) -> list[str]:
+    """Stops a running `ctr events` and returns the /tasks/ topics it saw for a container."""
+    time.sleep(1.0)  # the last events (TaskDelete) are published as a run ends
+    events.send_signal(signal.SIGTERM)
+    out, _ = events.communicate(timeout=30)
+    # Lines read "<date> <time> <zone> UTC <namespace> /tasks/<topic> {json}".
+    return [
+        word
+        for line in out.decode().splitlines()
+        if container_id in line
+        for word in line.split()
+        if word.startswith("/tasks/")
+    ]
+
+
+def start_sleeper(containerd: Containerd, image: str, container_id: str) -> None:
+    """Starts a detached `sleep 1000` container and waits until it runs."""
+    containerd.ctr(
+        "run", "-d", "--runtime", HARPOON, image, container_id, "sleep", "1000",
+        timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    wait_until_running(containerd, container_id)
+
+
 def vm_processes(state_dir: Path) -> list[int]:
     """Host processes whose command line names the VM's state directory (its QEMU)."""
     found = []
@@ -185,17 +209,7 @@ def test_events_arrive_as_create_start_exit_delete(
     events = run_in_background(containerd, background, "events")
     time.sleep(0.5)  # let `ctr events` subscribe before anything happens
     assert run(containerd, busybox_image, container_id, "true")[0] == 0
-    time.sleep(1.0)  # TaskDelete is published as the run ends
-    events.send_signal(signal.SIGTERM)
-    out, _ = events.communicate(timeout=30)
-    # Lines read "<date> <time> <zone> UTC <namespace> /tasks/<topic> {json}".
-    topics = [
-        word
-        for line in out.decode().splitlines()
-        if container_id in line
-        for word in line.split()
-        if word.startswith("/tasks/")
-    ]
+    topics = task_topics(events, container_id)
     assert topics == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
 
 
@@ -209,11 +223,7 @@ def test_rm_leaves_no_vm_socket_mount_or_state(
 def test_a_killed_shim_takes_its_vm_and_delete_cleans_up(
     containerd: Containerd, busybox_image: str, container_id: str
 ) -> None:
-    containerd.ctr(
-        "run", "-d", "--runtime", HARPOON, busybox_image, container_id, "sleep", "1000",
-        timeout=RUN_TIMEOUT_S,
-    )  # fmt: skip
-    wait_until_running(containerd, container_id)
+    start_sleeper(containerd, busybox_image, container_id)
     state_dir = paths.vm_state_dir(containerd.namespace, container_id)
     assert vm_processes(state_dir), "the container's VM is not running"
     [shim] = [s for s in containerd.shims() if s.flag("id") == container_id]
@@ -236,11 +246,7 @@ def test_a_killed_shim_takes_its_vm_and_delete_cleans_up(
 def test_a_running_container_survives_a_containerd_restart(
     containerd: Containerd, busybox_image: str, container_id: str
 ) -> None:
-    containerd.ctr(
-        "run", "-d", "--runtime", HARPOON, busybox_image, container_id, "sleep", "1000",
-        timeout=RUN_TIMEOUT_S,
-    )  # fmt: skip
-    wait_until_running(containerd, container_id)
+    start_sleeper(containerd, busybox_image, container_id)
     containerd.restart()
     wait_until_running(containerd, container_id)
     containerd.ctr("task", "kill", "--signal", "SIGKILL", container_id)
@@ -284,16 +290,7 @@ def test_exceeding_the_memory_limit_kills_with_137_and_publishes_oom(
     )  # fmt: skip
     assert result.returncode == 137, result.stdout + result.stderr
     assert "survived" not in result.stdout
-    time.sleep(1.0)
-    events.send_signal(signal.SIGTERM)
-    out, _ = events.communicate(timeout=30)
-    topics = [
-        word
-        for line in out.decode().splitlines()
-        if container_id in line
-        for word in line.split()
-        if word.startswith("/tasks/")
-    ]
+    topics = task_topics(events, container_id)
     assert "/tasks/oom" in topics
     assert topics.index("/tasks/oom") < topics.index("/tasks/exit")
 

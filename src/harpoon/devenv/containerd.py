@@ -20,6 +20,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -319,6 +320,11 @@ class Containerd:
         report.daemon_killed = self._stop_daemon(force=False)
         report.leaked_shims = self.shims()
         report.killed_pids, report.removed_sockets = kill_process_trees(report.leaked_shims)
+        # What containerd would have done for a dead shim: harpoon's `delete` releases
+        # the VM's state, mounts and sockets that live outside our temporary directory.
+        for shim in report.leaked_shims:
+            if shim.binary == "containerd-shim-harpoon-v1":
+                self._delete_harpoon_shim(shim)
         report.deleted_runc_containers = delete_runc_containers_under(self._paths.base)
         bundles = self._bundles()
         report.removed_cgroups = remove_cgroups([b.cgroups_path for b in bundles if b.cgroups_path])
@@ -329,6 +335,17 @@ class Containerd:
         atexit.unregister(self.stop)
         self._version = None
         return report
+
+    def _delete_harpoon_shim(self, shim: ShimProcess) -> None:
+        namespace, task_id = shim.flag("namespace") or self.namespace, shim.flag("id") or ""
+        assert self._paths is not None
+        bundle = self._paths.state / "io.containerd.runtime.v2.task" / namespace / task_id
+        subprocess.run(
+            [sys.executable, "-m", "harpoon.shim", "-namespace", namespace,
+             "-address", self.address, "-id", task_id, "-bundle", str(bundle), "delete"],
+            cwd=bundle if bundle.is_dir() else None, capture_output=True, timeout=30,
+            check=False,
+        )  # fmt: skip
 
     def __enter__(self) -> Containerd:
         return self.start() if self._paths is None else self
