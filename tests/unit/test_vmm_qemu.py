@@ -65,3 +65,25 @@ def test_mount_options_split_into_flags_and_data() -> None:
     assert flags == linux.MS_RDONLY | linux.MS_BIND | linux.MS_REC | linux.MS_NOSUID
     assert propagation == linux.MS_PRIVATE | linux.MS_REC
     assert data == "index=off,lowerdir=/a:/b"
+
+
+def test_microvm_falls_back_to_q35_only_where_qemu_lacks_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from harpoon.vmm import qemu
+
+    monkeypatch.setattr(qemu, "supported_machines", lambda binary: frozenset({"q35", "pc"}))
+    assert qemu.with_available_machine(config(), "qemu").extra["machine"] == "q35"
+    monkeypatch.setattr(qemu, "supported_machines", lambda binary: frozenset({"microvm", "q35"}))
+    assert "machine" not in qemu.with_available_machine(config(), "qemu").extra
+
+
+def test_the_installed_qemu_lists_its_machines() -> None:
+    import shutil
+
+    from harpoon.vmm.qemu import supported_machines
+
+    binary = shutil.which("qemu-system-x86_64")
+    if binary is None:
+        pytest.skip("QEMU is not installed")
+    assert {"microvm", "q35"} <= supported_machines(binary)

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import os
 import platform
 import shlex
 import shutil
 import signal
+import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -98,6 +101,27 @@ def profile_for(config: VMConfig) -> MachineProfile:
         raise VMError(
             f"no QEMU machine profile for arch {config.arch!r} machine {machine!r}"
         ) from None
+
+
+@functools.cache
+def supported_machines(binary: str) -> frozenset[str]:
+    """The machine types this QEMU binary offers (`-M help`)."""
+    try:
+        listing = subprocess.run(
+            [binary, "-M", "help"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    return frozenset(line.split()[0] for line in listing.splitlines()[1:] if line.strip())
+
+
+def with_available_machine(config: VMConfig, binary: str) -> VMConfig:
+    """config, moved from microvm to q35 when this QEMU was built without microvm."""
+    if "machine" in config.extra or DEFAULT_MACHINE.get(config.arch) != "microvm":
+        return config
+    if "microvm" in supported_machines(binary) or "q35" not in supported_machines(binary):
+        return config
+    return dataclasses.replace(config, extra={**config.extra, "machine": "q35"})
 
 
 def command_line(config: VMConfig, accelerator: str) -> list[str]:
@@ -214,6 +238,7 @@ class QemuVM(VirtualMachine):
 
     async def _launch(self, extra_args: list[str]) -> None:
         binary = self._binary()
+        self.config = with_available_machine(self.config, binary)
         argv = command_line(self.config, accel.choose(binary))
         argv[0] = binary
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
