@@ -11,39 +11,54 @@ from harpoon.ttrpc.status import Code, TtrpcError
 
 
 class ErrdefsError(TtrpcError):
+    """An error of one errdefs class. Its message ends in ": <class>", as Go's wrapped
+    errdefs errors do: containerd strips that suffix and re-adds its own class, so a
+    user reads the same text as from runc's shim."""
+
     code_class: Code = Code.UNKNOWN
+    suffix = ""
 
     def __init__(self, message: str) -> None:
+        if self.suffix and not message.endswith(f": {self.suffix}"):
+            message = f"{message}: {self.suffix}"
         super().__init__(self.code_class, message)
 
 
 class NotFound(ErrdefsError):
     code_class = Code.NOT_FOUND
+    suffix = "not found"
 
 
 class AlreadyExists(ErrdefsError):
     code_class = Code.ALREADY_EXISTS
+    suffix = "already exists"
 
 
 class FailedPrecondition(ErrdefsError):
     code_class = Code.FAILED_PRECONDITION
+    suffix = "failed precondition"
 
 
 class InvalidArgument(ErrdefsError):
     code_class = Code.INVALID_ARGUMENT
+    suffix = "invalid argument"
 
 
 class Unimplemented(ErrdefsError):
     code_class = Code.UNIMPLEMENTED
+    suffix = "not implemented"
 
 
 class Unavailable(ErrdefsError):
     code_class = Code.UNAVAILABLE
+    suffix = "unavailable"
 
 
 class DeadlineExceeded(ErrdefsError):
     code_class = Code.DEADLINE_EXCEEDED
+    suffix = "context deadline exceeded"
 
 
 class Internal(ErrdefsError):
     code_class = Code.INTERNAL
+    suffix = "internal"

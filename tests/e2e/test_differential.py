@@ -284,29 +284,6 @@ RAM_SCALED_LIMITS = Difference(
 
 # -- where harpoon does not match runc yet ---------------------------------------------
 
-XFAIL_KILL_ALL = (
-    "Kill(all=true) signals only the processes harpoon started (init and execs: "
-    "agent/processes.py ProcessTable.signal), not every process in the container as "
-    "runc does through the cgroup: after `kill --all SIGTERM` the two `sleep`s live on "
-    "and PID 1 (no handler) ignores it, so harpoon's run never ends; runc prints "
-    "'after 143' and exits 0"
-)
-XFAIL_HOME = (
-    "runc sets HOME from the user's /etc/passwd entry (HOME=/root) when the spec's env "
-    "has none; harpoon passes the env as is, so `env` lacks HOME=/root (init and exec)"
-)
-XFAIL_CWD = (
-    "runc creates a missing cwd (prints /no/such/dir, exit 0); harpoon fails the start: "
-    "\"ctr: cannot start 'pwd' in the guest: [Errno 2] No such file or directory: "
-    "'/no/such/dir' (executable not found in $PATH)\" (status 1; the message also blames "
-    "the executable)"
-)
-XFAIL_READ_ONLY = (
-    "--read-only: runc runs the task and `touch /x` fails with 'Read-only file system'; "
-    "harpoon cannot start it: \"cannot start 'sh' in the guest: [Errno 2] mount proc on "
-    "/run/harpoon/rootfs/proc (proc): No such file or directory (executable not found in "
-    '$PATH)" (status 1)'
-)
 XFAIL_READONLY_PATHS = (
     "the spec's linux.readonlyPaths are not applied: under runc /proc/sys is a read-only "
     'proc mount ("can\'t create /proc/sys/kernel/domainname: Read-only file system", 1); '
@@ -315,12 +292,6 @@ XFAIL_READONLY_PATHS = (
 XFAIL_CAPS = (
     "the spec's process.capabilities are not applied: runc's CapPrm/CapEff/CapBnd are "
     "00000000a80425fb (ctr's default set), harpoon's 000001ffffffffff (every capability)"
-)
-XFAIL_KILL_EXITED = (
-    "both fail with status 1, but the messages differ: runc's shim says 'process already "
-    "finished: not found'; harpoon's names the process (\"process '<id>' already "
-    "finished\"), and on 2.3 ctr prints no ': not found' class for it (harpoon's "
-    "NotFound status carries no errdefs detail, runc's does)"
 )
 XFAIL_DEV = (
     "runc's /dev is a tmpfs with only the spec's devices (fd full mqueue null ptmx pts "
@@ -333,17 +304,6 @@ XFAIL_MOUNTS = (
     "/sys and the spec's masked and read-only paths (/proc/acpi, /proc/bus, /proc/fs, "
     "/proc/interrupts, /proc/irq, /proc/keys, /proc/sys, /proc/timer_list, /sys/firmware); "
     "harpoon only /, /dev (devtmpfs), /dev/pts, /dev/shm, /proc and /sys"
-)
-XFAIL_MISSING_EXECUTABLE_16 = (
-    "the errdefs class differs: runc's shim fails Create with an unclassified error "
-    "(ctr 1.6: '…executable file not found in $PATH: unknown'), harpoon's with "
-    "FailedPrecondition ('…: failed precondition'); ctr 2.3 prints no class for either"
-)
-XFAIL_HOSTNAME = (
-    "without --hostname the spec has no hostname: runc's new UTS namespace keeps the "
-    "host's name ('vm' on this machine), harpoon's shows the guest kernel's default "
-    "'(none)'; whether this is an intended VM-level difference is undecided (not in the "
-    "README's list)"
 )
 
 # -- the table -------------------------------------------------------------------------
@@ -378,7 +338,6 @@ SCENARIOS: list[Scenario] = [
         "a command that does not exist fails the run (compare the status and error class)",
         ("no-such-command",),
         facts=error_class,
-        xfail_on={"1.6": XFAIL_MISSING_EXECUTABLE_16},
     ),
     # signals from ctr task kill
     Scenario(
@@ -408,7 +367,6 @@ SCENARIOS: list[Scenario] = [
         "kill --all SIGTERM ends the children; PID 1 without handler carries on",
         ("sh", "-c", "sleep 1000 & echo ready; sleep 1000; echo after $?"),
         action=signal_when_ready("SIGTERM", all=True),
-        xfail=XFAIL_KILL_ALL,
     ),
     Scenario(
         "kill-all-sigkill",
@@ -425,7 +383,6 @@ SCENARIOS: list[Scenario] = [
         "exec-env", "an exec gets the container's environment",
         ("sleep", "1000"), flags=("--env", "FROM_RUN=1"), action=execs(("env",)),
         facts=exec_output_sorted,
-        xfail=XFAIL_HOME,
     ),
     Scenario(
         "exec-cwd", "ctr task exec --cwd sets an exec's directory",
@@ -498,7 +455,6 @@ SCENARIOS: list[Scenario] = [
     Scenario(
         "env-whole", "the whole environment (sorted)",
         ("env",), flags=("--env", "A=1"), facts=sorted_lines,
-        xfail=XFAIL_HOME,
     ),
     Scenario(
         "env-flag", "--env FOO=bar", ("sh", "-c", 'echo "$FOO"'), flags=("--env", "FOO=bar"),
@@ -517,7 +473,6 @@ SCENARIOS: list[Scenario] = [
     Scenario(
         "cwd-missing-dir", "--cwd of a directory the image lacks",
         ("pwd",), flags=("--cwd", "/no/such/dir"),
-        xfail=XFAIL_CWD,
     ),
     # limits
     Scenario("ulimit-n", "the open-files limit", ("sh", "-c", "ulimit -n")),
@@ -544,7 +499,6 @@ SCENARIOS: list[Scenario] = [
     Scenario(
         "read-only-rootfs", "--read-only: writing to the rootfs fails",
         ("sh", "-c", "touch /x; echo $?"), flags=("--read-only",),
-        xfail=XFAIL_READ_ONLY,
     ),
     Scenario(
         "proc-sys-read-only", "/proc/sys is read-only",
@@ -567,7 +521,7 @@ SCENARIOS: list[Scenario] = [
         xfail=XFAIL_CAPS,
     ),
     Scenario(
-        "hostname", "the hostname without --hostname", ("hostname",), xfail=XFAIL_HOSTNAME
+        "hostname", "the hostname without --hostname", ("hostname",)
     ),
     Scenario(
         "hostname-flag", "--hostname box", ("hostname",), flags=("--hostname", "box"),
@@ -618,7 +572,6 @@ SCENARIOS: list[Scenario] = [
     Scenario(
         "kill-exited-task", "killing a task that exited is an error",
         ("true",), detach=True, action=kill_after_exit,
-        xfail=XFAIL_KILL_EXITED,
     ),
     Scenario(
         "containerd-restart", "the task survives a containerd restart: exec, kill, delete",

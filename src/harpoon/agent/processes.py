@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from harpoon import aio, linux
 from harpoon.agent import cgroups
 from harpoon.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from harpoon.ttrpc.status import Code, TtrpcError
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 F_SETPIPE_SZ = 1031  # linux/fcntl.h
@@ -108,6 +109,16 @@ def find_executable(spec: ProcessSpec) -> str | None:
     return None
 
 
+def _home_of(uid: int) -> str:
+    """The home directory of uid in /etc/passwd (of the current root), else "/"."""
+    with contextlib.suppress(OSError, ValueError), open("/etc/passwd") as passwd:
+        for line in passwd:
+            fields = line.rstrip("\n").split(":")
+            if len(fields) >= 6 and fields[2] == str(uid):
+                return fields[5] or "/"
+    return "/"
+
+
 def _env_dict(env: list[str]) -> dict[str, str]:
     result: dict[str, str] = {}
     for entry in env:
@@ -121,6 +132,7 @@ def _exec_child(
     spec: ProcessSpec, stdio: tuple[int, int, int], error_fd: int, mount_proc: bool
 ) -> None:
     """Runs in the forked child: set up and exec, or report why not and exit 127."""
+    stage = "setup"
     try:
         os.setsid()
         if mount_proc:
@@ -139,7 +151,13 @@ def _exec_child(
         if spec.root:
             cgroups.join_container_group()
             os.chroot(spec.root)
-        os.chdir(spec.cwd or "/")
+        cwd = spec.cwd or "/"
+        with contextlib.suppress(OSError):  # runc creates a missing cwd, owned by root
+            os.makedirs(cwd, mode=0o755, exist_ok=True)
+        os.chdir(cwd)
+        env = _env_dict(spec.env)
+        if "HOME" not in env:  # as runc: from the user's passwd entry in the root
+            env["HOME"] = _home_of(spec.uid)
         for number, soft, hard in spec.rlimits:
             resource.setrlimit(number, (soft, hard))
         if spec.no_new_privileges:
@@ -148,10 +166,11 @@ def _exec_child(
             os.setgroups(spec.additional_gids)
             os.setgid(spec.gid)
             os.setuid(spec.uid)
-        os.execvpe(spec.args[0], spec.args, _env_dict(spec.env))
+        stage = "exec"
+        os.execvpe(spec.args[0], spec.args, env)
     except BaseException as error:
         errno = getattr(error, "errno", 0) or 0
-        message = f"{errno}:{error}"
+        message = f"{stage}:{errno}:{error}"
         os.write(error_fd, message.encode(errors="replace"))
     finally:
         os._exit(127)
@@ -201,8 +220,11 @@ class ProcessTable:
         if not spec.args:
             raise InvalidArgument(f"process {process_id!r} has no args to run")
         if spec.root and find_executable(spec) is None:
-            # runc refuses at create time too, so a client sees the error from Create.
-            raise FailedPrecondition(f'exec: "{spec.args[0]}": executable file not found in $PATH')
+            # runc refuses at create time too, so a client sees the error from Create,
+            # and with no errdefs class (runc's own error), word for word.
+            raise TtrpcError(
+                Code.UNKNOWN, f'exec: "{spec.args[0]}": executable file not found in $PATH'
+            )
         process = Process(process_id, spec)
         for name in ("stdout", "stderr"):
             process.drained[name] = asyncio.Event()
@@ -262,10 +284,15 @@ class ProcessTable:
         self._by_pid[pid] = process
         if failure:
             process.pid = 0
-            errno_text, _, message = failure.decode(errors="replace").partition(":")
+            stage, _, rest = failure.decode(errors="replace").partition(":")
+            errno_text, _, message = rest.partition(":")
             raise FailedPrecondition(
                 f"cannot start {process.spec.args[0]!r} in the guest: {message}"
-                + (" (executable not found in $PATH)" if errno_text == "2" else "")
+                + (
+                    " (executable not found in $PATH)"
+                    if (stage, errno_text) == ("exec", "2")
+                    else ""
+                )
             )
         return pid
 
@@ -292,11 +319,25 @@ class ProcessTable:
                 # As when the init of a PID namespace dies: nothing else may live on.
                 kill_everything_but_me()
 
+    def _container_pids(self) -> list[int]:
+        if self._container_pid_ns is None:
+            return [p.pid for p in self._by_id.values() if p.started and p.exit_status is None]
+        namespace = os.fstat(self._container_pid_ns).st_ino
+        pids = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    if os.stat(f"/proc/{entry}/ns/pid").st_ino == namespace:
+                        pids.append(int(entry))
+        return pids
+
     def signal(self, process: Process, signum: int, all_processes: bool = False) -> None:
         if all_processes:
-            for other in self._by_id.values():
-                if other.started and other.exit_status is None:
-                    self.signal(other, signum)
+            # Every process of the container (its PID namespace), as runc's kill --all
+            # does with its cgroup: not only those the agent started.
+            for pid in self._container_pids():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
             return
         if not process.started:
             raise FailedPrecondition(f"process {process.id!r} has not been started")

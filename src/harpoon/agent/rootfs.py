@@ -9,6 +9,7 @@ program expects.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from harpoon import linux
@@ -42,6 +43,8 @@ def mount_filesystem(source: str, target: str, fstype: str, options: list[str]) 
 def prepare_root(root: str) -> None:
     """Mounts the filesystems every process expects under root (idempotent)."""
     mounted = set(linux.mounts_under(root))
+    with contextlib.suppress(OSError):  # the init mounts its /proc here when it starts
+        os.makedirs(os.path.join(root, "proc"), exist_ok=True)
     for source, fstype, relative, flags, data in _BASE_MOUNTS:
         target = os.path.join(root, relative)
         if target in mounted:

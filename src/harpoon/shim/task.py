@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -188,9 +189,10 @@ class TaskService:
     async def _prepare(self, container: Container, process: HostProcess) -> None:
         """Creates the process in the guest and connects its stdio to containerd's."""
         agent = container.agent
-        await agent.create_process(
-            _create_request(process, container.bundle.hostname, process is container.init)
-        )
+        # Without a hostname of its own a runc container keeps the host's (a new UTS
+        # namespace starts as a copy): the guest's would be "(none)".
+        hostname = container.bundle.hostname or socket.gethostname()
+        await agent.create_process(_create_request(process, hostname, process is container.init))
         streams = ((agent_pb2.STDOUT, process.io.stdout), (agent_pb2.STDERR, process.io.stderr))
         for stream, fd in streams:
             if fd is not None and not (process.terminal and stream == agent_pb2.STDERR):
@@ -325,7 +327,9 @@ class TaskService:
                 state_dir=state_dir,
                 cpus=size.cpus,
                 memory_mib=size.memory_mib,
-                shares=(Share("rootfs", rootfs, read_only=bundle.readonly_root),),
+                # Writable even for --read-only: the guest creates its mount points first
+                # and then makes the root read-only (runc's order too).
+                shares=(Share("rootfs", rootfs),),
             )
             sandbox = Sandbox(config, self.make_vm)
             await sandbox.start()
@@ -346,6 +350,8 @@ class TaskService:
             )
             container = Container(request.id, bundle, sandbox, init, mounted)
             await self._prepare(container, init)
+            if bundle.readonly_root:
+                await sandbox.agent.mount(GUEST_ROOTFS, GUEST_ROOTFS, "", ["remount", "bind", "ro"])
         except BaseException:
             if container is not None:
                 container.init.release_stdin()
@@ -402,7 +408,7 @@ class TaskService:
         if not request.exec_id:
             raise InvalidArgument("exec needs an exec id")
         if request.exec_id in container.execs:
-            raise AlreadyExists(f"id {request.exec_id}: already exists")
+            raise AlreadyExists(f"id {request.exec_id}")
         if container.init.status != types.RUNNING:
             raise FailedPrecondition(
                 f"cannot exec in container {request.id!r}: its init process is not running"
@@ -491,7 +497,7 @@ class TaskService:
     async def Kill(self, request: task.KillRequest, ctx: CallContext) -> empty_pb2.Empty:
         container, process = self._process(request.id, request.exec_id)
         if process.status == types.STOPPED:
-            raise NotFound(f"process {process.exec_id or container.id!r} already finished")
+            raise NotFound("process already finished")  # runc's words
         if container.init.status == types.PAUSED:
             # The guest's vCPUs are stopped: the agent could not deliver it until then.
             raise FailedPrecondition(f"container {container.id!r} is paused: resume it first")
@@ -505,8 +511,7 @@ class TaskService:
             )
         except TtrpcError as error:
             if error.code == Code.NOT_FOUND:
-                name = process.exec_id or container.id
-                raise NotFound(f"process {name!r} already finished") from None
+                raise NotFound("process already finished") from None
             raise
         return EMPTY
 
