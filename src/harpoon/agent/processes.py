@@ -211,9 +211,6 @@ class ProcessTable:
         except KeyError:
             raise NotFound(f"process {process_id!r} does not exist in the guest") from None
 
-    def all(self) -> list[Process]:
-        return list(self._by_id.values())
-
     def create(self, process_id: str, spec: ProcessSpec) -> Process:
         if process_id in self._by_id:
             raise AlreadyExists(f"process {process_id!r} already exists in the guest")

@@ -186,6 +186,15 @@ class TaskService:
         except KeyError:
             raise NotFound(f"process {exec_id!r} does not exist in {container_id!r}") from None
 
+    def _open_io(self, request: task.CreateTaskRequest | task.ExecProcessRequest) -> ProcessIO:
+        """The host ends of a new process's output (a terminal has no stderr)."""
+        return ProcessIO.open(
+            request.stdout,
+            "" if request.terminal else request.stderr,
+            namespace=self.namespace,
+            container_id=request.id,
+        )
+
     async def _prepare(self, container: Container, process: HostProcess) -> None:
         """Creates the process in the guest and connects its stdio to containerd's."""
         agent = container.agent
@@ -304,12 +313,7 @@ class TaskService:
         rootfs = bundle.path / "rootfs" if request.rootfs else bundle.rootfs
         size = vm_size(bundle.spec)
         state_dir = paths.vm_state_dir(self.namespace, request.id)
-        io = ProcessIO.open(
-            request.stdout,
-            "" if request.terminal else request.stderr,
-            namespace=self.namespace,
-            container_id=request.id,
-        )
+        io = self._open_io(request)
         sandbox: Sandbox | None = None
         mounted = False
         container: Container | None = None
@@ -419,12 +423,7 @@ class TaskService:
             raise InvalidArgument(f"the exec's process spec is not JSON: {error}") from None
         if not isinstance(spec, dict) or not spec.get("args"):
             raise InvalidArgument("the exec's process spec has no args")
-        io = ProcessIO.open(
-            request.stdout,
-            "" if request.terminal else request.stderr,
-            namespace=self.namespace,
-            container_id=request.id,
-        )
+        io = self._open_io(request)
         process = HostProcess(
             exec_id=request.exec_id,
             guest_id=f"{EXEC_GUEST_PREFIX}{request.exec_id}",
