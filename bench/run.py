@@ -112,6 +112,8 @@ async def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     started = time.monotonic()
     console.log("machine: reading versions, probing the accelerator")
     host = machine.describe(REPO)
+    # Measured as installed: pip compiles a package's bytecode.
+    host["stale_bytecode_compiled"] = machine.compile_harpoon()
     qemu = machine.qemu_binary()
     if qemu is None:
         raise SystemExit("no QEMU binary on PATH for this host's guests: run scripts/install-deps")

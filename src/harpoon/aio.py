@@ -35,6 +35,11 @@ async def _ready(fd: int, for_write: bool) -> None:
             loop.remove_reader(fd)
 
 
+async def wait_readable(fd: int) -> None:
+    """Returns once fd is readable (or at end of file)."""
+    await _ready(fd, for_write=False)
+
+
 async def read_some(fd: int, max_bytes: int = READ_CHUNK_BYTES) -> bytes:
     """The next bytes available on a non-blocking fd; b"" at end of file."""
     while True:

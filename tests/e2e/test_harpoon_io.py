@@ -141,10 +141,16 @@ def run_in_terminal(argv: list[str], rows: int, cols: int, timeout: float) -> tu
 def test_terminal_run_gets_a_tty_of_the_clients_size(
     containerd: Containerd, busybox_image: str, container_id: str
 ) -> None:
+    # ctr sends the size (ResizePty) only after Start, so the process may run before
+    # it arrives (under runc too): poll until the terminal has a size.
+    script = (
+        "tty; for i in $(seq 50); do s=$(stty size 2>/dev/null); "
+        'case "$s" in ""|"0 0") sleep 0.1;; *) break;; esac; done; echo "$s"; exit 4'
+    )
     status, output = run_in_terminal(
         ctr_command(
             containerd, "run", "-t", "--rm", "--runtime", HARPOON, busybox_image, container_id,
-            "sh", "-c", "tty; stty size; exit 4",
+            "sh", "-c", script,
         ),
         rows=37, cols=101, timeout=RUN_TIMEOUT_S,
     )  # fmt: skip

@@ -115,6 +115,9 @@ def leftovers(containerd: Containerd, container_id: str) -> list[str]:
     found = [f"VM process {pid}" for pid in vm_processes(state_dir)]
     if state_dir.exists():
         found.append(f"state directory {state_dir}")
+    share = paths.share_dir(containerd.namespace, container_id)
+    if share.exists():
+        found.append(f"rootfs share {share}")
     socket = paths.socket_path(containerd.address, containerd.namespace, container_id)
     if socket.exists():
         found.append(f"shim socket {socket}")

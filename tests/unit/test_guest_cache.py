@@ -92,17 +92,17 @@ def test_a_second_build_with_unchanged_inputs_is_instant_and_says_so(
     sources = source_tree(tmp_path / "src")
     lock = cache_dir / "debs/amd64/packages.lock.json"
     lock.parent.mkdir(parents=True)
-    requested = [build.KERNEL_METAPACKAGE["amd64"], *build.BASE_PACKAGES]
+    requested = build.requested_packages("amd64")
     lock.write_text(
         json.dumps({"requested": requested, "packages": [KERNEL.__dict__, BUSYBOX.__dict__]})
     )
     wheels = cache_dir / "wheels"
-    (wheels / "protobuf-7.36.2-py3-none-any/google").mkdir(parents=True)
-    (wheels / "protobuf-7.36.2-py3-none-any.whl").write_bytes(b"wheel")
+    wheel = wheels / "protobuf-7.36.2-cp310-abi3-manylinux2014_x86_64.whl"
+    (wheels / wheel.stem / build.UPB_EXTENSION).parent.mkdir(parents=True)
+    (wheels / wheel.stem / build.UPB_EXTENSION).write_bytes(b"\x7fELF")
+    wheel.write_bytes(b"wheel")
     monkeypatch.setattr(build, "protobuf_version", lambda: "7.36.2")
-    inputs = build.build_inputs(
-        "amd64", [KERNEL, BUSYBOX], wheels / "protobuf-7.36.2-py3-none-any.whl", sources
-    )
+    inputs = build.build_inputs("amd64", [KERNEL, BUSYBOX], wheel, sources)
     built = cache.image_dir("amd64", cache.digest_of(inputs), guest_dir)
     built.mkdir(parents=True)
     manifest = {
@@ -130,6 +130,45 @@ def test_a_second_build_with_unchanged_inputs_is_instant_and_says_so(
     floor = cache.find_guest("amd64", guest_dir, which="floor")
     assert floor.initrd == built / "floor.cpio"
     assert floor.kernel == image.kernel
+
+
+def test_packages_added_to_the_list_are_resolved_alone_and_the_locked_ones_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lock = tmp_path / "debs/amd64/packages.lock.json"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(
+        json.dumps(
+            {
+                "requested": [build.KERNEL_METAPACKAGE["amd64"], "busybox-static"],
+                "packages": [KERNEL.__dict__, BUSYBOX.__dict__],
+            }
+        )
+    )
+    asked: list[list[str]] = []
+
+    class FakeApt:
+        def __init__(self, root: Path, arch: str) -> None:
+            pass
+
+        def update(self) -> None:
+            pass
+
+        def show(self, names: list[str]) -> list[debian.DebPackage]:
+            asked.append(list(names))
+            return [debian.DebPackage(n, "1", "amd64", f"pool/{n}.deb", "c" * 64) for n in names]
+
+    monkeypatch.setattr(build.debian, "PrivateApt", FakeApt)
+    monkeypatch.setattr(build, "BASE_PACKAGES", ("busybox-static", "crun"))
+    monkeypatch.setattr(build, "UPB_PACKAGES", ())
+    monkeypatch.setattr(build, "OCI_RUNTIME_PACKAGES", ("libyajl2",))
+
+    packages = build.resolve_packages("amd64", tmp_path, refresh=False, report=lambda _: None)
+
+    assert asked == [["crun", "libyajl2"]]
+    assert [p.name for p in packages] == [KERNEL.name, "busybox-static", "crun", "libyajl2"]
+    assert packages[:2] == [KERNEL, BUSYBOX]
+    assert json.loads(lock.read_text())["requested"] == build.requested_packages("amd64")
 
 
 def test_pruning_keeps_the_newest_images_and_always_the_current_one(tmp_path: Path) -> None:

@@ -119,6 +119,16 @@ def test_modinfo_is_read_from_the_modinfo_section() -> None:
     assert info["name"] == ["virtio_mmio"]
 
 
+def test_an_appended_module_signature_is_stripped() -> None:
+    module = fake_module("virtio_mmio", "virtio")
+    signature = b"\x30\x82" + b"s" * 510
+    info = struct.pack(">BBBBBxxxI", 0, 0, 2, 0, 0, len(signature))  # PKCS#7, sig_len
+    signed = module + signature + info + kernel.MODULE_SIGNATURE_MAGIC
+
+    assert kernel.strip_signature(signed) == module
+    assert kernel.strip_signature(module) == module
+
+
 def test_modules_are_selected_from_a_tree_with_compressed_and_builtin_modules(
     tmp_path: Path,
 ) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from harpoon.sandbox.template import (
     FORMAT_VERSION,
+    MEMORY_NAME,
     META_NAME,
     STATE_NAME,
     TemplateStore,
@@ -21,11 +22,19 @@ from harpoon.vmm.base import Share, VMConfig
 from harpoon.vmm.qemu import QemuVM
 
 
-def publish(store: TemplateStore, key: str, state: bytes = b"guest memory") -> Path:
+def publish(
+    store: TemplateStore, key: str, state: bytes = b"devices", memory: bytes = b"guest memory"
+) -> Path:
     directory = store.root / key
     directory.mkdir(parents=True)
     (directory / STATE_NAME).write_bytes(state)
-    meta = {"format": FORMAT_VERSION, "key": key, "state_bytes": len(state)}
+    (directory / MEMORY_NAME).write_bytes(memory)
+    meta = {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "state_bytes": len(state),
+        "memory_bytes": len(memory),
+    }
     (directory / META_NAME).write_text(json.dumps(meta))
     return directory
 
@@ -95,7 +104,10 @@ def test_a_whole_template_is_found(tmp_path: Path) -> None:
     assert store.find("k2") is None
 
 
-@pytest.mark.parametrize("damage", ["truncated", "no meta", "bad meta", "old format", "no state"])
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated", "no meta", "bad meta", "old format", "no state", "no memory", "short memory"],
+)
 def test_a_damaged_template_is_not_found(tmp_path: Path, damage: str) -> None:
     store = TemplateStore(tmp_path)
     directory = publish(store, "k1")
@@ -108,6 +120,10 @@ def test_a_damaged_template_is_not_found(tmp_path: Path, damage: str) -> None:
         meta.write_text("{not json")
     elif damage == "old format":
         meta.write_text(json.dumps({**json.loads(meta.read_text()), "format": 0}))
+    elif damage == "no memory":
+        (directory / MEMORY_NAME).unlink()
+    elif damage == "short memory":
+        (directory / MEMORY_NAME).write_bytes(b"guest")
     else:
         (directory / STATE_NAME).unlink()
     assert store.find("k1") is None

@@ -30,7 +30,7 @@ def test_microvm_with_pvh_kernel_virtio_serial_agent_and_9p_rootfs() -> None:
     assert "-kernel /g/vmlinux" in line and "-initrd /g/initrd" in line
     assert "socket,id=agent,path=/run/harpoon/vm/x/agent.sock,server=on,wait=off" in line
     assert "virtserialport,chardev=agent,name=harpoon.agent" in line
-    assert "local,id=fs0,path=/b/rootfs,security_model=none,readonly=on" in line
+    assert "local,id=fs0,path=/b/rootfs,security_model=none,multidevs=remap,readonly=on" in line
     assert "virtio-9p-device,fsdev=fs0,mount_tag=rootfs" in line
     assert "-no-reboot" in argv and "-cpu" not in argv
 
@@ -87,3 +87,16 @@ def test_the_installed_qemu_lists_its_machines() -> None:
     if binary is None:
         pytest.skip("QEMU is not installed")
     assert {"microvm", "q35"} <= supported_machines(binary)
+
+
+def test_a_memory_file_is_shared_when_booting_and_private_when_restoring() -> None:
+    memory = Path("/t/memory")
+    booting = command_line(config(memory_file=memory, memory_mib=512), "tcg")
+    restoring = command_line(config(memory_file=memory, memory_mib=512), "tcg", restoring=True)
+    for argv, share in ((booting, "on"), (restoring, "off")):
+        assert argv[argv.index("-M") + 1].endswith(",memory-backend=ram")
+        assert argv[argv.index("-m") + 1] == "512M"
+        backend = argv[argv.index("-object") + 1]
+        assert backend == f"memory-backend-file,id=ram,size=512M,mem-path=/t/memory,share={share}"
+    plain = command_line(config(), "tcg")
+    assert "-object" not in plain and "memory-backend" not in " ".join(plain)

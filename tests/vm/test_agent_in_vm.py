@@ -121,6 +121,22 @@ def test_process_output_and_exit_status(vm: VM) -> None:
     assert (status, out, err) == (7, b"out\n", b"err\n")
 
 
+def test_crun_runs_in_the_guest(vm: VM) -> None:
+    """The OCI runtime is in the image with every shared library it needs."""
+    status, out, err = vm.run(run_process(vm, "crun-version", "/usr/bin/crun", "--version"))  # type: ignore[misc]
+    assert (status, err) == (0, b""), err
+    assert out.startswith(b"crun version 1.8.1\n"), out
+    assert b"+SECCOMP" in out and b"+CAP" in out
+
+
+def test_hello_seeds_the_guest_rng(vm: VM) -> None:
+    """Nothing reads randomness during boot (PYTHONHASHSEED on the kernel command line):
+    the host's entropy credited at Hello must leave getrandom() ready, not blocking."""
+    check = "import os; os.getrandom(16, os.GRND_NONBLOCK); print('seeded')"
+    status, out, err = vm.run(run_process(vm, "rng", "/usr/bin/python3", "-SBc", check))  # type: ignore[misc]
+    assert (status, out, err) == (0, b"seeded\n", b"")
+
+
 def test_killed_process_reports_128_plus_signal(vm: VM) -> None:
     async def scenario() -> int:
         agent = vm.agent

@@ -105,6 +105,7 @@ def test_the_guest_imports_the_agent_in_a_real_boot(arch: str) -> None:
     result = boot(image, SELFTEST_MARKER, "harpoon.selftest=1")
 
     assert "harpoon-init: insmod" not in result.console  # every boot module loaded
+    assert "protobuf implementation: upb" in result.console  # the C one, not pure Python
     print(f"{arch}: launch to {SELFTEST_MARKER} in {result.seconds_to_marker:.2f} s")
 
 
@@ -149,6 +150,27 @@ def test_every_shipped_module_loads_with_its_dependencies(arch: str, tmp_path: P
 
     assert "MODULE-FAILED" not in result.console, result.console
     assert set(dependency_map) >= {"ext4", "erofs", "virtiofs", "vmw_vsock_virtio_transport"}
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_crun_runs_in_the_guest(arch: str, tmp_path: Path) -> None:
+    """crun and its shared libraries are in each architecture's image."""
+    need_qemu(arch)
+    image = build_guest(arch)
+    script = "\n".join(
+        [
+            "#!/bin/sh",
+            "mount -t proc proc /proc",  # crun re-executes itself from /proc/self/exe
+            "/usr/bin/crun --version",
+            "echo CRUN-STATUS=$? CRUN-END",
+            "poweroff -f",
+        ]
+    )
+
+    result = boot(with_init(image, script, tmp_path), "CRUN-END")
+
+    assert "crun version 1.8.1" in result.console, result.console
+    assert "CRUN-STATUS=0" in result.console, result.console
 
 
 def median_boot_s(image: GuestImage, marker: str, runs: int, extra_append: str = "") -> float:

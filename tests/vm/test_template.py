@@ -22,7 +22,7 @@ from harpoon.guest import GuestImage, find_guest
 from harpoon.sandbox.agent_client import AgentClient
 from harpoon.sandbox.cli import container_config
 from harpoon.sandbox.sandbox import Sandbox
-from harpoon.sandbox.template import STATE_NAME, Template, TemplateStore
+from harpoon.sandbox.template import MEMORY_NAME, STATE_NAME, Template, TemplateStore
 from harpoon.vmm.base import Share, VMConfig
 from harpoon.vmm.qemu import QemuVM
 
@@ -120,8 +120,14 @@ def share_with(workdir: Path, name: str, content: str) -> Path:
 
 def test_a_built_template_is_published_whole(template: Template, store: TemplateStore) -> None:
     assert store.find(template.key) == template
-    assert template.state.stat().st_size > 10_000_000
-    assert sorted(p.name for p in template.directory.iterdir()) == ["meta.json", STATE_NAME]
+    # The devices only: the guest's RAM is the memory file, mapped by every restore.
+    assert template.state.stat().st_size < 1_000_000
+    assert template.memory.stat().st_size == 256 << 20
+    assert sorted(p.name for p in template.directory.iterdir()) == [
+        MEMORY_NAME,
+        "meta.json",
+        STATE_NAME,
+    ]
 
 
 def test_two_vms_restored_at_once_each_see_their_own_share_and_the_host_clock(

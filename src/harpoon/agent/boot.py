@@ -26,9 +26,10 @@ PCI_DEVICES_DIR = "/sys/bus/pci/devices"
 GUEST_ENVIRONMENT = {
     "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
-    # Debian has no upb build of protobuf for its Python; the pure-Python one is shipped.
-    "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python",
 }
+# Set on the kernel command line for this interpreter alone (see harpoon.vmm.qemu): the
+# processes the agent starts get a random hash seed.
+BOOT_ONLY_ENVIRONMENT = ("PYTHONHASHSEED",)
 # Only useful on a machine with a PCI bus (q35); microvm has none, and loading them
 # costs boot time for nothing.
 PCI_ONLY_MODULES = frozenset({"virtio_pci", "virtio_pci_modern_dev", "virtio_pci_legacy_dev"})
@@ -96,8 +97,11 @@ def selftest_requested() -> bool:
 def selftest() -> None:
     """Imports the agent (its whole module closure) and powers off."""
     try:
+        from google.protobuf.internal import api_implementation
+
         import harpoon.agent.main  # noqa: F401
 
+        print(f"protobuf implementation: {api_implementation.Type()}", flush=True)
         print(SELFTEST_MARKER, flush=True)
     except BaseException:
         import traceback
@@ -111,6 +115,8 @@ def selftest() -> None:
 def start() -> None:
     """The guest's PID 1: prepare the system, then become the agent."""
     os.environ.update(GUEST_ENVIRONMENT)
+    for name in BOOT_ONLY_ENVIRONMENT:
+        os.environ.pop(name, None)
     mount_base_filesystems()
     load_boot_modules()
     if selftest_requested():

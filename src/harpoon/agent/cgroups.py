@@ -14,6 +14,8 @@ from harpoon.api.containerd.cgroups.v2 import metrics_pb2
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 CONTAINER_GROUP = os.path.join(CGROUP_ROOT, "container")
+# The same group as an OCI linux.cgroupsPath (what crun is told).
+CONTAINER_CGROUPS_PATH = "/container"
 CONTROLLERS = ("cpu", "memory", "pids", "io")
 _MEMORY_STAT_FIELDS = {f.name for f in metrics_pb2.MemoryStat.DESCRIPTOR.fields}
 
@@ -29,10 +31,19 @@ def ensure_container_group() -> None:
     os.makedirs(CONTAINER_GROUP, exist_ok=True)
 
 
-def join_container_group() -> None:
-    """Moves the calling process into the container's group (runs in a forked child)."""
+def container_pids() -> list[int]:
+    """Every process in the container's group and the groups below it."""
+    pids: list[int] = []
+    for directory, _, _ in os.walk(CONTAINER_GROUP):
+        with contextlib.suppress(OSError), open(os.path.join(directory, "cgroup.procs")) as procs:
+            pids += [int(line) for line in procs if line.strip()]
+    return pids
+
+
+def kill_container_group() -> None:
+    """SIGKILLs every process in the container's group (cgroup.kill, Linux 5.14+)."""
     with contextlib.suppress(OSError):
-        _write(os.path.join(CONTAINER_GROUP, "cgroup.procs"), "0")
+        _write(os.path.join(CONTAINER_GROUP, "cgroup.kill"), "1")
 
 
 def set_limits(memory_bytes: int, cpu_quota_us: int, cpu_period_us: int, pids: int) -> None:

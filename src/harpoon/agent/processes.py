@@ -6,6 +6,11 @@ the only place that calls waitpid: as PID 1 the agent also reaps orphans it neve
 started. Exit statuses follow the shell's convention (128 + signal when killed).
 A terminal process gets a pty: the slave is its stdin, stdout and stderr and its
 controlling terminal; the master carries its input and its (single) output stream.
+
+Two kinds of process live here. A container's processes (with an OCI spec) are run by
+crun (`harpoon.agent.oci`), which exits at once: the table learns their pids from crun's
+pid files (`adopt`) and, as their reaper, their exits. Guest processes (no spec: tests,
+diagnostics) are forked and exec'd here.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import signal
 import struct
 import termios
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from harpoon import aio, linux
@@ -31,7 +35,7 @@ from harpoon.ttrpc.status import Code, TtrpcError
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 F_SETPIPE_SZ = 1031  # linux/fcntl.h
 OUTPUT_PIPE_BYTES = 1 << 20
-PROC_MOUNT_FLAGS = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+MAX_UNCLAIMED_EXITS = 1024
 # Signals Python sets to SIG_IGN; an exec'd program would inherit the ignore.
 _SIGNALS_PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)
 
@@ -43,7 +47,6 @@ class ProcessSpec:
     args: list[str]
     env: list[str]
     cwd: str = "/"
-    root: str = ""
     uid: int = 0
     gid: int = 0
     additional_gids: list[int] = field(default_factory=list)
@@ -55,6 +58,15 @@ class ProcessSpec:
     # (resource number, soft, hard), resolved from OCI names when created.
     rlimits: list[tuple[int, int, int]] = field(default_factory=list)
     no_new_privileges: bool = False
+    # A container's process: its OCI spec (config.json for the init, an OCI process
+    # for an exec) for crun; the fields above that crun takes from it are unused.
+    oci_json: bytes = b""
+    # For an exec: the container (its init's id) it joins.
+    container_id: str = ""
+
+    @property
+    def oci(self) -> bool:
+        return bool(self.oci_json)
 
 
 @dataclass
@@ -76,10 +88,13 @@ class Process:
     # once the child has them.
     child_stdio: list[int | None] = field(default_factory=lambda: [None, None, None])
     terminal_fd: int | None = None
-
-    @property
-    def started(self) -> bool:
-        return self.pid != 0
+    started: bool = False
+    # Set once the output fds and stdin exist: at once for pipes; for a terminal crun
+    # makes, when crun has sent it (an exec's, only when it starts).
+    io_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # What the host asked of a terminal before it existed, applied when it does.
+    close_stdin_pending: bool = False
+    pending_size: tuple[int, int] | None = None
 
 
 def rlimit_number(name: str) -> int:
@@ -90,23 +105,28 @@ def rlimit_number(name: str) -> int:
     return number
 
 
-def find_executable(spec: ProcessSpec) -> str | None:
-    """Where args[0] is in the process's root (as execvpe would search), or None.
+def find_executable(command: str, env: list[str], cwd: str, root: str) -> str | None:
+    """Where command is under root (as execvpe would search it there), or None.
 
     Symlinks are not followed (an absolute link points into the root, not ours), so a
     dangling link passes here and fails at exec instead.
     """
-    command = spec.args[0]
     if "/" in command:
-        candidates = [os.path.join(spec.cwd or "/", command)]
+        candidates = [os.path.join(cwd or "/", command)]
     else:
-        path = _env_dict(spec.env).get("PATH", DEFAULT_PATH)
+        path = _env_dict(env).get("PATH", DEFAULT_PATH)
         candidates = [os.path.join(d or ".", command) for d in path.split(":")]
     for candidate in candidates:
-        inside = os.path.join(spec.root, candidate.lstrip("/"))
+        inside = os.path.join(root, candidate.lstrip("/"))
         if os.path.islink(inside) or (os.path.isfile(inside) and os.access(inside, os.X_OK)):
             return candidate
     return None
+
+
+def executable_not_found(command: str) -> TtrpcError:
+    # runc refuses at create time too, so a client sees the error from Create, and with
+    # no errdefs class (runc's own error), word for word.
+    return TtrpcError(Code.UNKNOWN, f'exec: "{command}": executable file not found in $PATH')
 
 
 def _home_of(uid: int) -> str:
@@ -128,19 +148,11 @@ def _env_dict(env: list[str]) -> dict[str, str]:
     return result
 
 
-def _exec_child(
-    spec: ProcessSpec, stdio: tuple[int, int, int], error_fd: int, mount_proc: bool
-) -> None:
+def _exec_child(spec: ProcessSpec, stdio: tuple[int, int, int], error_fd: int) -> None:
     """Runs in the forked child: set up and exec, or report why not and exit 127."""
     stage = "setup"
     try:
         os.setsid()
-        if mount_proc:
-            # PID 1 of the container's new PID namespace: a /proc that shows it.
-            proc = os.path.join(spec.root, "proc")
-            with contextlib.suppress(OSError):
-                os.makedirs(proc, exist_ok=True)
-            linux.mount("proc", proc, "proc", PROC_MOUNT_FLAGS)
         if spec.terminal:
             fcntl.ioctl(stdio[0], termios.TIOCSCTTY, 0)
         for target, fd in enumerate(stdio):
@@ -148,13 +160,7 @@ def _exec_child(
         for signum in _SIGNALS_PYTHON_IGNORES:
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        if spec.root:
-            cgroups.join_container_group()
-            os.chroot(spec.root)
-        cwd = spec.cwd or "/"
-        with contextlib.suppress(OSError):  # runc creates a missing cwd, owned by root
-            os.makedirs(cwd, mode=0o755, exist_ok=True)
-        os.chdir(cwd)
+        os.chdir(spec.cwd or "/")
         env = _env_dict(spec.env)
         if "HOME" not in env:  # as runc: from the user's passwd entry in the root
             env["HOME"] = _home_of(spec.uid)
@@ -182,28 +188,10 @@ class ProcessTable:
     def __init__(self) -> None:
         self._by_id: dict[str, Process] = {}
         self._by_pid: dict[int, Process] = {}
-        # The container's PID namespace, which its execs join (held open as an fd).
-        self._container_pid_ns: int | None = None
-
-    @contextlib.contextmanager
-    def _pid_namespace_for(self, process: Process, new: bool) -> Iterator[None]:
-        """Makes the next fork land in the container's PID namespace (a new one for
-        its init, as under runc, so the init is PID 1 there); the agent itself never
-        leaves its own."""
-        if not new and (self._container_pid_ns is None or not process.spec.root):
-            yield
-            return
-        own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if new:
-                linux.unshare(linux.CLONE_NEWPID)
-            else:
-                assert self._container_pid_ns is not None
-                linux.setns(self._container_pid_ns, linux.CLONE_NEWPID)
-            yield
-        finally:
-            linux.setns(own, linux.CLONE_NEWPID)
-            os.close(own)
+        self._helpers: dict[int, asyncio.Future[int]] = {}
+        # Exits of pids nobody has claimed yet: pid -> (wait status, generation).
+        self._unclaimed: dict[int, tuple[int, int]] = {}
+        self._generation = 0
 
     def get(self, process_id: str) -> Process:
         try:
@@ -216,16 +204,12 @@ class ProcessTable:
             raise AlreadyExists(f"process {process_id!r} already exists in the guest")
         if not spec.args:
             raise InvalidArgument(f"process {process_id!r} has no args to run")
-        if spec.root and find_executable(spec) is None:
-            # runc refuses at create time too, so a client sees the error from Create,
-            # and with no errdefs class (runc's own error), word for word.
-            raise TtrpcError(
-                Code.UNKNOWN, f'exec: "{spec.args[0]}": executable file not found in $PATH'
-            )
         process = Process(process_id, spec)
         for name in ("stdout", "stderr"):
             process.drained[name] = asyncio.Event()
-        if spec.terminal:
+        if spec.terminal and spec.oci:
+            process.drained["stderr"].set()  # crun's terminal arrives in attach_terminal
+        elif spec.terminal:
             master, slave = os.openpty()
             os.set_inheritable(master, False)
             os.set_inheritable(slave, False)
@@ -253,8 +237,71 @@ class ProcessTable:
                     process.child_stdio[index] = write_end
                 else:
                     process.drained[name].set()
+        if not (spec.terminal and spec.oci):
+            process.io_ready.set()
         self._by_id[process_id] = process
         return process
+
+    def attach_terminal(self, process: Process, master: int) -> None:
+        """The pty master crun made for a container process: its stdin and output."""
+        os.set_inheritable(master, False)
+        os.set_blocking(master, False)
+        process.terminal_fd = master
+        process.stdin_fd = os.dup(master) if process.spec.stdin else None
+        process.output_fds["stdout"] = master
+        if process.pending_size is not None:
+            resize_terminal(process, *process.pending_size)
+        process.io_ready.set()
+        if process.close_stdin_pending:
+            close_input(process)
+
+    def release_child_stdio(self, process: Process) -> None:
+        """Closes the agent's copies of the child's stdio once the child has them."""
+        _close_child_stdio(process)
+        process.io_ready.set()  # a terminal that never came: readers see end of file
+
+    @property
+    def generation(self) -> int:
+        """How many times the reaper has run: exits of unknown pids newer than a
+        generation taken before a helper ran may be the helper's container process's."""
+        return self._generation
+
+    def run_helper(
+        self, argv: list[str], stdio: tuple[int | None, int | None, int | None]
+    ) -> asyncio.Future[int]:
+        """Forks and execs a helper (crun) with the given stdio (None: /dev/null); the
+        future is its exit status, set by the reaper."""
+        devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fds = tuple(devnull if fd is None else fd for fd in stdio)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    for target, fd in enumerate(fds):
+                        os.dup2(fd, target)
+                    for signum in _SIGNALS_PYTHON_IGNORES:
+                        signal.signal(signum, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+                    os.execv(argv[0], argv)
+                finally:
+                    os._exit(127)
+        finally:
+            os.close(devnull)
+        # Registered before the loop can run the reaper again.
+        status: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._helpers[pid] = status
+        return status
+
+    def adopt(self, process: Process, pid: int, since: int) -> None:
+        """Takes on a container process crun started (and left to the agent, PID 1):
+        its exit, if the reaper saw it after generation `since`, is its own."""
+        process.pid = pid
+        process.oom_kills_at_start = oom_kill_count()
+        exited = self._unclaimed.pop(pid, None)
+        if exited is not None and exited[1] > since:
+            self._finish(process, exited[0])
+        else:
+            self._by_pid[pid] = process
 
     def start(self, process: Process) -> int:
         if process.started:
@@ -262,13 +309,9 @@ class ProcessTable:
         devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         stdin, stdout, stderr = (devnull if fd is None else fd for fd in process.child_stdio)
         error_read, error_write = os.pipe2(os.O_CLOEXEC)
-        new_namespace = process.spec.container_init and bool(process.spec.root)
-        with self._pid_namespace_for(process, new_namespace):
-            pid = os.fork()
-            if pid == 0:
-                _exec_child(process.spec, (stdin, stdout, stderr), error_write, new_namespace)
-        if new_namespace:
-            self._container_pid_ns = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            _exec_child(process.spec, (stdin, stdout, stderr), error_write)
         os.close(error_write)
         os.close(devnull)
         _close_child_stdio(process)
@@ -277,6 +320,7 @@ class ProcessTable:
         with os.fdopen(error_read, "rb") as errors:
             failure = errors.read()
         process.pid = pid
+        process.started = True
         process.oom_kills_at_start = oom_kill_count()
         self._by_pid[pid] = process
         if failure:
@@ -302,41 +346,50 @@ class ProcessTable:
                 return
             if pid == 0:
                 return
+            self._generation += 1
+            helper = self._helpers.pop(pid, None)
+            if helper is not None:
+                if not helper.done():
+                    helper.set_result(os.waitstatus_to_exitcode(status))
+                continue
             process = self._by_pid.pop(pid, None)
             if process is None:
+                # An orphan, or a container process whose pid file is not read yet.
+                self._unclaimed[pid] = (status, self._generation)
+                if len(self._unclaimed) > MAX_UNCLAIMED_EXITS:
+                    del self._unclaimed[next(iter(self._unclaimed))]
                 continue
-            code = os.waitstatus_to_exitcode(status)
-            process.exit_status = 128 - code if code < 0 else code
-            process.oom_killed = (
-                code == -signal.SIGKILL and oom_kill_count() > process.oom_kills_at_start
-            )
-            process.exited_at = time.time()
-            process.exited.set()
-            if process.spec.container_init and process.pid != 0:
-                # As when the init of a PID namespace dies: nothing else may live on.
-                kill_everything_but_me()
+            self._finish(process, status)
 
-    def _container_pids(self) -> list[int]:
-        if self._container_pid_ns is None:
-            return [p.pid for p in self._by_id.values() if p.started and p.exit_status is None]
-        namespace = os.fstat(self._container_pid_ns).st_ino
-        pids = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                with contextlib.suppress(OSError):
-                    if os.stat(f"/proc/{entry}/ns/pid").st_ino == namespace:
-                        pids.append(int(entry))
-        return pids
+    def _finish(self, process: Process, status: int) -> None:
+        code = os.waitstatus_to_exitcode(status)
+        process.exit_status = 128 - code if code < 0 else code
+        process.oom_killed = (
+            code == -signal.SIGKILL and oom_kill_count() > process.oom_kills_at_start
+        )
+        process.exited_at = time.time()
+        process.exited.set()
+        if process.spec.container_init and process.spec.oci:
+            # As when the init of a PID namespace dies (or runc's kill of the cgroup
+            # when the container has no PID namespace of its own): nothing may live on.
+            cgroups.kill_container_group()
+
+    def _processes_of(self, process: Process) -> list[int]:
+        """What kill --all reaches: the container's cgroup for a container process (as
+        runc's kill --all), else the guest processes the agent started."""
+        if process.spec.oci:
+            return cgroups.container_pids()
+        return [p.pid for p in self._by_id.values() if p.started and p.exit_status is None]
 
     def signal(self, process: Process, signum: int, all_processes: bool = False) -> None:
         if all_processes:
             # Every process of the container (its PID namespace), as runc's kill --all
             # does with its cgroup: not only those the agent started.
-            for pid in self._container_pids():
+            for pid in self._processes_of(process):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signum)
             return
-        if not process.started:
+        if process.pid == 0:  # a container's init has a pid once created, as under runc
             raise FailedPrecondition(f"process {process.id!r} has not been started")
         if process.exit_status is not None:
             raise NotFound(f"process {process.id!r} has already exited")
@@ -364,7 +417,9 @@ def _close_child_stdio(process: Process) -> None:
 
 
 def resize_terminal(process: Process, width: int, height: int) -> None:
-    if process.terminal_fd is not None:
+    if process.terminal_fd is None:
+        process.pending_size = (width, height)
+    else:
         fcntl.ioctl(
             process.terminal_fd, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0)
         )
@@ -382,13 +437,9 @@ def oom_kill_count() -> int:
     return 0
 
 
-def kill_everything_but_me() -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(-1, signal.SIGKILL)
-
-
 async def read_output(process: Process, stream: str) -> bytes | None:
     """The next chunk available on a stream, or None at end of file."""
+    await process.io_ready.wait()
     fd = process.output_fds.get(stream)
     if fd is None:
         return None
@@ -409,6 +460,7 @@ async def read_output(process: Process, stream: str) -> bytes | None:
 
 async def write_input(process: Process, data: bytes) -> None:
     """Writes all of data to the process's stdin, waiting while the pipe is full."""
+    await process.io_ready.wait()
     fd = process.stdin_fd
     if fd is None:
         raise FailedPrecondition(f"process {process.id!r} has no open stdin")
@@ -417,6 +469,9 @@ async def write_input(process: Process, data: bytes) -> None:
 
 
 def close_input(process: Process) -> None:
+    if not process.io_ready.is_set():
+        process.close_stdin_pending = True
+        return
     if process.stdin_fd is None:
         return
     if process.terminal_fd is not None:

@@ -55,7 +55,9 @@ EXTRA_MODULES: tuple[str, ...] = (
 # Never shipped, and made unimportable while measuring the closure, so the measured set
 # is what the guest sees. ssl: the agent speaks no TLS and asyncio imports ssl only if it
 # can; it and _hashlib would bring libssl and libcrypto (5.6 MB, a fifth of the image).
-EXCLUDED_MODULES: tuple[str, ...] = ("ssl", "_ssl", "_hashlib")
+# bz2, lzma: shutil imports them only if it can (for archives the agent never makes);
+# they would bring libbz2 and their import time.
+EXCLUDED_MODULES: tuple[str, ...] = ("ssl", "_ssl", "_hashlib", "bz2", "_bz2", "lzma", "_lzma")
 
 # harpoon's code that runs in the guest: these packages plus the top-level modules
 # (shared helpers such as harpoon/errdefs.py), except the host-only ones below.
@@ -126,6 +128,8 @@ def imported_modules(
         text=True,
         timeout=CLOSURE_TIMEOUT_S,
         check=False,
+        # Pure-Python protobuf imports more of the stdlib than upb does: measuring it
+        # ships a superset, so a guest whose upb extension fails to load still works.
         env={**os.environ, "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"},
     )
     marker = "HARPOON-CLOSURE "

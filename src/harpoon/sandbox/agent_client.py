@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator
@@ -20,6 +21,8 @@ CONTROL_TIMEOUT_S = 30.0
 HELLO_ENTROPY_BYTES = 64
 CONNECT_ATTEMPTS = 200
 CONNECT_RETRY_S = 0.005
+
+log = logging.getLogger(__name__)
 
 
 class AgentClient:
@@ -55,9 +58,12 @@ class AgentClient:
         response_type: type[ResponseT],
         timeout: float | None = CONTROL_TIMEOUT_S,
     ) -> ResponseT:
+        began = time.monotonic()
         payload = await self._client.call(
             AGENT_SERVICE, method, request.SerializeToString(), timeout=timeout
         )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("agent %s answered in %.1f ms", method, (time.monotonic() - began) * 1e3)
         response = response_type()
         response.ParseFromString(payload)
         return response

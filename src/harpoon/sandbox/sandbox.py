@@ -10,6 +10,11 @@ more (about one TCG boot in 35 hangs silently on our machines), then reported wi
 end of its console. After a cold boot, once the container's process runs, the sandbox
 builds the missing template in the background at the lowest CPU priority; stopping the
 sandbox cancels that build, leaving no VM or file behind.
+
+A sandbox given a `rootfs_share` exports that (empty) directory as its root filesystem
+share and mounts it in the guest as soon as the agent answers, before any container
+exists (harpoon.sandbox.rootfs); `share_rootfs` then puts the container's rootfs in.
+`SandboxStarter` starts one sandbox ahead of the request for it.
 """
 
 from __future__ import annotations
@@ -20,14 +25,19 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-from harpoon.api.agent.v1 import agent_pb2
-from harpoon.sandbox import template
-from harpoon.sandbox.agent_client import AgentClient
+from harpoon.sandbox import rootfs, template
 from harpoon.sandbox.template import Template, TemplateStore
 from harpoon.ttrpc.status import TtrpcError
 from harpoon.vmm.base import VirtualMachine, VMConfig, VMError
+
+if TYPE_CHECKING:
+    # Loaded once the VMM is launching (template.restore, _boot): a shim starts its VM
+    # before it imports what it needs to talk to it.
+    from harpoon.api.agent.v1 import agent_pb2
+    from harpoon.sandbox.agent_client import AgentClient
 
 BOOT_TIMEOUT_S = 60.0
 BOOT_ATTEMPTS = 2
@@ -42,10 +52,15 @@ class Sandbox:
         config: VMConfig,
         make_vm: Callable[[VMConfig], VirtualMachine],
         templates: TemplateStore | Literal[False] | None = None,
+        *,
+        rootfs_share: Path | None = None,
     ) -> None:
         """templates: where VM templates live; None for the store the environment names
-        (harpoon.sandbox.template.TemplateStore.from_environment), False to boot cold."""
+        (harpoon.sandbox.template.TemplateStore.from_environment), False to boot cold.
+        rootfs_share: the host path of config's rootfs share (harpoon.sandbox.rootfs),
+        which this sandbox creates and removes."""
         self.config = config
+        self.rootfs_share = rootfs_share
         self._make_vm = make_vm
         self._templates = TemplateStore.from_environment() if templates is None else templates
         self._template_build: asyncio.Task[None] | None = None
@@ -55,12 +70,23 @@ class Sandbox:
         self.boot_seconds = 0.0
         self.restored = False
         """True when the VM was restored from a template rather than booted."""
+        self.guest_running = asyncio.Event()
+        """Set once the host has done its part of the start and the guest runs towards
+        answering Hello (the host then has time for other work)."""
 
     @property
     def pid(self) -> int:
         return self.vm.pid if self.vm else 0
 
     async def start(self) -> None:
+        if self.rootfs_share is not None:
+            rootfs.prepare(self.rootfs_share)
+        await self._start_vm()
+        if self.rootfs_share is not None:
+            assert self.agent is not None
+            await rootfs.mount_share(self.agent)
+
+    async def _start_vm(self) -> None:
         found = self._find_template()
         if found is not None:
             store, existing = found
@@ -74,11 +100,18 @@ class Sandbox:
             except START_ERRORS as error:
                 last_error = error
                 log.warning("boot attempt %d of %s failed: %s", attempt, self.config.name, error)
-                await self.stop()
+                await self._stop_vm()
         else:
             raise VMError(f"VM {self.config.name} did not start: {last_error}")
         if found is not None:
             self._template_build = asyncio.ensure_future(self._build_template_when_running())
+
+    async def share_rootfs(self, host_rootfs: Path, guest_target: str) -> None:
+        """Puts the container's root filesystem at guest_target in the guest."""
+        if self.rootfs_share is None or self.agent is None:
+            raise VMError(f"sandbox {self.config.name} has no rootfs share to put a rootfs in")
+        rootfs.attach(self.rootfs_share, host_rootfs)
+        await rootfs.bind_rootfs(self.agent, guest_target)
 
     def _find_template(self) -> tuple[TemplateStore, Template | None] | None:
         """The store to use and its template for this VM, if the backend can restore."""
@@ -86,14 +119,20 @@ class Sandbox:
             return None
         identity = self._make_vm(self.config).template_identity()
         if identity is None:
+            log.info("%s: this VMM cannot restore guests: booting cold", self.config.name)
             return None
-        return self._templates, self._templates.find(template.template_key(identity))
+        key = template.template_key(identity)
+        found = self._templates.find(key)
+        if found is None:
+            log.info("%s: no VM template %s in %s: booting cold",
+                     self.config.name, key, self._templates.root)  # fmt: skip
+        return self._templates, found
 
     async def _restore(self, store: TemplateStore, found: Template) -> bool:
         began = time.monotonic()
         try:
             self.vm, self.agent, self.hello = await template.restore(
-                self._make_vm, self.config, found.state
+                self._make_vm, self.config, found, resumed=self.guest_running
             )
         except START_ERRORS as error:
             log.warning(
@@ -127,10 +166,13 @@ class Sandbox:
         vm = self._make_vm(self.config)
         self.vm = vm
         await vm.start()
+        from harpoon.sandbox.agent_client import AgentClient
+
         self.agent = await AgentClient.connect(
             str(self.config.agent_socket), str(self.config.stdio_socket)
         )
         hello = asyncio.ensure_future(self.agent.hello(timeout=BOOT_TIMEOUT_S))
+        self.guest_running.set()
         died = asyncio.ensure_future(vm.wait())
         done, _ = await asyncio.wait(
             {hello, died}, timeout=BOOT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
@@ -154,7 +196,18 @@ class Sandbox:
         self.boot_seconds = time.monotonic() - began
 
     async def stop(self) -> None:
-        """Tears the VM down (and any template build it started); idempotent."""
+        """Tears the VM down (and any template build it started), then releases the
+        rootfs share; idempotent."""
+        try:
+            await self._stop_vm()
+        finally:
+            if self.rootfs_share is not None:
+                try:
+                    rootfs.release(self.rootfs_share)
+                except OSError as error:  # `shim delete` tries again
+                    log.warning("releasing the rootfs share of %s: %s", self.config.name, error)
+
+    async def _stop_vm(self) -> None:
         building, self._template_build = self._template_build, None
         if building is not None:
             building.cancel()
@@ -164,4 +217,126 @@ class Sandbox:
                 await self.agent.close()
             self.agent = None
         if self.vm is not None:
-            await self.vm.stop()
+            # Killed, not shut down: a container's guest holds nothing to save (its
+            # files are written through to the host as it writes them).
+            await self.vm.kill()
+
+
+class SandboxStarter:
+    """Starts sandboxes, and at most one ahead of the request for it: a shim starts its
+    container's VM from the bundle while containerd is still sending Create, and Create
+    takes it if it was started for exactly the configuration Create asks for.
+
+    A prestarted sandbox that is not taken is stopped: when Create asks for another
+    configuration (before the new one starts: they share their state directory), when
+    no Create comes within `expire_after_s`, and on close(). Its start failing is no
+    error of Create's: Create then starts a new one."""
+
+    def __init__(
+        self,
+        make_vm: Callable[[VMConfig], VirtualMachine],
+        templates: TemplateStore | Literal[False] | None = None,
+    ) -> None:
+        self._make_vm = make_vm
+        self._templates = templates
+        self._early: Sandbox | None = None
+        self._starting: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._expired: asyncio.Task[None] | None = None
+
+    def new(self, config: VMConfig, rootfs_share: Path | None) -> Sandbox:
+        return Sandbox(config, self._make_vm, self._templates, rootfs_share=rootfs_share)
+
+    def prestart(
+        self, config: VMConfig, rootfs_share: Path | None, expire_after_s: float = 60.0
+    ) -> None:
+        """Begins starting a sandbox for config in the background."""
+        if self._early is not None:
+            raise RuntimeError("a sandbox is already prestarted")
+        sandbox = self.new(config, rootfs_share)
+        self._early = sandbox
+        self._starting = asyncio.ensure_future(sandbox.start())
+        self._starting.add_done_callback(_retrieve)
+        loop = asyncio.get_running_loop()
+        self._expiry = loop.call_later(expire_after_s, self._expire)
+
+    async def wait_guest_running(self, timeout: float) -> None:
+        """Returns once the prestarted sandbox's guest runs (Sandbox.guest_running), its
+        start ended, or after timeout; at once if there is none. The daemon imports what
+        serves containerd while the guest comes up, not while QEMU waits for the host."""
+        early, starting = self._early, self._starting
+        if early is None or starting is None:
+            return
+        running = asyncio.ensure_future(early.guest_running.wait())
+        await asyncio.wait(
+            {running, starting}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        running.cancel()
+
+    def _expire(self) -> None:
+        if self._early is not None:
+            log.warning("no Create came for the VM started ahead for %s: stopping it",
+                        self._early.config.name)  # fmt: skip
+        self._expired = asyncio.ensure_future(self.close())
+
+    async def start(self, config: VMConfig, rootfs_share: Path | None) -> Sandbox:
+        """A started sandbox for config: the prestarted one if it matches and started, else
+        a new one. The caller owns (and stops) what this returns."""
+        early = await self._take(config, rootfs_share)
+        if early is not None:
+            return early
+        sandbox = self.new(config, rootfs_share)
+        try:
+            await sandbox.start()
+        except BaseException:
+            await sandbox.stop()
+            raise
+        return sandbox
+
+    async def _take(self, config: VMConfig, rootfs_share: Path | None) -> Sandbox | None:
+        early, starting = self._early, self._starting
+        if early is None or starting is None:
+            return None
+        if early.config != config or early.rootfs_share != rootfs_share:
+            log.info("the VM started ahead for %s does not fit its Create: starting another",
+                     config.name)  # fmt: skip
+            await self.close()
+            return None
+        # Create has come: however long the start takes now, it is Create's to wait for
+        # (a cold boot may retry for minutes), not the expiry's to cut short.
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        # Cancelling the caller (Create) leaves the sandbox ours, to take again or stop.
+        await asyncio.wait({starting})
+        if self._early is not early:
+            return None  # expired or closed meanwhile
+        self._forget()
+        error = starting.exception() if not starting.cancelled() else None
+        if starting.cancelled() or error is not None:
+            log.warning("the VM started ahead for %s failed (%s): starting another",
+                        config.name, error or "cancelled")  # fmt: skip
+            await early.stop()
+            return None
+        return early
+
+    def _forget(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        self._early = self._starting = self._expiry = None
+
+    async def close(self) -> None:
+        """Stops the prestarted sandbox unless it was taken; idempotent."""
+        early, starting = self._early, self._starting
+        self._forget()
+        if starting is not None and not starting.done():
+            starting.cancel()
+            await asyncio.wait({starting})
+        if early is not None:
+            await early.stop()
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    """Marks a background start's exception as seen: whoever takes it reports it."""
+    if not task.cancelled():
+        task.exception()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from harpoon import __version__
 
@@ -44,6 +45,9 @@ class Flags:
     version: bool = False
     info: bool = False
     action: str = ""
+    # Wall-clock times of the `start` process, which the forked daemon logs (debug).
+    started_at: float = 0.0
+    forked_at: float = 0.0
 
     def __init__(self) -> None:
         self.ignored: list[str] = []
@@ -80,7 +84,9 @@ def parse_flags(argv: list[str]) -> Flags:
 
 
 def main(argv: list[str] | None = None) -> None:
+    started_at = time.time()
     flags = parse_flags(sys.argv[1:] if argv is None else argv)
+    flags.started_at = started_at
     if flags.version:
         name = os.path.basename(sys.argv[0])
         print(f"{name}:\n  Version:  {__version__}\n  Runtime:  {RUNTIME_NAME}")

@@ -2,29 +2,62 @@
 
 `start`, the daemon and `delete` (which may run after the daemon was killed) must
 agree on the shim socket and the VM's state directory from the CLI flags alone.
+
+`start` and `delete` run in a fresh Python on every container's critical path, so this
+module loads pathlib only when a caller asks for a Path (the `*_str` forms do not).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
-SOCKET_DIR = Path("/run/containerd/s")
-RUN_DIR = Path(os.environ.get("HARPOON_RUN_DIR", "/run/harpoon"))
+TYPE_CHECKING = False  # not typing's: importing typing costs more than this module
+if TYPE_CHECKING:
+    from pathlib import Path
+
+SOCKET_DIR = "/run/containerd/s"
+RUN_DIR = os.environ.get("HARPOON_RUN_DIR", "/run/harpoon")
 UNIX_SOCKET_PATH_MAX_BYTES = 106
 
 
-def socket_path(grpc_address: str, namespace: str, group: str, socket_dir: str = "") -> Path:
+def _path(value: str) -> Path:
+    from pathlib import Path
+
+    return Path(value)
+
+
+def socket_path_str(grpc_address: str, namespace: str, group: str, socket_dir: str = "") -> str:
     """containerd's convention: sha256 of <address>/<namespace>/<id> under /run/containerd/s."""
     digest = hashlib.sha256(os.path.join(grpc_address, namespace, group).encode()).hexdigest()
-    path = Path(socket_dir or SOCKET_DIR) / digest
-    if len(str(path).encode()) > UNIX_SOCKET_PATH_MAX_BYTES:
-        path = SOCKET_DIR / digest
+    path = os.path.join(socket_dir or SOCKET_DIR, digest)
+    if len(path.encode()) > UNIX_SOCKET_PATH_MAX_BYTES:
+        path = os.path.join(SOCKET_DIR, digest)
     return path
 
 
-def vm_state_dir(namespace: str, container_id: str) -> Path:
+def socket_path(grpc_address: str, namespace: str, group: str, socket_dir: str = "") -> Path:
+    return _path(socket_path_str(grpc_address, namespace, group, socket_dir))
+
+
+def _container_digest(namespace: str, container_id: str) -> str:
+    return hashlib.sha256(f"{namespace}/{container_id}".encode()).hexdigest()[:24]
+
+
+def vm_state_dir_str(namespace: str, container_id: str) -> str:
     """The VM's private directory (sockets, pid file, console log) for one container."""
-    digest = hashlib.sha256(f"{namespace}/{container_id}".encode()).hexdigest()[:24]
-    return RUN_DIR / "vm" / digest
+    return os.path.join(RUN_DIR, "vm", _container_digest(namespace, container_id))
+
+
+def vm_state_dir(namespace: str, container_id: str) -> Path:
+    return _path(vm_state_dir_str(namespace, container_id))
+
+
+def share_dir_str(namespace: str, container_id: str) -> str:
+    """The directory the VM exports as its rootfs share (harpoon.sandbox.rootfs); apart
+    from the state directory, so that no recursive removal of that reaches the rootfs."""
+    return os.path.join(RUN_DIR, "share", _container_digest(namespace, container_id))
+
+
+def share_dir(namespace: str, container_id: str) -> Path:
+    return _path(share_dir_str(namespace, container_id))

@@ -1,43 +1,53 @@
-"""`shim start`: bind the task socket, spawn the daemon on it, print the address.
+"""`shim start`: bind the task socket, fork the daemon on it, print the address.
 
 Order matters: the socket is listening before the address is printed (containerd
 connects at once and the backlog holds it until the daemon accepts), and the daemon
-inherits none of our stdio, because containerd reads our output until EOF.
+keeps none of our stdio, because containerd reads our output until EOF.
+
+The daemon is a fork of this process, not a re-executed one (Go shims re-exec because
+Go cannot fork): it skips a second interpreter start-up, and it begins starting the
+container's VM while containerd is still reading our answer (harpoon.shim.daemon). This
+module imports little: it runs on every container's critical path.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
+import time
+
+# The C module under `socket`, whose Python half costs `start` enum, selectors and more.
+from _socket import AF_UNIX, SOCK_STREAM
+from _socket import socket as Socket
 
 from harpoon.shim import paths
-from harpoon.shim.bootstrap import parse_start_stdin, start_output
+from harpoon.shim.bootstrap import BootstrapParams, parse_start_stdin, start_output
 from harpoon.shim.cli import Flags
 
 LISTENER_FD = 3
 
 
-def _bind(path: Path) -> socket.socket | None:
+def _bind(path: str) -> Socket | None:
     """A listening socket at path, or None if a live shim already serves it."""
-    path.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
     for _ in range(2):
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener = Socket(AF_UNIX, SOCK_STREAM)
         try:
-            listener.bind(str(path))
+            listener.bind(path)
         except OSError as error:
             listener.close()
             if error.errno != errno.EADDRINUSE:
                 raise
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe = Socket(AF_UNIX, SOCK_STREAM)
             try:
-                probe.connect(str(path))
+                probe.connect(path)
                 return None  # a running shim owns it: share it
             except OSError:
-                path.unlink(missing_ok=True)  # stale socket of a dead shim
+                try:  # noqa: SIM105 (contextlib is one import more for `start`)
+                    os.unlink(path)  # stale socket of a dead shim
+                except FileNotFoundError:
+                    pass
             finally:
                 probe.close()
             continue
@@ -47,63 +57,70 @@ def _bind(path: Path) -> socket.socket | None:
     raise OSError(errno.EADDRINUSE, f"cannot bind shim socket {path}")
 
 
-def _daemon_command() -> list[str]:
-    """Ourselves again: the shim script when we were started as one (so `ps` and
-    containerd's tooling see containerd-shim-harpoon-v1), else the module."""
-    script = os.path.abspath(sys.argv[0])
-    if os.path.basename(script).startswith("containerd-shim-") and os.path.isfile(script):
-        return [sys.executable, script]
-    return [sys.executable, "-m", "harpoon.shim"]
+def _become_daemon(listener: Socket, flags: Flags, ttrpc_address: str) -> None:
+    """The forked child: detaches from containerd's `start` call and serves. Never returns."""
+    status = 1
+    try:
+        os.setsid()
+        # containerd reads our stdout and stderr until EOF: let go of them at once.
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        if null > 2:
+            os.close(null)
+        if listener.fileno() != LISTENER_FD:
+            os.dup2(listener.fileno(), LISTENER_FD)
+            listener.close()
+        else:
+            listener.detach()
+        if ttrpc_address and "TTRPC_ADDRESS" not in os.environ:
+            os.environ["TTRPC_ADDRESS"] = ttrpc_address
+        from harpoon.shim.daemon import run_daemon
+
+        status = run_daemon(flags)
+    finally:
+        # Never unwind into the parent's code (its stdout buffer, its exit status).
+        os._exit(status)
+
+
+def _daemon_flags(flags: Flags, namespace: str, task_id: str, grpc_address: str) -> Flags:
+    daemon = Flags()
+    daemon.namespace, daemon.id, daemon.address = namespace, task_id, grpc_address
+    daemon.publish_binary, daemon.debug = flags.publish_binary, flags.debug
+    daemon.started_at = flags.started_at
+    daemon.bundle = os.getcwd()  # containerd runs `start` in the bundle
+    return daemon
 
 
 def start(flags: Flags) -> int:
     data = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     parsed = parse_start_stdin(data, flags.id)
-    params = parsed.params
+    params: BootstrapParams | None = parsed.params
     namespace = flags.namespace or (params.namespace if params else "")
     task_id = flags.id or (params.instance_id if params else "")
     grpc_address = flags.address or (params.containerd_grpc_address if params else "")
     if not namespace or not task_id:
         print("start needs -namespace and -id", file=sys.stderr)
         return 2
-    socket_dir = params.socket_dir if params is not None and params.HasField("socket_dir") else ""
-    path = paths.socket_path(grpc_address, namespace, task_id, socket_dir)
+    socket_dir = params.socket_dir if params is not None else None
+    path = paths.socket_path_str(grpc_address, namespace, task_id, socket_dir or "")
     address = f"unix://{path}"
     listener = _bind(path)
     if listener is not None:
-        Path("address").write_text(address)
-        env = dict(os.environ)
-        if params is not None and params.containerd_ttrpc_address and "TTRPC_ADDRESS" not in env:
-            env["TTRPC_ADDRESS"] = params.containerd_ttrpc_address
-        argv = [
-            *_daemon_command(),
-            "-namespace",
-            namespace,
-            "-id",
-            task_id,
-            "-address",
-            grpc_address,
-        ]
-        if flags.publish_binary:
-            argv += ["-publish-binary", flags.publish_binary]
-        if flags.debug:
-            argv.append("-debug")
-        if listener.fileno() != LISTENER_FD:
-            os.dup2(listener.fileno(), LISTENER_FD)
-        os.set_inheritable(LISTENER_FD, True)
+        with open("address", "w") as recorded:
+            recorded.write(address)
+        sys.stdout.flush()
+        daemon_flags = _daemon_flags(flags, namespace, task_id, grpc_address)
+        daemon_flags.forked_at = time.time()
         try:
-            subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                pass_fds=(LISTENER_FD,),
-                env=env,
-                start_new_session=True,
-            )
+            child = os.fork()
         except OSError:
-            path.unlink(missing_ok=True)
+            os.unlink(path)
             raise
+        if child == 0:
+            ttrpc_address = params.containerd_ttrpc_address if params is not None else ""
+            _become_daemon(listener, daemon_flags, ttrpc_address)
+        listener.close()
     sys.stdout.buffer.write(start_output(address, params))
     sys.stdout.flush()
     return 0

@@ -38,15 +38,17 @@ from harpoon.errdefs import (
     Unimplemented,
 )
 from harpoon.sandbox.agent_client import AgentClient
-from harpoon.sandbox.sandbox import Sandbox
+from harpoon.sandbox.sandbox import Sandbox, SandboxStarter
 from harpoon.shim import paths
 from harpoon.shim.bundle import Bundle, mount_rootfs, unmount_rootfs
 from harpoon.shim.events import EventPublisher
+from harpoon.shim.guest_spec import encode, process_for_guest, spec_for_guest
+from harpoon.shim.prestart import rootfs_share, vm_config
 from harpoon.shim.resources import cgroup_limits, spec_resources, vm_size
 from harpoon.shim.stdio import ProcessIO, StdinForwarder, open_stdin, pump
 from harpoon.ttrpc.server import CallContext
 from harpoon.ttrpc.status import Code, TtrpcError
-from harpoon.vmm.base import Share, VMConfig, VMError
+from harpoon.vmm.base import VMConfig, VMError
 
 GUEST_ROOTFS = "/run/harpoon/rootfs"
 INIT_GUEST_ID = "init"
@@ -57,7 +59,6 @@ EXEC_EXIT_WAIT_S = 10.0
 OUTPUT_FLUSH_WAIT_S = 2.0
 # How long CloseIO waits for buffered stdin to reach the guest before the EOF.
 STDIN_DRAIN_S = 10.0
-NINEP_OPTIONS = ["trans=virtio", "version=9p2000.L", "msize=524288"]
 VM_DIED_EXIT_STATUS = 255
 EXEC_FAILED_EXIT_STATUS = 127
 EMPTY = empty_pb2.Empty()
@@ -110,6 +111,8 @@ class Container:
     sandbox: Sandbox
     init: HostProcess
     rootfs_mounted: bool
+    # The init's OCI spec as crun runs it in the guest (see harpoon.shim.guest_spec).
+    guest_spec: bytes = b""
     execs: dict[str, HostProcess] = field(default_factory=dict)
 
     @property
@@ -120,37 +123,22 @@ class Container:
         return agent
 
 
-def _spec_user(process: dict[str, Any]) -> tuple[int, int, list[int]]:
-    user = process.get("user") or {}
-    groups = [int(g) for g in user.get("additionalGids") or []]
-    return int(user.get("uid", 0)), int(user.get("gid", 0)), groups
-
-
-def _create_request(
-    process: HostProcess, hostname: str, container_init: bool
-) -> agent_pb2.CreateProcessRequest:
-    spec = process.spec
-    uid, gid, groups = _spec_user(spec)
+def _create_request(container: Container, process: HostProcess) -> agent_pb2.CreateProcessRequest:
+    """The agent's request for a container process, which crun runs in the guest: the
+    whole guest spec for the init, the OCI process for an exec."""
+    init = process is container.init
     return agent_pb2.CreateProcessRequest(
         id=process.guest_id,
-        args=spec["args"],
-        env=spec.get("env") or [],
-        cwd=spec.get("cwd") or "/",
-        root=GUEST_ROOTFS,
-        uid=uid,
-        gid=gid,
-        additional_gids=groups,
-        hostname=hostname,
         terminal=process.terminal,
         stdin=bool(process.stdin),
         stdout=process.io.stdout is not None,
         stderr=process.io.stderr is not None and not process.terminal,
-        container_init=container_init,
-        rlimits=[
-            agent_pb2.Rlimit(type=r["type"], hard=int(r["hard"]), soft=int(r["soft"]))
-            for r in spec.get("rlimits") or []
-        ],
-        no_new_privileges=bool(spec.get("noNewPrivileges", False)),
+        container_init=init,
+        oci_json=container.guest_spec if init else encode(process_for_guest(process.spec)),
+        container_id="" if init else INIT_GUEST_ID,
+        # The guest's own name, for a container without a UTS namespace of its own: the
+        # host's, as such a runc container would see.
+        hostname=socket.gethostname() if init else "",
     )
 
 
@@ -162,12 +150,15 @@ class TaskService:
         make_vm: Callable[[VMConfig], Any],
         find_image: Callable[[], Any],
         on_shutdown: Callable[[], None],
+        sandboxes: SandboxStarter | None = None,
     ) -> None:
         self.namespace = namespace
         self.publisher = publisher
         self.make_vm = make_vm
         self.find_image = find_image
         self.on_shutdown = on_shutdown
+        # Starts the container's VM, or hands over the one the daemon started ahead.
+        self.sandboxes = sandboxes or SandboxStarter(make_vm)
         self.container: Container | None = None
 
     # -- helpers -------------------------------------------------------------------
@@ -198,10 +189,7 @@ class TaskService:
     async def _prepare(self, container: Container, process: HostProcess) -> None:
         """Creates the process in the guest and connects its stdio to containerd's."""
         agent = container.agent
-        # Without a hostname of its own a runc container keeps the host's (a new UTS
-        # namespace starts as a copy): the guest's would be "(none)".
-        hostname = container.bundle.hostname or socket.gethostname()
-        await agent.create_process(_create_request(process, hostname, process is container.init))
+        await agent.create_process(_create_request(container, process))
         streams = ((agent_pb2.STDOUT, process.io.stdout), (agent_pb2.STDERR, process.io.stderr))
         for stream, fd in streams:
             if fd is not None and not (process.terminal and stream == agent_pb2.STDERR):
@@ -306,6 +294,10 @@ class TaskService:
         if request.checkpoint:
             raise Unimplemented("restoring from a checkpoint is not supported by harpoon")
         bundle = Bundle.load(request.bundle)
+        # Before any VM exists: a spec harpoon cannot run in one fails here.
+        guest_spec = encode(
+            spec_for_guest(bundle.spec, guest_root=GUEST_ROOTFS, host_hostname=socket.gethostname())
+        )
         try:
             image = self.find_image()
         except Exception as error:
@@ -323,22 +315,10 @@ class TaskService:
                 mounted = True
             elif not rootfs.is_dir():
                 raise FailedPrecondition(f"the rootfs {rootfs} is not a directory")
-            config = VMConfig(
-                name=request.id,
-                arch=image.arch,
-                kernel=image.kernel,
-                initrd=image.initrd,
-                state_dir=state_dir,
-                cpus=size.cpus,
-                memory_mib=size.memory_mib,
-                # Writable even for --read-only: the guest creates its mount points first
-                # and then makes the root read-only (runc's order too).
-                shares=(Share("rootfs", rootfs),),
-            )
-            sandbox = Sandbox(config, self.make_vm)
-            await sandbox.start()
+            config = vm_config(self.namespace, request.id, image, size)
+            sandbox = await self.sandboxes.start(config, rootfs_share(config))
+            await sandbox.share_rootfs(rootfs, GUEST_ROOTFS)
             assert sandbox.agent is not None
-            await sandbox.agent.mount("rootfs", GUEST_ROOTFS, "9p", NINEP_OPTIONS)
             limits = cgroup_limits(spec_resources(bundle.spec), size.memory_mib)
             if limits.ListFields():
                 await sandbox.agent.update_resources(limits)
@@ -352,10 +332,8 @@ class TaskService:
                 terminal=request.terminal,
                 io=io,
             )
-            container = Container(request.id, bundle, sandbox, init, mounted)
+            container = Container(request.id, bundle, sandbox, init, mounted, guest_spec)
             await self._prepare(container, init)
-            if bundle.readonly_root:
-                await sandbox.agent.mount(GUEST_ROOTFS, GUEST_ROOTFS, "", ["remount", "bind", "ro"])
         except BaseException:
             if container is not None:
                 container.init.release_stdin()
@@ -639,6 +617,7 @@ class TaskService:
 
     async def close(self) -> None:
         """Tears down whatever is left (the daemon is exiting)."""
+        await self.sandboxes.close()
         if self.container is not None:
             with contextlib.suppress(Exception):
                 await self._teardown(self.container)

@@ -63,6 +63,11 @@ class VMConfig:
     extra: dict[str, str] = field(default_factory=dict)
     low_priority: bool = False
     """Run the VMM at the lowest CPU priority (background work: building a template)."""
+    memory_file: Path | None = None
+    """Guest RAM backed by this file. A VM started with `start()` maps it shared: its RAM
+    lives in the file, so `save_state()` leaves memory out of the saved state. A VM started
+    with `restore()` maps it privately (copy on write): the file is never written, and
+    pages the guest does not touch are never copied."""
 
     @property
     def agent_socket(self) -> Path:
@@ -105,6 +110,11 @@ class VirtualMachine(abc.ABC):
     async def stop(self) -> None:
         """Stops the VMM process and waits for it; safe to call twice or after it died."""
 
+    async def kill(self) -> None:
+        """Stops the VMM at once, for a guest with nothing left to save; like stop()
+        (idempotent, waits for the process), only without a grace period."""
+        await self.stop()
+
     @abc.abstractmethod
     async def wait(self) -> int:
         """Waits for the VMM process to exit and returns its exit status."""
@@ -127,16 +137,19 @@ class VirtualMachine(abc.ABC):
         raise SavedStateUnsupported(f"{type(self).__name__} cannot watch the agent channel")
 
     async def save_state(self, path: Path) -> None:
-        """Pauses the guest and writes its whole state to `path`; the VM stays paused."""
+        """Pauses the guest and writes its whole state to `path` (but for its RAM when that
+        is `config.memory_file`); the VM stays paused."""
         raise SavedStateUnsupported(f"{type(self).__name__} cannot save a guest")
 
     async def restore(self, state: Path) -> None:
-        """Launches the VMM to continue the guest saved in `state` instead of booting; returns
-        once the agent socket exists, with the guest not yet running (see `resume`)."""
+        """Launches the VMM to continue the guest saved in `state` (with its RAM in
+        `config.memory_file` when it was saved that way) instead of booting; returns once
+        the agent socket exists, with the guest not yet running (see `resume`)."""
         raise SavedStateUnsupported(f"{type(self).__name__} cannot restore a guest")
 
     async def resume(self) -> None:
-        """Loads the state `restore` was given and lets the guest run from it."""
+        """Loads the state `restore` was given and lets the guest run from it; may return
+        before the load ends (the guest then runs once it is loaded)."""
         raise SavedStateUnsupported(f"{type(self).__name__} cannot restore a guest")
 
     async def freeze(self) -> None:

@@ -7,10 +7,19 @@ end is a unix socket QEMU listens on. The QEMU process is started with a parent-
 signal, so a shim killed with SIGKILL takes its VM with it.
 
 Every VM also has a QMP socket (`VMConfig.control_socket`), which saving and restoring
-guests use: save = `stop` + migration to `exec:cat > FILE` (QEMU 7.2 has no `file:`
-URI); restore = the same command line plus `-incoming defer`, the agent socket
-connected, `migrate-incoming exec:cat FILE`, then `cont`. The 9p `-fsdev path=` may
-name another host directory at restore than at save: only the device layout counts.
+guests use: save = migration of the running guest to `exec:cat > FILE` (QEMU 7.2 has no
+`file:` URI; the guest stops as it completes); restore = the same command line plus
+`-incoming defer`, the agent socket connected, `migrate-incoming exec:cat FILE`, and the
+guest runs by itself once loaded, because it was saved running. Commands that follow
+each other go in one write (one round trip). The 9p `-fsdev path=` may name another
+host directory at restore than at save: only the device layout counts.
+
+A VM with a `memory_file` has its RAM in a `memory-backend-file`: shared (`share=on`)
+when it boots, so the file *is* its RAM, and private (`share=off`: copy on write) when
+it is restored. Both ends set the `x-ignore-shared` migration capability, so the saved
+state holds the devices only (~60 KB instead of ~100 MB) and a restore loads nothing:
+the guest's pages come from the file's page cache as it touches them (Kata's VM
+templating does the same).
 """
 
 from __future__ import annotations
@@ -19,6 +28,8 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import hashlib
+import logging
 import os
 import platform
 import shlex
@@ -29,6 +40,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from harpoon import linux
 from harpoon.vmm import accel
 from harpoon.vmm.base import (
     AGENT_PORT_NAME,
@@ -39,6 +51,8 @@ from harpoon.vmm.base import (
 )
 from harpoon.vmm.qmp import QmpClient
 
+log = logging.getLogger(__name__)
+
 SOCKET_WAIT_S = 10.0
 SOCKET_RETRY_S = 0.005
 STOP_GRACE_S = 2.0
@@ -48,8 +62,24 @@ AGENT_CHANNEL_POLL_S = 0.02
 # QEMU's default migration bandwidth (~128 MiB/s) makes saving a guest 10x slower.
 MIGRATION_MAX_BANDWIDTH_BYTES_S = 10_000_000_000
 AGENT_DEVICE_ID = "agent-port"
+MEMORY_BACKEND_ID = "ram"
+IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
 LOWEST_PRIORITY_NICE = 19
-BASE_KERNEL_ARGS = ("quiet", "panic=-1", "rdinit=/init", "random.trust_cpu=on")
+# PYTHONHASHSEED=0 reaches /init's environment (the kernel hands unknown `name=value`
+# arguments to init): without it the agent's Python reads /dev/urandom for its hash seed
+# before the kernel's RNG is seeded, and Linux 6.1 then runs its jitter-entropy loop, one
+# bit per timer tick, ~1 s of CPU at every cold boot (measured). The agent drops it from
+# its environment; the host's entropy credited at Hello seeds the RNG.
+# cryptomgr.notests skips the crypto API's self-tests of every algorithm at boot (~0.5 s
+# of CPU under TCG, the largest initcall; they check implementations, they guard nothing).
+BASE_KERNEL_ARGS = (
+    "quiet",
+    "panic=-1",
+    "rdinit=/init",
+    "random.trust_cpu=on",
+    "cryptomgr.notests",
+    "PYTHONHASHSEED=0",
+)
 # On a loaded host the x86 guest cannot calibrate its TSC against the PIT and hangs
 # silently before printing anything (about one boot in two under load, measured);
 # telling it the frequency skips the calibration.
@@ -105,14 +135,30 @@ def profile_for(config: VMConfig) -> MachineProfile:
 
 @functools.cache
 def supported_machines(binary: str) -> frozenset[str]:
-    """The machine types this QEMU binary offers (`-M help`)."""
+    """The machine types this QEMU binary offers (`-M help`), cached on disk per binary
+    version: asking QEMU costs ~90 ms, and every shim asks once."""
+    cache: Path | None = None
+    try:
+        info = os.stat(binary)
+        key = hashlib.sha256(f"{binary}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}".encode())
+        cache = accel.CACHE_DIR / f"machines-{key.hexdigest()[:16]}"
+        return frozenset(cache.read_text().split())
+    except OSError:
+        pass
     try:
         listing = subprocess.run(
             [binary, "-M", "help"], capture_output=True, text=True, timeout=30, check=False
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return frozenset()
-    return frozenset(line.split()[0] for line in listing.splitlines()[1:] if line.strip())
+    machines = frozenset(line.split()[0] for line in listing.splitlines()[1:] if line.strip())
+    if cache is not None and machines:
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            temporary = cache.with_suffix(f".{os.getpid()}")
+            temporary.write_text("\n".join(sorted(machines)))
+            temporary.replace(cache)
+    return machines
 
 
 def with_available_machine(config: VMConfig, binary: str) -> VMConfig:
@@ -124,16 +170,20 @@ def with_available_machine(config: VMConfig, binary: str) -> VMConfig:
     return dataclasses.replace(config, extra={**config.extra, "machine": "q35"})
 
 
-def command_line(config: VMConfig, accelerator: str) -> list[str]:
-    """The full QEMU argv for config (pure: no I/O), under the given accelerator."""
+def command_line(config: VMConfig, accelerator: str, *, restoring: bool = False) -> list[str]:
+    """The full QEMU argv for config (pure: no I/O), under the given accelerator; a VM
+    being restored maps its memory file privately."""
     profile = profile_for(config)
     # Cross-architecture guests (arm64 on an x86 host) can only be emulated.
     if config.arch != host_arch():
         accelerator = "tcg"
+    machine = profile.machine
+    if config.memory_file is not None:
+        machine += f",memory-backend={MEMORY_BACKEND_ID}"
     args = [
         profile.binary,
         "-M",
-        profile.machine,
+        machine,
         "-accel",
         "tcg,thread=multi" if accelerator == "tcg" else accelerator,
         "-m",
@@ -181,11 +231,21 @@ def command_line(config: VMConfig, accelerator: str) -> list[str]:
         args += ["-cpu", "host"]
     elif profile.cpu_tcg:
         args += ["-cpu", profile.cpu_tcg]
+    if config.memory_file is not None:
+        mapping = "off" if restoring else "on"
+        args += [
+            "-object",
+            f"memory-backend-file,id={MEMORY_BACKEND_ID},size={config.memory_mib}M,"
+            f"mem-path={config.memory_file},share={mapping}",
+        ]
     for index, share in enumerate(config.shares):
         readonly = ",readonly=on" if share.read_only else ""
         args += [
             "-fsdev",
-            f"local,id=fs{index},path={share.host_path},security_model=none{readonly}",
+            # remap: an export may hold mounts of other filesystems (harpoon.sandbox.rootfs),
+            # whose inode numbers must not collide in the guest.
+            f"local,id=fs{index},path={share.host_path},security_model=none,multidevs=remap"
+            f"{readonly}",
             "-device",
             f"virtio-9p-{profile.device_suffix},fsdev=fs{index},mount_tag={share.tag}",
         ]
@@ -199,9 +259,8 @@ def _file_identity(path: str | Path) -> list[int]:
 
 
 def _die_with_parent() -> None:
-    # Runs in the forked child before exec: QEMU gets SIGKILL if the shim dies.
-    from harpoon import linux
-
+    # Runs in the forked child before exec: QEMU gets SIGKILL if the shim dies. No
+    # imports here: another thread of the shim may hold an import's lock.
     linux.set_parent_death_signal(signal.SIGKILL)
     os.setsid()
 
@@ -239,7 +298,7 @@ class QemuVM(VirtualMachine):
     async def _launch(self, extra_args: list[str]) -> None:
         binary = self._binary()
         self.config = with_available_machine(self.config, binary)
-        argv = command_line(self.config, accel.choose(binary))
+        argv = command_line(self.config, accel.choose(binary), restoring=bool(extra_args))
         argv[0] = binary
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         sockets = (self.config.agent_socket, self.config.stdio_socket, self.config.control_socket)
@@ -260,6 +319,7 @@ class QemuVM(VirtualMachine):
                     else _die_with_parent
                 ),
             )
+        log.debug("QEMU %d launched for %s", self._process.pid, self.config.name)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SOCKET_WAIT_S
         while not all(path.exists() for path in sockets):
@@ -295,8 +355,12 @@ class QemuVM(VirtualMachine):
 
     async def _execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
         """A QMP command; a failure names the VM and carries QEMU's own log."""
+        return (await self._execute_all([(command, arguments)]))[0]
+
+    async def _execute_all(self, commands: list[tuple[str, dict[str, Any] | None]]) -> list[Any]:
+        """QMP commands sent together, run in order (one round trip); as _execute."""
         try:
-            return await (await self._qmp()).execute(command, arguments)
+            return await (await self._qmp()).execute_all(commands)
         except (VMError, OSError) as error:
             raise VMError(f"VM {self.config.name}: {error}; QEMU said: {self._vmm_log()}") from None
 
@@ -315,6 +379,17 @@ class QemuVM(VirtualMachine):
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
+
+    async def kill(self) -> None:
+        if self._qmp_client is not None:
+            await self._qmp_client.close()
+            self._qmp_client = None
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        await process.wait()
 
     async def wait(self) -> int:
         if self._process is None:
@@ -337,13 +412,15 @@ class QemuVM(VirtualMachine):
                     for index, share in enumerate(self.config.shares)
                 ),
                 low_priority=False,
+                memory_file=Path("/memory"),
             )
-            argv = command_line(neutral, accel.choose(binary))
+            argv = command_line(neutral, accel.choose(binary), restoring=True)
             files = {
                 str(path): _file_identity(path)
                 for path in (binary, self.config.kernel, self.config.initrd)
             }
-        except (VMError, OSError):
+        except (VMError, OSError) as error:
+            log.info("no template identity for %s: %s", self.config.name, error)
             return None
         return {"backend": "qemu", "argv": argv[1:], "files": files}
 
@@ -361,11 +438,17 @@ class QemuVM(VirtualMachine):
                 await asyncio.sleep(AGENT_CHANNEL_POLL_S)
 
     async def save_state(self, path: Path) -> None:
-        await self._execute("stop")
-        await self._execute(
-            "migrate-set-parameters", {"max-bandwidth": MIGRATION_MAX_BANDWIDTH_BYTES_S}
-        )
-        await self._execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
+        # Migrated running (QEMU stops the guest as the migration completes), so the
+        # saved run state is "running" and a restored guest starts by itself once
+        # loaded: no `cont`, no polling for the load to end (see resume()).
+        commands: list[tuple[str, dict[str, Any] | None]] = []
+        if self.config.memory_file is not None:
+            commands.append(("migrate-set-capabilities", IGNORE_SHARED))
+        commands += [
+            ("migrate-set-parameters", {"max-bandwidth": MIGRATION_MAX_BANDWIDTH_BYTES_S}),
+            ("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"}),
+        ]
+        await self._execute_all(commands)
         await self._await_migration("query-migrate", {"completed"})
 
     async def _await_migration(self, query: str, done: set[str]) -> str:
@@ -386,34 +469,28 @@ class QemuVM(VirtualMachine):
     async def restore(self, state: Path) -> None:
         if not state.is_file():
             raise VMError(f"no saved guest state at {state}")
+        memory = self.config.memory_file
+        if memory is not None and not memory.is_file():
+            # QEMU would create it: a guest of zeros.
+            raise VMError(f"no saved guest memory at {memory}")
         self._incoming = state
         await self._launch(["-incoming", "defer"])
 
     async def resume(self) -> None:
         if self._incoming is None:
             raise VMError(f"VM {self.config.name} was not started with restore()")
-        await self._execute(
-            "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(self._incoming))}"}
+        commands: list[tuple[str, dict[str, Any] | None]] = []
+        if self.config.memory_file is not None:
+            commands.append(("migrate-set-capabilities", IGNORE_SHARED))
+        commands.append(
+            ("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(self._incoming))}"})
         )
-        # The guest was stopped when it was saved, so it arrives paused, not running.
-        await self._await_status({"paused"})
-        await self._execute("cont")
+        # The guest was saved running: it runs as soon as it is loaded. A state QEMU
+        # cannot load makes it exit, which closes the agent's connection.
+        await self._execute_all(commands)
 
     async def freeze(self) -> None:
         await self._execute("stop")
 
     async def thaw(self) -> None:
         await self._execute("cont")
-
-    async def _await_status(self, done: set[str]) -> None:
-        async with asyncio.timeout(MIGRATION_TIMEOUT_S):
-            while True:
-                status = (await self._execute("query-status")).get("status")
-                if status in done:
-                    return
-                if status not in ("inmigrate", "prelaunch"):
-                    raise VMError(
-                        f"VM {self.config.name}: restoring ended in state {status!r}; "
-                        f"QEMU said: {self._vmm_log()}"
-                    )
-                await asyncio.sleep(MIGRATION_POLL_S)

@@ -56,12 +56,11 @@ class UnmountRequest(_message.Message):
     def __init__(self, target: _Optional[str] = ...) -> None: ...
 
 class CreateProcessRequest(_message.Message):
-    __slots__ = ("id", "args", "env", "cwd", "root", "terminal", "stdin", "uid", "gid", "additional_gids", "hostname", "stdout", "stderr", "container_init", "rlimits", "no_new_privileges")
+    __slots__ = ("id", "args", "env", "cwd", "terminal", "stdin", "uid", "gid", "additional_gids", "hostname", "stdout", "stderr", "container_init", "rlimits", "no_new_privileges", "oci_json", "container_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
     CWD_FIELD_NUMBER: _ClassVar[int]
-    ROOT_FIELD_NUMBER: _ClassVar[int]
     TERMINAL_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     UID_FIELD_NUMBER: _ClassVar[int]
@@ -73,11 +72,12 @@ class CreateProcessRequest(_message.Message):
     CONTAINER_INIT_FIELD_NUMBER: _ClassVar[int]
     RLIMITS_FIELD_NUMBER: _ClassVar[int]
     NO_NEW_PRIVILEGES_FIELD_NUMBER: _ClassVar[int]
+    OCI_JSON_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     args: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.RepeatedScalarFieldContainer[str]
     cwd: str
-    root: str
     terminal: bool
     stdin: bool
     uid: int
@@ -89,7 +89,9 @@ class CreateProcessRequest(_message.Message):
     container_init: bool
     rlimits: _containers.RepeatedCompositeFieldContainer[Rlimit]
     no_new_privileges: bool
-    def __init__(self, id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., root: _Optional[str] = ..., terminal: _Optional[bool] = ..., stdin: _Optional[bool] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., additional_gids: _Optional[_Iterable[int]] = ..., hostname: _Optional[str] = ..., stdout: _Optional[bool] = ..., stderr: _Optional[bool] = ..., container_init: _Optional[bool] = ..., rlimits: _Optional[_Iterable[_Union[Rlimit, _Mapping]]] = ..., no_new_privileges: _Optional[bool] = ...) -> None: ...
+    oci_json: bytes
+    container_id: str
+    def __init__(self, id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., terminal: _Optional[bool] = ..., stdin: _Optional[bool] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., additional_gids: _Optional[_Iterable[int]] = ..., hostname: _Optional[str] = ..., stdout: _Optional[bool] = ..., stderr: _Optional[bool] = ..., container_init: _Optional[bool] = ..., rlimits: _Optional[_Iterable[_Union[Rlimit, _Mapping]]] = ..., no_new_privileges: _Optional[bool] = ..., oci_json: _Optional[bytes] = ..., container_id: _Optional[str] = ...) -> None: ...
 
 class Rlimit(_message.Message):
     __slots__ = ("type", "hard", "soft")

@@ -1,0 +1,310 @@
+"""`python bench/breakdown.py`: where the time of one `ctr run --rm … echo hi` goes.
+
+Runs harpoon containers from a VM template in a throw-away containerd (debug log) and
+lines up, per run, containerd's own log lines (`creating task`, `connecting to shim`,
+`shim disconnected`, …) with the shim's debug lines (`start process: main at …`, `QEMU
+… launched`, `call Create received`, `agent CreateProcess answered in …`, `restore of
+…`). Prints, per event, the median over the runs of its time since `ctr` started, and
+the step from the row before.
+
+With --strace, `strace -f` is also attached to containerd (process, mount, kill and
+connect syscalls only, filtered by seccomp), which shows every process's exec and exit
+but slows process creation a lot: use it for the order of events, not for their times.
+
+    python bench/breakdown.py --runs 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import calendar
+import contextlib
+import datetime
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/breakdown.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.machine import compile_harpoon
+from harpoon.devenv.containerd import Containerd
+from harpoon.devenv.images import build_busybox_image, default_cache_dir
+from harpoon.devenv.tools import scripts_dir
+
+RUNTIME = "io.containerd.harpoon.v1"
+TRACED = "execve,exit_group,kill,mount,umount2,connect,clone,clone3,vfork"
+STRACE_ATTACH_S = 0.5
+TEMPLATE_WAIT_S = 180.0
+
+_SYSCALL = re.compile(r"^(\d+)\s+([0-9.]+)\s+(\w+)\((.*)$")
+_SHIM_LINE = re.compile(
+    r"^time=(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) level=\w+ msg=(.*?) runtime=harpoon"
+)
+
+
+@dataclass
+class Run:
+    t0: float
+    t1: float
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, name: str, when: float) -> None:
+        self.marks.setdefault(name, when - self.t0)
+
+
+def _shim_lines(log: Path, t0: float, t1: float) -> list[tuple[float, str]]:
+    lines = []
+    for line in log.read_text(errors="replace").splitlines():
+        match = _SHIM_LINE.match(line)
+        if not match:
+            continue
+        stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")
+        when = time.mktime(stamp.timetuple()) + int(match.group(2)) / 1e3
+        if t0 - 0.01 <= when <= t1 + 1.0:
+            lines.append((when, match.group(3)))
+    return lines
+
+
+_CONTAINERD_LINE = re.compile(
+    r'^time="(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?Z" \S+ msg="([^"]*)"'
+)
+_CONTAINERD_MARKS = {
+    "creating task": "containerd: creating task (runs shim start)",
+    "connecting to shim": "containerd: start answered, connecting",
+    "shim disconnected": "containerd: shim disconnected",
+    "cleaning up dead shim": "containerd: runs shim delete",
+    "remove snapshot": "containerd: shim delete done (removes the snapshot)",
+}
+_RESTORE = re.compile(r"launch (\d+) ms, connect \+ migrate-incoming (\d+) ms, Hello (\d+) ms")
+_START = re.compile(r"start process: main at ([0-9.]+), forked at ([0-9.]+)")
+
+
+def _containerd_lines(log: Path, t0: float, t1: float) -> list[tuple[float, str]]:
+    lines = []
+    for line in log.read_text(errors="replace").splitlines():
+        match = _CONTAINERD_LINE.match(line)
+        if not match:
+            continue
+        stamp = datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S")
+        when = calendar.timegm(stamp.timetuple()) + float(match.group(2) or 0)
+        if t0 - 0.01 <= when <= t1 + 1.0:
+            lines.append((when, match.group(3)))
+    return lines
+
+
+def analyse_logs(run: Run, log: Path) -> None:
+    """Marks from containerd's own lines and the shim's debug lines (no strace)."""
+    for when, message in _containerd_lines(log, run.t0, run.t1):
+        for prefix, name in _CONTAINERD_MARKS.items():
+            if message.startswith(prefix):
+                run.mark(name, when)
+    counts: dict[str, int] = {}
+    for when, message in _shim_lines(log, run.t0, run.t1):
+        if message.startswith("start process:"):
+            match = _START.search(message)
+            if match:
+                run.mark("shim start: main()", float(match.group(1)))
+                run.mark("shim start: daemon forked", float(match.group(2)))
+        elif message.startswith("QEMU ") and " launched " in message:
+            run.mark("QEMU launched", when)
+        elif message.startswith("serving "):
+            run.mark("daemon: serving", when)
+        elif message.startswith("call "):
+            words = message.split()
+            run.mark(f"{words[1]} {words[2]}", when)
+        elif message.startswith("restore of"):
+            run.mark("restore: Hello answered", when)
+            match = _RESTORE.search(message)
+            if match:
+                connect, hello = int(match.group(2)) / 1e3, int(match.group(3)) / 1e3
+                run.mark("restore: QEMU's sockets up", when - hello - connect)
+                run.mark("restore: migrate-incoming sent", when - hello)
+        elif message.startswith("agent "):
+            method = message.split()[1]
+            if method != "Hello":
+                counts[method] = counts.get(method, 0) + 1
+                suffix = f" #{counts[method]}" if counts[method] > 1 else ""
+                run.mark(f"agent {method}{suffix} answered", when)
+
+
+def analyse(trace: Path, log: Path, t0: float, t1: float) -> Run:
+    run = Run(t0, t1)
+    if not trace.exists():
+        analyse_logs(run, log)
+        run.marks["ctr: exit"] = t1 - t0
+        return run
+    start_pid = daemon_pid = qemu_pid = None
+    for line in trace.read_text(errors="replace").splitlines():
+        match = _SYSCALL.match(line)
+        if not match:
+            continue
+        pid, when = int(match.group(1)), float(match.group(2))
+        call, rest = match.group(3), match.group(4)
+        if call == "execve" and "containerd-shim-harpoon-v1" in rest and '"start"]' in rest:
+            start_pid = pid
+            run.mark("shim start: exec", when)
+        elif call == "execve" and "containerd-shim-harpoon-v1" in rest and '"delete"]' in rest:
+            run.mark("shim delete: exec", when)
+            run.marks["_delete_pid"] = pid
+        elif call == "execve" and "containerd-shim-harpoon-v1" in rest and pid != start_pid:
+            daemon_pid = pid
+            run.mark("daemon: exec", when)
+        elif call in ("clone", "clone3", "vfork") and pid == start_pid and "= " in rest:
+            child = rest.rsplit("= ", 1)[1].split()[0]
+            if child.isdigit():
+                run.mark("daemon: forked", when)
+                daemon_pid = daemon_pid or int(child)
+        elif call == "execve" and "qemu-system" in rest and '"help"]' in rest:
+            run.mark("qemu -M help: exec", when)
+        elif call == "execve" and "qemu-system" in rest:
+            qemu_pid = pid
+            run.mark("qemu: exec", when)
+        elif call == "execve" and '"cat", "' in rest:
+            run.marks["_cat_pid"] = pid
+            run.mark("state load: cat exec", when)
+        elif call == "mount" and "overlay" in rest:
+            run.mark("rootfs mounted", when)
+        elif call == "connect" and "agent.sock" in rest:
+            run.mark("agent socket connected", when)
+        elif call == "connect" and "vmm.sock" in rest:
+            run.mark("QMP connected", when)
+        elif call == "kill" and qemu_pid is not None and rest.startswith(f"{qemu_pid},"):
+            run.mark("qemu: killed", when)
+        elif call == "umount2":
+            run.mark("rootfs unmounted", when)
+        elif call == "exit_group":
+            if pid == start_pid:
+                run.mark("shim start: exit", when)
+            elif pid == daemon_pid:
+                run.mark("daemon: exit", when)
+            elif pid == qemu_pid:
+                run.mark("qemu: exit", when)
+            elif pid == run.marks.get("_cat_pid"):
+                run.mark("state load: cat exit", when)
+            elif pid == run.marks.get("_delete_pid"):
+                run.mark("shim delete: exit", when)
+    for when, message in _shim_lines(log, t0, t1):
+        if message.startswith("serving "):
+            run.mark("daemon: serving", when)
+        elif message.startswith("call "):
+            words = message.split()
+            run.mark(f"{words[1]} {words[2]}", when)
+        elif message.startswith("restore of"):
+            run.mark("restore: Hello answered", when)
+        elif message.startswith("agent "):
+            words = message.split()
+            if words[1] != "Hello":
+                run.mark(f"agent {words[1]} answered", when)
+    run.marks = {k: v for k, v in run.marks.items() if not k.startswith("_")}
+    run.marks["ctr: exit"] = t1 - t0
+    return run
+
+
+def _strace(pid: int, output: Path) -> subprocess.Popen[bytes]:
+    argv = ["strace", "-f", "-ttt", "-qq", "-s", "300", "--seccomp-bpf", "-e", f"trace={TRACED}"]
+    return subprocess.Popen([*argv, "-o", str(output), "-p", str(pid)], stderr=subprocess.DEVNULL)
+
+
+def _ensure_template(daemon: Containerd, image: str) -> None:
+    """One warm-up run; if it booted cold, a container kept up until its template exists."""
+    result = daemon.ctr("run", "--rm", "--runtime", RUNTIME, image, "bd-warm", "echo", "hi",
+                        check=False, timeout=300)  # fmt: skip
+    print(f"warm-up: exit {result.returncode} {result.stdout!r}", file=sys.stderr)
+    if "restored bd-warm" in daemon.log_path.read_text(errors="replace"):
+        return
+    daemon.ctr("run", "-d", "--runtime", RUNTIME, image, "bd-template", "sleep", "1000",
+               timeout=300)  # fmt: skip
+    try:
+        deadline = time.monotonic() + TEMPLATE_WAIT_S
+        while time.monotonic() < deadline:
+            if "built VM template" in daemon.log_path.read_text(errors="replace"):
+                break
+            time.sleep(1.0)
+    finally:
+        daemon.ctr("task", "kill", "-s", "SIGKILL", "bd-template", check=False)
+        time.sleep(0.5)
+        daemon.ctr("task", "delete", "bd-template", check=False)
+        daemon.ctr("container", "delete", "bd-template", check=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python bench/breakdown.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--containerd", default="2.3")
+    parser.add_argument("--keep", type=Path, help="keep traces and the log in this directory")
+    parser.add_argument(
+        "--strace", action="store_true",
+        help="also trace containerd's children (exact process events, but slower runs)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    runs: list[Run] = []
+    compile_harpoon()  # measured as installed: see bench.machine.compile_harpoon
+    with Containerd(args.containerd, path_prepend=[scripts_dir()], log_level="debug") as daemon:
+        work = args.keep or daemon.paths.base / "breakdown"
+        work.mkdir(parents=True, exist_ok=True)
+        image = daemon.import_image(build_busybox_image(default_cache_dir()))
+        _ensure_template(daemon, image)
+        assert daemon.pid is not None
+        for i in range(args.runs):
+            trace = work / f"trace-{i}.txt"
+            strace = _strace(daemon.pid, trace) if args.strace else None
+            time.sleep(STRACE_ATTACH_S)
+            argv_ = [str(daemon.flavour.ctr), "--address", daemon.address, "--namespace",
+                     daemon.namespace, "run", "--rm", "--runtime", RUNTIME, image, f"bd-{i}",
+                     "echo", "hi"]  # fmt: skip
+            t0 = time.time()
+            result = subprocess.run(argv_, capture_output=True, env=daemon._environment(),
+                                    check=False, timeout=300)  # fmt: skip
+            t1 = time.time()
+            time.sleep(0.3)
+            if strace is not None:
+                strace.send_signal(signal.SIGINT)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    strace.wait(5)
+                if strace.poll() is None:
+                    strace.kill()
+                    strace.wait()
+            if result.returncode != 0 or result.stdout != b"hi\n":
+                print(f"run {i}: failed: {result.returncode} {result.stderr!r}", file=sys.stderr)
+                continue
+            time.sleep(0.2)  # the shim's last lines reach containerd's log
+            run = analyse(trace, daemon.log_path, t0, t1)
+            restored = "restore: Hello answered" in run.marks
+            note = "" if restored else " (NOT restored)"
+            print(f"run {i}: {t1 - t0:.3f} s{note}", file=sys.stderr)
+            if restored:
+                runs.append(run)
+        if args.keep:
+            (work / "containerd.log").write_bytes(daemon.log_path.read_bytes())
+    if not runs:
+        print("no run restored from a template", file=sys.stderr)
+        return 1
+    names: dict[str, list[float]] = {}
+    for run in runs:
+        for name, value in run.marks.items():
+            names.setdefault(name, []).append(value)
+    order = sorted(names, key=lambda n: statistics.median(names[n]))
+    print(f"| event (ms from ctr start, median of {len(runs)}) | median | min | max | n |")
+    print("|---|---:|---:|---:|---:|")
+    previous = 0.0
+    for name in order:
+        values = names[name]
+        median = statistics.median(values) * 1e3
+        print(f"| {name} | {median:.0f} (+{median - previous:.0f}) | {min(values) * 1e3:.0f} | "
+              f"{max(values) * 1e3:.0f} | {len(values)} |")  # fmt: skip
+        previous = median
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

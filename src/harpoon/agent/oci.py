@@ -1,0 +1,232 @@
+"""The container's processes run by the guest's OCI runtime, crun (Debian's package,
+in the initramfs at /usr/bin/crun): namespaces, the spec's mounts, /dev, capabilities,
+seccomp, masked and read-only paths, users, rlimits and sysctls as runc would set them.
+
+The agent stays in charge of what crun leaves to its caller: the stdio pipes (crun's
+own fds 0-2 are handed to the container), the terminal (received on a console socket),
+and exit statuses (crun exits at once and the container's processes become the
+agent's children, since it is PID 1; the process table reaps them).
+
+Guest layout: one bundle directory per container under `BUNDLES` (config.json, crun's
+log, pid files, exec process files, console sockets); crun's state under `STATE_ROOT`;
+the container's cgroup is always `cgroups.CONTAINER_GROUP` whatever the spec says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import socket
+from typing import Any
+
+from harpoon import aio
+from harpoon.agent import cgroups
+from harpoon.agent.processes import Process, ProcessTable
+from harpoon.errdefs import FailedPrecondition, InvalidArgument
+from harpoon.ttrpc.status import Code, TtrpcError
+
+CRUN = "/usr/bin/crun"
+STATE_ROOT = "/run/crun"
+BUNDLES = "/run/harpoon/bundles"
+CONSOLE_WAIT_S = 10.0
+CRUN_OCI_VERSION = "1.0.2"
+# The guest's root is the initramfs, which pivot_root cannot leave: crun moves the
+# container's root over / and chroots instead. The VM, not the chroot, is the boundary.
+CREATE_FLAGS = ("--no-pivot",)
+
+_sequence = itertools.count(1)
+
+
+def read_spec(oci_json: bytes) -> dict[str, Any]:
+    try:
+        spec = json.loads(oci_json)
+    except ValueError as error:
+        raise InvalidArgument(f"the container's OCI spec is not JSON: {error}") from None
+    if not isinstance(spec, dict):
+        raise InvalidArgument("the container's OCI spec is not a JSON object")
+    return spec
+
+
+def guest_config(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as crun runs it here: in the one cgroup the agent reads stats from."""
+    config = dict(spec)
+    # crun 1.8 refuses any ociVersion but 1.0.x ("unknown version specified"), and
+    # containerd 2.x writes 1.1 or 1.2; what those added, crun 1.8 reads or ignores.
+    config["ociVersion"] = CRUN_OCI_VERSION
+    config["linux"] = {**(spec.get("linux") or {}), "cgroupsPath": cgroups.CONTAINER_CGROUPS_PATH}
+    return config
+
+
+def root_path(spec: dict[str, Any]) -> str:
+    root = spec.get("root") or {}
+    path = root.get("path", "")
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise InvalidArgument(f"the container's root.path must be absolute in the guest: {path!r}")
+    return path
+
+
+def _log_message(path: str) -> str:
+    """crun's last error, from its log file (text lines; the last one says why)."""
+    try:
+        with open(path, errors="replace") as log:
+            lines = [line.strip() for line in log if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+class OciRuntime:
+    """crun's commands for the container in this VM, run through the process table."""
+
+    def __init__(self, table: ProcessTable) -> None:
+        self.table = table
+
+    @staticmethod
+    def bundle_dir(container_id: str) -> str:
+        if not container_id or "/" in container_id or container_id in (".", ".."):
+            raise InvalidArgument(f"bad container id {container_id!r}")
+        return os.path.join(BUNDLES, container_id)
+
+    async def _crun(
+        self,
+        container_id: str,
+        command: list[str],
+        stdio: tuple[int | None, int | None, int | None] = (None, None, None),
+    ) -> None:
+        """Runs one crun command; its failure raises with crun's own words."""
+        log = os.path.join(self.bundle_dir(container_id), "crun.log")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(log)
+        argv = [CRUN, "--root", STATE_ROOT, f"--log=file:{log}", "--cgroup-manager=cgroupfs"]
+        status = await self.table.run_helper([*argv, *command], stdio)
+        if status != 0:
+            reason = _log_message(log) or f"exit status {status}"
+            if status == 127 and not os.path.exists(CRUN):
+                reason = f"{CRUN} is not in this guest image"
+            # As runc's errors reach containerd: no errdefs class, the runtime's words.
+            raise TtrpcError(Code.UNKNOWN, f"crun {command[0]} failed: {reason}")
+
+    async def create(self, process: Process) -> None:
+        """`crun create`: the container exists, its init waits for `start`."""
+        spec = read_spec(process.spec.oci_json)
+        bundle = self.bundle_dir(process.id)
+        os.makedirs(bundle, exist_ok=True)
+        cgroups.ensure_container_group()
+        with open(os.path.join(bundle, "config.json"), "w") as config:
+            json.dump(guest_config(spec), config)
+        pid_file = os.path.join(bundle, "init.pid")
+        command = ["create", "--bundle", bundle, f"--pid-file={pid_file}", *CREATE_FLAGS]
+        since = self.table.generation
+        try:
+            await self._run_with_io(process, command, process.id)
+            self.table.adopt(process, _read_pid(pid_file), since)
+            _remove_crun_only_links(process.pid)
+        except BaseException:
+            await self.delete(process.id)
+            raise
+
+    async def start(self, process: Process) -> int:
+        await self._crun(process.id, ["start", process.id])
+        process.started = True
+        return process.pid
+
+    async def exec(self, process: Process) -> int:
+        """`crun exec --detach`: the process joins the container's namespaces."""
+        container_id = process.spec.container_id
+        bundle = self.bundle_dir(container_id)
+        if not os.path.isdir(bundle):
+            raise FailedPrecondition(f"container {container_id!r} does not exist in the guest")
+        number = next(_sequence)
+        process_file = os.path.join(bundle, f"exec-{number}.json")
+        pid_file = os.path.join(bundle, f"exec-{number}.pid")
+        with open(process_file, "wb") as spec:
+            spec.write(process.spec.oci_json)
+        command = ["exec", "--detach", f"--process={process_file}", f"--pid-file={pid_file}"]
+        since = self.table.generation
+        try:
+            await self._run_with_io(process, command, container_id)
+            self.table.adopt(process, _read_pid(pid_file), since)
+        finally:
+            for path in (process_file, pid_file):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        process.started = True
+        return process.pid
+
+    async def _run_with_io(self, process: Process, command: list[str], container_id: str) -> None:
+        """Runs crun with the process's stdio as its own (the container inherits it), or
+        with a console socket on which crun sends the terminal it made."""
+        try:
+            if not process.spec.terminal:
+                stdin, stdout, stderr = process.child_stdio
+                await self._crun(container_id, [*command, container_id], (stdin, stdout, stderr))
+                return
+            path = os.path.join(self.bundle_dir(container_id), f"console-{next(_sequence)}.sock")
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                listener.bind(path)
+                listener.listen(1)
+                listener.setblocking(False)
+                receiving = asyncio.ensure_future(_receive_fd(listener))
+                try:
+                    await self._crun(
+                        container_id, [*command, f"--console-socket={path}", container_id]
+                    )
+                    master = await asyncio.wait_for(receiving, CONSOLE_WAIT_S)
+                finally:
+                    receiving.cancel()
+            finally:
+                listener.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            self.table.attach_terminal(process, master)
+        finally:
+            self.table.release_child_stdio(process)
+
+    async def delete(self, container_id: str) -> None:
+        """`crun delete --force` (kills what is left, removes its cgroup and state) and
+        the bundle directory."""
+        bundle = self.bundle_dir(container_id)
+        if os.path.isdir(os.path.join(STATE_ROOT, container_id)):
+            with contextlib.suppress(TtrpcError):
+                await self._crun(container_id, ["delete", "--force", container_id])
+        shutil.rmtree(bundle, ignore_errors=True)
+
+
+def _remove_crun_only_links(pid: int) -> None:
+    """crun (unlike runc) links /dev/core to /proc/kcore in the /dev it makes; the
+    container waits for `start`, so its /dev (reached through /proc/<pid>/root) can be
+    made runc's before anything in it runs."""
+    link = f"/proc/{pid}/root/dev/core"
+    with contextlib.suppress(OSError):
+        if os.readlink(link) == "/proc/kcore":
+            os.unlink(link)
+
+
+def _read_pid(path: str) -> int:
+    try:
+        with open(path) as pid_file:
+            return int(pid_file.read().strip())
+    except (OSError, ValueError) as error:
+        raise TtrpcError(Code.UNKNOWN, f"crun left no pid in {path}: {error}") from None
+
+
+async def _receive_fd(listener: socket.socket) -> int:
+    """The one fd crun sends on the console socket (SCM_RIGHTS)."""
+    loop = asyncio.get_running_loop()
+    connection, _ = await loop.sock_accept(listener)
+    with connection:
+        connection.setblocking(False)
+        while True:
+            try:
+                _, fds, _, _ = socket.recv_fds(connection, 4096, 1)
+            except BlockingIOError:
+                await aio.wait_readable(connection.fileno())
+                continue
+            if not fds:
+                raise TtrpcError(Code.UNKNOWN, "crun sent no terminal on the console socket")
+            return fds[0]

@@ -1,0 +1,96 @@
+"""The container's root filesystem in the guest, through a share that exists before it.
+
+QEMU's 9p server opens its export when it starts, so a directory mounted on the export
+later is invisible to the guest. A VM that starts before its container's rootfs exists
+(harpoon starts the VM while containerd is still sending Create) therefore exports an
+empty directory of its own, `<share>/`, holding one mount point, `<share>/rootfs`: the
+shim bind-mounts the container's rootfs there when it has it, and the guest, which
+mounted the share at GUEST_SHARE as soon as it was up, binds GUEST_SHARE/rootfs to
+where the container expects its root. 9p resolves names through the host's mounts, so
+the guest sees the rootfs, not the empty directory under it.
+
+The share directory is removed only once nothing is mounted under it (what is left then
+is what the guest may have written into the export), so no recursive removal can ever
+reach into a rootfs still mounted there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harpoon.sandbox.agent_client import AgentClient
+
+SHARE_TAG = "rootfs"
+ROOTFS_NAME = "rootfs"
+GUEST_SHARE = "/run/harpoon/share"
+NINEP_OPTIONS = ["trans=virtio", "version=9p2000.L", "msize=524288"]
+
+
+def prepare(share: Path) -> None:
+    """Creates the (empty) export and its mount point; before the VM starts. What a
+    killed shim of a container of the same name left there goes first."""
+    if os.path.lexists(share):
+        release(share)
+    share.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
+    share.mkdir(mode=0o700, exist_ok=True)
+    (share / ROOTFS_NAME).mkdir(mode=0o755, exist_ok=True)
+
+
+def attach(share: Path, rootfs: Path) -> None:
+    """Bind-mounts the container's rootfs (with what is mounted under it) into the export."""
+    from harpoon import linux
+
+    target = share / ROOTFS_NAME
+    # The guest can write to the export: mount on our directory, never through a link.
+    if not stat.S_ISDIR(os.lstat(target).st_mode):
+        raise OSError(errno.ENOTDIR, f"{target} is no longer the directory it was")
+    linux.mount(str(rootfs), str(target), "", linux.MS_BIND | linux.MS_REC)
+
+
+def release(share: Path) -> None:
+    """Unmounts the rootfs from the export and removes the export; idempotent. Raises
+    (and removes nothing) if something stays mounted there."""
+    if _mounted_under(share):
+        from harpoon import linux
+
+        linux.unmount_all(str(share))
+        if _mounted_under(share):
+            raise OSError(errno.EBUSY, f"{share} is still mounted: not removing it")
+    try:
+        for directory in (share / ROOTFS_NAME, share):
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(directory)
+    except OSError:  # not empty: the guest wrote into its export
+        import shutil
+
+        shutil.rmtree(share, ignore_errors=True)
+
+
+def _mounted_under(path: Path) -> bool:
+    """Whether anything is mounted at or below path (without loading libc)."""
+    prefix = os.fsencode(path)
+    try:
+        with open("/proc/self/mountinfo", "rb") as mountinfo:
+            for line in mountinfo:
+                point = line.split(b" ", 5)[4]
+                if point == prefix or point.startswith(prefix + b"/"):
+                    return True
+    except OSError:
+        return True  # cannot tell: let unmount_all look
+    return False
+
+
+async def mount_share(agent: AgentClient) -> None:
+    """Mounts the export in the guest (once, as soon as the guest is up)."""
+    await agent.mount(SHARE_TAG, GUEST_SHARE, "9p", NINEP_OPTIONS)
+
+
+async def bind_rootfs(agent: AgentClient, target: str) -> None:
+    """Binds the attached rootfs to `target` in the guest."""
+    await agent.mount(f"{GUEST_SHARE}/{ROOTFS_NAME}", target, "", ["rbind"])

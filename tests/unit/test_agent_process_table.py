@@ -1,0 +1,130 @@
+"""The agent's process table as crun uses it: helpers, adopted pids and early exits.
+
+crun exits at once and leaves the container's process to the agent (PID 1 in the VM).
+Here a child subreaper stands in for PID 1: each scenario runs in a fresh Python
+process that makes itself one, so orphans come to it as they would to the agent.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+PRELUDE = textwrap.dedent(
+    """
+    import asyncio, ctypes, os, signal, sys
+    from harpoon.agent.processes import ProcessSpec, ProcessTable
+
+    PR_SET_CHILD_SUBREAPER = 36
+    assert ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+    def oci(**extra):
+        return ProcessSpec(args=["x"], env=[], oci_json=b"{}", **extra)
+
+    async def detached(table, script, pid_file):
+        # What crun does: start a process, write its pid, exit.
+        since = table.generation
+        status = await table.run_helper(["/bin/sh", "-c", script], (None, None, None))
+        assert status == 0, status
+        return int(open(pid_file).read()), since
+    """
+)
+
+
+def run(scenario: str) -> str:
+    code = PRELUDE + textwrap.dedent(scenario)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_helper_exit_status_comes_from_the_reaper() -> None:
+    out = run(
+        """
+        async def main():
+            table = ProcessTable()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, table.reap)
+            print(await table.run_helper(["/bin/sh", "-c", "exit 7"], (None, None, None)))
+            print(await table.run_helper(["/nonexistent"], (None, None, None)))
+        asyncio.run(main())
+        """
+    )
+    assert out.split() == ["7", "127"]
+
+
+def test_adopted_process_exit_is_reported_even_if_it_exited_before_adoption(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    out = run(
+        f"""
+        async def main():
+            table = ProcessTable()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, table.reap)
+            # Exits at once: its exit is reaped before the pid file is read.
+            pid, since = await detached(table, "(exit 3) & echo $! > {pid_file}", "{pid_file}")
+            await asyncio.sleep(0.3)
+            fast = table.create("fast", oci())
+            table.adopt(fast, pid, since)
+            await asyncio.wait_for(fast.exited.wait(), 5)
+            print("fast", fast.exit_status)
+            # Still running when adopted: reported when it ends, by a signal here.
+            pid, since = await detached(table, "sleep 30 & echo $! > {pid_file}", "{pid_file}")
+            slow = table.create("slow", oci())
+            table.adopt(slow, pid, since)
+            assert not slow.exited.is_set()
+            os.kill(pid, signal.SIGTERM)
+            await asyncio.wait_for(slow.exited.wait(), 5)
+            print("slow", slow.exit_status)
+        asyncio.run(main())
+        """
+    )
+    assert out.split() == ["fast", "3", "slow", str(128 + 15)]
+
+
+def test_a_stale_exit_of_a_reused_pid_is_not_taken_for_a_new_process(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    out = run(
+        f"""
+        async def main():
+            table = ProcessTable()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, table.reap)
+            pid, _ = await detached(table, "(exit 5) & echo $! > {pid_file}", "{pid_file}")
+            await asyncio.sleep(0.3)
+            # The same pid adopted with a generation taken after that exit was reaped:
+            # the recorded exit belongs to an earlier process, not to this one.
+            later = table.create("later", oci())
+            table.adopt(later, pid, table.generation)
+            await asyncio.sleep(0.2)
+            print("exited" if later.exited.is_set() else "running")
+        asyncio.run(main())
+        """
+    )
+    assert out.split() == ["running"]
+
+
+def test_terminal_output_waits_for_the_terminal_crun_sends() -> None:
+    out = run(
+        """
+        from harpoon.agent import processes
+        async def main():
+            table = ProcessTable()
+            p = table.create("t", oci(terminal=True, stdin=True, stdout=True))
+            reading = asyncio.ensure_future(processes.read_output(p, "stdout"))
+            processes.resize_terminal(p, 100, 40)
+            processes.close_input(p)  # before the terminal exists: applied later
+            await asyncio.sleep(0.1)
+            assert not reading.done()
+            master, slave = os.openpty()
+            table.attach_terminal(p, master)
+            os.write(slave, b"hello")
+            print((await asyncio.wait_for(reading, 5)).decode())
+            import fcntl, struct, termios
+            rows, cols = struct.unpack("HHHH", fcntl.ioctl(slave, termios.TIOCGWINSZ, bytes(8)))[:2]
+            print(cols, rows, p.stdin_fd is None)
+        asyncio.run(main())
+        """
+    )
+    assert out.split() == ["hello", "100", "40", "True"]

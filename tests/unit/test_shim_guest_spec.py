@@ -1,0 +1,127 @@
+"""harpoon.shim.guest_spec: what of containerd's config.json reaches crun in the guest."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import pytest
+
+from harpoon.errdefs import Unimplemented
+from harpoon.shim.guest_spec import encode, process_for_guest, spec_for_guest
+
+GUEST_ROOT = "/run/harpoon/rootfs"
+
+
+def ctr_spec() -> dict[str, Any]:
+    """The shape of the spec `ctr run` writes (containerd's defaults), trimmed."""
+    return {
+        "ociVersion": "1.1.0",
+        "process": {
+            "user": {"uid": 0, "gid": 0},
+            "args": ["sh"],
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "capabilities": {"bounding": ["CAP_CHOWN"], "effective": ["CAP_CHOWN"]},
+            "apparmorProfile": "cri-containerd.apparmor.d",
+            "noNewPrivileges": True,
+        },
+        "root": {"path": "rootfs", "readonly": True},
+        "hooks": {"createRuntime": [{"path": "/usr/local/bin/nerdctl", "args": ["oci-hook"]}]},
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue"},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro"]},
+            {"destination": "/run", "type": "tmpfs", "source": "tmpfs"},
+        ],
+        "linux": {
+            "resources": {
+                "devices": [{"allow": False, "access": "rwm"}],
+                "memory": {"limit": 67108864},
+                "hugepageLimits": [{"pageSize": "2MB", "limit": 0}],
+                "blockIO": {"weight": 100, "throttleReadBpsDevice": [{"major": 8, "minor": 0}]},
+            },
+            "cgroupsPath": "/default/box",
+            "namespaces": [
+                {"type": "pid"},
+                {"type": "ipc"},
+                {"type": "uts"},
+                {"type": "mount"},
+                {"type": "network", "path": "/var/run/netns/cni-1234"},
+            ],
+            "maskedPaths": ["/proc/kcore"],
+            "readonlyPaths": ["/proc/sys"],
+            "mountLabel": "system_u:object_r:container_file_t:s0",
+        },
+    }
+
+
+def test_root_path_becomes_the_guest_share_and_keeps_readonly() -> None:
+    guest = spec_for_guest(ctr_spec(), guest_root=GUEST_ROOT, host_hostname="h")
+    assert guest["root"] == {"path": GUEST_ROOT, "readonly": True}
+
+
+def test_host_only_parts_are_dropped_and_the_rest_kept() -> None:
+    spec = ctr_spec()
+    original = copy.deepcopy(spec)
+    guest = spec_for_guest(spec, guest_root=GUEST_ROOT, host_hostname="h")
+    assert spec == original, "the input spec must not be changed"
+    assert "hooks" not in guest
+    assert "apparmorProfile" not in guest["process"]
+    assert "mountLabel" not in guest["linux"]
+    resources = guest["linux"]["resources"]
+    assert "hugepageLimits" not in resources
+    assert resources["blockIO"] == {"weight": 100}
+    assert resources["memory"] == {"limit": 67108864}
+    assert resources["devices"] == [{"allow": False, "access": "rwm"}]
+    # Namespaces by path are host files: new ones of the same type instead.
+    assert guest["linux"]["namespaces"] == [
+        {"type": t} for t in ("pid", "ipc", "uts", "mount", "network")
+    ]
+    # What crun implements stays exactly as containerd wrote it.
+    for key in ("maskedPaths", "readonlyPaths"):
+        assert guest["linux"][key] == original["linux"][key]
+    assert guest["mounts"] == original["mounts"]
+    assert guest["process"]["capabilities"] == original["process"]["capabilities"]
+    assert guest["process"]["noNewPrivileges"] is True
+
+
+def test_hostname_defaults_to_the_hosts_only_with_a_uts_namespace() -> None:
+    guest = spec_for_guest(ctr_spec(), guest_root=GUEST_ROOT, host_hostname="builder")
+    assert guest["hostname"] == "builder"
+    named = ctr_spec() | {"hostname": "box"}
+    assert spec_for_guest(named, guest_root=GUEST_ROOT, host_hostname="h")["hostname"] == "box"
+    shared = ctr_spec()
+    shared["linux"]["namespaces"] = [{"type": "pid"}, {"type": "mount"}]
+    assert "hostname" not in spec_for_guest(shared, guest_root=GUEST_ROOT, host_hostname="h")
+
+
+@pytest.mark.parametrize(
+    "mount",
+    [
+        {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind"]},
+        {"destination": "/etc/hosts", "type": "none", "source": "/x/hosts", "options": ["bind"]},
+        {"destination": "/cache", "source": "/var/cache"},
+        {"destination": "/proc2", "type": "proc", "source": "/proc", "options": ["rbind"]},
+    ],
+)
+def test_host_paths_fail_clearly(mount: dict[str, Any]) -> None:
+    spec = ctr_spec()
+    spec["mounts"].append(mount)
+    with pytest.raises(Unimplemented, match="cannot share host paths into the VM") as raised:
+        spec_for_guest(spec, guest_root=GUEST_ROOT, host_hostname="h")
+    assert mount["destination"] in str(raised.value)
+
+
+def test_exec_process_loses_host_policy_only() -> None:
+    process = {"args": ["ls"], "selinuxLabel": "x", "apparmorProfile": "y", "terminal": True}
+    assert process_for_guest(process) == {"args": ["ls"], "terminal": True}
+    assert json.loads(encode(process_for_guest(process))) == {"args": ["ls"], "terminal": True}
+
+
+def test_a_minimal_spec_without_linux_section() -> None:
+    spec = {"process": {"args": ["true"]}, "root": {"path": "rootfs"}}
+    guest = spec_for_guest(spec, guest_root=GUEST_ROOT, host_hostname="h")
+    assert guest == {"process": {"args": ["true"]}, "root": {"path": GUEST_ROOT}}

@@ -1,0 +1,91 @@
+"""`containerd-shim-harpoon-v1 start` as containerd runs it: it answers at once, lets go
+of containerd's pipes, and leaves a forked daemon serving the task socket (here without
+a guest image, so no VM is started ahead)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from google.protobuf import empty_pb2
+
+from harpoon.api.containerd.runtime.bootstrap.v1 import bootstrap_pb2
+from harpoon.api.containerd.task.v2 import shim_pb2
+from harpoon.ttrpc.client import Client
+from harpoon.ttrpc.service import ServiceClient
+
+SHIM = shutil.which("containerd-shim-harpoon-v1")
+pytestmark = pytest.mark.skipif(SHIM is None, reason="harpoon is not installed")
+
+
+def test_start_answers_and_leaves_a_forked_daemon_serving(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"process": {"args": ["true"]}}))
+    # Short: a socket path longer than 106 bytes would move to /run/containerd/s.
+    sockets = Path(tempfile.mkdtemp(prefix="hp-s-", dir="/tmp"))
+    try:
+        _start_serve_and_shut_down(tmp_path, bundle, sockets)
+    finally:
+        shutil.rmtree(sockets, ignore_errors=True)
+
+
+def _start_serve_and_shut_down(tmp_path: Path, bundle: Path, sockets: Path) -> None:
+    params = bootstrap_pb2.BootstrapParams(
+        instance_id="c1", namespace="harpoon-test", socket_dir=str(sockets)
+    )
+    env = dict(os.environ, HARPOON_GUEST_DIR=str(tmp_path / "no-guest"),
+               HARPOON_RUN_DIR=str(tmp_path / "run"))  # fmt: skip
+    env.pop("TTRPC_ADDRESS", None)
+    assert SHIM is not None
+    began = time.monotonic()
+    # capture_output waits for EOF on both pipes: the daemon must have let go of them.
+    result = subprocess.run(
+        [SHIM, "-namespace", "harpoon-test", "-address", "/nonexistent/containerd.sock",
+         "-id", "c1", "start"],
+        input=params.SerializeToString(), capture_output=True, cwd=bundle, env=env, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - began < 10
+    answer = bootstrap_pb2.BootstrapResult.FromString(result.stdout)
+    assert answer.protocol == "ttrpc" and answer.address.startswith(f"unix://{sockets}/")
+    socket_path = answer.address.removeprefix("unix://")
+    assert (bundle / "address").read_text() == answer.address
+
+    async def talk() -> int:
+        client = await Client.connect_unix(socket_path)
+        try:
+            task = ServiceClient(client, "containerd.task.v2.Task")
+            connected = await task.call(
+                "Connect", shim_pb2.ConnectRequest(id="c1"), shim_pb2.ConnectResponse, timeout=30
+            )
+            await task.call(
+                "Shutdown", shim_pb2.ShutdownRequest(id="c1"), empty_pb2.Empty, timeout=30
+            )
+            return connected.shim_pid
+        finally:
+            await client.close()
+
+    shim_pid = asyncio.run(talk())
+    assert shim_pid > 0
+    deadline = time.monotonic() + 10
+    while os.path.exists(socket_path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(socket_path)  # the daemon removed it as it exited
+    while Path(f"/proc/{shim_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{shim_pid}").exists() or "Z" in _state(shim_pid)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
