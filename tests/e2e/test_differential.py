@@ -349,7 +349,9 @@ SCENARIOS: list[Scenario] = [
     Scenario(
         "kill-all-sigterm",
         "kill --all SIGTERM ends the children; PID 1 without handler carries on",
-        ("sh", "-c", "sleep 1000 & echo ready; sleep 1000; echo after $?"),
+        # Both children exist before "ready" (a foreground sleep forked after the kill
+        # would outlive it, under either runtime).
+        ("sh", "-c", "sleep 1000 & sleep 1000 & echo ready; wait; echo after"),
         action=signal_when_ready("SIGTERM", all=True),
     ),
     Scenario(

@@ -44,17 +44,9 @@ class Bundle:
         return root if root.is_absolute() else self.path / root
 
     @property
-    def readonly_root(self) -> bool:
-        return bool(self.spec.get("root", {}).get("readonly", False))
-
-    @property
     def process(self) -> dict[str, Any]:
         process: dict[str, Any] = self.spec["process"]
         return process
-
-    @property
-    def hostname(self) -> str:
-        return str(self.spec.get("hostname", ""))
 
 
 def mount_rootfs(target: Path, mounts: list[mount_pb2.Mount]) -> None:
