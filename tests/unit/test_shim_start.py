@@ -5,9 +5,11 @@ a guest image, so no VM is started ahead)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -34,7 +36,21 @@ def test_start_answers_and_leaves_a_forked_daemon_serving(tmp_path: Path) -> Non
     try:
         _start_serve_and_shut_down(tmp_path, bundle, sockets)
     finally:
+        # A failure before Shutdown must not leave the forked daemon running.
+        _kill_processes_with_env(f"HARPOON_RUN_DIR={tmp_path / 'run'}")
         shutil.rmtree(sockets, ignore_errors=True)
+
+
+def _kill_processes_with_env(entry: str) -> None:
+    wanted = entry.encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if wanted in environment:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
 
 
 def _start_serve_and_shut_down(tmp_path: Path, bundle: Path, sockets: Path) -> None:
