@@ -365,28 +365,25 @@ class QemuVM(VirtualMachine):
             raise VMError(f"VM {self.config.name}: {error}; QEMU said: {self._vmm_log()}") from None
 
     async def stop(self) -> None:
-        if self._qmp_client is not None:
-            await self._qmp_client.close()
-            self._qmp_client = None
-        process = self._process
-        if process is None or process.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), STOP_GRACE_S)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            await process.wait()
+        await self._end(STOP_GRACE_S)
 
     async def kill(self) -> None:
+        await self._end(0.0)
+
+    async def _end(self, grace_s: float) -> None:
+        """Ends QEMU: SIGTERM and up to grace_s for it to go, then SIGKILL."""
         if self._qmp_client is not None:
             await self._qmp_client.close()
             self._qmp_client = None
         process = self._process
         if process is None or process.returncode is not None:
             return
+        if grace_s > 0:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), grace_s)
+                return
         with contextlib.suppress(ProcessLookupError):
             process.kill()
         await process.wait()
