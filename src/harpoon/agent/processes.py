@@ -395,9 +395,12 @@ class ProcessTable:
             raise NotFound(f"process {process.id!r} has already exited")
         os.kill(process.pid, signum)
 
-    def delete(self, process: Process) -> None:
+    def check_deletable(self, process: Process) -> None:
         if process.started and process.exit_status is None:
             raise FailedPrecondition(f"process {process.id!r} is still running")
+
+    def delete(self, process: Process) -> None:
+        self.check_deletable(process)
         for fd in {*process.output_fds.values(), process.stdin_fd, process.terminal_fd}:
             if fd is not None:
                 with contextlib.suppress(OSError):

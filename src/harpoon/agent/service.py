@@ -15,7 +15,7 @@ from google.protobuf import empty_pb2, timestamp_pb2
 
 from harpoon import __version__, linux
 from harpoon.agent import cgroups, oci, processes, rootfs
-from harpoon.agent.processes import Process, ProcessSpec, ProcessTable
+from harpoon.agent.processes import ProcessSpec, ProcessTable
 from harpoon.api.agent.v1 import agent_pb2
 from harpoon.errdefs import FailedPrecondition, InvalidArgument
 from harpoon.ttrpc.server import CallContext
@@ -180,15 +180,11 @@ class AgentService:
         self, request: agent_pb2.DeleteProcessRequest, ctx: CallContext
     ) -> empty_pb2.Empty:
         process = self.table.get(request.id)
+        self.table.check_deletable(process)
         if process.spec.oci and process.spec.container_init:
-            await self._delete_container(process)
+            await self.runtime.delete(process.id)
         self.table.delete(process)
         return _EMPTY
-
-    async def _delete_container(self, init: Process) -> None:
-        if init.started and init.exit_status is None:
-            self.table.delete(init)  # refuses: still running
-        await self.runtime.delete(init.id)
 
     async def ReadOutput(
         self, request: agent_pb2.ReadOutputRequest, ctx: CallContext
