@@ -23,10 +23,21 @@ PRELUDE = textwrap.dedent(
     def oci(**extra):
         return ProcessSpec(args=["x"], env=[], oci_json=b"{}", **extra)
 
-    async def detached(table, script, pid_file):
-        # What crun does: start a process, write its pid, exit.
+    # What crun does: start the container's process, write its pid, exit without waiting
+    # for it. (A shell's `cmd &` will not do: the shell may reap its background job.)
+    CRUN_STAND_IN = (
+        "import os, sys\\n"
+        "pid = os.fork()\\n"
+        "if pid == 0:\\n"
+        "    os.execv('/bin/sh', ['sh', '-c', sys.argv[1]])\\n"
+        "with open(sys.argv[2], 'w') as f:\\n"
+        "    f.write(str(pid))\\n"
+    )
+
+    async def detached(table, command, pid_file):
         since = table.generation
-        status = await table.run_helper(["/bin/sh", "-c", script], (None, None, None))
+        argv = [sys.executable, "-c", CRUN_STAND_IN, command, pid_file]
+        status = await table.run_helper(argv, (None, None, None))
         assert status == 0, status
         return int(open(pid_file).read()), since
     """
@@ -64,14 +75,14 @@ def test_adopted_process_exit_is_reported_even_if_it_exited_before_adoption(tmp_
             table = ProcessTable()
             asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, table.reap)
             # Exits at once: its exit is reaped before the pid file is read.
-            pid, since = await detached(table, "(exit 3) & echo $! > {pid_file}", "{pid_file}")
+            pid, since = await detached(table, "exit 3", "{pid_file}")
             await asyncio.sleep(0.3)
             fast = table.create("fast", oci())
             table.adopt(fast, pid, since)
             await asyncio.wait_for(fast.exited.wait(), 5)
             print("fast", fast.exit_status)
             # Still running when adopted: reported when it ends, by a signal here.
-            pid, since = await detached(table, "sleep 30 & echo $! > {pid_file}", "{pid_file}")
+            pid, since = await detached(table, "exec sleep 30", "{pid_file}")
             slow = table.create("slow", oci())
             table.adopt(slow, pid, since)
             assert not slow.exited.is_set()
@@ -91,7 +102,7 @@ def test_a_stale_exit_of_a_reused_pid_is_not_taken_for_a_new_process(tmp_path: P
         async def main():
             table = ProcessTable()
             asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, table.reap)
-            pid, _ = await detached(table, "(exit 5) & echo $! > {pid_file}", "{pid_file}")
+            pid, _ = await detached(table, "exit 5", "{pid_file}")
             await asyncio.sleep(0.3)
             # The same pid adopted with a generation taken after that exit was reaped:
             # the recorded exit belongs to an earlier process, not to this one.

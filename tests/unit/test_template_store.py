@@ -175,8 +175,8 @@ def test_a_second_builder_does_not_wait_for_the_lock(tmp_path: Path) -> None:
 
     async def scenario() -> list[bool]:
         async with (
-            store._lock("k1", wait=False) as first,
-            store._lock("k1", wait=False) as second,
+            store._lock(wait=False) as first,
+            store._lock(wait=False) as second,
         ):
             return [first, second]
 
@@ -189,3 +189,20 @@ def test_templates_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert store is not None and store.root == tmp_path
     monkeypatch.setenv("HARPOON_TEMPLATES", "off")
     assert TemplateStore.from_environment() is None
+
+
+def test_per_key_lock_files_of_older_versions_are_removed(tmp_path: Path) -> None:
+    """One build lock for every key: older versions left a lock file per key, for ever."""
+    old = [tmp_path / f"{key}.lock" for key in ("0f23e4d85af9faa21afb92a6", "k2")]
+    for path in old:
+        path.touch()
+    store = TemplateStore(tmp_path)
+
+    async def scenario() -> None:
+        async with store._lock(wait=False) as locked:
+            assert locked
+            with store._staging():
+                pass
+
+    asyncio.run(scenario())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build.lock"]

@@ -15,7 +15,9 @@ pages none of them wrote.
 Layout, under $HARPOON_TEMPLATE_DIR (/var/lib/harpoon/templates):
     <key>/state, <key>/memory,        one template, published by a rename, never edited
     <key>/meta.json                   (the memory file is mapped by running VMs)
-    <key>.lock                        held while <key> is built (one builder at a time)
+    build.lock                        held while a template is built (one build at a time:
+                                      each is a VM working flat out; and a lock file per
+                                      key would pile up, since none can be removed safely)
     .build-<pid>-<random>/            a build in progress; a dead builder's is removed
 
 Nothing here may ever break a container start: a template that is missing, unreadable
@@ -62,6 +64,7 @@ BUILD_TIMEOUT_S = 120.0
 RESTORE_HELLO_TIMEOUT_S = 5.0  # from the state's load starting; a cold boot takes ~5 s
 RESTORE_CALL_TIMEOUT_S = 120.0  # Hello is queued before the guest runs: the above bounds it
 LOCK_POLL_S = 0.1
+BUILD_LOCK_NAME = "build.lock"
 PRIVATE_MODE = 0o700  # a state file is guest memory: the guest's secrets are in it
 
 log = logging.getLogger(__name__)
@@ -152,6 +155,10 @@ class TemplateStore:
                 shutil.rmtree(entry, ignore_errors=True)
         for entry in self.root.glob(".discard-*"):
             shutil.rmtree(entry, ignore_errors=True)
+        # Per-key locks of harpoon before 2026-11-28 (the build lock is held here).
+        for entry in self.root.glob("*.lock"):
+            if entry.name != BUILD_LOCK_NAME:
+                entry.unlink(missing_ok=True)
 
     def _publish(self, staging: Path, key: str) -> Template:
         final = self.root / key
@@ -175,10 +182,10 @@ class TemplateStore:
             shutil.rmtree(directory, ignore_errors=True)
 
     @contextlib.asynccontextmanager
-    async def _lock(self, key: str, wait: bool) -> AsyncIterator[bool]:
-        """Yields True while holding key's build lock; False if another holds it and not wait."""
+    async def _lock(self, wait: bool) -> AsyncIterator[bool]:
+        """Yields True while holding the build lock; False if another holds it and not wait."""
         self.root.mkdir(mode=PRIVATE_MODE, parents=True, exist_ok=True)
-        with open(self.root / f"{key}.lock", "w") as lock:
+        with open(self.root / BUILD_LOCK_NAME, "w") as lock:
             while True:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -203,7 +210,7 @@ class TemplateStore:
         if identity is None:
             return None
         key = template_key(identity)
-        async with self._lock(key, wait_for_lock) as locked:
+        async with self._lock(wait_for_lock) as locked:
             if not locked:
                 return None
             existing = self.find(key)
