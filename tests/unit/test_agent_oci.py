@@ -201,3 +201,15 @@ def test_a_failed_write_after_the_unlink_is_an_error(
     monkeypatch.setattr(oci.os, "write", broken_write)
     with pytest.raises(TtrpcError, match=r"crun start failed: exec\.fifo: .*Broken pipe"):
         oci._start_created(ID, {})
+
+
+def test_crun_runs_without_aslr_and_the_container_gets_the_default_personality() -> None:
+    linux = oci.guest_config({"linux": {"namespaces": []}})["linux"]
+    assert linux["personality"] == {"domain": "LINUX"}
+    assert oci.guest_config({"linux": {"personality": None}})["linux"]["personality"] == {
+        "domain": "LINUX"
+    }
+    assert oci.guest_config({})["linux"]["personality"] == {"domain": "LINUX"}
+    own = {"domain": "LINUX32"}
+    assert oci.guest_config({"linux": {"personality": own}})["linux"]["personality"] == own
+    assert oci.ADDR_NO_RANDOMIZE == 0x0040000

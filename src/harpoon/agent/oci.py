@@ -38,6 +38,13 @@ CRUN_OCI_VERSION = "1.0.2"
 # The guest's root is the initramfs, which pivot_root cannot leave: crun moves the
 # container's root over / and chroots instead. The VM, not the chroot, is the boundary.
 CREATE_FLAGS = ("--no-pivot",)
+# crun itself runs without address space randomization. Under TCG (no KVM) QEMU keys
+# its translated code by virtual address: a randomized crun is translated anew at every
+# exec, ~0.15 s of each one; at fixed addresses what earlier execs (and crun's own
+# re-exec from a memfd) translated is reused. The container's processes keep ASLR: crun
+# sets the spec's personality (which `guest_config` makes explicit, Linux's default)
+# before it execs them, and that clears the flag.
+ADDR_NO_RANDOMIZE = 0x0040000  # linux/personality.h
 
 _sequence = itertools.count(1)
 
@@ -58,7 +65,12 @@ def guest_config(spec: dict[str, Any]) -> dict[str, Any]:
     # crun 1.8 refuses any ociVersion but 1.0.x ("unknown version specified"), and
     # containerd 2.x writes 1.1 or 1.2; what those added, crun 1.8 reads or ignores.
     config["ociVersion"] = CRUN_OCI_VERSION
-    config["linux"] = {**(spec.get("linux") or {}), "cgroupsPath": cgroups.CONTAINER_CGROUPS_PATH}
+    linux = {**(spec.get("linux") or {}), "cgroupsPath": cgroups.CONTAINER_CGROUPS_PATH}
+    # What crun (run with ADDR_NO_RANDOMIZE) sets in the init, and an exec's process,
+    # before they exec: the default domain, no flags.
+    if not linux.get("personality"):
+        linux["personality"] = {"domain": "LINUX"}
+    config["linux"] = linux
     return config
 
 
@@ -103,7 +115,7 @@ class OciRuntime:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(log)
         argv = [CRUN, "--root", STATE_ROOT, f"--log=file:{log}", "--cgroup-manager=cgroupfs"]
-        status = await self.table.run_helper([*argv, *command], stdio)
+        status = await self.table.run_helper([*argv, *command], stdio, ADDR_NO_RANDOMIZE)
         if status != 0:
             reason = _log_message(log) or f"exit status {status}"
             if status == 127 and not os.path.exists(CRUN):
