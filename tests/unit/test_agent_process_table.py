@@ -139,3 +139,21 @@ def test_terminal_output_waits_for_the_terminal_crun_sends() -> None:
         """
     )
     assert out.split() == ["hello", "100", "40", "True"]
+
+
+def test_helper_runs_with_the_personality_asked_for(tmp_path: Path) -> None:
+    out_file = tmp_path / "personality"
+    out = run(
+        f"""
+        async def main():
+            table = ProcessTable()
+            asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, table.reap)
+            script = "cat /proc/self/personality > {out_file}"
+            for personality in (None, 0x0040000):
+                argv = ["/bin/sh", "-c", script]
+                status = await table.run_helper(argv, (None, None, None), personality)
+                print(status, open("{out_file}").read().strip())
+        asyncio.run(main())
+        """
+    )
+    assert out.split() == ["0", "00000000", "0", "00040000"]

@@ -7,6 +7,7 @@ does, without containerd, and run processes in the guest's own root.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import tempfile
@@ -211,3 +212,161 @@ def test_a_guest_without_an_agent_is_reported_with_its_console(guest: object) ->
             loop.close()
     assert "HARPOON-FLOOR-READY" in str(caught.value)
     assert "did not start" in str(caught.value)
+
+
+# Containers run by the guest's crun, driven as the shim drives them: the start the agent
+# does itself (crun 1.8.1's exec.fifo handshake), and the address space randomization
+# crun runs without but the container's processes keep. The container's root is made in
+# the guest's /tmp from the guest's static busybox.
+
+ROOT = "/tmp/container-root"
+STATE = "/run/crun"
+SHOW_LAYOUT = "cat /proc/self/personality; grep -m1 stack /proc/self/maps"
+
+
+def spec(*args: str) -> dict[str, object]:
+    """runc spec's defaults, as containerd would send them (less the capabilities)."""
+    return {
+        "ociVersion": "1.0.2-dev",
+        "process": {
+            "args": list(args),
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "user": {"uid": 0, "gid": 0},
+            "noNewPrivileges": True,
+        },
+        "root": {"path": ROOT, "readonly": True},
+        "hostname": "c",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]},
+        ],
+        "linux": {
+            "namespaces": [{"type": t} for t in ("pid", "network", "ipc", "uts", "mount")],
+            "maskedPaths": ["/proc/kcore"],
+            "readonlyPaths": ["/proc/sys"],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def root(vm: VM) -> Iterator[str]:
+    make = (
+        f"mkdir -p {ROOT}/bin {ROOT}/proc {ROOT}/dev && cp /bin/busybox {ROOT}/bin/ && "
+        f"for tool in sh cat grep sleep; do ln -s busybox {ROOT}/bin/$tool; done"
+    )
+    assert vm.run(run_process(vm, "make-root", "/bin/sh", "-c", make))[0] == 0
+    yield ROOT
+    vm.run(run_process(vm, "remove-root", "/bin/rm", "-rf", ROOT))
+
+
+async def create(vm: VM, container_id: str, config: dict[str, object]) -> None:
+    await vm.agent.create_process(
+        agent_pb2.CreateProcessRequest(
+            id=container_id,
+            stdout=True,
+            stderr=True,
+            container_init=True,
+            oci_json=json.dumps(config).encode(),
+        )
+    )
+
+
+async def guest_output(vm: VM, process_id: str, command: str) -> str:
+    status, out, err = await run_process(vm, process_id, "/bin/sh", "-c", command)
+    assert status == 0, err
+    return out.decode()
+
+
+async def run_container(vm: VM, container_id: str, *args: str) -> bytes:
+    await create(vm, container_id, spec(*args))
+    out = asyncio.ensure_future(collect(vm.agent.read_output(container_id, agent_pb2.STDOUT)))
+    await vm.agent.start_process(container_id)
+    assert (await vm.agent.wait_process(container_id)).exit_status == 0
+    await vm.agent.delete_process(container_id)
+    return await out
+
+
+def test_start_finds_crun_state_as_the_agent_expects_and_runs_the_init(
+    vm: VM,
+    root: str,
+) -> None:
+    """What the agent's own start reads: crun 1.8.1's status file and exec.fifo."""
+
+    async def scenario() -> tuple[str, int, str, bytes]:
+        await create(vm, "s1", spec("/bin/sh", "-c", "echo started"))
+        out = asyncio.ensure_future(collect(vm.agent.read_output("s1", agent_pb2.STDOUT)))
+        before = await guest_output(
+            vm, "look1", f"test -p {STATE}/s1/exec.fifo && cat {STATE}/s1/status"
+        )
+        pid = await vm.agent.start_process("s1")
+        after = await guest_output(vm, "look2", f"ls {STATE}/s1")
+        assert (await vm.agent.wait_process("s1")).exit_status == 0
+        await vm.agent.delete_process("s1")
+        return before, pid, after, await out
+
+    before, pid, after, out = vm.run(scenario())  # type: ignore[misc]
+    status = json.loads(before)
+    assert status["pid"] == pid and isinstance(status["process-start-time"], int)
+    assert "exec.fifo" not in after.split()
+    assert out == b"started\n"
+
+
+def test_start_of_a_container_whose_init_is_gone_fails_in_crun_s_words(
+    vm: VM,
+    root: str,
+) -> None:
+    async def scenario() -> TtrpcError:
+        await create(vm, "s2", spec("/bin/sleep", "100"))
+        await vm.agent.signal_process("s2", signal.SIGKILL, False)
+        await vm.agent.wait_process("s2")
+        try:
+            await vm.agent.start_process("s2")
+        except TtrpcError as error:
+            return error
+        finally:
+            await vm.agent.delete_process("s2")
+        raise AssertionError("start succeeded")
+
+    error = vm.run(scenario())
+    assert isinstance(error, TtrpcError)
+    assert "crun start failed" in error.message and "not running" in error.message
+
+
+def test_container_processes_keep_address_space_randomization(
+    vm: VM,
+    root: str,
+) -> None:
+    """crun runs with ADDR_NO_RANDOMIZE; the init and an exec must not inherit it."""
+
+    async def scenario() -> list[str]:
+        layouts = [
+            (await run_container(vm, f"r{n}", "/bin/sh", "-c", SHOW_LAYOUT)).decode()
+            for n in range(2)
+        ]
+        await create(vm, "r2", spec("/bin/sleep", "100"))
+        await vm.agent.start_process("r2")
+        process = {"args": ["/bin/sh", "-c", SHOW_LAYOUT], "env": ["PATH=/bin"], "cwd": "/"}
+        await vm.agent.create_process(
+            agent_pb2.CreateProcessRequest(
+                id="r2-exec",
+                container_id="r2",
+                stdout=True,
+                oci_json=json.dumps(process).encode(),
+            )
+        )
+        out = asyncio.ensure_future(collect(vm.agent.read_output("r2-exec", agent_pb2.STDOUT)))
+        await vm.agent.start_process("r2-exec")
+        assert (await vm.agent.wait_process("r2-exec")).exit_status == 0
+        await vm.agent.delete_process("r2-exec")
+        await vm.agent.signal_process("r2", signal.SIGKILL, False)
+        await vm.agent.wait_process("r2")
+        await vm.agent.delete_process("r2")
+        return [*layouts, (await out).decode()]
+
+    layouts = vm.run(scenario())
+    assert isinstance(layouts, list)
+    personalities = [layout.split("\n")[0] for layout in layouts]
+    stacks = {layout.split("\n")[1].split()[0] for layout in layouts}
+    assert personalities == ["00000000"] * 3, layouts
+    assert len(stacks) == 3, layouts  # randomized: a new stack address every time

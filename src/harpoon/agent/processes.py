@@ -19,12 +19,14 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import resource
 import signal
 import struct
 import termios
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from harpoon import aio, linux
@@ -267,10 +269,15 @@ class ProcessTable:
         return self._generation
 
     def run_helper(
-        self, argv: list[str], stdio: tuple[int | None, int | None, int | None]
+        self,
+        argv: list[str],
+        stdio: tuple[int | None, int | None, int | None],
+        personality: int | None = None,
     ) -> asyncio.Future[int]:
-        """Forks and execs a helper (crun) with the given stdio (None: /dev/null); the
-        future is its exit status, set by the reaper."""
+        """Forks and execs a helper (crun) with the given stdio (None: /dev/null) and,
+        if given, execution domain (personality(2), best effort); the future is its exit
+        status, set by the reaper."""
+        persona = _personality_function() if personality is not None else None
         devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         try:
             fds = tuple(devnull if fd is None else fd for fd in stdio)
@@ -282,6 +289,8 @@ class ProcessTable:
                     for signum in _SIGNALS_PYTHON_IGNORES:
                         signal.signal(signum, signal.SIG_DFL)
                     signal.pthread_sigmask(signal.SIG_SETMASK, [])
+                    if persona is not None and personality is not None:
+                        persona(personality)
                     os.execv(argv[0], argv)
                 finally:
                     os._exit(127)
@@ -409,6 +418,15 @@ class ProcessTable:
         process.output_fds.clear()
         process.stdin_fd = process.terminal_fd = None
         del self._by_id[process.id]
+
+
+@functools.cache
+def _personality_function() -> Callable[[int], int]:
+    """libc's personality(2), which the standard library lacks."""
+    import ctypes
+
+    function: Callable[[int], int] = ctypes.CDLL(None, use_errno=True).personality
+    return function
 
 
 def _close_child_stdio(process: Process) -> None:
