@@ -1,4 +1,5 @@
-"""The agent's `crun start` without crun: the exec.fifo handshake against a fake state dir.
+"""The agent's crun: `crun start` without crun (the exec.fifo handshake against a fake state
+dir), and the sealed copy of crun it runs.
 
 crun 1.8.1's create leaves <root>/<id>/status (the init's pid and start time) and
 <root>/<id>/exec.fifo, which the init holds open for reading until start writes a byte.
@@ -8,6 +9,7 @@ Here this test process stands in for the init: it holds the fifo's read end.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import subprocess
@@ -213,3 +215,22 @@ def test_crun_runs_without_aslr_and_the_container_gets_the_default_personality()
     own = {"domain": "LINUX32"}
     assert oci.guest_config({"linux": {"personality": own}})["linux"]["personality"] == own
     assert oci.ADDR_NO_RANDOMIZE == 0x0040000
+
+
+def test_sealed_copy_holds_the_file_sealed_as_crun_accepts_it(tmp_path: Path) -> None:
+    binary = tmp_path / "crun"
+    binary.write_bytes(b"\x7fELF" + bytes(range(256)) * 5000)
+    fd = oci.sealed_copy(str(binary))
+    assert fd is not None
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) == oci.CRUN_MEMFD_SEALS == 15
+        assert Path(f"/proc/self/fd/{fd}").read_bytes() == binary.read_bytes()
+        assert os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:harpoon-crun")
+        with pytest.raises(PermissionError):
+            os.pwrite(fd, b"x", 0)
+    finally:
+        os.close(fd)
+
+
+def test_no_sealed_copy_without_the_file(tmp_path: Path) -> None:
+    assert oci.sealed_copy(str(tmp_path / "missing")) is None

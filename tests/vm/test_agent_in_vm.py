@@ -370,3 +370,25 @@ def test_container_processes_keep_address_space_randomization(
     stacks = {layout.split("\n")[1].split()[0] for layout in layouts}
     assert personalities == ["00000000"] * 3, layouts
     assert len(stacks) == 3, layouts  # randomized: a new stack address every time
+
+
+def test_crun_runs_from_the_agent_s_sealed_copy_without_copying_itself(
+    vm: VM,
+    root: str,
+) -> None:
+    """The init crun forks is crun until start: its executable shows which copy ran.
+    crun's own copy would be `memfd:crun_cloned…` or a `/tmp/crun.…` bind mount."""
+
+    async def scenario() -> str:
+        await create(vm, "m1", spec("/bin/sleep", "100"))
+        try:
+            status = json.loads(await guest_output(vm, "m1-status", f"cat {STATE}/m1/status"))
+            return await guest_output(vm, "m1-exe", f"ls -l /proc/{status['pid']}/exe")
+        finally:
+            await vm.agent.signal_process("m1", signal.SIGKILL, False)
+            await vm.agent.wait_process("m1")
+            await vm.agent.delete_process("m1")
+
+    listing = vm.run(scenario())
+    assert isinstance(listing, str)
+    assert "/memfd:harpoon-crun" in listing, listing

@@ -273,10 +273,11 @@ class ProcessTable:
         argv: list[str],
         stdio: tuple[int | None, int | None, int | None],
         personality: int | None = None,
+        executable: str | None = None,
     ) -> asyncio.Future[int]:
         """Forks and execs a helper (crun) with the given stdio (None: /dev/null) and,
-        if given, execution domain (personality(2), best effort); the future is its exit
-        status, set by the reaper."""
+        if given, execution domain (personality(2), best effort), from `executable` if
+        given, else argv[0]; the future is its exit status, set by the reaper."""
         persona = _personality_function() if personality is not None else None
         devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -291,7 +292,7 @@ class ProcessTable:
                     signal.pthread_sigmask(signal.SIG_SETMASK, [])
                     if persona is not None and personality is not None:
                         persona(personality)
-                    os.execv(argv[0], argv)
+                    os.execv(executable or argv[0], argv)
                 finally:
                     os._exit(127)
         finally:
