@@ -118,9 +118,17 @@ def selftest() -> None:
     linux.reboot_power_off()
 
 
+def trim_import_path() -> None:
+    """Drops the sys.path entries that hold no module in the guest: /init's directory
+    (/) and the stdlib zip Debian does not ship. Every import of a top-level module
+    (the agent makes ~100, failed ones included) would otherwise look in / first."""
+    sys.path[:] = [p for p in sys.path if p not in ("", "/") and not p.endswith(".zip")]
+
+
 def start() -> None:
     """The guest's PID 1: prepare the system, then become the agent."""
     gc.disable()
+    trim_import_path()
     os.environ.update(GUEST_ENVIRONMENT)
     for name in BOOT_ONLY_ENVIRONMENT:
         os.environ.pop(name, None)
