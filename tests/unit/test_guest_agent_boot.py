@@ -6,6 +6,7 @@ module loader is replaced to see the decisions alone.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,19 @@ def test_init_is_a_python_script_that_starts_the_boot_module() -> None:
     assert first == "#!/usr/bin/python3 -SB"
     compile("\n".join(rest), "/init", "exec")
     assert "from harpoon.agent.boot import start" in rest
+
+
+def test_the_import_path_keeps_only_directories_that_can_hold_modules(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    guest_path = [
+        "/",
+        "/usr/lib/python311.zip",
+        "/usr/lib/python3.11",
+        "/usr/lib/python3.11/lib-dynload",
+    ]
+    monkeypatch.setattr(sys, "path", list(guest_path))
+
+    boot.trim_import_path()
+
+    assert sys.path == guest_path[2:]

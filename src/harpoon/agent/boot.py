@@ -4,14 +4,20 @@
 busybox process per mount and per module (under TCG every exec costs ~10 ms, and a
 busybox insmod per module more). The modules load first, so that the kernel probes
 the virtio-serial port while the agent imports the rest of itself. This module imports
-only `os`, `sys` and `harpoon.linux` (ctypes), which the agent needs anyway.
+only `gc`, `os`, `sys` and `harpoon.linux` (ctypes), which the agent needs anyway.
 
 With `harpoon.selftest=1` on the kernel command line it imports the whole agent,
 prints SELFTEST_MARKER and powers off: the image builder's boot test.
+
+The cyclic garbage collector is off while the agent is imported: importing it makes
+~30,000 objects, whose ~40 collections cost ~7% of the import (~0.1 s under TCG) and
+find next to nothing (~250 KB of import-time cycles). Once imported they are frozen
+(gc.freeze: left out of every later collection) and the collector is switched back on.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -112,8 +118,17 @@ def selftest() -> None:
     linux.reboot_power_off()
 
 
+def trim_import_path() -> None:
+    """Drops the sys.path entries that hold no module in the guest: /init's directory
+    (/) and the stdlib zip Debian does not ship. Every import of a top-level module
+    (the agent makes ~100, failed ones included) would otherwise look in / first."""
+    sys.path[:] = [p for p in sys.path if p not in ("", "/") and not p.endswith(".zip")]
+
+
 def start() -> None:
     """The guest's PID 1: prepare the system, then become the agent."""
+    gc.disable()
+    trim_import_path()
     os.environ.update(GUEST_ENVIRONMENT)
     for name in BOOT_ONLY_ENVIRONMENT:
         os.environ.pop(name, None)
@@ -123,4 +138,6 @@ def start() -> None:
         selftest()
     from harpoon.agent.main import main
 
+    gc.freeze()
+    gc.enable()
     main()

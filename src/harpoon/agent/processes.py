@@ -27,7 +27,6 @@ import struct
 import termios
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from harpoon import aio, linux
 from harpoon.agent import cgroups
@@ -42,61 +41,127 @@ MAX_UNCLAIMED_EXITS = 1024
 _SIGNALS_PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
-@dataclass
 class ProcessSpec:
     """What to run: the parts of an OCI process the agent implements itself."""
 
-    args: list[str]
-    env: list[str]
-    cwd: str = "/"
-    uid: int = 0
-    gid: int = 0
-    additional_gids: list[int] = field(default_factory=list)
-    stdin: bool = False
-    stdout: bool = False
-    stderr: bool = False
-    terminal: bool = False
-    container_init: bool = False
-    # (resource number, soft, hard), resolved from OCI names when created.
-    rlimits: list[tuple[int, int, int]] = field(default_factory=list)
-    no_new_privileges: bool = False
-    # A container's process: its OCI spec (config.json for the init, an OCI process
-    # for an exec) for crun; the fields above that crun takes from it are unused.
-    oci_json: bytes = b""
-    # For an exec: the container (its init's id) it joins.
-    container_id: str = ""
+    # ProcessSpec and Process are plain classes rather than dataclasses: generating a
+    # dataclass's methods at import costs the guest agent tens of ms under TCG.
+    __slots__ = (
+        "additional_gids",
+        "args",
+        "container_id",
+        "container_init",
+        "cwd",
+        "env",
+        "gid",
+        "no_new_privileges",
+        "oci_json",
+        "rlimits",
+        "stderr",
+        "stdin",
+        "stdout",
+        "terminal",
+        "uid",
+    )
+
+    def __init__(
+        self,
+        args: list[str],
+        env: list[str],
+        cwd: str = "/",
+        uid: int = 0,
+        gid: int = 0,
+        additional_gids: list[int] | None = None,
+        stdin: bool = False,
+        stdout: bool = False,
+        stderr: bool = False,
+        terminal: bool = False,
+        container_init: bool = False,
+        rlimits: list[tuple[int, int, int]] | None = None,
+        no_new_privileges: bool = False,
+        oci_json: bytes = b"",
+        container_id: str = "",
+    ) -> None:
+        self.args = args
+        self.env = env
+        self.cwd = cwd
+        self.uid = uid
+        self.gid = gid
+        self.additional_gids: list[int] = [] if additional_gids is None else additional_gids
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.terminal = terminal
+        self.container_init = container_init
+        # (resource number, soft, hard), resolved from OCI names when created.
+        self.rlimits: list[tuple[int, int, int]] = [] if rlimits is None else rlimits
+        self.no_new_privileges = no_new_privileges
+        # A container's process: its OCI spec (config.json for the init, an OCI process
+        # for an exec) for crun; the fields above that crun takes from it are unused.
+        self.oci_json = oci_json
+        # For an exec: the container (its init's id) it joins.
+        self.container_id = container_id
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"ProcessSpec({fields})"
 
     @property
     def oci(self) -> bool:
         return bool(self.oci_json)
 
 
-@dataclass
 class Process:
-    id: str
-    spec: ProcessSpec
-    pid: int = 0
-    exit_status: int | None = None
-    exited_at: float = 0.0
-    oom_kills_at_start: int = 0
-    oom_killed: bool = False
-    stdin_fd: int | None = None
-    # Read ends of the output pipes, keyed by stream name ("stdout", "stderr").
-    output_fds: dict[str, int] = field(default_factory=dict)
-    # Set when a stream has been read to EOF (or never existed).
-    drained: dict[str, asyncio.Event] = field(default_factory=dict)
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
-    # The child's stdin, stdout and stderr (None: /dev/null), closed in the agent
-    # once the child has them.
-    child_stdio: list[int | None] = field(default_factory=lambda: [None, None, None])
-    terminal_fd: int | None = None
-    started: bool = False
-    # Set once the output fds and stdin exist: at once for pipes; for a terminal crun
-    # makes, when crun has sent it (an exec's, only when it starts).
-    io_ready: asyncio.Event = field(default_factory=asyncio.Event)
-    # What the host asked of a terminal before it existed, applied when it does.
-    close_stdin_pending: bool = False
-    pending_size: tuple[int, int] | None = None
+    """One process of the table, from creation to deletion."""
+
+    __slots__ = (
+        "child_stdio",
+        "close_stdin_pending",
+        "drained",
+        "exit_status",
+        "exited",
+        "exited_at",
+        "id",
+        "io_ready",
+        "oom_killed",
+        "oom_kills_at_start",
+        "output_fds",
+        "pending_size",
+        "pid",
+        "spec",
+        "started",
+        "stdin_fd",
+        "terminal_fd",
+    )
+
+    def __init__(self, id: str, spec: ProcessSpec) -> None:
+        self.id = id
+        self.spec = spec
+        self.pid = 0
+        self.exit_status: int | None = None
+        self.exited_at = 0.0
+        self.oom_kills_at_start = 0
+        self.oom_killed = False
+        self.stdin_fd: int | None = None
+        # Read ends of the output pipes, keyed by stream name ("stdout", "stderr").
+        self.output_fds: dict[str, int] = {}
+        # Set when a stream has been read to EOF (or never existed).
+        self.drained: dict[str, asyncio.Event] = {}
+        self.exited = asyncio.Event()
+        # The child's stdin, stdout and stderr (None: /dev/null), closed in the agent
+        # once the child has them.
+        self.child_stdio: list[int | None] = [None, None, None]
+        self.terminal_fd: int | None = None
+        self.started = False
+        # Set once the output fds and stdin exist: at once for pipes; for a terminal crun
+        # makes, when crun has sent it (an exec's, only when it starts).
+        self.io_ready = asyncio.Event()
+        # What the host asked of a terminal before it existed, applied when it does.
+        self.close_stdin_pending = False
+        self.pending_size: tuple[int, int] | None = None
+
+    def __repr__(self) -> str:
+        return f"Process(id={self.id!r}, pid={self.pid}, exit_status={self.exit_status})"
 
 
 def rlimit_number(name: str) -> int:

@@ -10,8 +10,6 @@ user code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from google.protobuf.message import DecodeError
 
 from harpoon.api.google.rpc import status_pb2
@@ -24,6 +22,7 @@ from harpoon.ttrpc.codec import (
     FramingError,
     MessageType,
     OversizedFrame,
+    Record,
     encode_frame,
 )
 from harpoon.ttrpc.status import Code, TtrpcError
@@ -32,57 +31,87 @@ MAX_STREAM_ID = (1 << 32) - 1
 _END_OF_STREAM = Flags.REMOTE_CLOSED | Flags.NO_DATA
 
 
-@dataclass(frozen=True, slots=True)
-class RequestReceived:
+_set = object.__setattr__
+
+
+class RequestReceived(Record):
     """A client opened a stream. ``remote_open``: it will send Data frames on it."""
 
+    __slots__ = ("stream_id", "request", "remote_open")  # noqa: RUF023 (field order)
     stream_id: int
     request: request_pb2.Request
     remote_open: bool
 
+    def __init__(self, stream_id: int, request: request_pb2.Request, remote_open: bool) -> None:
+        _set(self, "stream_id", stream_id)
+        _set(self, "request", request)
+        _set(self, "remote_open", remote_open)
 
-@dataclass(frozen=True, slots=True)
-class DataReceived:
+
+class DataReceived(Record):
     """One stream message (possibly empty) from the peer."""
 
+    __slots__ = ("stream_id", "payload")  # noqa: RUF023 (field order)
     stream_id: int
     payload: bytes
 
+    def __init__(self, stream_id: int, payload: bytes) -> None:
+        _set(self, "stream_id", stream_id)
+        _set(self, "payload", payload)
 
-@dataclass(frozen=True, slots=True)
-class StreamEnded:
+
+class StreamEnded(Record):
     """The peer will send nothing more on this stream (server side: its requests are
     complete; client side: a server stream finished successfully)."""
 
+    __slots__ = ("stream_id",)
     stream_id: int
 
+    def __init__(self, stream_id: int) -> None:
+        _set(self, "stream_id", stream_id)
 
-@dataclass(frozen=True, slots=True)
-class StreamRejected:
+
+class StreamRejected(Record):
     """Server side: a frame broke a rule. Send ``ServerConnection.send_rejection(event)``;
     if ``ends_stream``, a live stream was broken by it: abandon its handler too."""
 
+    __slots__ = ("stream_id", "code", "message", "ends_stream")  # noqa: RUF023 (field order)
     stream_id: int
     code: Code
     message: str
-    ends_stream: bool = False
+    ends_stream: bool
+
+    def __init__(self, stream_id: int, code: Code, message: str, ends_stream: bool = False) -> None:
+        _set(self, "stream_id", stream_id)
+        _set(self, "code", code)
+        _set(self, "message", message)
+        _set(self, "ends_stream", ends_stream)
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseReceived:
+class ResponseReceived(Record):
     """Client side: the final answer on a stream."""
 
+    __slots__ = ("stream_id", "code", "message", "payload")  # noqa: RUF023 (field order)
     stream_id: int
     code: Code
     message: str
     payload: bytes
 
+    def __init__(self, stream_id: int, code: Code, message: str, payload: bytes) -> None:
+        _set(self, "stream_id", stream_id)
+        _set(self, "code", code)
+        _set(self, "message", message)
+        _set(self, "payload", payload)
 
-@dataclass(frozen=True, slots=True)
-class ConnectionBroken:
+
+class ConnectionBroken(Record):
     """The byte stream cannot be decoded any more; close the connection."""
 
+    __slots__ = ("reason",)
     reason: str
+
+    def __init__(self, reason: str) -> None:
+        _set(self, "reason", reason)
 
 
 ServerEvent = RequestReceived | DataReceived | StreamEnded | StreamRejected | ConnectionBroken

@@ -15,7 +15,6 @@ import contextlib
 import errno
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 from harpoon.ttrpc.channel import (
@@ -44,15 +43,37 @@ _TRANSIENT_ACCEPT_ERRNOS = frozenset(
 ACCEPT_RETRY_S = 0.1
 
 
-@dataclass
 class CallContext:
     """What a handler knows about its call. ``metadata`` keys are lowercase, each with
     all the values sent; ``deadline`` is in event-loop time (``loop.time()``)."""
 
-    service: str
-    method: str
-    metadata: dict[str, list[str]]
-    deadline: float | None
+    # A plain class rather than a dataclass, as all of this package's small classes: the
+    # guest agent imports it at boot, where generating dataclass methods is slow.
+    __slots__ = ("deadline", "metadata", "method", "service")
+
+    def __init__(
+        self, service: str, method: str, metadata: dict[str, list[str]], deadline: float | None
+    ) -> None:
+        self.service = service
+        self.method = method
+        self.metadata = metadata
+        self.deadline = deadline
+
+    def _values(self) -> tuple[object, ...]:
+        return (self.service, self.method, self.metadata, self.deadline)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CallContext):
+            return NotImplemented
+        return self._values() == other._values()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass was
+
+    def __repr__(self) -> str:
+        return (
+            f"CallContext(service={self.service!r}, method={self.method!r}, "
+            f"metadata={self.metadata!r}, deadline={self.deadline!r})"
+        )
 
 
 UnaryHandler = Callable[[bytes, CallContext], Awaitable[bytes]]
@@ -60,19 +81,25 @@ ServerStreamHandler = Callable[[bytes, CallContext], AsyncIterator[bytes]]
 ClientStreamHandler = Callable[[AsyncIterator[bytes], CallContext], Awaitable[bytes]]
 
 
-@dataclass(frozen=True)
 class _Unary:
-    handler: UnaryHandler
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: UnaryHandler) -> None:
+        self.handler = handler
 
 
-@dataclass(frozen=True)
 class _ServerStream:
-    handler: ServerStreamHandler
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: ServerStreamHandler) -> None:
+        self.handler = handler
 
 
-@dataclass(frozen=True)
 class _ClientStream:
-    handler: ClientStreamHandler
+    __slots__ = ("handler",)
+
+    def __init__(self, handler: ClientStreamHandler) -> None:
+        self.handler = handler
 
 
 _Method = _Unary | _ServerStream | _ClientStream
@@ -186,17 +213,26 @@ class Server:
         await _Connection(self, Channel(reader, writer)).run()
 
 
-@dataclass
 class _Call:
     """One request being handled: what the handler gets, and the task running it."""
 
-    stream_id: int
-    method: _Method
-    payload: bytes
-    context: CallContext
-    # Only for client streams: the messages the client sends.
-    inbox: MessageInbox | None
-    task: asyncio.Task[None] | None = None
+    __slots__ = ("context", "inbox", "method", "payload", "stream_id", "task")
+
+    def __init__(
+        self,
+        stream_id: int,
+        method: _Method,
+        payload: bytes,
+        context: CallContext,
+        # Only for client streams: the messages the client sends.
+        inbox: MessageInbox | None,
+    ) -> None:
+        self.stream_id = stream_id
+        self.method = method
+        self.payload = payload
+        self.context = context
+        self.inbox = inbox
+        self.task: asyncio.Task[None] | None = None
 
 
 class _Connection:
