@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harpoon import linux
-from harpoon.api.containerd.types import mount_pb2
 from harpoon.errdefs import InvalidArgument
+
+if TYPE_CHECKING:  # protobuf is not loaded yet when the VM is started from the bundle
+    from harpoon.api.containerd.types import mount_pb2
 
 
 @dataclass(frozen=True)

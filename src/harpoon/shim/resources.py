@@ -11,10 +11,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from harpoon.api.agent.v1 import agent_pb2
 from harpoon.errdefs import FailedPrecondition
+
+if TYPE_CHECKING:  # vm_size runs before protobuf is loaded (harpoon.shim.prestart)
+    from harpoon.api.agent.v1 import agent_pb2
 
 DEFAULT_MEMORY_MIB = 256
 GUEST_OVERHEAD_MIB = 128
@@ -73,6 +75,8 @@ def cgroup_limits(
     The VM's RAM was sized at Create and cannot grow: a memory limit above what the VM
     can give the container is refused rather than silently not honoured.
     """
+    from harpoon.api.agent.v1 import agent_pb2
+
     request = agent_pb2.UpdateResourcesRequest()
     memory = resources.get("memory") or {}
     limit = memory.get("limit")

@@ -2,14 +2,18 @@
 
 ttrpc reports every failure as a ``google.rpc.Status``; this module is the one place
 where that status becomes a Python exception and back. It must never import asyncio or
-sockets: the codec and the state machines use it too.
+sockets: the codec and the state machines use it too. The status message's module is
+imported only when a status is converted: the shim's path to launching a VM raises and
+catches these errors but sends none, and protobuf is not loaded by then.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
-from harpoon.api.google.rpc import status_pb2
+if TYPE_CHECKING:
+    from harpoon.api.google.rpc import status_pb2
 
 
 class Code(IntEnum):
@@ -58,6 +62,8 @@ class TtrpcError(Exception):
         return f"{self.code.name}: {self.message}" if self.message else self.code.name
 
     def to_status(self) -> status_pb2.Status:
+        from harpoon.api.google.rpc import status_pb2
+
         return status_pb2.Status(code=int(self.code), message=self.message)
 
     @classmethod
