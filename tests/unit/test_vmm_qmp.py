@@ -72,7 +72,16 @@ def test_client_drives_a_real_qemu() -> None:
         pytest.skip("no qemu-system-x86_64")
 
     async def scenario(socket_path: str, process: subprocess.Popen[bytes]) -> None:
-        client = await QmpClient.connect(socket_path)
+        # QEMU binds its socket a moment before it listens on it (as QemuVM retries).
+        for _ in range(500):
+            try:
+                client = await QmpClient.connect(socket_path)
+                break
+            except ConnectionRefusedError:
+                assert process.poll() is None
+                await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("QEMU never listened on its QMP socket")
         assert client.greeting is not None and client.greeting.version["qemu"]["major"] >= 7
         assert (await client.execute("query-status"))["status"] == "prelaunch"
         with pytest.raises(QmpError, match="CommandNotFound"):
