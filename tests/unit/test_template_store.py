@@ -96,6 +96,26 @@ def test_key_changes_with_read_only_flags_and_a_rewritten_initrd(tmp_path: Path)
     assert key_of(config(tmp_path)) != base
 
 
+def test_harpoon_template_build_makes_the_template_a_container_without_limits_restores(
+    tmp_path: Path,
+) -> None:
+    """`harpoon template build` and the shim's Create build their configurations with the
+    same function; a container with a memory limit gets a VM of another size."""
+    from harpoon.guest.cache import GuestImage
+    from harpoon.sandbox.cli import container_config
+    from harpoon.shim.prestart import vm_config
+    from harpoon.shim.resources import vm_size
+
+    base = config(tmp_path)
+    image = GuestImage("amd64", base.kernel, base.initrd, "6.1.0-test", "digest")
+    container = vm_config("default", "c1", image, vm_size({"process": {"args": ["sh"]}}))
+    assert key_of(container_config(image)) == key_of(container)
+    limited = {"linux": {"resources": {"memory": {"limit": 1 << 30}}}}
+    assert key_of(container_config(image)) != key_of(
+        vm_config("default", "c2", image, vm_size(limited))
+    )
+
+
 def test_a_whole_template_is_found(tmp_path: Path) -> None:
     store = TemplateStore(tmp_path)
     directory = publish(store, "k1")

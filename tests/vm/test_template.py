@@ -55,7 +55,7 @@ def store(workdir: Path) -> TemplateStore:
 
 @pytest.fixture(scope="module")
 def template(guest: GuestImage, store: TemplateStore) -> Template:
-    built = asyncio.run(store.build(container_config(guest, read_only=False), QemuVM))
+    built = asyncio.run(store.build(container_config(guest), QemuVM))
     assert built is not None
     return built
 
@@ -83,7 +83,7 @@ def nothing_left_behind(workdir: Path) -> Iterator[None]:
 
 
 def sandbox_config(guest: GuestImage, workdir: Path, name: str, share: Path) -> VMConfig:
-    config = container_config(guest, read_only=False)
+    config = container_config(guest)
     from dataclasses import replace
 
     return replace(

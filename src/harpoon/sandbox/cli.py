@@ -4,30 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tempfile
 from pathlib import Path
 
 import click
 
 from harpoon.guest import cache
 from harpoon.sandbox.template import META_NAME, TEMPLATE_DIR_ENV, TemplateStore
-from harpoon.vmm.base import Share, VMConfig, VMError
-
-ROOTFS_SHARE_TAG = "rootfs"
+from harpoon.vmm.base import VMConfig, VMError
 
 
-def container_config(image: cache.GuestImage, read_only: bool) -> VMConfig:
-    """The VM configuration the shim gives every container (harpoon.shim.task's Create),
-    with placeholder paths: a template made from it matches those containers."""
-    placeholder = Path(tempfile.gettempdir())
-    return VMConfig(
-        name="template",
-        arch=image.arch,
-        kernel=image.kernel,
-        initrd=image.initrd,
-        state_dir=placeholder,
-        shares=(Share(ROOTFS_SHARE_TAG, placeholder, read_only=read_only),),
-    )
+def container_config(image: cache.GuestImage) -> VMConfig:
+    """The VM the shim gives a container without resource limits, built by the shim's own
+    function (its paths are replaced when the template is made): a template made from it
+    is the one those containers restore."""
+    from harpoon.shim.prestart import vm_config
+    from harpoon.shim.resources import vm_size
+
+    return vm_config("template", "template", image, vm_size({}))
 
 
 def _store(template_dir: Path | None) -> TemplateStore:
@@ -54,12 +47,9 @@ def template() -> None:
 
 @template.command()
 @click.option("--arch", type=click.Choice(cache.ARCHES), default=None, help="Default: the host's.")
-@click.option("--read-only-rootfs", is_flag=True, help="For containers with a read-only root.")
 @click.option("--guest-dir", type=click.Path(path_type=Path), default=None)
 @TEMPLATE_DIR_OPTION
-def build(
-    arch: str | None, read_only_rootfs: bool, guest_dir: Path | None, template_dir: Path | None
-) -> None:
+def build(arch: str | None, guest_dir: Path | None, template_dir: Path | None) -> None:
     """Build the template for the current guest image, or say it is up to date."""
     from harpoon.vmm.qemu import QemuVM
 
@@ -69,7 +59,7 @@ def build(
         raise click.ClickException(str(error)) from error
     store = _store(template_dir)
     try:
-        built = asyncio.run(store.build(container_config(image, read_only_rootfs), QemuVM))
+        built = asyncio.run(store.build(container_config(image), QemuVM))
     except (VMError, OSError, TimeoutError) as error:
         message = f"building the {image.arch} VM template failed: {error}"
         raise click.ClickException(message) from error
