@@ -175,6 +175,22 @@ def test_publishing_replaces_a_stale_template_and_prunes_the_least_recently_used
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k1", "old2", "old3", "old4"]
 
 
+def test_publishing_removes_templates_whose_guest_image_is_gone(tmp_path: Path) -> None:
+    store = TemplateStore(tmp_path / "templates")
+    image = tmp_path / "initrd"
+    image.write_bytes(b"image")
+    for key, files in (("gone", [str(tmp_path / "deleted-initrd")]), ("here", [str(image)])):
+        directory = publish(store, key)
+        meta = json.loads((directory / META_NAME).read_text())
+        meta["identity"] = {"files": {path: [1, 2, 3] for path in files}}
+        (directory / META_NAME).write_text(json.dumps(meta))
+    staging = store.root / ".build-1-x"
+    staging.mkdir()
+    (staging / META_NAME).write_text("{}")
+    store._publish(staging, "new")
+    assert sorted(p.name for p in store.root.iterdir()) == ["here", "new"]
+
+
 def test_staging_of_a_dead_builder_is_removed_and_ours_never_outlives_the_build(
     tmp_path: Path,
 ) -> None:

@@ -176,7 +176,16 @@ class TemplateStore:
         return Template(key, final)
 
     def _prune(self, keep: Path) -> None:
-        templates = [p for p in self.root.iterdir() if (p / META_NAME).is_file() and p != keep]
+        """Keeps the most recently used templates, and none made from files that are gone
+        (a guest image the image cache has since removed): those can never be restored."""
+        templates = []
+        for directory in self.root.iterdir():
+            if directory == keep or not (directory / META_NAME).is_file():
+                continue
+            if _made_from_missing_files(directory):
+                shutil.rmtree(directory, ignore_errors=True)
+            else:
+                templates.append(directory)
         templates.sort(key=lambda p: (p / META_NAME).stat().st_mtime, reverse=True)
         for directory in templates[KEEP_TEMPLATES - 1 :]:
             shutil.rmtree(directory, ignore_errors=True)
@@ -231,6 +240,16 @@ class TemplateStore:
                 template = self._publish(staging, key)
         log.info("built VM template %s in %s", key, template.directory)
         return template
+
+
+def _made_from_missing_files(directory: Path) -> bool:
+    """Whether a file the template's identity names (the VMM binary, kernel, initrd) is
+    gone; False when its metadata does not say."""
+    try:
+        files = json.loads((directory / META_NAME).read_text())["identity"]["files"]
+        return any(not os.path.exists(path) for path in files)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def template_config(config: VMConfig, staging: Path) -> VMConfig:
