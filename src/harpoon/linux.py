@@ -1,5 +1,5 @@
 """Linux system calls the standard library lacks: mount, umount2, sethostname, prctl,
-finit_module.
+personality, finit_module.
 
 Shared by the host (the shim mounts containerd's rootfs) and the guest agent, so it
 imports only ctypes and os and does its work lazily: the guest pays for loading libc
@@ -131,6 +131,12 @@ def sethostname(name: str) -> None:
 
 def prctl(option: int, arg: int) -> None:
     _check(_libc().prctl(ctypes.c_int(option), ctypes.c_ulong(arg), 0, 0, 0), f"prctl {option}")
+
+
+def set_personality(persona: int) -> None:
+    """personality(2): the execution domain and its flags (ADDR_NO_RANDOMIZE, …)."""
+    if _libc().personality(ctypes.c_ulong(persona)) == -1:
+        _check(-1, f"personality {persona:#x}")
 
 
 def set_parent_death_signal(signal_number: int) -> None:

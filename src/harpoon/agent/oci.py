@@ -41,10 +41,10 @@ CRUN_OCI_VERSION = "1.0.2"
 CREATE_FLAGS = ("--no-pivot",)
 # crun itself runs without address space randomization. Under TCG (no KVM) QEMU keys
 # its translated code by virtual address: a randomized crun is translated anew at every
-# exec, ~0.15 s of each one; at fixed addresses what earlier execs (and crun's own
-# re-exec from a memfd) translated is reused. The container's processes keep ASLR: crun
-# sets the spec's personality (which `guest_config` makes explicit, Linux's default)
-# before it execs them, and that clears the flag.
+# exec, ~0.15 s of each one; at fixed addresses what earlier execs translated is
+# reused. The container's processes keep ASLR: crun sets the spec's personality (which
+# `guest_config` makes explicit, Linux's default) before it execs them, and that clears
+# the flag.
 ADDR_NO_RANDOMIZE = 0x0040000  # linux/personality.h
 # crun copies itself into a sealed memfd and re-executes from it at every start unless
 # it already runs from one (CVE-2019-5736: a container must not reach the binary on disk

@@ -19,14 +19,12 @@ import asyncio
 import contextlib
 import errno
 import fcntl
-import functools
 import os
 import resource
 import signal
 import struct
 import termios
 import time
-from collections.abc import Callable
 
 from harpoon import aio, linux
 from harpoon.agent import cgroups
@@ -343,7 +341,6 @@ class ProcessTable:
         """Forks and execs a helper (crun) with the given stdio (None: /dev/null) and,
         if given, execution domain (personality(2), best effort), from `executable` if
         given, else argv[0]; the future is its exit status, set by the reaper."""
-        persona = _personality_function() if personality is not None else None
         devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
         try:
             fds = tuple(devnull if fd is None else fd for fd in stdio)
@@ -355,8 +352,9 @@ class ProcessTable:
                     for signum in _SIGNALS_PYTHON_IGNORES:
                         signal.signal(signum, signal.SIG_DFL)
                     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-                    if persona is not None and personality is not None:
-                        persona(personality)
+                    if personality is not None:
+                        with contextlib.suppress(OSError):  # best effort
+                            linux.set_personality(personality)
                     os.execv(executable or argv[0], argv)
                 finally:
                     os._exit(127)
@@ -484,15 +482,6 @@ class ProcessTable:
         process.output_fds.clear()
         process.stdin_fd = process.terminal_fd = None
         del self._by_id[process.id]
-
-
-@functools.cache
-def _personality_function() -> Callable[[int], int]:
-    """libc's personality(2), which the standard library lacks."""
-    import ctypes
-
-    function: Callable[[int], int] = ctypes.CDLL(None, use_errno=True).personality
-    return function
 
 
 def _close_child_stdio(process: Process) -> None:
