@@ -20,6 +20,12 @@ PRELUDE = textwrap.dedent(
     PR_SET_CHILD_SUBREAPER = 36
     assert ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
+    def reaping_table():
+        # The agent's wiring: the table reaps on SIGCHLD.
+        table = ProcessTable()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, table.reap)
+        return table
+
     def oci(**extra):
         return ProcessSpec(args=["x"], env=[], oci_json=b"{}", **extra)
 
@@ -57,8 +63,7 @@ def test_helper_exit_status_comes_from_the_reaper() -> None:
     out = run(
         """
         async def main():
-            table = ProcessTable()
-            asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, table.reap)
+            table = reaping_table()
             print(await table.run_helper(["/bin/sh", "-c", "exit 7"], (None, None, None)))
             print(await table.run_helper(["/nonexistent"], (None, None, None)))
         asyncio.run(main())
@@ -72,8 +77,7 @@ def test_adopted_process_exit_is_reported_even_if_it_exited_before_adoption(tmp_
     out = run(
         f"""
         async def main():
-            table = ProcessTable()
-            asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, table.reap)
+            table = reaping_table()
             # Exits at once: its exit is reaped before the pid file is read.
             pid, since = await detached(table, "exit 3", "{pid_file}")
             await asyncio.sleep(0.3)
@@ -100,8 +104,7 @@ def test_a_stale_exit_of_a_reused_pid_is_not_taken_for_a_new_process(tmp_path: P
     out = run(
         f"""
         async def main():
-            table = ProcessTable()
-            asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, table.reap)
+            table = reaping_table()
             pid, _ = await detached(table, "exit 5", "{pid_file}")
             await asyncio.sleep(0.3)
             # The same pid adopted with a generation taken after that exit was reaped:
@@ -146,8 +149,7 @@ def test_helper_runs_with_the_personality_asked_for(tmp_path: Path) -> None:
     out = run(
         f"""
         async def main():
-            table = ProcessTable()
-            asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, table.reap)
+            table = reaping_table()
             script = "cat /proc/self/personality > {out_file}"
             for personality in (None, 0x0040000):
                 argv = ["/bin/sh", "-c", script]
