@@ -133,10 +133,13 @@ def prctl(option: int, arg: int) -> None:
     _check(_libc().prctl(ctypes.c_int(option), ctypes.c_ulong(arg), 0, 0, 0), f"prctl {option}")
 
 
-def set_personality(persona: int) -> None:
-    """personality(2): the execution domain and its flags (ADDR_NO_RANDOMIZE, …)."""
-    if _libc().personality(ctypes.c_ulong(persona)) == -1:
+def set_personality(persona: int) -> int:
+    """personality(2): sets the execution domain and its flags (ADDR_NO_RANDOMIZE, …)
+    for the calling thread and what it execs; returns the previous one."""
+    previous = int(_libc().personality(ctypes.c_ulong(persona)))
+    if previous == -1:
         _check(-1, f"personality {persona:#x}")
+    return previous
 
 
 def set_parent_death_signal(signal_number: int) -> None:
