@@ -4,7 +4,8 @@ from harpoon.shim.resources import DEFAULT_MEMORY_MIB, GUEST_OVERHEAD_MIB, VMSiz
 
 
 def test_no_resources_gives_the_default_size() -> None:
-    assert vm_size({}, host_cpus=8) == VMSize(cpus=1, memory_mib=DEFAULT_MEMORY_MIB)
+    assert vm_size({}, host_cpus=8) == VMSize(cpus=2, memory_mib=DEFAULT_MEMORY_MIB)
+    assert vm_size({}, host_cpus=1).cpus == 1
 
 
 def test_memory_limit_plus_guest_overhead_becomes_the_vms_ram() -> None:

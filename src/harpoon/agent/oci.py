@@ -67,13 +67,16 @@ def read_spec(oci_json: bytes) -> dict[str, Any]:
     return spec
 
 
-def guest_config(spec: dict[str, Any]) -> dict[str, Any]:
-    """The spec as crun runs it here: in the one cgroup the agent reads stats from."""
+def guest_config(
+    spec: dict[str, Any], cgroups_path: str = cgroups.CONTAINER_CGROUPS_PATH
+) -> dict[str, Any]:
+    """The spec as crun runs it here: in the one cgroup the agent reads stats from
+    (another only for the warm-up's throw-away container)."""
     config = dict(spec)
     # crun 1.8 refuses any ociVersion but 1.0.x ("unknown version specified"), and
     # containerd 2.x writes 1.1 or 1.2; what those added, crun 1.8 reads or ignores.
     config["ociVersion"] = CRUN_OCI_VERSION
-    linux = {**(spec.get("linux") or {}), "cgroupsPath": cgroups.CONTAINER_CGROUPS_PATH}
+    linux = {**(spec.get("linux") or {}), "cgroupsPath": cgroups_path}
     # What crun (run with ADDR_NO_RANDOMIZE) sets in the init, and an exec's process,
     # before they exec: the default domain, no flags.
     if not linux.get("personality"):
@@ -139,14 +142,7 @@ class OciRuntime:
 
     async def create(self, process: Process) -> None:
         """`crun create`: the container exists, its init waits for `start`."""
-        spec = read_spec(process.spec.oci_json)
-        bundle = self.bundle_dir(process.id)
-        os.makedirs(bundle, exist_ok=True)
-        cgroups.ensure_container_group()
-        with open(os.path.join(bundle, "config.json"), "w") as config:
-            json.dump(guest_config(spec), config)
-        pid_file = os.path.join(bundle, "init.pid")
-        command = ["create", "--bundle", bundle, f"--pid-file={pid_file}", *CREATE_FLAGS]
+        command, pid_file = self._bundle(process.id, read_spec(process.spec.oci_json))
         since = self.table.generation
         try:
             await self._run_with_io(process, command, process.id)
@@ -155,6 +151,38 @@ class OciRuntime:
         except BaseException:
             await self.delete(process.id)
             raise
+
+    def prepare_rehearsal(
+        self, container_id: str, spec: dict[str, Any], cgroups_path: str
+    ) -> list[str]:
+        """Writes the bundle of a container that is only ever created to be deleted
+        (harpoon.agent.warm_up), in the cgroup named; crun's command to create it."""
+        command, _ = self._bundle(container_id, spec, cgroups_path)
+        return [*command, container_id]
+
+    async def rehearse(self, container_id: str, command: list[str]) -> None:
+        """Runs prepare_rehearsal's command with no stdio, then deletes the container
+        (state, cgroup, bundle). Its init, left to the agent, is reaped as an orphan."""
+        try:
+            await self._crun(container_id, command)
+        finally:
+            await self.delete(container_id)
+
+    def _bundle(
+        self,
+        container_id: str,
+        spec: dict[str, Any],
+        cgroups_path: str = cgroups.CONTAINER_CGROUPS_PATH,
+    ) -> tuple[list[str], str]:
+        """Writes the container's bundle; crun's create command (less the id) and the
+        init's pid file."""
+        bundle = self.bundle_dir(container_id)
+        os.makedirs(bundle, exist_ok=True)
+        cgroups.ensure_container_group()
+        with open(os.path.join(bundle, "config.json"), "w") as config:
+            json.dump(guest_config(spec, cgroups_path), config)
+        pid_file = os.path.join(bundle, "init.pid")
+        return ["create", "--bundle", bundle, f"--pid-file={pid_file}", *CREATE_FLAGS], pid_file
 
     async def start(self, process: Process) -> int:
         if not _start_created(process.id, read_spec(process.spec.oci_json)):

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from google.protobuf import empty_pb2, timestamp_pb2
 
 from harpoon import __version__, linux
-from harpoon.agent import cgroups, oci, processes, rootfs
+from harpoon.agent import cgroups, oci, processes, rootfs, warm_up
 from harpoon.agent.processes import ProcessSpec, ProcessTable
 from harpoon.api.agent.v1 import agent_pb2
 from harpoon.errdefs import FailedPrecondition, InvalidArgument
@@ -43,10 +43,15 @@ class AgentService:
         self.table = table
         self.runtime = oci.OciRuntime(table)
         self.started_monotonic = started_monotonic
+        self._warm_up_command = warm_up.prepare(self.runtime)
+        self._warm_up: asyncio.Future[None] | None = None
 
     async def Hello(
         self, request: agent_pb2.HelloRequest, ctx: CallContext
     ) -> agent_pb2.HelloResponse:
+        if request.warm_up and self._warm_up_command and self._warm_up is None:
+            # Runs once this answer is sent (harpoon.agent.warm_up).
+            self._warm_up = asyncio.ensure_future(warm_up.run(self.runtime, self._warm_up_command))
         if request.entropy:
             with contextlib.suppress(OSError), open("/dev/urandom", "wb") as pool:
                 # Credited, not only mixed in: nothing reads randomness during boot (the

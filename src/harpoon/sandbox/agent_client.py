@@ -68,12 +68,16 @@ class AgentClient:
         response.ParseFromString(payload)
         return response
 
-    async def hello(self, timeout: float) -> agent_pb2.HelloResponse:
+    async def hello(self, timeout: float, warm_up: bool = False) -> agent_pb2.HelloResponse:
+        """warm_up: the guest is emulated and should rehearse a container's creation on
+        a spare vCPU (harpoon.agent.warm_up)."""
         host_time = timestamp_pb2.Timestamp()
         host_time.FromNanoseconds(time.time_ns())
         return await self._call(
             "Hello",
-            agent_pb2.HelloRequest(host_time=host_time, entropy=os.urandom(HELLO_ENTROPY_BYTES)),
+            agent_pb2.HelloRequest(
+                host_time=host_time, entropy=os.urandom(HELLO_ENTROPY_BYTES), warm_up=warm_up
+            ),
             agent_pb2.HelloResponse,
             timeout,
         )

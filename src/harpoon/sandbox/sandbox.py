@@ -171,7 +171,7 @@ class Sandbox:
         self.agent = await AgentClient.connect(
             str(self.config.agent_socket), str(self.config.stdio_socket)
         )
-        hello = asyncio.ensure_future(self.agent.hello(timeout=BOOT_TIMEOUT_S))
+        hello = asyncio.ensure_future(self.agent.hello(BOOT_TIMEOUT_S, warm_up=vm.emulated))
         self.guest_running.set()
         died = asyncio.ensure_future(vm.wait())
         done, _ = await asyncio.wait(

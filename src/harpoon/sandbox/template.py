@@ -330,7 +330,7 @@ async def restore(
         launched = time.monotonic()
         agent = await AgentClient.connect(str(config.agent_socket), str(config.stdio_socket))
         # Sent before the guest runs: it waits in the channel for the restored agent.
-        hello = asyncio.ensure_future(agent.hello(timeout=RESTORE_CALL_TIMEOUT_S))
+        hello = asyncio.ensure_future(agent.hello(RESTORE_CALL_TIMEOUT_S, warm_up=vm.emulated))
         try:
             await vm.resume()
             if resumed is not None:

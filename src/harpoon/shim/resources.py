@@ -21,7 +21,10 @@ if TYPE_CHECKING:  # vm_size runs before protobuf is loaded (harpoon.shim.presta
 DEFAULT_MEMORY_MIB = 256
 GUEST_OVERHEAD_MIB = 128
 MIN_MEMORY_MIB = 128
-DEFAULT_CPUS = 1
+# Without a CPU limit: two vCPUs (fewer if the host has fewer), as a container under runc
+# uses more than one CPU. Under TCG the second one also runs the agent's warm-up
+# (harpoon.agent.warm_up) beside the container's start.
+DEFAULT_CPUS = 2
 MIB = 1 << 20
 
 

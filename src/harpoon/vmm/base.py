@@ -119,6 +119,12 @@ class VirtualMachine(abc.ABC):
     async def wait(self) -> int:
         """Waits for the VMM process to exit and returns its exit status."""
 
+    @property
+    def emulated(self) -> bool:
+        """True once started if the guest's code is translated by the VMM (QEMU's TCG)
+        rather than run by the CPU (KVM, HVF, Virtualization.framework)."""
+        return False
+
     # -- saved states (VM templates) ---------------------------------------------------
     # The protocol: a template VM is started cold with a host connected to its agent
     # socket (and kept connected), `wait_for_agent_channel()`, then `save_state()`. A

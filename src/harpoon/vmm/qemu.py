@@ -278,6 +278,11 @@ class QemuVM(VirtualMachine):
         self._process: asyncio.subprocess.Process | None = None
         self._qmp_client: QmpClient | None = None
         self._incoming: Path | None = None
+        self._emulated = False
+
+    @property
+    def emulated(self) -> bool:
+        return self._emulated
 
     @property
     def pid(self) -> int:
@@ -300,6 +305,7 @@ class QemuVM(VirtualMachine):
         self.config = with_available_machine(self.config, binary)
         argv = command_line(self.config, accel.choose(binary), restoring=bool(extra_args))
         argv[0] = binary
+        self._emulated = argv[argv.index("-accel") + 1].startswith("tcg")
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         sockets = (self.config.agent_socket, self.config.stdio_socket, self.config.control_socket)
         # A QEMU that failed (a restore refused its state) leaves its sockets behind, and

@@ -20,12 +20,14 @@ STDOUT: Stream
 STDERR: Stream
 
 class HelloRequest(_message.Message):
-    __slots__ = ("host_time", "entropy")
+    __slots__ = ("host_time", "entropy", "warm_up")
     HOST_TIME_FIELD_NUMBER: _ClassVar[int]
     ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    WARM_UP_FIELD_NUMBER: _ClassVar[int]
     host_time: _timestamp_pb2.Timestamp
     entropy: bytes
-    def __init__(self, host_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., entropy: _Optional[bytes] = ...) -> None: ...
+    warm_up: bool
+    def __init__(self, host_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., entropy: _Optional[bytes] = ..., warm_up: _Optional[bool] = ...) -> None: ...
 
 class HelloResponse(_message.Message):
     __slots__ = ("agent_version", "kernel_release", "agent_uptime_s")
