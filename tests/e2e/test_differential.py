@@ -247,7 +247,7 @@ def vcpus(harpoon_cpus: int) -> Difference:
     return Difference(
         "nproc counts online CPUs: runc's container sees the host's (a CFS quota does not "
         f"hide CPUs), harpoon's sees its VM's vCPUs ({harpoon_cpus}: the quota rounded up, "
-        "1 without one; harpoon.shim.resources.vm_size)",
+        "2 without one; harpoon.shim.resources.vm_size)",
         holds,
     )
 
