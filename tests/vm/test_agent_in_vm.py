@@ -13,6 +13,7 @@ import signal
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -22,19 +23,10 @@ from harpoon.ttrpc.status import Code, TtrpcError
 from harpoon.vmm.base import Share, VMConfig
 from harpoon.vmm.qemu import QemuVM, host_arch
 
+if TYPE_CHECKING:
+    from tests.vm.conftest import RunInGuest
+
 pytestmark = pytest.mark.vm
-
-
-@pytest.fixture(scope="module")
-def guest() -> object:
-    from harpoon.guest import find_guest
-
-    try:
-        return find_guest(host_arch())
-    except Exception as error:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"no guest image: {error}")
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +44,12 @@ def event_loop_policy() -> asyncio.AbstractEventLoopPolicy:
 class VM:
     """A booted sandbox and a loop to drive it from synchronous tests."""
 
-    def __init__(self, sandbox: Sandbox, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, sandbox: Sandbox, loop: asyncio.AbstractEventLoop, run_in_guest: RunInGuest
+    ) -> None:
         self.sandbox = sandbox
         self.loop = loop
+        self.run_in_guest = run_in_guest
 
     def run(self, coro: object, timeout: float = 120) -> object:
         return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))  # type: ignore[arg-type]
@@ -66,7 +61,7 @@ class VM:
 
 
 @pytest.fixture(scope="module")
-def vm(guest: object, shared_dir: Path) -> Iterator[VM]:
+def vm(guest: object, shared_dir: Path, guest_process: RunInGuest) -> Iterator[VM]:
     loop = asyncio.new_event_loop()
     with tempfile.TemporaryDirectory(prefix="hp-vm-") as state:
         config = VMConfig(
@@ -80,7 +75,7 @@ def vm(guest: object, shared_dir: Path) -> Iterator[VM]:
         sandbox = Sandbox(config, QemuVM)
         loop.run_until_complete(sandbox.start())
         try:
-            yield VM(sandbox, loop)
+            yield VM(sandbox, loop, guest_process)
         finally:
             loop.run_until_complete(sandbox.stop())
             loop.close()
@@ -91,22 +86,7 @@ async def collect(chunks: AsyncIterator[bytes]) -> bytes:
 
 
 async def run_process(vm: VM, process_id: str, *args: str) -> tuple[int, bytes, bytes]:
-    agent = vm.agent
-    await agent.create_process(
-        agent_pb2.CreateProcessRequest(
-            id=process_id,
-            args=list(args),
-            env=["PATH=/bin:/usr/bin"],
-            stdout=True,
-            stderr=True,
-        )
-    )
-    out = asyncio.ensure_future(collect(agent.read_output(process_id, agent_pb2.STDOUT)))
-    err = asyncio.ensure_future(collect(agent.read_output(process_id, agent_pb2.STDERR)))
-    await agent.start_process(process_id)
-    status = await agent.wait_process(process_id)
-    await agent.delete_process(process_id)
-    return status.exit_status, await out, await err
+    return await vm.run_in_guest(vm.agent, process_id, *args)
 
 
 def test_hello_reports_the_guest_kernel(vm: VM, guest: object) -> None:

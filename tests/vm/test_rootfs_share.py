@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from harpoon.api.agent.v1 import agent_pb2
+from harpoon.guest.cache import GuestImage
 from harpoon.sandbox.sandbox import Sandbox
 from harpoon.shim.prestart import rootfs_share, vm_config
 from harpoon.shim.resources import vm_size
-from harpoon.vmm.qemu import QemuVM, host_arch
+from harpoon.vmm.qemu import QemuVM
+
+if TYPE_CHECKING:
+    from tests.vm.conftest import RunInGuest
 
 pytestmark = pytest.mark.vm
 
@@ -46,88 +51,50 @@ def rootfs() -> Iterator[Path]:
         yield Path(directory)
 
 
-@pytest.fixture(scope="module")
-def sandbox(rootfs: Path) -> Iterator[tuple[Sandbox, asyncio.AbstractEventLoop]]:
-    from harpoon.guest import find_guest
+class Started:
+    def __init__(self, sandbox: Sandbox, loop: asyncio.AbstractEventLoop, run: RunInGuest) -> None:
+        self.sandbox, self.loop, self._run = sandbox, loop, run
 
-    try:
-        guest = find_guest(host_arch())
-    except Exception as error:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"no guest image: {error}")
+    def run(self, *args: str) -> tuple[int, bytes]:
+        running = self._run(self.sandbox.agent, "run", *args)
+        status, out, err = self.loop.run_until_complete(asyncio.wait_for(running, 120))
+        return status, out + err
+
+
+@pytest.fixture(scope="module")
+def started(guest: GuestImage, guest_process: RunInGuest, rootfs: Path) -> Iterator[Started]:
+    """A sandbox started as the shim starts one, rootfs attached at GUEST_ROOT."""
     loop = asyncio.new_event_loop()
-    config = vm_config(
-        "hp-test", f"rootfs-share-{os.getpid()}-{time.time_ns()}", guest, vm_size({})
-    )
+    name = f"rootfs-share-{os.getpid()}-{time.time_ns()}"
+    config = vm_config("hp-test", name, guest, vm_size({}))
     sandbox = Sandbox(config, QemuVM, rootfs_share=rootfs_share(config))
     try:
         loop.run_until_complete(sandbox.start())
         loop.run_until_complete(sandbox.share_rootfs(rootfs, GUEST_ROOT))
-        yield sandbox, loop
+        yield Started(sandbox, loop, guest_process)
     finally:
         loop.run_until_complete(sandbox.stop())
         loop.close()
-        import shutil
-
         shutil.rmtree(config.state_dir, ignore_errors=True)
 
 
-async def _collect(chunks: AsyncIterator[bytes]) -> bytes:
-    return b"".join([chunk async for chunk in chunks])
-
-
-async def _run(sandbox: Sandbox, process_id: str, *args: str) -> tuple[int, bytes]:
-    agent = sandbox.agent
-    assert agent is not None
-    await agent.create_process(
-        agent_pb2.CreateProcessRequest(id=process_id, args=list(args), stdout=True, stderr=True)
-    )
-    out = asyncio.ensure_future(_collect(agent.read_output(process_id, agent_pb2.STDOUT)))
-    err = asyncio.ensure_future(_collect(agent.read_output(process_id, agent_pb2.STDERR)))
-    await agent.start_process(process_id)
-    status = await agent.wait_process(process_id)
-    await agent.delete_process(process_id)
-    return status.exit_status, await out + await err
-
-
 def test_a_rootfs_file_can_be_mapped_shared_and_written_through(
-    sandbox: tuple[Sandbox, asyncio.AbstractEventLoop], rootfs: Path
+    started: Started, rootfs: Path
 ) -> None:
     """As under runc (sqlite's WAL index, LMDB): 9p without a cache mode refuses
     MAP_SHARED writable mappings with EINVAL."""
     (rootfs / "mapped").write_bytes(bytes(4096))
-    vm, loop = sandbox
-    status, output = loop.run_until_complete(
-        asyncio.wait_for(
-            _run(
-                vm,
-                "mmap",
-                "/usr/bin/python3",
-                "-c",
-                WRITE_THROUGH_A_SHARED_MAPPING,
-                f"{GUEST_ROOT}/mapped",
-            ),
-            120,
-        )
-    )
-    assert (status, output) == (0, b"")
+    program = ("/usr/bin/python3", "-c", WRITE_THROUGH_A_SHARED_MAPPING, f"{GUEST_ROOT}/mapped")
+    assert started.run(*program) == (0, b"")
     assert (rootfs / "mapped").read_bytes().startswith(b"written through the mapping")
 
 
 def test_a_host_change_to_a_rootfs_file_is_seen_by_the_guest(
-    sandbox: tuple[Sandbox, asyncio.AbstractEventLoop], rootfs: Path
+    started: Started, rootfs: Path
 ) -> None:
     """Only mmap is cached: what the host writes after the guest read a file is what
     the guest reads next (as with runc, where both see one file)."""
-    vm, loop = sandbox
     (rootfs / "changing").write_text("first\n")
-    assert loop.run_until_complete(_run(vm, "read-1", "/bin/cat", f"{GUEST_ROOT}/changing")) == (
-        0,
-        b"first\n",
-    )
+    assert started.run("/bin/cat", f"{GUEST_ROOT}/changing") == (0, b"first\n")
     (rootfs / "changing").write_text("second, longer\n")
-    assert loop.run_until_complete(_run(vm, "read-2", "/bin/cat", f"{GUEST_ROOT}/changing")) == (
-        0,
-        b"second, longer\n",
-    )
+    assert started.run("/bin/cat", f"{GUEST_ROOT}/changing") == (0, b"second, longer\n")

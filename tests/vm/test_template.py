@@ -7,7 +7,6 @@ may still run and no build or discard directory may remain.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import statistics
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from harpoon.api.agent.v1 import agent_pb2
-from harpoon.guest import GuestImage, find_guest
+from harpoon.guest import GuestImage
 from harpoon.sandbox.agent_client import AgentClient
 from harpoon.sandbox.cli import container_config
 from harpoon.sandbox.sandbox import Sandbox
@@ -30,16 +29,6 @@ pytestmark = pytest.mark.vm
 
 NINEP = ["trans=virtio", "version=9p2000.L"]
 CLOCK_SLACK_S = 3
-
-
-@pytest.fixture(scope="module")
-def guest() -> GuestImage:
-    try:
-        return find_guest()
-    except Exception as error:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"no guest image: {error}")
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,20 @@ import asyncio
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import pytest
 
-from harpoon.api.agent.v1 import agent_pb2
 from harpoon.guest.cache import GuestImage
 from harpoon.sandbox.sandbox import Sandbox
 from harpoon.shim.prestart import rootfs_share, vm_config
 from harpoon.shim.resources import vm_size
-from harpoon.vmm.qemu import QemuVM, host_arch
+from harpoon.vmm.qemu import QemuVM
+
+if TYPE_CHECKING:
+    from tests.vm.conftest import RunInGuest
 
 pytestmark = pytest.mark.vm
 
@@ -30,32 +33,23 @@ LEFT_BEHIND = (
 )
 
 
-@pytest.fixture(scope="module")
-def guest() -> GuestImage:
-    from harpoon.guest import find_guest
-
-    try:
-        return find_guest(host_arch())
-    except Exception as error:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"no guest image: {error}")
-
-
 class Started:
-    def __init__(self, sandbox: Sandbox, loop: asyncio.AbstractEventLoop) -> None:
-        self.sandbox, self.loop = sandbox, loop
+    def __init__(self, sandbox: Sandbox, loop: asyncio.AbstractEventLoop, run: RunInGuest) -> None:
+        self.sandbox, self.loop, self._run = sandbox, loop, run
 
     def console(self) -> str:
         assert self.sandbox.vm is not None
         return self.sandbox.vm.console_tail()
 
     def shell(self, command: str) -> bytes:
-        return self.loop.run_until_complete(asyncio.wait_for(_shell(self.sandbox, command), WAIT_S))
+        running = self._run(self.sandbox.agent, "look", "/bin/sh", "-c", command)
+        return self.loop.run_until_complete(asyncio.wait_for(running, WAIT_S))[1]
 
 
 @pytest.fixture
-def started(guest: GuestImage, request: pytest.FixtureRequest) -> Iterator[Started]:
+def started(
+    guest: GuestImage, guest_process: RunInGuest, request: pytest.FixtureRequest
+) -> Iterator[Started]:
     """A sandbox with as many vCPUs as the test's parameter says, booted cold."""
     loop = asyncio.new_event_loop()
     name = f"warm-up-{os.getpid()}-{time.time_ns()}"
@@ -65,30 +59,11 @@ def started(guest: GuestImage, request: pytest.FixtureRequest) -> Iterator[Start
         loop.run_until_complete(sandbox.start())
         if not sandbox.vm or not sandbox.vm.emulated:
             pytest.skip("the warm-up only runs in emulated (TCG) guests")
-        yield Started(sandbox, loop)
+        yield Started(sandbox, loop, guest_process)
     finally:
         loop.run_until_complete(sandbox.stop())
         loop.close()
         shutil.rmtree(config.state_dir, ignore_errors=True)
-
-
-async def _collect(chunks: AsyncIterator[bytes]) -> bytes:
-    return b"".join([chunk async for chunk in chunks])
-
-
-async def _shell(sandbox: Sandbox, command: str) -> bytes:
-    agent = sandbox.agent
-    assert agent is not None
-    await agent.create_process(
-        agent_pb2.CreateProcessRequest(
-            id="look", args=["/bin/sh", "-c", command], env=["PATH=/bin"], stdout=True
-        )
-    )
-    out = asyncio.ensure_future(_collect(agent.read_output("look", agent_pb2.STDOUT)))
-    await agent.start_process("look")
-    await agent.wait_process("look")
-    await agent.delete_process("look")
-    return await out
 
 
 @pytest.mark.parametrize("started", [2], indirect=True)
