@@ -94,3 +94,19 @@ def test_start_answers_2_3_with_a_bootstrap_result_and_others_with_the_address()
 def test_garbage_stdin_is_ignored_not_fatal() -> None:
     parsed = parse_start_stdin(b"\xff\xff\xff", "c1")
     assert parsed.params is None and parsed.options is None
+
+
+def test_start_and_delete_do_not_load_openssl() -> None:
+    """Both run in a fresh Python on every container's critical path: hashlib would
+    load libcrypto (~2 ms) for the one digest they need."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from harpoon.shim import cleanup, start; "
+        "print(sorted({'hashlib', '_hashlib'} & set(sys.modules)))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    assert loaded.strip() == "[]"
