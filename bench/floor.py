@@ -1,7 +1,7 @@
 """The boot floor: QEMU + harpoon's kernel + a busybox-only initramfs, launch → marker.
 
 The VM is described with harpoon's own `VMConfig` and launched with the argv of
-`harpoon.vmm.qemu.command_line`, so machine, accelerator, memory, CPUs, kernel and
+`harpoon.vmm.qemu_launch.command_line`, so machine, accelerator, memory, CPUs, kernel and
 kernel arguments are exactly those of a container's VM; only the initramfs differs (it
 prints `HARPOON-FLOOR-READY` and powers off) and there is no rootfs share. The console
 chardev writes to `config.console_log`, which here is a FIFO we hold open read-write:
@@ -26,7 +26,7 @@ from pathlib import Path
 from harpoon import linux
 from harpoon.guest import GuestImage
 from harpoon.vmm.base import VMConfig
-from harpoon.vmm.qemu import command_line
+from harpoon.vmm.qemu_launch import command_line
 
 FLOOR_MARKER = b"HARPOON-FLOOR-READY"
 #: One boot in ~35 printed nothing for 120 s on these machines: give up well before.

@@ -226,7 +226,7 @@ def error_class(outcome: Outcome) -> Mapping[str, object]:
 
 def _kernel_releases(runc: object, harpoon: object) -> bool:
     from harpoon.guest import find_guest
-    from harpoon.vmm.qemu import host_arch
+    from harpoon.vmm.qemu_launch import host_arch
 
     return runc == f"{os.uname().release}\n" and harpoon == (
         f"{find_guest(host_arch()).kernel_release}\n"

@@ -142,7 +142,7 @@ def test_uname_shows_the_guest_kernel_not_the_hosts(
     containerd: Containerd, busybox_image: str, container_id: str
 ) -> None:
     from harpoon.guest import find_guest
-    from harpoon.vmm.qemu import host_arch
+    from harpoon.vmm.qemu_launch import host_arch
 
     status, out = run(containerd, busybox_image, container_id, "uname", "-r")
     assert status == 0

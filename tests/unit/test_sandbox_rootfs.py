@@ -71,6 +71,25 @@ def test_a_stale_export_of_a_killed_shim_is_cleared_first(
     assert (container_rootfs / "etc" / "hostname").read_text() == "mine\n"
 
 
+def test_an_export_already_prepared_is_kept_as_the_vm_may_be_exporting_it(
+    tmp_path: Path,
+) -> None:
+    share = tmp_path / "share" / "c1"
+    rootfs.prepare(share)
+    exported = os.open(share, os.O_RDONLY | os.O_DIRECTORY)  # as QEMU holds its export
+    try:
+        rootfs.prepare(share)  # the sandbox starting the VM launched ahead
+        assert os.fstat(exported).st_nlink > 0
+        assert os.fstat(exported).st_ino == os.stat(share).st_ino
+        (share / "left-by-the-guest").write_text("x")
+        rootfs.prepare(share)  # not as prepared: made anew
+        assert os.listdir(share) == ["rootfs"]
+        assert os.fstat(exported).st_nlink == 0
+    finally:
+        os.close(exported)
+        rootfs.release(share)
+
+
 def test_a_link_put_in_place_of_the_mount_point_is_refused(
     tmp_path: Path, container_rootfs: Path
 ) -> None:

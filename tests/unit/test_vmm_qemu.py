@@ -6,7 +6,7 @@ import pytest
 
 from harpoon import linux
 from harpoon.vmm.base import Share, VMConfig, VMError
-from harpoon.vmm.qemu import command_line
+from harpoon.vmm.qemu_launch import command_line
 
 
 def config(**overrides: object) -> VMConfig:
@@ -70,7 +70,7 @@ def test_mount_options_split_into_flags_and_data() -> None:
 def test_microvm_falls_back_to_q35_only_where_qemu_lacks_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from harpoon.vmm import qemu
+    from harpoon.vmm import qemu_launch as qemu
 
     monkeypatch.setattr(qemu, "supported_machines", lambda binary: frozenset({"q35", "pc"}))
     assert qemu.with_available_machine(config(), "qemu").extra["machine"] == "q35"
@@ -81,7 +81,7 @@ def test_microvm_falls_back_to_q35_only_where_qemu_lacks_it(
 def test_the_installed_qemu_lists_its_machines() -> None:
     import shutil
 
-    from harpoon.vmm.qemu import supported_machines
+    from harpoon.vmm.qemu_launch import supported_machines
 
     binary = shutil.which("qemu-system-x86_64")
     if binary is None:

@@ -21,7 +21,8 @@ from harpoon.api.agent.v1 import agent_pb2
 from harpoon.sandbox.sandbox import Sandbox
 from harpoon.ttrpc.status import Code, TtrpcError
 from harpoon.vmm.base import Share, VMConfig
-from harpoon.vmm.qemu import QemuVM, host_arch
+from harpoon.vmm.qemu import QemuVM
+from harpoon.vmm.qemu_launch import host_arch
 
 if TYPE_CHECKING:
     from tests.vm.conftest import RunInGuest

@@ -14,13 +14,12 @@ from google.protobuf.message import Message
 
 from harpoon.api.agent.v1 import agent_pb2
 from harpoon.api.names import AGENT_SERVICE
+from harpoon.sandbox.ports import Port, connect_ports
 from harpoon.ttrpc.client import Client
 
 ResponseT = TypeVar("ResponseT", bound=Message)
 CONTROL_TIMEOUT_S = 30.0
 HELLO_ENTROPY_BYTES = 64
-CONNECT_ATTEMPTS = 200
-CONNECT_RETRY_S = 0.005
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +36,12 @@ class AgentClient:
 
     @classmethod
     async def connect(cls, socket_path: str, stdio_path: str | None = None) -> AgentClient:
-        control = await _connect(socket_path)
-        if stdio_path is None:
-            return cls(control)
-        try:
-            return cls(control, await _connect(stdio_path))
-        except BaseException:
-            await control.close()
-            raise
+        return cls.over(*await connect_ports(socket_path, stdio_path))
+
+    @classmethod
+    def over(cls, control: Port, stdio: Port | None = None) -> AgentClient:
+        """A client on ports already connected (harpoon.sandbox.ports)."""
+        return cls(_client(control), _client(stdio) if stdio is not None else None)
 
     async def close(self) -> None:
         await self._client.close()
@@ -148,17 +145,8 @@ class AgentClient:
         await self._call("ResizeTerminal", request, empty_pb2.Empty)
 
 
-async def _connect(socket_path: str) -> Client:
-    # The VMM binds its socket a moment before it listens on it.
-    for _ in range(CONNECT_ATTEMPTS - 1):
-        try:
-            reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 22)
-            break
-        except ConnectionRefusedError:
-            await asyncio.sleep(CONNECT_RETRY_S)
-    else:
-        reader, writer = await asyncio.open_unix_connection(socket_path, limit=1 << 22)
+def _client(port: Port) -> Client:
     # A stdout stream nobody drains (a client that stopped reading its FIFO) stalls
     # its connection rather than dropping output: output is never lost. That is why
     # streams have a connection (and a port) of their own.
-    return Client(reader, writer, stream_full_timeout_s=None)
+    return Client(*port, stream_full_timeout_s=None)

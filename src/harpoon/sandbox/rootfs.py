@@ -39,7 +39,12 @@ NINEP_OPTIONS = ["trans=virtio", "version=9p2000.L", "msize=524288", "cache=mmap
 
 def prepare(share: Path) -> None:
     """Creates the (empty) export and its mount point; before the VM starts. What a
-    killed shim of a container of the same name left there goes first."""
+    killed shim of a container of the same name left there goes first, but an export
+    exactly as this makes it is kept: the VM may already be exporting it (a shim
+    launches its VM before the sandbox that runs it starts), and QEMU holds the
+    directory it opened at launch, not the path."""
+    if _is_prepared(share):
+        return
     if os.path.lexists(share):
         release(share)
     share.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
@@ -75,6 +80,20 @@ def release(share: Path) -> None:
         import shutil
 
         shutil.rmtree(share, ignore_errors=True)
+
+
+def _is_prepared(share: Path) -> bool:
+    """Whether share is a directory holding only an empty mount point, mounted nowhere."""
+    try:
+        return (
+            stat.S_ISDIR(os.lstat(share).st_mode)
+            and os.listdir(share) == [ROOTFS_NAME]
+            and stat.S_ISDIR(os.lstat(share / ROOTFS_NAME).st_mode)
+            and not os.listdir(share / ROOTFS_NAME)
+            and not _mounted_under(share)
+        )
+    except OSError:
+        return False
 
 
 def _mounted_under(path: Path) -> bool:

@@ -26,7 +26,6 @@ or fails to restore means a cold boot, and the broken one is removed to be rebui
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -45,7 +44,11 @@ from typing import TYPE_CHECKING, Any
 from harpoon.vmm.base import VirtualMachine, VMConfig, VMError
 
 if TYPE_CHECKING:
-    # Loaded once the VMM is launching (restore): see harpoon.sandbox.sandbox.
+    # asyncio is imported where it is used: a shim looks its template up (and launches
+    # the VM) before it loads asyncio (harpoon.shim.daemon). The agent client and
+    # protobuf are loaded once the guest is resuming (restore).
+    import asyncio
+
     from harpoon.api.agent.v1 import agent_pb2
     from harpoon.sandbox.agent_client import AgentClient
 
@@ -203,6 +206,8 @@ class TemplateStore:
                     if not wait:
                         yield False
                         return
+                    import asyncio
+
                     await asyncio.sleep(LOCK_POLL_S)
             try:
                 yield True
@@ -266,6 +271,8 @@ def template_config(config: VMConfig, staging: Path) -> VMConfig:
 
 
 async def _save_template(config: VMConfig, make_vm: MakeVM, staging: Path) -> dict[str, Any]:
+    import asyncio
+
     vm = make_vm(template_config(config, staging))
     began = time.monotonic()
     try:
@@ -309,6 +316,11 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def restore_config(config: VMConfig, template: Template) -> VMConfig:
+    """The configuration of a VM of config restored from template."""
+    return replace(config, memory_file=template.memory)
+
+
 async def restore(
     make_vm: MakeVM, config: VMConfig, template: Template, resumed: asyncio.Event | None = None
 ) -> tuple[VirtualMachine, AgentClient, agent_pb2.HelloResponse]:
@@ -316,45 +328,46 @@ async def restore(
     the guest clock, stopped since the save, and reseeds its entropy pool); raises (and
     leaves nothing running) when the agent does not answer within RESTORE_HELLO_TIMEOUT_S.
     `resumed` is set once the guest is on its way (loading, then running)."""
-    config = replace(config, memory_file=template.memory)
+    import asyncio
+
+    from harpoon.sandbox.ports import Port, connect_ports
+
+    config = restore_config(config, template)
     vm = make_vm(config)
+    ports: tuple[Port, Port | None] | None = None
     agent: AgentClient | None = None
-    launching: asyncio.Future[None] | None = None
     began = time.monotonic()
     try:
-        launching = asyncio.ensure_future(vm.restore(template.state))
-        await asyncio.sleep(0)  # its first step launches QEMU: import while that starts
+        await vm.restore(template.state)
+        launched = time.monotonic()
+        # The host ends first: the guest must find its host attached when it runs.
+        ports = await connect_ports(str(config.agent_socket), str(config.stdio_socket))
+        await vm.resume()
+        if resumed is not None:
+            resumed.set()
+        resumed_at = time.monotonic()
+        # Loaded while the guest loads and its agent wakes up (~0.1 s under TCG).
         from harpoon.sandbox.agent_client import AgentClient
 
-        await launching
-        launched = time.monotonic()
-        agent = await AgentClient.connect(str(config.agent_socket), str(config.stdio_socket))
-        # Sent before the guest runs: it waits in the channel for the restored agent.
-        hello = asyncio.ensure_future(agent.hello(RESTORE_CALL_TIMEOUT_S, warm_up=vm.emulated))
-        try:
-            await vm.resume()
-            if resumed is not None:
-                resumed.set()
-            resumed_at = time.monotonic()
-            response = await asyncio.wait_for(hello, RESTORE_HELLO_TIMEOUT_S)
-            log.debug(
-                "restore of %s: launch %.0f ms, connect + migrate-incoming %.0f ms, Hello %.0f ms",
-                config.name, (launched - began) * 1e3, (resumed_at - launched) * 1e3,
-                (time.monotonic() - resumed_at) * 1e3,
-            )  # fmt: skip
-        finally:
-            if not hello.done():
-                hello.cancel()
-            elif not hello.cancelled():
-                hello.exception()  # retrieved: resume's own error is the one to report
+        agent = AgentClient.over(*ports)
+        left_s = RESTORE_HELLO_TIMEOUT_S - (time.monotonic() - resumed_at)
+        response = await asyncio.wait_for(
+            agent.hello(RESTORE_CALL_TIMEOUT_S, warm_up=vm.emulated), left_s
+        )
+        log.debug(
+            "restore of %s: launch %.0f ms, connect + migrate-incoming %.0f ms, Hello %.0f ms",
+            config.name, (launched - began) * 1e3, (resumed_at - launched) * 1e3,
+            (time.monotonic() - resumed_at) * 1e3,
+        )  # fmt: skip
         return vm, agent, response
     except BaseException:
-        if launching is not None and not launching.done():
-            launching.cancel()
-            await asyncio.wait({launching})
         if agent is not None:
             with contextlib.suppress(Exception):
                 await agent.close()
+        elif ports is not None:
+            for port in ports:
+                if port is not None:
+                    port[1].close()
         await vm.stop()
         raise
 

@@ -2,6 +2,7 @@
 
 harpoon.vmm knows virtual machine monitors and nothing of containerd: it boots a
 kernel and initramfs with a set of shares and hands back a byte stream to the
-guest agent. QEMU (KVM, HVF or TCG) lives in qemu.py; the macOS
-Virtualization.framework backend will sit beside it behind the same interface.
+guest agent. QEMU (KVM, HVF or TCG) lives in qemu_launch.py (its command line and
+launch) and qemu.py (the running VM); the macOS Virtualization.framework backend
+will sit beside it behind the same interface.
 """

@@ -1,0 +1,128 @@
+"""The daemon's event loop: serves the Task service on the socket `start` bound (fd 3).
+
+It first starts the sandbox of the VM harpoon.shim.daemon launched (or, if none could
+be, of none: Create starts one), then loads what serves containerd while the guest
+comes up. It exits after Shutdown once it holds no container, or on SIGTERM/SIGINT
+after tearing its VM down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import signal
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from harpoon.sandbox.sandbox import SandboxStarter
+from harpoon.shim.cli import Flags
+from harpoon.shim.prestart import EarlyVM, prestart
+from harpoon.vmm.qemu import QemuVM
+
+if TYPE_CHECKING:
+    from harpoon.guest.cache import GuestImage
+
+LISTENER_FD = 3
+TASK_SERVICE_NAMES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
+
+log = logging.getLogger("harpoon.shim")
+
+
+class _TimedCalls:
+    """The Task service with every call's arrival and duration logged (debug only)."""
+
+    def __init__(self, service: object) -> None:
+        self._service = service
+
+    def __getattr__(self, name: str) -> object:
+        method = getattr(self._service, name)
+        if not name[:1].isupper() or not callable(method):
+            return method
+
+        async def timed(request: object, ctx: object) -> object:
+            began = time.monotonic()
+            log.debug("call %s received", name)
+            try:
+                return await method(request, ctx)
+            finally:
+                log.debug("call %s answered in %.1f ms", name, (time.monotonic() - began) * 1e3)
+
+        return timed
+
+
+def _find_image() -> GuestImage:
+    from harpoon.guest import find_guest
+    from harpoon.vmm.qemu_launch import host_arch
+
+    return find_guest(host_arch())
+
+
+# How long serving containerd may wait for the VM started ahead to get going.
+GUEST_HEAD_START_S = 1.0
+
+
+async def serve(flags: Flags, early: EarlyVM | None) -> None:
+    began = time.monotonic()
+    if flags.forked_at:
+        log.debug(
+            "start process: main at %.6f, forked at %.6f; daemon up at %.6f",
+            flags.started_at, flags.forked_at, time.time(),
+        )  # fmt: skip
+    loop = asyncio.get_running_loop()
+    listener = socket.socket(fileno=LISTENER_FD)
+    socket_path = listener.getsockname()
+    stop = asyncio.Event()
+    prelaunched = early.prelaunched if early is not None else None
+    make_vm = functools.partial(QemuVM, prelaunched=prelaunched)
+    starter = SandboxStarter(make_vm)
+    if early is not None:
+        prestart(starter, early)
+    # The VM first: its start is a few quick steps of ours (connect, load the guest)
+    # between waits for QEMU, then the guest runs for a while on its own. The modules
+    # that serve containerd (protobuf's generated code above all) are imported then,
+    # and the service is ready before the guest is (containerd's Create waits in the
+    # socket's backlog meanwhile).
+    await starter.wait_guest_running(GUEST_HEAD_START_S)
+
+    from harpoon.api.containerd.task.v2 import shim_pb2
+    from harpoon.shim.events import EventPublisher
+    from harpoon.shim.task import TaskService
+    from harpoon.ttrpc.server import Server
+    from harpoon.ttrpc.service import register_service
+
+    publisher = EventPublisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
+    service = TaskService(flags.namespace, publisher, make_vm, _find_image, stop.set, starter)
+    server = Server()
+    impl = _TimedCalls(service) if log.isEnabledFor(logging.DEBUG) else service
+    register_service(
+        server, shim_pb2.DESCRIPTOR.services_by_name["Task"], impl, names=TASK_SERVICE_NAMES
+    )
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGPIPE, lambda: None)
+    serving = asyncio.ensure_future(server.serve(listener))
+    log.info(
+        "serving %s for %s/%s (ready in %.0f ms)",
+        socket_path, flags.namespace, flags.id, (time.monotonic() - began) * 1e3,
+    )  # fmt: skip
+    await stop.wait()
+    log.info("shutting down")
+    await service.close()
+    if prelaunched is not None:
+        await prelaunched.discard()
+    await publisher.close()
+    await server.close()
+    serving.cancel()
+    with contextlib.suppress(BaseException):
+        await serving
+    if isinstance(socket_path, str) and socket_path:
+        with contextlib.suppress(OSError):
+            os.unlink(socket_path)
+
+
+def run(flags: Flags, early: EarlyVM | None) -> None:
+    asyncio.run(serve(flags, early))

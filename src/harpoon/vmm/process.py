@@ -1,0 +1,93 @@
+"""A VMM's host process: spawned without an event loop, waited for with one.
+
+A shim launches its VM before it has loaded asyncio (harpoon.shim.daemon: the VMM's
+own start-up then overlaps the shim's), so spawning is plain `subprocess` and needs no
+loop; waiting is asynchronous, through a pidfd where Linux has them (no thread, no
+SIGCHLD handler) and a thread blocked in waitpid elsewhere (as asyncio's own default
+child watcher does). The process must never be reaped by anyone else: nothing here
+registers it with asyncio's child watchers.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncio
+
+
+class VmmProcess:
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self._exited: asyncio.Future[int] | None = None
+
+    @classmethod
+    def spawn(
+        cls, argv: Sequence[str], *, stderr_path: Path, preexec: Callable[[], None]
+    ) -> VmmProcess:
+        """Starts argv with no stdin or stdout and its stderr in stderr_path; `preexec`
+        runs in the child before exec (and must import nothing: see subprocess)."""
+        with open(stderr_path, "wb") as stderr:
+            popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                preexec_fn=preexec,
+            )
+        return cls(popen)
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once it is known (after wait(), or a poll finding it gone)."""
+        return self._popen.poll()
+
+    # Popen signals only a process it has not reaped (and ignores one that has just
+    # exited): a recycled pid is never hit, and a gone process is no error.
+    def terminate(self) -> None:
+        self._popen.terminate()
+
+    def kill(self) -> None:
+        self._popen.kill()
+
+    async def wait(self) -> int:
+        """The exit status, once the process has exited (and been reaped)."""
+        import asyncio  # loaded by the time anyone waits; not when the VMM is spawned
+
+        if self._popen.poll() is not None:
+            return self._popen.returncode
+        if self._exited is None:
+            self._exited = asyncio.ensure_future(self._reap())
+        # Shielded: one waiter giving up must not stop the others' wait.
+        return await asyncio.shield(self._exited)
+
+    async def _reap(self) -> int:
+        import asyncio
+
+        try:
+            pidfd = os.pidfd_open(self._popen.pid)
+        except (AttributeError, OSError):  # not Linux ≥ 5.3
+            return await asyncio.to_thread(self._popen.wait)
+        loop = asyncio.get_running_loop()
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, readable)
+        try:
+            await exited
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        # Readable means exited: this reaps it without blocking.
+        return self._popen.wait()

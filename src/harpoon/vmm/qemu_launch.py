@@ -1,0 +1,360 @@
+"""The QEMU command line and its launch: everything up to a QEMU process running.
+
+x86_64 guests run on `-M microvm` (no PCI, no firmware, the ELF vmlinux entered
+through PVH so the kernel is not decompressed at every boot); `q35` is the fallback.
+arm64 guests run on `-M virt`. The agent channel is a virtio-serial port whose host
+end is a unix socket QEMU listens on.
+
+Nothing here needs an event loop, so a shim can launch its VM before it has loaded
+asyncio (harpoon.shim.daemon) and QemuVM (harpoon.vmm.qemu) then carries on with the
+process. `command_line` is pure; `launch` does the I/O of a launch (state directory,
+stale sockets, the log) and spawns QEMU with a parent-death signal, so a shim killed
+with SIGKILL takes its VM with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import signal
+import subprocess
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from harpoon import linux
+from harpoon.vmm import accel
+from harpoon.vmm.base import AGENT_PORT_NAME, STDIO_PORT_NAME, VMConfig, VMError
+from harpoon.vmm.process import VmmProcess
+
+log = logging.getLogger(__name__)
+
+# What a restore adds to the command line: QEMU waits for `migrate-incoming` (QMP)
+# instead of booting, so that the host can connect to the guest's ports first.
+RESTORE_ARGS = ("-incoming", "defer")
+AGENT_DEVICE_ID = "agent-port"
+MEMORY_BACKEND_ID = "ram"
+LOWEST_PRIORITY_NICE = 19
+# PYTHONHASHSEED=0 reaches /init's environment (the kernel hands unknown `name=value`
+# arguments to init): without it the agent's Python reads /dev/urandom for its hash seed
+# before the kernel's RNG is seeded, and Linux 6.1 then runs its jitter-entropy loop, one
+# bit per timer tick, ~1 s of CPU at every cold boot (measured). The agent drops it from
+# its environment; the host's entropy credited at Hello seeds the RNG.
+# cryptomgr.notests skips the crypto API's self-tests of every algorithm at boot (~0.5 s
+# of CPU under TCG, the largest initcall; they check implementations, they guard nothing).
+BASE_KERNEL_ARGS = (
+    "quiet",
+    "panic=-1",
+    "rdinit=/init",
+    "random.trust_cpu=on",
+    "cryptomgr.notests",
+    "PYTHONHASHSEED=0",
+)
+# On a loaded host the x86 guest cannot calibrate its TSC against the PIT and hangs
+# silently before printing anything (about one boot in two under load, measured);
+# telling it the frequency skips the calibration.
+# tsc=reliable keeps the TSC as the clocksource: otherwise the guest falls back to
+# refined-jiffies and its timers (asyncio's included) tick only every 4 ms.
+X86_KERNEL_ARGS = ("tsc_early_khz=2000000", "tsc=reliable")
+
+
+@dataclass(frozen=True)
+class MachineProfile:
+    """What differs between QEMU machine types: binary, machine, device suffix, console."""
+
+    binary: str
+    machine: str
+    device_suffix: str  # "device" for virtio-mmio, "pci" for PCI machines
+    console: str
+    cpu_tcg: str | None = None
+    kernel_args: tuple[str, ...] = ()
+
+
+PROFILES: dict[tuple[str, str], MachineProfile] = {
+    ("amd64", "microvm"): MachineProfile(
+        "qemu-system-x86_64",
+        "microvm,rtc=on,x-option-roms=off",
+        "device",
+        "ttyS0",
+        kernel_args=X86_KERNEL_ARGS,
+    ),
+    ("amd64", "q35"): MachineProfile(
+        "qemu-system-x86_64", "q35", "pci", "ttyS0", kernel_args=X86_KERNEL_ARGS
+    ),
+    ("arm64", "virt"): MachineProfile(
+        "qemu-system-aarch64", "virt", "device", "ttyAMA0", cpu_tcg="cortex-a72"
+    ),
+}
+DEFAULT_MACHINE = {"amd64": "microvm", "arm64": "virt"}
+
+
+def host_arch() -> str:
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
+
+
+def profile_for(config: VMConfig) -> MachineProfile:
+    machine = config.extra.get("machine", DEFAULT_MACHINE.get(config.arch, ""))
+    try:
+        return PROFILES[(config.arch, machine)]
+    except KeyError:
+        raise VMError(
+            f"no QEMU machine profile for arch {config.arch!r} machine {machine!r}"
+        ) from None
+
+
+@functools.cache
+def supported_machines(binary: str) -> frozenset[str]:
+    """The machine types this QEMU binary offers (`-M help`), cached on disk per binary
+    version: asking QEMU costs ~90 ms, and every shim asks once."""
+    cache: Path | None = None
+    try:
+        info = os.stat(binary)
+        key = hashlib.sha256(f"{binary}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}".encode())
+        cache = accel.CACHE_DIR / f"machines-{key.hexdigest()[:16]}"
+        return frozenset(cache.read_text().split())
+    except OSError:
+        pass
+    try:
+        listing = subprocess.run(
+            [binary, "-M", "help"], capture_output=True, text=True, timeout=30, check=False
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return frozenset()
+    machines = frozenset(line.split()[0] for line in listing.splitlines()[1:] if line.strip())
+    if cache is not None and machines:
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            temporary = cache.with_suffix(f".{os.getpid()}")
+            temporary.write_text("\n".join(sorted(machines)))
+            temporary.replace(cache)
+    return machines
+
+
+def with_available_machine(config: VMConfig, binary: str) -> VMConfig:
+    """config, moved from microvm to q35 when this QEMU was built without microvm."""
+    if "machine" in config.extra or DEFAULT_MACHINE.get(config.arch) != "microvm":
+        return config
+    if "microvm" in supported_machines(binary) or "q35" not in supported_machines(binary):
+        return config
+    return dataclasses.replace(config, extra={**config.extra, "machine": "q35"})
+
+
+def command_line(config: VMConfig, accelerator: str, *, restoring: bool = False) -> list[str]:
+    """The full QEMU argv for config (pure: no I/O), under the given accelerator; a VM
+    being restored maps its memory file privately."""
+    profile = profile_for(config)
+    # Cross-architecture guests (arm64 on an x86 host) can only be emulated.
+    if config.arch != host_arch():
+        accelerator = "tcg"
+    machine = profile.machine
+    if config.memory_file is not None:
+        machine += f",memory-backend={MEMORY_BACKEND_ID}"
+    args = [
+        profile.binary,
+        "-M",
+        machine,
+        "-accel",
+        "tcg,thread=multi" if accelerator == "tcg" else accelerator,
+        "-m",
+        f"{config.memory_mib}M",
+        "-smp",
+        str(config.cpus),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-kernel",
+        str(config.kernel),
+        "-initrd",
+        str(config.initrd),
+        "-append",
+        " ".join(
+            (
+                f"console={profile.console}",
+                *BASE_KERNEL_ARGS,
+                *profile.kernel_args,
+                *config.kernel_args,
+            )
+        ),
+        "-chardev",
+        f"file,id=console,path={config.console_log}",
+        "-serial",
+        "chardev:console",
+        "-chardev",
+        f"socket,id=agent,path={config.agent_socket},server=on,wait=off",
+        "-device",
+        f"virtio-serial-{profile.device_suffix}",
+        "-device",
+        f"virtserialport,chardev=agent,name={AGENT_PORT_NAME},id={AGENT_DEVICE_ID}",
+        "-chardev",
+        f"socket,id=stdio,path={config.stdio_socket},server=on,wait=off",
+        "-device",
+        f"virtserialport,chardev=stdio,name={STDIO_PORT_NAME}",
+        "-qmp",
+        f"unix:{config.control_socket},server=on,wait=off",
+        "-pidfile",
+        str(config.pid_file),
+    ]
+    if accelerator != "tcg":
+        args += ["-cpu", "host"]
+    elif profile.cpu_tcg:
+        args += ["-cpu", profile.cpu_tcg]
+    if config.memory_file is not None:
+        mapping = "off" if restoring else "on"
+        args += [
+            "-object",
+            f"memory-backend-file,id={MEMORY_BACKEND_ID},size={config.memory_mib}M,"
+            f"mem-path={config.memory_file},share={mapping}",
+        ]
+    for index, share in enumerate(config.shares):
+        readonly = ",readonly=on" if share.read_only else ""
+        args += [
+            "-fsdev",
+            # remap: an export may hold mounts of other filesystems (harpoon.sandbox.rootfs),
+            # whose inode numbers must not collide in the guest.
+            f"local,id=fs{index},path={share.host_path},security_model=none,multidevs=remap"
+            f"{readonly}",
+            "-device",
+            f"virtio-9p-{profile.device_suffix},fsdev=fs{index},mount_tag={share.tag}",
+        ]
+    return args
+
+
+def _file_identity(path: str | Path) -> list[int]:
+    """Changes whenever the file is replaced or rewritten (no hashing: this runs per start)."""
+    info = os.stat(path)
+    return [info.st_size, info.st_mtime_ns, info.st_ino]
+
+
+def _die_with_parent() -> None:
+    # Runs in the forked child before exec: QEMU gets SIGKILL if the shim dies. No
+    # imports here: another thread of the shim may hold an import's lock.
+    linux.set_parent_death_signal(signal.SIGKILL)
+    os.setsid()
+
+
+def _die_with_parent_at_lowest_priority() -> None:
+    _die_with_parent()
+    os.nice(LOWEST_PRIORITY_NICE)
+
+
+def find_binary(config: VMConfig) -> str:
+    profile = profile_for(config)
+    binary = shutil.which(profile.binary)
+    if binary is None:
+        raise VMError(f"{profile.binary} not found on PATH: install QEMU")
+    return binary
+
+
+def template_identity(config: VMConfig) -> dict[str, Any] | None:
+    """What a saved state of a VM of config depends on (see VirtualMachine), or None
+    (logged) when QEMU or the guest's files cannot be found."""
+    try:
+        binary = os.path.realpath(find_binary(config))
+        # Host paths that may differ between the template and its restores are
+        # replaced by fixed ones; everything else in the command line counts.
+        neutral = replace(
+            config,
+            name="template",
+            state_dir=Path("/state"),
+            shares=tuple(
+                replace(share, host_path=Path(f"/share{index}"))
+                for index, share in enumerate(config.shares)
+            ),
+            low_priority=False,
+            memory_file=Path("/memory"),
+        )
+        argv = command_line(neutral, accel.choose(binary), restoring=True)
+        files = {str(path): _file_identity(path) for path in (binary, config.kernel, config.initrd)}
+    except (VMError, OSError) as error:
+        log.info("no template identity for %s: %s", config.name, error)
+        return None
+    return {"backend": "qemu", "argv": argv[1:], "files": files}
+
+
+class QemuLaunch:
+    """A QEMU process and what it was launched for: `config` as asked (before the
+    machine fallback), and the saved state it restores, if any."""
+
+    def __init__(
+        self,
+        config: VMConfig,
+        restoring: Path | None,
+        resolved: VMConfig,
+        process: VmmProcess,
+        emulated: bool,
+    ) -> None:
+        self.config = config
+        self.restoring = restoring
+        self.resolved = resolved
+        """config with the machine this QEMU offers (with_available_machine)."""
+        self.process = process
+        self.emulated = emulated
+        """The guest's code runs under TCG (see VirtualMachine.emulated)."""
+
+
+def launch(config: VMConfig, restoring: Path | None = None) -> QemuLaunch:
+    """QEMU started for config: booting, or waiting to load the state in `restoring`
+    (RESTORE_ARGS). Returns as soon as the process exists."""
+    binary = find_binary(config)
+    resolved = with_available_machine(config, binary)
+    argv = command_line(resolved, accel.choose(binary), restoring=restoring is not None)
+    argv[0] = binary
+    if restoring is not None:
+        argv += RESTORE_ARGS
+    resolved.state_dir.mkdir(parents=True, exist_ok=True)
+    # A QEMU that failed (a restore refused its state) leaves its sockets behind, and
+    # whoever waits for this one's must only see the ones it creates.
+    for path in (resolved.agent_socket, resolved.stdio_socket, resolved.control_socket):
+        path.unlink(missing_ok=True)
+    process = VmmProcess.spawn(
+        argv,
+        stderr_path=resolved.state_dir / "vmm.log",
+        preexec=(
+            _die_with_parent_at_lowest_priority if resolved.low_priority else _die_with_parent
+        ),
+    )
+    log.debug("QEMU %d launched for %s", process.pid, resolved.name)
+    emulated = argv[argv.index("-accel") + 1].startswith("tcg")
+    return QemuLaunch(config, restoring, resolved, process, emulated)
+
+
+class Prelaunched:
+    """A QEMU launched ahead of the QemuVM that will run it (a shim launches its VM
+    before it has loaded what drives one). The first QemuVM to launch through it takes
+    it if it asks for exactly that launch (same config, same saved state); any other
+    launch ends it, as would the process's own exit: it is never left running unowned."""
+
+    def __init__(self, launched: QemuLaunch) -> None:
+        self._launched: QemuLaunch | None = launched
+
+    async def take(self, config: VMConfig, restoring: Path | None) -> QemuLaunch | None:
+        launched, self._launched = self._launched, None
+        if launched is None:
+            return None
+        if launched.config == config and launched.restoring == restoring:
+            return launched
+        log.info("the QEMU launched ahead for %s does not fit its VM: stopping it",
+                 launched.config.name)  # fmt: skip
+        await _end(launched.process)
+        return None
+
+    async def discard(self) -> None:
+        """Ends the QEMU unless it was taken; idempotent."""
+        launched, self._launched = self._launched, None
+        if launched is not None:
+            await _end(launched.process)
+
+
+async def _end(process: VmmProcess) -> None:
+    # Killed, not shut down: it never ran a guest anyone used.
+    process.kill()
+    await process.wait()

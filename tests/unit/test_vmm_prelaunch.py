@@ -1,0 +1,157 @@
+"""A VM launched before the event loop exists (harpoon.shim.prestart.launch): the
+shim spawns QEMU before it loads asyncio, the QemuVM that asks for exactly that launch
+runs it, and a launch nobody takes is ended, never left running.
+
+QEMU is a stand-in script here: these are the host's steps, not a guest's."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harpoon.vmm.base import VMConfig
+from harpoon.vmm.process import VmmProcess
+from harpoon.vmm.qemu_launch import Prelaunched, QemuLaunch
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def config(tmp_path: Path, memory_mib: int = 256) -> VMConfig:
+    return VMConfig(name="c1", arch="amd64", kernel=tmp_path / "k", initrd=tmp_path / "i",
+                    state_dir=tmp_path / "vm", memory_mib=memory_mib)  # fmt: skip
+
+
+def sleeper(tmp_path: Path) -> VmmProcess:
+    return VmmProcess.spawn(["sleep", "60"], stderr_path=tmp_path / "log", preexec=os.setsid)
+
+
+def gone(pid: int) -> bool:
+    """Exited and reaped (no zombie left)."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def test_a_process_is_waited_for_by_every_waiter_even_when_one_gives_up(tmp_path: Path) -> None:
+    async def scenario() -> tuple[int, int]:
+        process = VmmProcess.spawn(
+            ["sh", "-c", "sleep 0.2; exit 3"], stderr_path=tmp_path / "log", preexec=os.setsid
+        )
+        impatient = asyncio.ensure_future(process.wait())
+        patient = asyncio.ensure_future(process.wait())
+        await asyncio.sleep(0.05)
+        impatient.cancel()
+        return await patient, await process.wait()
+
+    assert asyncio.run(scenario()) == (3, 3)
+
+
+def test_a_launch_is_taken_by_the_vm_that_asks_for_exactly_it(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        process = sleeper(tmp_path)
+        state = tmp_path / "state"
+        prelaunched = Prelaunched(
+            QemuLaunch(config(tmp_path), state, config(tmp_path), process, True)
+        )
+        launched = await prelaunched.take(config(tmp_path), state)
+        assert launched is not None and launched.process is process
+        assert await prelaunched.take(config(tmp_path), state) is None  # taken once
+        await prelaunched.discard()  # no longer its to end
+        assert process.returncode is None
+        process.kill()
+        await process.wait()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("asked", ["another config", "a boot", "nobody"])
+def test_a_launch_nobody_asks_for_is_ended(tmp_path: Path, asked: str) -> None:
+    async def scenario() -> int:
+        process = sleeper(tmp_path)
+        state = tmp_path / "state"
+        prelaunched = Prelaunched(
+            QemuLaunch(config(tmp_path), state, config(tmp_path), process, True)
+        )
+        if asked == "another config":
+            assert await prelaunched.take(config(tmp_path, memory_mib=512), state) is None
+        elif asked == "a boot":
+            assert await prelaunched.take(config(tmp_path), None) is None
+        else:
+            await prelaunched.discard()
+        return process.pid
+
+    assert gone(asyncio.run(scenario()))
+
+
+FAKE_QEMU = """\
+#!/bin/sh
+# Lists its machines like QEMU; otherwise records its arguments (whole, by a rename)
+# and waits to be killed.
+if [ "$1" = "-M" ] && [ "$2" = "help" ]; then
+  printf 'Supported machines are:\\nmicrovm  microvm (i386)\\nq35  Standard PC\\n'
+  exit 0
+fi
+echo "$@" > "$FAKE_QEMU_ARGS.partial"
+mv "$FAKE_QEMU_ARGS.partial" "$FAKE_QEMU_ARGS"
+exec sleep 60
+"""
+
+
+def test_the_daemon_launches_the_vm_before_it_loads_asyncio(tmp_path: Path) -> None:
+    """The bundle's VM is launched (here without a template: a boot) by a process that
+    has not imported asyncio or protobuf, with the rootfs export ready for QEMU."""
+    bin_dir, guest = tmp_path / "bin", tmp_path / "guest" / "amd64" / "0123456789abcdef"
+    bin_dir.mkdir()
+    qemu = bin_dir / "qemu-system-x86_64"
+    qemu.write_text(FAKE_QEMU)
+    qemu.chmod(0o755)
+    guest.mkdir(parents=True)
+    for name in ("vmlinux", "initrd.cpio"):
+        (guest / name).write_bytes(b"")
+    manifest = {"arch": "amd64", "kernel": "vmlinux", "initrd": "initrd.cpio",
+                "kernel_release": "6.1", "digest": "0123456789abcdef"}  # fmt: skip
+    (guest / "manifest.json").write_text(json.dumps(manifest))
+    (guest.parent / "current").symlink_to(guest.name)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"process": {"args": ["true"]}}))
+    script = textwrap.dedent(f"""
+        import sys
+        from harpoon.shim import prestart
+        early = prestart.launch("ns", "c1", {str(bundle)!r})
+        assert early is not None and early.prelaunched is not None
+        launched = early.prelaunched._launched
+        print(launched.process.pid)
+        loaded = {{"asyncio", "google.protobuf"}} & set(sys.modules)
+        assert not loaded, f"loaded before the VM was launched: {{loaded}}"
+        import os, time
+        deadline = time.monotonic() + 10
+        while not os.path.exists(os.environ["FAKE_QEMU_ARGS"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        launched.process.kill()
+        launched.process._popen.wait()
+    """)
+    run_dir = tmp_path / "run"
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(SRC),
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        HARPOON_GUEST_DIR=str(tmp_path / "guest"),
+        HARPOON_RUN_DIR=str(run_dir),
+        HARPOON_ACCEL="tcg",
+        HARPOON_TEMPLATES="off",
+        FAKE_QEMU_ARGS=str(tmp_path / "qemu-args"),
+    )
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert gone(int(result.stdout))
+    args = (tmp_path / "qemu-args").read_text()
+    assert "-incoming" not in args and f"-kernel {guest}/vmlinux" in args
+    share = next(run_dir.glob("share/*"))
+    assert f"path={share}," in args and os.listdir(share) == ["rootfs"]
