@@ -12,7 +12,7 @@ import pytest
 from harpoon.api.agent.v1 import agent_pb2
 from harpoon.guest.cache import GuestImage
 from harpoon.sandbox.agent_client import AgentClient
-from harpoon.vmm.qemu import host_arch
+from harpoon.vmm.qemu_launch import host_arch
 
 RunInGuest = Callable[..., Awaitable[tuple[int, bytes, bytes]]]
 
