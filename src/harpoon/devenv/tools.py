@@ -117,6 +117,15 @@ def scripts_dir() -> Path:
     return Path(sysconfig.get_path("scripts"))
 
 
+def installed_shim() -> Path | None:
+    """This Python's containerd-shim-harpoon-v1 (see scripts_dir), else the one on PATH."""
+    beside = scripts_dir() / HARPOON_SHIM_BINARY
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which(HARPOON_SHIM_BINARY)
+    return Path(found) if found else None
+
+
 def go_binary() -> Path | None:
     """The `go` toolchain: on PATH, else the official tarball's default location."""
     found = shutil.which("go")
