@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from harpoon.guest.cache import GuestImage
+from harpoon.sandbox.rootfs import GUEST_ROOTFS
 from harpoon.sandbox.sandbox import Sandbox
 from harpoon.shim.prestart import rootfs_share, vm_config
 from harpoon.shim.resources import vm_size
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.vm
 
-GUEST_ROOT = "/run/harpoon/rootfs"
+GUEST_ROOT = GUEST_ROOTFS
 
 # Maps the file MAP_SHARED and writable, writes through the mapping, msyncs.
 WRITE_THROUGH_A_SHARED_MAPPING = r"""
@@ -70,7 +71,7 @@ def started(guest: GuestImage, guest_process: RunInGuest, rootfs: Path) -> Itera
     sandbox = Sandbox(config, QemuVM, rootfs_share=rootfs_share(config))
     try:
         loop.run_until_complete(sandbox.start())
-        loop.run_until_complete(sandbox.share_rootfs(rootfs, GUEST_ROOT))
+        assert sandbox.share_rootfs(rootfs) == GUEST_ROOT
         yield Started(sandbox, loop, guest_process)
     finally:
         loop.run_until_complete(sandbox.stop())

@@ -4,10 +4,11 @@ QEMU's 9p server opens its export when it starts, so a directory mounted on the 
 later is invisible to the guest. A VM that starts before its container's rootfs exists
 (harpoon starts the VM while containerd is still sending Create) therefore exports an
 empty directory of its own, `<share>/`, holding one mount point, `<share>/rootfs`: the
-shim bind-mounts the container's rootfs there when it has it, and the guest, which
-mounted the share at GUEST_SHARE as soon as it was up, binds GUEST_SHARE/rootfs to
-where the container expects its root. 9p resolves names through the host's mounts, so
-the guest sees the rootfs, not the empty directory under it.
+shim bind-mounts the container's rootfs there when it has it. The guest mounted the
+share at GUEST_SHARE as soon as it was up, and the container's root is GUEST_ROOTFS,
+the mount point seen through the share: 9p resolves names through the host's mounts
+(and this share caches no names: NINEP_OPTIONS), so from then on the guest sees the
+rootfs there, not the empty directory under it; no mount in the guest is needed.
 
 The share directory is removed only once nothing is mounted under it (what is left then
 is what the guest may have written into the export), so no recursive removal can ever
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
 SHARE_TAG = "rootfs"
 ROOTFS_NAME = "rootfs"
 GUEST_SHARE = "/run/harpoon/share"
+GUEST_ROOTFS = f"{GUEST_SHARE}/{ROOTFS_NAME}"
 # cache=mmap: the page cache serves mmap (nothing else is cached, so the guest sees the
 # host's changes as with cache=none). Without it a MAP_SHARED writable mapping of a
 # rootfs file fails with EINVAL (sqlite's WAL, LMDB), and the share has no readahead:
@@ -113,8 +115,3 @@ def _mounted_under(path: Path) -> bool:
 async def mount_share(agent: AgentClient) -> None:
     """Mounts the export in the guest (once, as soon as the guest is up)."""
     await agent.mount(SHARE_TAG, GUEST_SHARE, "9p", NINEP_OPTIONS)
-
-
-async def bind_rootfs(agent: AgentClient, target: str) -> None:
-    """Binds the attached rootfs to `target` in the guest."""
-    await agent.mount(f"{GUEST_SHARE}/{ROOTFS_NAME}", target, "", ["rbind"])

@@ -106,12 +106,13 @@ class Sandbox:
         if found is not None:
             self._template_build = asyncio.ensure_future(self._build_template_when_running())
 
-    async def share_rootfs(self, host_rootfs: Path, guest_target: str) -> None:
-        """Puts the container's root filesystem at guest_target in the guest."""
+    def share_rootfs(self, host_rootfs: Path) -> str:
+        """Puts the container's root filesystem in the VM's share; where the guest sees
+        it (rootfs.GUEST_ROOTFS)."""
         if self.rootfs_share is None or self.agent is None:
             raise VMError(f"sandbox {self.config.name} has no rootfs share to put a rootfs in")
         rootfs.attach(self.rootfs_share, host_rootfs)
-        await rootfs.bind_rootfs(self.agent, guest_target)
+        return rootfs.GUEST_ROOTFS
 
     def _find_template(self) -> tuple[TemplateStore, Template | None] | None:
         """The store to use and its template for this VM, if the backend can restore."""

@@ -38,6 +38,7 @@ from harpoon.errdefs import (
     Unimplemented,
 )
 from harpoon.sandbox.agent_client import AgentClient
+from harpoon.sandbox.rootfs import GUEST_ROOTFS
 from harpoon.sandbox.sandbox import Sandbox, SandboxStarter
 from harpoon.shim import paths
 from harpoon.shim.bundle import Bundle, mount_rootfs, unmount_rootfs
@@ -50,7 +51,6 @@ from harpoon.ttrpc.server import CallContext
 from harpoon.ttrpc.status import Code, TtrpcError
 from harpoon.vmm.base import VMConfig, VMError
 
-GUEST_ROOTFS = "/run/harpoon/rootfs"
 INIT_GUEST_ID = "init"
 EXEC_GUEST_PREFIX = "exec:"
 # How long the init's exit waits for its execs' exits to be published first.
@@ -317,7 +317,7 @@ class TaskService:
                 raise FailedPrecondition(f"the rootfs {rootfs} is not a directory")
             config = vm_config(self.namespace, request.id, image, size)
             sandbox = await self.sandboxes.start(config, rootfs_share(config))
-            await sandbox.share_rootfs(rootfs, GUEST_ROOTFS)
+            sandbox.share_rootfs(rootfs)
             assert sandbox.agent is not None
             limits = cgroup_limits(spec_resources(bundle.spec), size.memory_mib)
             if limits.ListFields():
