@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
 
 from harpoon.agent import channel
+from harpoon.agent.console import log
 from harpoon.agent.processes import ProcessTable
 from harpoon.agent.service import AgentService, power_off
 from harpoon.api.agent.v1 import agent_pb2
@@ -22,10 +22,6 @@ from harpoon.ttrpc.server import Server
 from harpoon.ttrpc.service import register_service
 
 RECONNECT_PAUSE_S = 0.02
-
-
-def log(message: str) -> None:
-    print(f"harpoon-agent: {message}", file=sys.stderr, flush=True)
 
 
 async def serve(started_monotonic: float) -> None:

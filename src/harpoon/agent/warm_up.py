@@ -20,11 +20,11 @@ container's, and crun deletes both its state and its cgroup.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import time
 from typing import TYPE_CHECKING, Any
+
+from harpoon.agent.console import log
 
 if TYPE_CHECKING:
     from harpoon.agent.oci import OciRuntime
@@ -108,7 +108,7 @@ def prepare(runtime: OciRuntime) -> list[str] | None:
             os.link(BUSYBOX, shell)
         return runtime.prepare_rehearsal(CONTAINER_ID, spec(), CGROUPS_PATH)
     except Exception as error:
-        _say(f"cannot prepare the warm-up container: {error}")
+        log(f"cannot prepare the warm-up container: {error}")
         return None
 
 
@@ -118,11 +118,6 @@ async def run(runtime: OciRuntime, command: list[str]) -> None:
     try:
         await runtime.rehearse(CONTAINER_ID, command)
     except Exception as error:
-        _say(f"the warm-up container failed: {error}")
+        log(f"the warm-up container failed: {error}")
     else:
-        _say(f"warm-up container created and deleted in {time.monotonic() - began:.3f} s")
-
-
-def _say(message: str) -> None:
-    with contextlib.suppress(OSError):
-        print(f"harpoon-agent: {message}", file=sys.stderr, flush=True)
+        log(f"warm-up container created and deleted in {time.monotonic() - began:.3f} s")
