@@ -1,20 +1,32 @@
-"""What the VM tests share: the guest image, and running a process in the guest's own
-root through the agent, as the tests (not containerd) do."""
+"""What the VM tests share: the guest image, a sandbox started as the shim starts one,
+and running a process in the guest's own root through the agent, as the tests (not
+containerd) do."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
+from typing import Literal
 
 import pytest
 
 from harpoon.api.agent.v1 import agent_pb2
 from harpoon.guest.cache import GuestImage
 from harpoon.sandbox.agent_client import AgentClient
+from harpoon.sandbox.sandbox import Sandbox
+from harpoon.shim.prestart import rootfs_share, vm_config
+from harpoon.shim.resources import vm_size
+from harpoon.vmm.qemu import QemuVM
 from harpoon.vmm.qemu_launch import host_arch
 
 RunInGuest = Callable[..., Awaitable[tuple[int, bytes, bytes]]]
+StartSandbox = Callable[..., contextlib.AbstractContextManager["StartedSandbox"]]
+RUN_TIMEOUT_S = 120.0
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +64,51 @@ async def run_in_guest(agent: AgentClient, process_id: str, *args: str) -> tuple
 def guest_process() -> RunInGuest:
     """run_in_guest, for test modules (conftest is not imported by name)."""
     return run_in_guest
+
+
+class StartedSandbox:
+    """A started sandbox, and the loop that drives it from synchronous tests."""
+
+    def __init__(self, sandbox: Sandbox, loop: asyncio.AbstractEventLoop) -> None:
+        self.sandbox, self.loop = sandbox, loop
+
+    def run(self, *args: str) -> tuple[int, bytes, bytes]:
+        """run_in_guest, to the process's exit."""
+        assert self.sandbox.agent is not None
+        running = run_in_guest(self.sandbox.agent, "run", *args)
+        return self.loop.run_until_complete(asyncio.wait_for(running, RUN_TIMEOUT_S))
+
+    def console(self) -> str:
+        assert self.sandbox.vm is not None
+        return self.sandbox.vm.console_tail()
+
+
+@contextlib.contextmanager
+def start_sandbox(
+    guest: GuestImage,
+    name: str,
+    *,
+    cpus: int | None = None,
+    templates: Literal[False] | None = None,
+) -> Iterator[StartedSandbox]:
+    """A container's sandbox as the shim makes it (harpoon.shim.prestart.vm_config, a
+    rootfs share), from a VM template unless templates is False; stopped, its state
+    directory removed, on the way out."""
+    loop = asyncio.new_event_loop()
+    config = vm_config("hp-test", f"{name}-{os.getpid()}-{time.time_ns()}", guest, vm_size({}))
+    if cpus is not None:
+        config = replace(config, cpus=cpus)
+    sandbox = Sandbox(config, QemuVM, templates, rootfs_share=rootfs_share(config))
+    try:
+        loop.run_until_complete(sandbox.start())
+        yield StartedSandbox(sandbox, loop)
+    finally:
+        loop.run_until_complete(sandbox.stop())
+        loop.close()
+        shutil.rmtree(config.state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sandboxes() -> StartSandbox:
+    """start_sandbox, for test modules (conftest is not imported by name)."""
+    return start_sandbox
