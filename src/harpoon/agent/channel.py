@@ -43,15 +43,42 @@ async def wait_for_port(name: str = AGENT_PORT_NAME) -> str:
     return path
 
 
+class _WriteHalfProtocol(asyncio.streams.FlowControlMixin):
+    """The protocol of a port's write half, which asyncio has no stream class for.
+
+    StreamWriter.wait_closed asks its protocol for a close waiter, which only
+    StreamReaderProtocol has (FlowControlMixin raises NotImplementedError, which took
+    PID 1 down when a host disconnected). And the port can be opened again only once
+    both halves' descriptors are closed, so losing this half closes the read half too.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, read_half: asyncio.BaseTransport):
+        super().__init__(loop=loop)
+        self._read_half = read_half
+        self._closed: asyncio.Future[None] = loop.create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._read_half.close()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def _get_close_waiter(self, stream: asyncio.StreamWriter) -> asyncio.Future[None]:
+        return self._closed
+
+
 async def open_port(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Opens a character device as an asyncio stream pair."""
+    """Opens a character device as an asyncio stream pair; closing the writer closes
+    the device."""
     loop = asyncio.get_running_loop()
     fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     reader = asyncio.StreamReader(limit=1 << 22, loop=loop)
     read_protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-    await loop.connect_read_pipe(lambda: read_protocol, os.fdopen(fd, "rb", buffering=0))
+    read_half, _ = await loop.connect_read_pipe(
+        lambda: read_protocol, os.fdopen(fd, "rb", buffering=0)
+    )
     write_transport, write_protocol = await loop.connect_write_pipe(
-        lambda: asyncio.streams.FlowControlMixin(loop=loop),
+        lambda: _WriteHalfProtocol(loop, read_half),
         os.fdopen(os.dup(fd), "wb", buffering=0),
     )
     writer = asyncio.StreamWriter(write_transport, write_protocol, reader, loop)
