@@ -246,6 +246,28 @@ def test_a_killed_shim_takes_its_vm_and_delete_cleans_up(
     assert leftovers(containerd, container_id) == []
 
 
+def test_a_vm_that_dies_ends_its_task_and_delete_cleans_up(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    """QEMU killed under a running container (as by the OOM killer): the container's
+    processes are gone with it, so the task must stop, with 255 as containerd reports
+    a task whose shim died (how it ended is unknown), and delete must leave nothing."""
+    start_sleeper(containerd, busybox_image, container_id)
+    state_dir = paths.vm_state_dir(containerd.namespace, container_id)
+    [qemu] = vm_processes(state_dir)
+    os.kill(qemu, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while "STOPPED" not in containerd.ctr("task", "ls").stdout:
+        assert time.monotonic() < deadline, "the task outlived its VM"
+        time.sleep(0.2)
+    deleted = containerd.ctr("task", "delete", container_id)
+    assert "exit code 255" in deleted.stdout + deleted.stderr
+    containerd.ctr("container", "delete", container_id)
+    while leftovers(containerd, container_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers(containerd, container_id) == []
+
+
 def test_a_running_container_survives_a_containerd_restart(
     containerd: Containerd, busybox_image: str, container_id: str
 ) -> None:
