@@ -155,3 +155,54 @@ def test_the_daemon_launches_the_vm_before_it_loads_asyncio(tmp_path: Path) -> N
     assert "-incoming" not in args and f"-kernel {guest}/vmlinux" in args
     share = next(run_dir.glob("share/*"))
     assert f"path={share}," in args and os.listdir(share) == ["rootfs"]
+
+
+FAKE_RESTORING_QEMU = """\
+#!/bin/sh
+# Records the files it holds open ("fd path" lines), then its arguments.
+for fd in /proc/$$/fd/*; do echo "${fd##*/} $(readlink "$fd")"; done > "$FAKE_QEMU_ARGS.fds"
+echo "$@" > "$FAKE_QEMU_ARGS.partial"
+mv "$FAKE_QEMU_ARGS.partial" "$FAKE_QEMU_ARGS"
+exec sleep 60
+"""
+
+
+def test_a_restore_hands_qemu_the_state_file_as_an_inherited_fd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU waits for `migrate-incoming` and reads the state from a file it inherits
+    (no `sh -c cat` per restore); the shim keeps no copy of that fd."""
+    from harpoon.vmm import qemu_launch
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    qemu = bin_dir / "qemu-system-x86_64"
+    qemu.write_text(FAKE_RESTORING_QEMU)
+    qemu.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_QEMU_ARGS", str(tmp_path / "qemu-args"))
+    monkeypatch.setattr(qemu_launch, "supported_machines", lambda binary: frozenset({"microvm"}))
+    monkeypatch.setattr(qemu_launch.accel, "choose", lambda binary: "tcg")
+    state = tmp_path / "state"
+    state.write_bytes(b"saved device state")
+    before = set(os.listdir("/proc/self/fd"))
+
+    launched = qemu_launch.launch(config(tmp_path), state)
+    try:
+        args_file = tmp_path / "qemu-args"
+        for _ in range(1000):
+            if args_file.exists():
+                break
+            asyncio.run(asyncio.sleep(0.01))
+        args = args_file.read_text().split()
+    finally:
+        launched.process.kill()
+        asyncio.run(launched.process.wait())
+    assert args[args.index("-incoming") + 1] == "defer"
+    # QEMU holds the state open at the fd number migrate-incoming will name.
+    assert launched.incoming is not None and launched.incoming.startswith("fd:")
+    held = dict(
+        line.split(" ", 1) for line in (tmp_path / "qemu-args.fds").read_text().splitlines()
+    )
+    assert held[launched.incoming.removeprefix("fd:")] == str(state)
+    assert set(os.listdir("/proc/self/fd")) == before  # the state file is QEMU's alone

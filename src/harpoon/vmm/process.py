@@ -27,10 +27,16 @@ class VmmProcess:
 
     @classmethod
     def spawn(
-        cls, argv: Sequence[str], *, stderr_path: Path, preexec: Callable[[], None]
+        cls,
+        argv: Sequence[str],
+        *,
+        stderr_path: Path,
+        preexec: Callable[[], None],
+        pass_fds: Sequence[int] = (),
     ) -> VmmProcess:
-        """Starts argv with no stdin or stdout and its stderr in stderr_path; `preexec`
-        runs in the child before exec (and must import nothing: see subprocess)."""
+        """Starts argv with no stdin or stdout, its stderr in stderr_path and pass_fds
+        open at the same numbers; `preexec` runs in the child before exec (and must
+        import nothing: see subprocess)."""
         with open(stderr_path, "wb") as stderr:
             popen = subprocess.Popen(
                 argv,
@@ -38,6 +44,7 @@ class VmmProcess:
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 preexec_fn=preexec,
+                pass_fds=pass_fds,
             )
         return cls(popen)
 

@@ -54,7 +54,7 @@ class QemuVM(VirtualMachine):
         self._prelaunched = prelaunched
         self._process: VmmProcess | None = None
         self._qmp_client: QmpClient | None = None
-        self._incoming: Path | None = None
+        self._incoming: str | None = None  # migrate-incoming's URI, when restoring
         self._emulated = False
 
     @property
@@ -78,6 +78,7 @@ class QemuVM(VirtualMachine):
             launched = launch(self.config, restoring)
         self.config, self._process = launched.resolved, launched.process
         self._emulated = launched.emulated
+        self._incoming = launched.incoming
         sockets = (self.config.agent_socket, self.config.stdio_socket, self.config.control_socket)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + SOCKET_WAIT_S
@@ -204,7 +205,6 @@ class QemuVM(VirtualMachine):
         if memory is not None and not memory.is_file():
             # QEMU would create it: a guest of zeros.
             raise VMError(f"no saved guest memory at {memory}")
-        self._incoming = state
         await self._launch(state)
 
     async def resume(self) -> None:
@@ -213,9 +213,7 @@ class QemuVM(VirtualMachine):
         commands: list[tuple[str, dict[str, Any] | None]] = []
         if self.config.memory_file is not None:
             commands.append(("migrate-set-capabilities", IGNORE_SHARED))
-        commands.append(
-            ("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(self._incoming))}"})
-        )
+        commands.append(("migrate-incoming", {"uri": self._incoming}))
         # The guest was saved running: it runs as soon as it is loaded. A state QEMU
         # cannot load makes it exit, which closes the agent's connection.
         await self._execute_all(commands)

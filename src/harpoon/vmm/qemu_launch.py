@@ -36,7 +36,9 @@ from harpoon.vmm.process import VmmProcess
 log = logging.getLogger(__name__)
 
 # What a restore adds to the command line: QEMU waits for `migrate-incoming` (QMP)
-# instead of booting, so that the host can connect to the guest's ports first.
+# instead of booting, so that the host can connect to the guest's ports first. The
+# state comes from a file QEMU inherits (QemuLaunch.incoming): no `sh -c cat` per
+# restore. (QEMU 7.2 takes the x-ignore-shared capability only through QMP.)
 RESTORE_ARGS = ("-incoming", "defer")
 AGENT_DEVICE_ID = "agent-port"
 MEMORY_BACKEND_ID = "ram"
@@ -291,6 +293,7 @@ class QemuLaunch:
         resolved: VMConfig,
         process: VmmProcess,
         emulated: bool,
+        incoming: str | None = None,
     ) -> None:
         self.config = config
         self.restoring = restoring
@@ -299,32 +302,43 @@ class QemuLaunch:
         self.process = process
         self.emulated = emulated
         """The guest's code runs under TCG (see VirtualMachine.emulated)."""
+        self.incoming = incoming
+        """The `migrate-incoming` URI of the saved state QEMU holds open, if restoring."""
 
 
 def launch(config: VMConfig, restoring: Path | None = None) -> QemuLaunch:
     """QEMU started for config: booting, or waiting to load the state in `restoring`
-    (RESTORE_ARGS). Returns as soon as the process exists."""
+    (RESTORE_ARGS), open in QEMU as `incoming` says. Returns as soon as the process
+    exists."""
     binary = find_binary(config)
     resolved = with_available_machine(config, binary)
     argv = command_line(resolved, accel.choose(binary), restoring=restoring is not None)
     argv[0] = binary
+    state_fd = None
     if restoring is not None:
+        state_fd = os.open(restoring, os.O_RDONLY | os.O_CLOEXEC)
         argv += RESTORE_ARGS
-    resolved.state_dir.mkdir(parents=True, exist_ok=True)
-    # A QEMU that failed (a restore refused its state) leaves its sockets behind, and
-    # whoever waits for this one's must only see the ones it creates.
-    for path in (resolved.agent_socket, resolved.stdio_socket, resolved.control_socket):
-        path.unlink(missing_ok=True)
-    process = VmmProcess.spawn(
-        argv,
-        stderr_path=resolved.state_dir / "vmm.log",
-        preexec=(
-            _die_with_parent_at_lowest_priority if resolved.low_priority else _die_with_parent
-        ),
-    )
+    try:
+        resolved.state_dir.mkdir(parents=True, exist_ok=True)
+        # A QEMU that failed (a restore refused its state) leaves its sockets behind, and
+        # whoever waits for this one's must only see the ones it creates.
+        for path in (resolved.agent_socket, resolved.stdio_socket, resolved.control_socket):
+            path.unlink(missing_ok=True)
+        process = VmmProcess.spawn(
+            argv,
+            stderr_path=resolved.state_dir / "vmm.log",
+            preexec=(
+                _die_with_parent_at_lowest_priority if resolved.low_priority else _die_with_parent
+            ),
+            pass_fds=() if state_fd is None else (state_fd,),
+        )
+    finally:
+        if state_fd is not None:
+            os.close(state_fd)
     log.debug("QEMU %d launched for %s", process.pid, resolved.name)
     emulated = argv[argv.index("-accel") + 1].startswith("tcg")
-    return QemuLaunch(config, restoring, resolved, process, emulated)
+    incoming = None if state_fd is None else f"fd:{state_fd}"
+    return QemuLaunch(config, restoring, resolved, process, emulated, incoming)
 
 
 class Prelaunched:
