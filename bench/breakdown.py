@@ -17,6 +17,7 @@ but slows process creation a lot: use it for the order of events, not for their 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import calendar
 import contextlib
 import datetime
@@ -33,14 +34,15 @@ if __package__ in (None, ""):  # `python bench/breakdown.py`: make `bench` impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import compile_harpoon
+from bench.template import ensure_template
 from harpoon.devenv.containerd import Containerd
 from harpoon.devenv.images import build_busybox_image, default_cache_dir
 from harpoon.devenv.tools import scripts_dir
+from harpoon.guest import find_guest
 
 RUNTIME = "io.containerd.harpoon.v1"
 TRACED = "execve,exit_group,kill,mount,umount2,connect,clone,clone3,vfork"
 STRACE_ATTACH_S = 0.5
-TEMPLATE_WAIT_S = 180.0
 
 _SYSCALL = re.compile(r"^(\d+)\s+([0-9.]+)\s+(\w+)\((.*)$")
 _SHIM_LINE = re.compile(
@@ -212,25 +214,13 @@ def _strace(pid: int, output: Path) -> subprocess.Popen[bytes]:
 
 
 def _ensure_template(daemon: Containerd, image: str) -> None:
-    """One warm-up run; if it booted cold, a container kept up until its template exists."""
+    """One warm-up run; if it booted cold, waits for the template its shim's background
+    builder makes (or builds it)."""
     result = daemon.ctr("run", "--rm", "--runtime", RUNTIME, image, "bd-warm", "echo", "hi",
                         check=False, timeout=300)  # fmt: skip
     print(f"warm-up: exit {result.returncode} {result.stdout!r}", file=sys.stderr)
-    if "restored bd-warm" in daemon.log_path.read_text(errors="replace"):
-        return
-    daemon.ctr("run", "-d", "--runtime", RUNTIME, image, "bd-template", "sleep", "1000",
-               timeout=300)  # fmt: skip
-    try:
-        deadline = time.monotonic() + TEMPLATE_WAIT_S
-        while time.monotonic() < deadline:
-            if "built VM template" in daemon.log_path.read_text(errors="replace"):
-                break
-            time.sleep(1.0)
-    finally:
-        daemon.ctr("task", "kill", "-s", "SIGKILL", "bd-template", check=False)
-        time.sleep(0.5)
-        daemon.ctr("task", "delete", "bd-template", check=False)
-        daemon.ctr("container", "delete", "bd-template", check=False)
+    if "restored bd-warm" not in daemon.log_path.read_text(errors="replace"):
+        print(f"warm-up: {asyncio.run(ensure_template(find_guest()))}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

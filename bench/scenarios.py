@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from rich.console import Console
 
 from bench import host
-from bench.ctr import HARPOON_RUNTIME, RUNTIMES, UNIMPLEMENTED, Ctr, CtrResult
+from bench.ctr import RUNTIMES, UNIMPLEMENTED, Ctr, CtrResult
 from bench.floor import boot_floor
 from bench.shimlog import ShimLog
 from bench.stats import Figure, Figures
+from bench.template import ensure_template
 from harpoon.devenv.containerd import Containerd
 from harpoon.guest import GuestImage
 
@@ -33,7 +34,6 @@ EXEC_TIMEOUT_S = 60.0
 #: How long an idle container sits before its memory is read (let start-up settle).
 IDLE_SETTLE_S = 2.0
 #: How long a detached harpoon container may take to build the VM template (warm-up).
-TEMPLATE_BUILD_WAIT_S = 180.0
 
 MIB = 1 << 20
 MODE_LABELS = {"template": "restored from template", "cold": "cold boot"}
@@ -46,6 +46,7 @@ class Bench:
     daemon: Containerd
     ctr: Ctr
     image: str
+    guest: GuestImage
     floor_image: GuestImage
     qemu: str
     accelerator: str
@@ -98,25 +99,8 @@ async def warm_up(bench: Bench) -> None:
         elif name == "harpoon":
             mode = (await bench.shim_log.start(container_id)).mode
     if mode == "cold" and bench.templates:
-        await _build_template(bench)
-
-
-async def _build_template(bench: Bench) -> None:
-    """Keeps a harpoon container running until its shim has built the VM template (the
-    shim builds it in the background after a cold boot and cancels it when the VM
-    stops, which a short `echo` does at once)."""
-    bench.say("warm-up: no VM template yet; keeping a container up while the shim builds it")
-    container_id = bench.new_id("warm-template")
-    result = await bench.ctr.run_container(
-        HARPOON_RUNTIME, bench.image, container_id, "sleep", "1000",
-        timeout_s=RUN_TIMEOUT_S, detach=True,
-    )  # fmt: skip
-    try:
-        if result.ok:
-            built = await bench.shim_log.template_built(TEMPLATE_BUILD_WAIT_S)
-            bench.say(f"warm-up: {built or 'no template built; harpoon runs will boot cold'}")
-    finally:
-        await bench.ctr.remove_container(container_id)
+        # The shim has a builder make it in the background; this waits for that one.
+        bench.say(f"warm-up: {await ensure_template(bench.guest)}")
 
 
 async def startup(bench: Bench) -> None:

@@ -2,8 +2,8 @@
 
 containerd copies each shim's log FIFO into its own log (at debug level), so the shim's
 `created ID: VM pid N booted in X s` (launch → agent ready, a cold boot or a template
-restore), `restored ID from template K in X s` and `built VM template K in DIR` lines
-are in our throw-away daemon's log. Read-only; the log is read incrementally.
+restore) and `restored ID from template K in X s` lines are in our throw-away daemon's
+log. Read-only; the log is read incrementally.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ POLL_S = 0.05
 
 _CREATED = re.compile(r"created (\S+): VM pid \d+ booted in ([0-9.]+) s")
 _RESTORED = re.compile(r"restored (\S+) from template")
-_TEMPLATE = re.compile(r"(built VM template \S+|building a VM template for \S+ failed: [^\n]*)")
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,6 @@ class ShimLog:
         self._offset = 0
         self._created: dict[str, float] = {}
         self._restored: set[str] = set()
-        self._templates: list[str] = []
 
     def _scan(self) -> None:
         try:
@@ -52,7 +50,6 @@ class ShimLog:
         for match in _CREATED.finditer(text):
             self._created[match.group(1)] = float(match.group(2))
         self._restored.update(m.group(1) for m in _RESTORED.finditer(text))
-        self._templates.extend(m.group(1) for m in _TEMPLATE.finditer(text))
 
     async def start(self, container_id: str) -> VMStart:
         """How the VM of `container_id` started (waits briefly for the log line)."""
@@ -66,15 +63,3 @@ class ShimLog:
         if seconds is None:
             return VMStart(None, None)
         return VMStart(seconds, "template" if container_id in self._restored else "cold")
-
-    async def template_built(self, timeout_s: float) -> str | None:
-        """Waits for a shim to report a template built (or its build failed)."""
-        loop = asyncio.get_running_loop()
-        seen = len(self._templates)
-        deadline = loop.time() + timeout_s
-        while loop.time() < deadline:
-            self._scan()
-            if len(self._templates) > seen:
-                return self._templates[-1]
-            await asyncio.sleep(POLL_S * 10)
-        return None

@@ -21,13 +21,21 @@ from harpoon.guest import GuestImage
 from harpoon.sandbox.agent_client import AgentClient
 from harpoon.sandbox.cli import container_config
 from harpoon.sandbox.sandbox import Sandbox
-from harpoon.sandbox.template import MEMORY_NAME, STATE_NAME, Template, TemplateStore
+from harpoon.sandbox.template import (
+    MEMORY_NAME,
+    STATE_NAME,
+    Template,
+    TemplateStore,
+    template_key,
+)
+from harpoon.sandbox.template_builder import BUILD_LOG_NAME
 from harpoon.vmm.base import Share, VMConfig
 from harpoon.vmm.qemu import QemuVM
 
 pytestmark = pytest.mark.vm
 
 NINEP = ["trans=virtio", "version=9p2000.L"]
+BUILDER_WAIT_S = 300.0
 CLOCK_SLACK_S = 3
 
 
@@ -186,28 +194,41 @@ def test_a_corrupt_template_falls_back_to_a_cold_boot_and_is_rebuilt(
     assert rebuilt is not None and rebuilt.state.read_bytes()[:4096] != b"\0" * 4096
 
 
-def test_stopping_a_sandbox_stops_its_template_build(guest: GuestImage, workdir: Path) -> None:
+def test_a_template_build_outlives_the_sandbox_that_started_it(
+    guest: GuestImage, workdir: Path
+) -> None:
+    """A container shorter than a template build (most `--rm` runs under TCG) must leave
+    its template built, or every container after it boots cold too: the build runs in
+    a process of its own, which ends with the build and leaves nothing behind."""
     empty_store = TemplateStore(workdir / "empty")
+    config = sandbox_config(guest, workdir, "short", share_with(workdir, "short", "x\n"))
 
-    async def scenario() -> bool:
-        share = share_with(workdir, "stopper", "x\n")
-        sandbox = Sandbox(sandbox_config(guest, workdir, "stopper", share), QemuVM, empty_store)
+    async def scenario() -> int:
+        sandbox = Sandbox(config, QemuVM, empty_store)
         await sandbox.start()
         try:
             agent = sandbox.agent
             assert agent is not None
+            assert not sandbox.restored
             await run(agent, "true", "/bin/true")
-            for _ in range(100):  # the build's VM is being started
-                if list(empty_store.root.glob(".build-*/vm/vmm.pid")):
-                    return True
+            for _ in range(100):  # the builder starts once the process has
+                if sandbox.template_builder is not None:
+                    break
                 await asyncio.sleep(0.1)
-            return False
         finally:
             await sandbox.stop()
             shutil.rmtree(sandbox.config.state_dir)
+        builder = sandbox.template_builder
+        assert builder is not None, "no template builder was started"
+        assert empty_store.find(key) is None, "built before the sandbox stopped: no test"
+        return await asyncio.wait_for(builder.wait(), BUILDER_WAIT_S)
 
-    assert asyncio.run(scenario())
-    assert list(empty_store.root.iterdir()) != [] and not list(empty_store.root.glob(".build-*"))
+    key = template_key(QemuVM(config).template_identity() or {})
+    status = asyncio.run(scenario())
+    log = (empty_store.root / BUILD_LOG_NAME).read_text()
+    assert status == 0, log
+    assert empty_store.find(key) is not None, log
+    assert not list(empty_store.root.glob(".build-*"))
 
 
 def test_restore_is_much_faster_than_a_cold_boot(

@@ -8,8 +8,9 @@ within RESTORE_HELLO_TIMEOUT_S discards the template and falls back to a cold bo
 cold-booted guest that does not answer within BOOT_TIMEOUT_S is killed and booted once
 more (about one TCG boot in 35 hangs silently on our machines), then reported with the
 end of its console. After a cold boot, once the container's process runs, the sandbox
-builds the missing template in the background at the lowest CPU priority; stopping the
-sandbox cancels that build, leaving no VM or file behind.
+has the missing template built in the background at the lowest CPU priority, by a
+process that outlives it (harpoon.sandbox.template_builder): a container shorter than
+the build (most `--rm` runs under TCG) must not leave the next one to boot cold too.
 
 A sandbox given a `rootfs_share` exports that (empty) directory as its root filesystem
 share and mounts it in the guest as soon as the agent answers, before any container
@@ -28,10 +29,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from harpoon.sandbox import rootfs, template
+from harpoon.sandbox import rootfs, template, template_builder
 from harpoon.sandbox.template import Template, TemplateStore
 from harpoon.ttrpc.status import TtrpcError
 from harpoon.vmm.base import VirtualMachine, VMConfig, VMError
+from harpoon.vmm.process import VmmProcess
 
 if TYPE_CHECKING:
     # Loaded once the VMM is launching (template.restore, _boot): a shim starts its VM
@@ -64,6 +66,9 @@ class Sandbox:
         self._make_vm = make_vm
         self._templates = TemplateStore.from_environment() if templates is None else templates
         self._template_build: asyncio.Task[None] | None = None
+        self.template_builder: VmmProcess | None = None
+        """The process building this VM's missing template, once started (it outlives
+        the sandbox)."""
         self.vm: VirtualMachine | None = None
         self.agent: AgentClient | None = None
         self.hello: agent_pb2.HelloResponse | None = None
@@ -104,7 +109,9 @@ class Sandbox:
         else:
             raise VMError(f"VM {self.config.name} did not start: {last_error}")
         if found is not None:
-            self._template_build = asyncio.ensure_future(self._build_template_when_running())
+            self._template_build = asyncio.ensure_future(
+                self._build_template_when_running(found[0])
+            )
 
     def share_rootfs(self, host_rootfs: Path) -> str:
         """Puts the container's root filesystem in the VM's share; where the guest sees
@@ -149,18 +156,22 @@ class Sandbox:
                  self.boot_seconds)  # fmt: skip
         return True
 
-    async def _build_template_when_running(self) -> None:
-        """Builds this VM's missing template once the container runs, so it takes nothing
-        from the container's start; gives up if another process is building it."""
-        agent, store = self.agent, self._templates
-        assert agent is not None and store
+    async def _build_template_when_running(self, store: TemplateStore) -> None:
+        """Has this VM's missing template built once the container runs, so that it takes
+        nothing from the container's start, by a process that outlives this sandbox
+        (harpoon.sandbox.template_builder); waits for it while this sandbox lives."""
+        agent = self.agent
+        assert agent is not None
         await agent.process_started.wait()
+        if store.building():
+            return  # that build makes the same template, or the next cold boot asks again
         try:
-            await store.build(
-                replace(self.config, low_priority=True), self._make_vm, wait_for_lock=False
-            )
-        except (*START_ERRORS, ValueError) as error:
+            builder = template_builder.spawn(replace(self.config, low_priority=True), store.root)
+        except OSError as error:
             log.warning("building a VM template for %s failed: %s", self.config.name, error)
+            return
+        self.template_builder = builder
+        await builder.wait()
 
     async def _boot(self) -> None:
         began = time.monotonic()
@@ -209,6 +220,8 @@ class Sandbox:
                     log.warning("releasing the rootfs share of %s: %s", self.config.name, error)
 
     async def _stop_vm(self) -> None:
+        # A template builder already running goes on without this sandbox; one not yet
+        # started never starts.
         building, self._template_build = self._template_build, None
         if building is not None:
             building.cancel()

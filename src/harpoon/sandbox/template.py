@@ -193,6 +193,19 @@ class TemplateStore:
         for directory in templates[KEEP_TEMPLATES - 1 :]:
             shutil.rmtree(directory, ignore_errors=True)
 
+    def building(self) -> bool:
+        """Whether a process holds the build lock now (it is building a template)."""
+        try:
+            with open(self.root / BUILD_LOCK_NAME, "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return True
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        except OSError:
+            return False  # no store yet: nobody builds in it
+        return False
+
     @contextlib.asynccontextmanager
     async def _lock(self, wait: bool) -> AsyncIterator[bool]:
         """Yields True while holding the build lock; False if another holds it and not wait."""

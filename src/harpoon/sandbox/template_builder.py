@@ -1,0 +1,132 @@
+"""The VM template a cold-booted container was missing, built by a process of its own.
+
+A shim exits with its container, and containers are often shorter than a template
+build (`ctr run --rm … echo hi` lasts a fraction of one under TCG): a build inside the
+shim was cancelled with it, so a user who only ran short containers booted cold every
+time. The shim therefore hands the build to this module, run as a detached process
+(its own session, no stdio of the shim's, no files of containerd's) that outlives it:
+`python -m harpoon.sandbox.template_builder` with the VM's configuration as JSON.
+
+It builds at the lowest CPU priority; when another process holds the store's build lock
+it waits for it, and then finds the template built or builds it. It ends with the
+build: its VMs die with it and its staging directory goes with the build
+(TemplateStore.build). What it did goes
+to BUILD_LOG_NAME in the template store, since no shim is left to log it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from harpoon.vmm.base import Share, VMConfig
+from harpoon.vmm.process import VmmProcess
+
+BUILD_LOG_NAME = "build.log"
+LOWEST_PRIORITY_NICE = 19
+
+log = logging.getLogger(__name__)
+
+
+def config_to_json(config: VMConfig) -> str:
+    fields: dict[str, Any] = {
+        "name": config.name,
+        "arch": config.arch,
+        "kernel": str(config.kernel),
+        "initrd": str(config.initrd),
+        "state_dir": str(config.state_dir),
+        "cpus": config.cpus,
+        "memory_mib": config.memory_mib,
+        "shares": [[s.tag, str(s.host_path), s.read_only] for s in config.shares],
+        "kernel_args": list(config.kernel_args),
+        "extra": dict(config.extra),
+        "low_priority": config.low_priority,
+        "memory_file": None if config.memory_file is None else str(config.memory_file),
+    }
+    return json.dumps(fields)
+
+
+def config_from_json(text: str) -> VMConfig:
+    """The VMConfig config_to_json wrote; ValueError (KeyError, TypeError included) for
+    anything else."""
+    fields = json.loads(text)
+    try:
+        return VMConfig(
+            name=str(fields["name"]),
+            arch=str(fields["arch"]),
+            kernel=Path(fields["kernel"]),
+            initrd=Path(fields["initrd"]),
+            state_dir=Path(fields["state_dir"]),
+            cpus=int(fields["cpus"]),
+            memory_mib=int(fields["memory_mib"]),
+            shares=tuple(Share(str(t), Path(p), bool(ro)) for t, p, ro in fields["shares"]),
+            kernel_args=tuple(str(a) for a in fields["kernel_args"]),
+            extra={str(k): str(v) for k, v in fields["extra"].items()},
+            low_priority=bool(fields["low_priority"]),
+            memory_file=None if fields["memory_file"] is None else Path(fields["memory_file"]),
+        )
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"not a VM configuration: {error!r}") from None
+
+
+def spawn(config: VMConfig, store_root: Path) -> VmmProcess:
+    """Starts the detached builder of config's template in store_root. Whoever holds
+    the process may wait for it (and so reap it); once the caller exits, init does."""
+    store_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(store_root / BUILD_LOG_NAME, "ab") as build_log:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", __name__, str(store_root), config_to_json(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=build_log,
+            stderr=build_log,
+            start_new_session=True,  # nothing meant for the shim's session reaches it
+            cwd="/",  # not the bundle containerd removes
+        )
+    log.info("building the VM template for %s in process %d", config.name, popen.pid)
+    return VmmProcess(popen)
+
+
+def build(config: VMConfig, store_root: Path) -> int:
+    """The builder's work: 0 when the template exists (built now or before); 1 when
+    the build failed."""
+    import asyncio
+
+    from harpoon.sandbox.template import TemplateStore
+    from harpoon.vmm.base import VMError
+    from harpoon.vmm.qemu import QemuVM
+
+    try:
+        built = asyncio.run(TemplateStore(store_root).build(config, QemuVM))
+    except (VMError, OSError, TimeoutError, ValueError) as error:
+        log.warning("building a VM template for %s failed: %s", config.name, error)
+        return 1
+    if built is None:
+        log.warning("no VM template for %s: QEMU cannot save guests, or the guest's "
+                    "files are gone (see above)", config.name)  # fmt: skip
+        return 1
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s pid=%(process)d %(levelname)s %(message)s"
+    )
+    if len(argv) != 2:
+        log.error("usage: python -m %s STORE_ROOT CONFIG_JSON", __name__)
+        return 2
+    os.nice(LOWEST_PRIORITY_NICE)
+    try:
+        config = config_from_json(argv[1])
+    except ValueError as error:
+        log.error("%s", error)
+        return 2
+    return build(config, Path(argv[0]))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

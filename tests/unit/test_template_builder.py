@@ -1,0 +1,78 @@
+"""The detached template builder (harpoon.sandbox.template_builder) without a guest:
+its configuration round trip, the lock probe the shim makes before starting one, and
+the process itself (its own session, its log in the store, a clear refusal)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harpoon.sandbox import template_builder
+from harpoon.sandbox.template import TemplateStore
+from harpoon.sandbox.template_builder import BUILD_LOG_NAME, config_from_json, config_to_json
+from harpoon.vmm.base import Share, VMConfig
+
+
+def config(tmp_path: Path, **overrides: object) -> VMConfig:
+    values: dict[str, object] = dict(
+        name="c1", arch="amd64", kernel=tmp_path / "vmlinux", initrd=tmp_path / "initrd",
+        state_dir=tmp_path / "vm", cpus=2, memory_mib=512,
+        shares=(Share("rootfs", tmp_path / "share", read_only=True),),
+        kernel_args=("quiet",), extra={"machine": "q35"}, low_priority=True,
+    )  # fmt: skip
+    values.update(overrides)
+    return VMConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("memory_file", [None, "memory"])
+def test_a_configuration_survives_the_trip_to_the_builder(
+    tmp_path: Path, memory_file: str | None
+) -> None:
+    original = config(tmp_path, memory_file=None if memory_file is None else tmp_path / memory_file)
+    assert config_from_json(config_to_json(original)) == original
+
+
+@pytest.mark.parametrize("text", ['{"name": "c1"}', "[1, 2]", '{"name": 1, "shares": 3}'])
+def test_anything_but_a_configuration_is_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        config_from_json(text)
+
+
+def test_the_store_says_when_a_build_holds_its_lock(tmp_path: Path) -> None:
+    store = TemplateStore(tmp_path / "templates")
+    assert not store.building()  # no store yet
+
+    async def while_locked() -> bool:
+        async with store._lock(wait=False) as locked:
+            assert locked
+            return store.building()
+
+    assert asyncio.run(while_locked())
+    assert not store.building()
+
+
+def test_the_builder_runs_in_its_own_session_and_logs_to_the_store(tmp_path: Path) -> None:
+    """Here it fails (no kernel, no initrd): it says so in the store's build log and
+    exits 1, leaving no staging directory."""
+    root = tmp_path / "templates"
+    builder = template_builder.spawn(config(tmp_path), root)
+    session = os.getsid(builder.pid)
+    status = asyncio.run(asyncio.wait_for(builder.wait(), 120))
+    assert session != os.getsid(0)
+    log = (root / BUILD_LOG_NAME).read_text()
+    assert status == 1, log
+    assert "no VM template for c1" in log
+    assert not list(root.glob(".build-*"))
+
+
+def test_the_builder_refuses_bad_arguments_clearly(tmp_path: Path) -> None:
+    module = template_builder.__name__
+    result = subprocess.run([sys.executable, "-m", module, str(tmp_path), "{}"],
+                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 2
+    assert "not a VM configuration" in result.stderr
