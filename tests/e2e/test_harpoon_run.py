@@ -23,6 +23,7 @@ pytestmark = pytest.mark.vm
 
 HARPOON = "io.containerd.harpoon.v1"
 RUN_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 60.0
 RUNNING_TIMEOUT_S = 120.0
 
 
@@ -94,6 +95,23 @@ def start_sleeper(containerd: Containerd, image: str, container_id: str) -> None
         timeout=RUN_TIMEOUT_S,
     )  # fmt: skip
     wait_until_running(containerd, container_id)
+
+
+def delete_once_stopped(
+    containerd: Containerd, container_id: str, exit_code: int, never_stopped: str
+) -> None:
+    """Waits for the task to stop, deletes it (checking its exit code) and the
+    container, and checks that nothing of either is left."""
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while "STOPPED" not in containerd.ctr("task", "ls").stdout:
+        assert time.monotonic() < deadline, never_stopped
+        time.sleep(0.2)
+    deleted = containerd.ctr("task", "delete", container_id)
+    assert f"exit code {exit_code}" in deleted.stdout + deleted.stderr
+    containerd.ctr("container", "delete", container_id)
+    while leftovers(containerd, container_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers(containerd, container_id) == []
 
 
 def vm_processes(state_dir: Path) -> list[int]:
@@ -256,16 +274,7 @@ def test_a_vm_that_dies_ends_its_task_and_delete_cleans_up(
     state_dir = paths.vm_state_dir(containerd.namespace, container_id)
     [qemu] = vm_processes(state_dir)
     os.kill(qemu, signal.SIGKILL)
-    deadline = time.monotonic() + 60
-    while "STOPPED" not in containerd.ctr("task", "ls").stdout:
-        assert time.monotonic() < deadline, "the task outlived its VM"
-        time.sleep(0.2)
-    deleted = containerd.ctr("task", "delete", container_id)
-    assert "exit code 255" in deleted.stdout + deleted.stderr
-    containerd.ctr("container", "delete", container_id)
-    while leftovers(containerd, container_id) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert leftovers(containerd, container_id) == []
+    delete_once_stopped(containerd, container_id, 255, "the task outlived its VM")
 
 
 def test_a_running_container_survives_a_containerd_restart(
@@ -275,14 +284,9 @@ def test_a_running_container_survives_a_containerd_restart(
     containerd.restart()
     wait_until_running(containerd, container_id)
     containerd.ctr("task", "kill", "--signal", "SIGKILL", container_id)
-    deadline = time.monotonic() + 60
-    while "STOPPED" not in containerd.ctr("task", "ls").stdout:
-        assert time.monotonic() < deadline, "the kill after the restart did not stop the task"
-        time.sleep(0.2)
-    deleted = containerd.ctr("task", "delete", container_id)
-    assert "exit code 137" in deleted.stdout + deleted.stderr
-    containerd.ctr("container", "delete", container_id)
-    assert leftovers(containerd, container_id) == []
+    delete_once_stopped(
+        containerd, container_id, 137, "the kill after the restart did not stop the task"
+    )
 
 
 def test_a_missing_executable_fails_clearly_and_leaves_nothing(
