@@ -76,3 +76,15 @@ def test_the_builder_refuses_bad_arguments_clearly(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert result.returncode == 2
     assert "not a VM configuration" in result.stderr
+
+
+def test_a_large_build_log_is_started_afresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "templates"
+    root.mkdir()
+    (root / BUILD_LOG_NAME).write_text("an old line\n")
+    monkeypatch.setattr(template_builder, "MAX_BUILD_LOG_BYTES", 4)
+    builder = template_builder.spawn(config(tmp_path), root)
+    assert asyncio.run(asyncio.wait_for(builder.wait(), 120)) == 1
+    assert "an old line" not in (root / BUILD_LOG_NAME).read_text()

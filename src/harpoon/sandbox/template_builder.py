@@ -28,6 +28,7 @@ from harpoon.vmm.base import Share, VMConfig
 from harpoon.vmm.process import VmmProcess
 
 BUILD_LOG_NAME = "build.log"
+MAX_BUILD_LOG_BYTES = 1 << 20
 LOWEST_PRIORITY_NICE = 19
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,14 @@ def spawn(config: VMConfig, store_root: Path) -> VmmProcess:
     """Starts the detached builder of config's template in store_root. Whoever holds
     the process may wait for it (and so reap it); once the caller exits, init does."""
     store_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with open(store_root / BUILD_LOG_NAME, "ab") as build_log:
+    log_path = store_root / BUILD_LOG_NAME
+    try:
+        # Appended to, so a failure stays next to the builds before it; started afresh
+        # once it is large, so it never grows without end.
+        mode = "wb" if log_path.stat().st_size > MAX_BUILD_LOG_BYTES else "ab"
+    except FileNotFoundError:
+        mode = "ab"
+    with open(log_path, mode) as build_log:
         popen = subprocess.Popen(
             [sys.executable, "-m", __name__, str(store_root), config_to_json(config)],
             stdin=subprocess.DEVNULL,
