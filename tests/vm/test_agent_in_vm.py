@@ -72,7 +72,8 @@ def vm(guest: object, shared_dir: Path, guest_process: RunInGuest) -> Iterator[V
             state_dir=Path(state),  # type: ignore[attr-defined]
             shares=(Share("data", shared_dir),),
         )
-        sandbox = Sandbox(config, QemuVM)
+        # Its own configuration (a data share, one vCPU): no template to restore or build.
+        sandbox = Sandbox(config, QemuVM, templates=False)
         loop.run_until_complete(sandbox.start())
         try:
             yield VM(sandbox, loop, guest_process)
@@ -182,7 +183,8 @@ def test_a_guest_without_an_agent_is_reported_with_its_console(guest: object) ->
             name="no-agent", arch=floor.arch, kernel=floor.kernel, initrd=floor.initrd,
             state_dir=Path(state),
         )  # fmt: skip
-        sandbox = Sandbox(config, QemuVM)
+        # The floor image, which has no agent: nothing to restore, no template to build.
+        sandbox = Sandbox(config, QemuVM, templates=False)
         try:
             with pytest.raises(VMError) as caught:
                 loop.run_until_complete(asyncio.wait_for(sandbox.start(), 120))

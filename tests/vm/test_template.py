@@ -187,6 +187,9 @@ def test_a_corrupt_template_falls_back_to_a_cold_boot_and_is_rebuilt(
         finally:
             await sandbox.stop()
             shutil.rmtree(sandbox.config.state_dir)
+            # It has published the template; let it finish (nothing may be left running).
+            if sandbox.template_builder is not None:
+                await asyncio.wait_for(sandbox.template_builder.wait(), BUILDER_WAIT_S)
 
     restored, discarded, content = asyncio.run(scenario())
     assert (restored, discarded, content) == (False, True, b"cold\n")
