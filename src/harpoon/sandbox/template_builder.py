@@ -10,8 +10,8 @@ time. The shim therefore hands the build to this module, run as a detached proce
 It builds at the lowest CPU priority; when another process holds the store's build lock
 it waits for it, and then finds the template built or builds it. It ends with the
 build: its VMs die with it and its staging directory goes with the build
-(TemplateStore.build). What it did goes
-to BUILD_LOG_NAME in the template store, since no shim is left to log it.
+(TemplateStore.build). What it did goes to BUILD_LOG_NAME in the template store, since
+no shim is left to log it.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any
 
 from harpoon.vmm.base import Share, VMConfig
 from harpoon.vmm.process import VmmProcess
+from harpoon.vmm.qemu_launch import LOWEST_PRIORITY_NICE
 
 BUILD_LOG_NAME = "build.log"
 MAX_BUILD_LOG_BYTES = 1 << 20
-LOWEST_PRIORITY_NICE = 19
 
 log = logging.getLogger(__name__)
 
