@@ -132,8 +132,8 @@ async def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         image = daemon.import_image(build_busybox_image(default_cache_dir()))
         bench = Bench(
             daemon=daemon, ctr=Ctr(daemon), image=image, guest=guest, floor_image=floor_image,
-            qemu=qemu,
-            accelerator=host["accelerator"], figures=figures, runs=args.runs, console=console,
+            qemu=qemu, accelerator=host["accelerator"], figures=figures, runs=args.runs,
+            console=console,
             stdout_mib=args.stdout_mib, containers=args.containers,
             concurrency_runs=args.concurrency_runs, shim_log=ShimLog(daemon.log_path),
             templates=args.templates == "default",

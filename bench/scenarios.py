@@ -33,7 +33,6 @@ BATCH_RUN_TIMEOUT_S = 600.0
 EXEC_TIMEOUT_S = 60.0
 #: How long an idle container sits before its memory is read (let start-up settle).
 IDLE_SETTLE_S = 2.0
-#: How long a detached harpoon container may take to build the VM template (warm-up).
 
 MIB = 1 << 20
 MODE_LABELS = {"template": "restored from template", "cold": "cold boot"}
