@@ -1,6 +1,7 @@
 """`python bench/breakdown.py`: where the time of one `ctr run --rm … echo hi` goes.
 
-Runs harpoon containers from a VM template in a throw-away containerd (debug log) and
+Runs harpoon containers from a VM template (with --cold: booted cold, templates off) in a
+throw-away containerd (debug log) and
 lines up, per run, containerd's own log lines (`creating task`, `connecting to shim`,
 `shim disconnected`, …) with the shim's debug lines (`start process: main at …`, `QEMU
 … launched`, `call Create received`, `agent CreateProcess answered in …`, `restore of
@@ -12,6 +13,7 @@ connect syscalls only, filtered by seccomp), which shows every process's exec an
 but slows process creation a lot: use it for the order of events, not for their times.
 
     python bench/breakdown.py --runs 10
+    python bench/breakdown.py --runs 10 --cold
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import asyncio
 import calendar
 import contextlib
 import datetime
+import os
 import re
 import signal
 import statistics
@@ -39,6 +42,7 @@ from harpoon.devenv.containerd import Containerd
 from harpoon.devenv.images import build_busybox_image, default_cache_dir
 from harpoon.devenv.tools import scripts_dir
 from harpoon.guest import find_guest
+from harpoon.sandbox.template import TEMPLATES_ENV
 
 RUNTIME = "io.containerd.harpoon.v1"
 TRACED = "execve,exit_group,kill,mount,umount2,connect,clone,clone3,vfork"
@@ -120,6 +124,8 @@ def analyse_logs(run: Run, log: Path) -> None:
         elif message.startswith("call "):
             words = message.split()
             run.mark(f"{words[1]} {words[2]}", when)
+        elif message.startswith("created ") and " booted in " in message:
+            run.mark("Create: VM booted, Hello answered", when)
         elif message.startswith("restore of"):
             run.mark("restore: Hello answered", when)
             match = _RESTORE.search(message)
@@ -129,7 +135,9 @@ def analyse_logs(run: Run, log: Path) -> None:
                 run.mark("restore: migrate-incoming sent", when - hello)
         elif message.startswith("agent "):
             method = message.split()[1]
-            if method != "Hello":
+            if method == "Hello" and "restore: Hello answered" not in run.marks:
+                run.mark("agent Hello answered (cold boot: agent ready)", when)
+            elif method != "Hello":
                 counts[method] = counts.get(method, 0) + 1
                 suffix = f" #{counts[method]}" if counts[method] > 1 else ""
                 run.mark(f"agent {method}{suffix} answered", when)
@@ -236,14 +244,22 @@ def main(argv: list[str] | None = None) -> int:
         "--strace", action="store_true",
         help="also trace containerd's children (exact process events, but slower runs)",
     )  # fmt: skip
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help=f"boot every VM cold ({TEMPLATES_ENV}=off for the shims)",
+    )
     args = parser.parse_args(argv)
     runs: list[Run] = []
+    if args.cold:
+        os.environ[TEMPLATES_ENV] = "off"  # containerd passes it on to the shims
     compile_harpoon()  # measured as installed: see bench.machine.compile_harpoon
     with Containerd(args.containerd, path_prepend=[scripts_dir()], log_level="debug") as daemon:
         work = args.keep or daemon.paths.base / "breakdown"
         work.mkdir(parents=True, exist_ok=True)
         image = daemon.import_image(build_busybox_image(default_cache_dir()))
-        _ensure_template(daemon, image)
+        if not args.cold:
+            _ensure_template(daemon, image)
         assert daemon.pid is not None
         for i in range(args.runs):
             trace = work / f"trace-{i}.txt"
@@ -270,14 +286,16 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.2)  # the shim's last lines reach containerd's log
             run = analyse(trace, daemon.log_path, t0, t1)
             restored = "restore: Hello answered" in run.marks
-            note = "" if restored else " (NOT restored)"
+            wanted = restored != args.cold
+            note = "" if wanted else " (restored)" if restored else " (NOT restored)"
             print(f"run {i}: {t1 - t0:.3f} s{note}", file=sys.stderr)
-            if restored:
+            if wanted:
                 runs.append(run)
         if args.keep:
             (work / "containerd.log").write_bytes(daemon.log_path.read_bytes())
     if not runs:
-        print("no run restored from a template", file=sys.stderr)
+        print(f"no run {'booted cold' if args.cold else 'restored from a template'}",
+              file=sys.stderr)  # fmt: skip
         return 1
     names: dict[str, list[float]] = {}
     for run in runs:

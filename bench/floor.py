@@ -7,6 +7,11 @@ prints `HARPOON-FLOOR-READY` and powers off) and there is no rootfs share. The c
 chardev writes to `config.console_log`, which here is a FIFO we hold open read-write:
 QEMU's open of it never blocks and every console byte reaches us as it is written.
 
+The CPython floor (`python_floor_image`) is the same boot with harpoon's own initramfs,
+whose /init is replaced by a `python3 -SB` script that prints the marker first thing:
+what the guest's interpreter costs before any of harpoon's code runs. An agent written
+in Python cannot be ready sooner than that.
+
 A floor VM that does not print its marker in time is killed and reported, never waited
 on forever; every VM is killed and its directory removed before `boot_floor` returns.
 """
@@ -20,15 +25,18 @@ import shutil
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from harpoon import linux
-from harpoon.guest import GuestImage
+from harpoon.guest import GuestImage, initramfs
+from harpoon.guest.build import INIT_SCRIPT
 from harpoon.vmm.base import VMConfig
 from harpoon.vmm.qemu_launch import command_line
 
 FLOOR_MARKER = b"HARPOON-FLOOR-READY"
+FLOOR_FIGURE = "boot floor: QEMU launch → marker (same kernel, machine, args)"
+PYTHON_FLOOR_FIGURE = "CPython floor: the same with harpoon's initramfs, /init = `python3 -SB`"
 #: One boot in ~35 printed nothing for 120 s on these machines: give up well before.
 FLOOR_BOOT_TIMEOUT_S = 60.0
 #: After the marker the guest powers off; QEMU gets this long to exit on its own.
@@ -36,6 +44,18 @@ FLOOR_EXIT_TIMEOUT_S = 10.0
 CONSOLE_READ_BYTES = 65536
 #: Console bytes quoted when a boot fails.
 CONSOLE_TAIL_BYTES = 1000
+#: /init of the CPython floor: the agent image's own shebang line (its interpreter and
+#: flags), the marker, then a power-off (reboot(2) with LINUX_REBOOT_CMD_POWER_OFF) so
+#: that QEMU exits by itself.
+PYTHON_FLOOR_INIT = (
+    INIT_SCRIPT.splitlines()[0].encode()
+    + b"""
+import os
+os.write(1, b"HARPOON-FLOOR-READY\\n")
+import ctypes
+ctypes.CDLL(None).reboot(0x4321FEDC)
+"""
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +75,18 @@ def floor_config(image: GuestImage, state_dir: Path) -> VMConfig:
         initrd=image.initrd,
         state_dir=state_dir,
     )
+
+
+def python_floor_image(image: GuestImage, directory: Path) -> GuestImage:
+    """`image` with its initramfs overlaid by PYTHON_FLOOR_INIT as /init, written into
+    `directory` (the kernel unpacks concatenated cpio archives in order, later entries
+    replacing earlier ones: nothing else of the image changes)."""
+    overlay = initramfs.write([initramfs.file("init", PYTHON_FLOOR_INIT, 0o755)])
+    initrd = directory / "python-floor.cpio"
+    with open(initrd, "wb") as out:
+        out.write(image.initrd.read_bytes())
+        out.write(overlay)
+    return replace(image, initrd=initrd)
 
 
 def _die_with_parent() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.floor import FLOOR_FIGURE, PYTHON_FLOOR_FIGURE
 from bench.shimtest import ShimtestResult
 from bench.stats import Figure, Figures
 
@@ -17,11 +18,12 @@ NOTE_CHARS = 160
 RATIOS = (
     ("harpoon: `ctr run --rm … echo hi`", "runc: `ctr run --rm … echo hi`",
      "harpoon / runc, `ctr run --rm … echo hi`"),
-    ("harpoon: VM start → agent ready, cold boot (shim log)",
-     "boot floor: QEMU launch → marker (same kernel, machine, args)",
+    ("harpoon: `ctr run --rm … echo hi`", FLOOR_FIGURE,
+     "harpoon `ctr run --rm … echo hi` / boot floor"),
+    (PYTHON_FLOOR_FIGURE, FLOOR_FIGURE, "CPython floor / boot floor"),
+    ("harpoon: VM start → agent ready, cold boot (shim log)", FLOOR_FIGURE,
      "harpoon cold VM boot / boot floor"),
-    ("harpoon: VM start → agent ready, restored from template (shim log)",
-     "boot floor: QEMU launch → marker (same kernel, machine, args)",
+    ("harpoon: VM start → agent ready, restored from template (shim log)", FLOOR_FIGURE,
      "harpoon template restore / boot floor"),
 )  # fmt: skip
 

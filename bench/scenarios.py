@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import re
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rich.console import Console
 
 from bench import host
 from bench.ctr import RUNTIMES, UNIMPLEMENTED, Ctr, CtrResult
-from bench.floor import boot_floor
+from bench.floor import FLOOR_FIGURE, PYTHON_FLOOR_FIGURE, FloorBoot, boot_floor, python_floor_image
 from bench.shimlog import ShimLog
 from bench.stats import Figure, Figures
 from bench.template import ensure_template
@@ -64,6 +66,11 @@ class Bench:
         n = self._ids[prefix] = self._ids.get(prefix, 0) + 1
         return f"bench-{prefix}-{n}"
 
+    @property
+    def vmm(self) -> tuple[str, str]:
+        """boot_floor's QEMU binary and accelerator."""
+        return self.qemu, self.accelerator
+
     def used_ids(self) -> dict[str, int]:
         """How many IDs of each prefix were handed out."""
         return dict(self._ids)
@@ -86,7 +93,7 @@ async def warm_up(bench: Bench) -> None:
     accelerator probe and first-start costs are paid before anything is measured; and,
     when harpoon restores VMs from templates, a template built for this configuration."""
     bench.say("warm-up: one floor boot, one runc and one harpoon run (not measured)")
-    await boot_floor(bench.floor_image, bench.qemu, bench.accelerator)
+    await boot_floor(bench.floor_image, *bench.vmm)
     mode = None
     for name, runtime in RUNTIMES.items():
         container_id = bench.new_id(f"warm-{name}")
@@ -103,20 +110,25 @@ async def warm_up(bench: Bench) -> None:
 
 
 async def startup(bench: Bench) -> None:
-    """Boot floor vs `ctr run --rm … echo hi` on runc and harpoon, and harpoon's split."""
+    """Boot floor and CPython floor vs `ctr run --rm … echo hi` on runc and harpoon, and
+    harpoon's split."""
+    with tempfile.TemporaryDirectory(prefix="hp-python-floor-") as directory:
+        python_floor = await asyncio.to_thread(python_floor_image, bench.guest, Path(directory))
+        await _startup(bench, python_floor)
+
+
+async def _startup(bench: Bench, python_floor: GuestImage) -> None:
     section = "startup"
     f = bench.figures
-    floor = f.get(section, "boot floor: QEMU launch → marker (same kernel, machine, args)", "s")
+    floor = f.get(section, FLOOR_FIGURE, "s")
+    python = f.get(section, PYTHON_FLOOR_FIGURE, "s")
     runc = f.get(section, "runc: `ctr run --rm … echo hi`", "s")
     harpoon = f.get(section, "harpoon: `ctr run --rm … echo hi`", "s")
     rest_name = "harpoon: rest of the run (wall - VM start)"
     harpoon_ids = []
     for i in range(1, bench.runs + 1):
-        floor_boot = await boot_floor(bench.floor_image, bench.qemu, bench.accelerator)
-        if floor_boot.seconds is not None:
-            floor.add(floor_boot.seconds)
-        else:
-            floor.fail(floor_boot.error or "no marker")
+        floor_boot = _record(floor, await boot_floor(bench.floor_image, *bench.vmm))
+        python_boot = _record(python, await boot_floor(python_floor, *bench.vmm))
         results: dict[str, CtrResult] = {}
         vm_start = "VM start unknown"
         for name, runtime in RUNTIMES.items():
@@ -150,10 +162,19 @@ async def startup(bench: Bench) -> None:
                 )
         bench.say(
             f"startup {i}/{bench.runs}: floor {_s(floor_boot.seconds)}, "
+            f"CPython floor {_s(python_boot.seconds)}, "
             f"runc {_s(_secs(results.get('runc')))}, harpoon {_s(_secs(results.get('harpoon')))}"
             f" ({vm_start})"
         )
     await _note_modes(bench, harpoon, harpoon_ids)
+
+
+def _record(figure: Figure, boot: FloorBoot) -> FloorBoot:
+    if boot.seconds is not None:
+        figure.add(boot.seconds)
+    else:
+        figure.fail(boot.error or "no marker")
+    return boot
 
 
 async def _note_modes(bench: Bench, figure: Figure, container_ids: list[str]) -> None:
