@@ -44,9 +44,9 @@ def daemon(
         daemon.stop()
 
 
-def run(daemon: Containerd, image: str, container_id: str) -> str:
+def run(daemon: Containerd, image: str, container_id: str, *flags: str) -> str:
     result = daemon.ctr(
-        "run", "--rm", "--runtime", HARPOON, image, container_id, "echo", "hi",
+        "run", "--rm", "--runtime", HARPOON, *flags, image, container_id, "echo", "hi",
         timeout=RUN_TIMEOUT_S,
     )  # fmt: skip
     assert result.stdout == "hi\n"
@@ -64,6 +64,9 @@ def test_a_short_cold_container_leaves_its_template_for_the_next(
         assert time.monotonic() < deadline, (store / BUILD_LOG_NAME).read_text()
         time.sleep(0.5)
     assert "restored second from template" in run(daemon, image, "second")
+    # 64 MiB + the guest's overhead rounds up to the default VM size: the same template.
+    limited = run(daemon, image, "third", "--memory-limit", str(64 << 20))
+    assert "restored third from template" in limited
     # The builder is gone with its build: no staging directory, no VM.
     while list(store.glob(".build-*")):
         assert time.monotonic() < deadline, "the builder left its staging directory"

@@ -1,6 +1,17 @@
-"""VM sizes from OCI resources: what a container asks for is what its VM gets."""
+"""VM sizes from OCI resources: what a container asks for fits in its VM."""
 
-from harpoon.shim.resources import DEFAULT_MEMORY_MIB, GUEST_OVERHEAD_MIB, VMSize, vm_size
+from hypothesis import given
+from hypothesis import strategies as st
+
+from harpoon.shim.resources import (
+    DEFAULT_MEMORY_MIB,
+    GUEST_OVERHEAD_MIB,
+    VMSize,
+    memory_step_mib,
+    vm_size,
+)
+
+MIB = 1 << 20
 
 
 def test_no_resources_gives_the_default_size() -> None:
@@ -8,14 +19,31 @@ def test_no_resources_gives_the_default_size() -> None:
     assert vm_size({}, host_cpus=1).cpus == 1
 
 
-def test_memory_limit_plus_guest_overhead_becomes_the_vms_ram() -> None:
-    spec = {"linux": {"resources": {"memory": {"limit": 512 * 1024 * 1024}}}}
-    assert vm_size(spec, host_cpus=8).memory_mib == 512 + GUEST_OVERHEAD_MIB
+def memory_limited(limit: int) -> dict[str, object]:
+    return {"linux": {"resources": {"memory": {"limit": limit}}}}
 
 
-def test_a_tiny_limit_still_boots() -> None:
-    spec = {"linux": {"resources": {"memory": {"limit": 4096}}}}
-    assert vm_size(spec, host_cpus=8).memory_mib >= 128
+def test_memory_limit_plus_guest_overhead_rounds_up_to_a_step_of_the_ladder() -> None:
+    assert vm_size(memory_limited(512 * MIB), host_cpus=8).memory_mib == 768  # 640 needed
+    assert vm_size(memory_limited(256 * MIB), host_cpus=8).memory_mib == 384  # 384 needed
+    assert vm_size(memory_limited(257 * MIB), host_cpus=8).memory_mib == 512
+    assert vm_size(memory_limited(3 << 30), host_cpus=8).memory_mib == 4096
+
+
+def test_nearby_limits_share_a_vm_size_and_so_a_template() -> None:
+    sizes = {vm_size(memory_limited(m * MIB), host_cpus=8).memory_mib for m in (150, 200, 250)}
+    assert sizes == {384}
+    # A tiny limit gets the size (and template) of a container without one.
+    assert vm_size(memory_limited(4096), host_cpus=8).memory_mib == DEFAULT_MEMORY_MIB
+
+
+@given(st.integers(min_value=1, max_value=1 << 40))
+def test_the_vm_always_holds_the_limit_and_wastes_at_most_half(limit: int) -> None:
+    memory_mib = vm_size(memory_limited(limit), host_cpus=8).memory_mib
+    needed = -(-limit // MIB) + GUEST_OVERHEAD_MIB
+    assert memory_mib >= needed
+    assert memory_mib == DEFAULT_MEMORY_MIB or memory_mib < needed * 1.5
+    assert memory_step_mib(memory_mib) == memory_mib  # a step of the ladder
 
 
 def test_cpu_quota_rounds_up_to_whole_vcpus_within_the_host() -> None:

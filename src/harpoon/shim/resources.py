@@ -1,9 +1,14 @@
 """The size of a container's VM, from the OCI spec's linux.resources.
 
 A VM needs memory of its own (kernel, agent, page cache) on top of what the container
-may use, so the container's memory limit plus GUEST_OVERHEAD_MIB becomes the VM's RAM:
-a container that exceeds its limit meets the guest's OOM killer, as under runc it
-meets its cgroup's. CPU quota (or a cpuset) becomes the vCPU count.
+may use, so the VM's RAM is the container's memory limit plus GUEST_OVERHEAD_MIB, rounded
+up to the next step of a short ladder (256, 384, 512, 768, 1024, 1536 MiB, …: powers of
+two and halfway between). The limit itself is the guest cgroup's, exactly as asked: a
+container that exceeds it is OOM-killed as under runc. The rounding is for VM templates:
+every VM size is a template of its own (built by a cold boot, kept among the few most
+recently used), so limits of 150, 200 or 250 MiB share one instead of each costing a
+cold boot. RAM a guest does not touch costs the host nothing. CPU quota (or a cpuset)
+becomes the vCPU count.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ if TYPE_CHECKING:  # vm_size runs before protobuf is loaded (harpoon.shim.presta
 
 DEFAULT_MEMORY_MIB = 256
 GUEST_OVERHEAD_MIB = 128
-MIN_MEMORY_MIB = 128
 # Without a CPU limit: two vCPUs (fewer if the host has fewer), as a container under runc
 # uses more than one CPU. Under TCG the second one also runs the agent's warm-up
 # (harpoon.agent.warm_up) beside the container's start.
@@ -51,7 +55,7 @@ def vm_size(spec: dict[str, Any], host_cpus: int | None = None) -> VMSize:
     memory = resources.get("memory") or {}
     limit = memory.get("limit")
     if isinstance(limit, int) and limit > 0:
-        memory_mib = max(MIN_MEMORY_MIB, math.ceil(limit / MIB) + GUEST_OVERHEAD_MIB)
+        memory_mib = memory_step_mib(math.ceil(limit / MIB) + GUEST_OVERHEAD_MIB)
     else:
         memory_mib = DEFAULT_MEMORY_MIB
     cpu = resources.get("cpu") or {}
@@ -63,6 +67,17 @@ def vm_size(spec: dict[str, Any], host_cpus: int | None = None) -> VMSize:
         cpus = _cpuset_count(cpu["cpus"])
     cpus = max(1, min(cpus, host_cpus or os.cpu_count() or 1))
     return VMSize(cpus=cpus, memory_mib=memory_mib)
+
+
+def memory_step_mib(needed_mib: int) -> int:
+    """The smallest step of the RAM ladder (DEFAULT_MEMORY_MIB times 1, 1.5, 2, 3, 4, 6, …)
+    that holds needed_mib."""
+    step = DEFAULT_MEMORY_MIB
+    while True:
+        for size in (step, step + step // 2):
+            if size >= needed_mib:
+                return size
+        step *= 2
 
 
 def spec_resources(spec: dict[str, Any]) -> dict[str, Any]:
