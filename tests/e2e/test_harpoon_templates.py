@@ -24,9 +24,10 @@ BUILD_WAIT_S = 300.0
 
 @pytest.fixture
 def store() -> Iterator[Path]:
-    # Short: the VMs a build starts keep their sockets under it (at most 107 bytes).
+    # Long on purpose (~100 bytes): the sockets of a build's VMs, at most 107 bytes long,
+    # must not be made under it.
     with tempfile.TemporaryDirectory(prefix="hp-tpl-", dir="/tmp") as directory:
-        yield Path(directory)
+        yield Path(directory) / ("a-long-path-to-a-template-store-" * 3).rstrip("-")
 
 
 @pytest.fixture

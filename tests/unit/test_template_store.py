@@ -6,14 +6,17 @@ import asyncio
 import json
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from harpoon.sandbox.template import (
     FORMAT_VERSION,
+    LOCK_POLL_S,
     MEMORY_NAME,
     META_NAME,
+    SCRATCH_PREFIX,
     STATE_NAME,
     TemplateStore,
     template_key,
@@ -192,31 +195,48 @@ def test_publishing_removes_templates_whose_guest_image_is_gone(tmp_path: Path) 
 
 
 def test_staging_of_a_dead_builder_is_removed_and_ours_never_outlives_the_build(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     process = subprocess.Popen(["true"])
     process.wait()
-    leftover = tmp_path / f".build-{process.pid}-abcd"
+    store_root, scratch_root = tmp_path / "store", tmp_path / "tmp"
+    store_root.mkdir()
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    leftover = store_root / f".build-{process.pid}-abcd"
     leftover.mkdir()
     (leftover / STATE_NAME).write_bytes(b"half")
-    store = TemplateStore(tmp_path)
+    # Its VMs' directory (sockets, pid file), and a live builder's, which stays.
+    dead_scratch = scratch_root / f"{SCRATCH_PREFIX}{process.pid}-x1"
+    live_scratch = scratch_root / f"{SCRATCH_PREFIX}{os.getpid()}-x2"
+    for directory in (dead_scratch, live_scratch):
+        directory.mkdir()
+        (directory / "vmm.pid").write_text("1")
+    store = TemplateStore(store_root)
     with pytest.raises(RuntimeError), store._staging() as staging:
         assert staging.is_dir() and not leftover.exists()
         raise RuntimeError("the build failed")
-    assert list(tmp_path.iterdir()) == []
+    assert list(store_root.iterdir()) == []
+    assert list(scratch_root.iterdir()) == [live_scratch]
 
 
-def test_a_second_builder_does_not_wait_for_the_lock(tmp_path: Path) -> None:
+def test_a_builder_waits_until_the_lock_is_let_go(tmp_path: Path) -> None:
     store = TemplateStore(tmp_path)
+    events: list[str] = []
 
-    async def scenario() -> list[bool]:
-        async with (
-            store._lock(wait=False) as first,
-            store._lock(wait=False) as second,
-        ):
-            return [first, second]
+    async def second() -> None:
+        async with store._lock():
+            events.append("second holds it")
 
-    assert asyncio.run(scenario()) == [True, False]
+    async def scenario() -> None:
+        async with store._lock():
+            waiting = asyncio.ensure_future(second())
+            await asyncio.sleep(LOCK_POLL_S * 5)
+            events.append("first lets go")
+        await asyncio.wait_for(waiting, 5)
+
+    asyncio.run(scenario())
+    assert events == ["first lets go", "second holds it"]
 
 
 def test_templates_can_be_turned_off(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -235,8 +255,7 @@ def test_per_key_lock_files_of_older_versions_are_removed(tmp_path: Path) -> Non
     store = TemplateStore(tmp_path)
 
     async def scenario() -> None:
-        async with store._lock(wait=False) as locked:
-            assert locked
+        async with store._lock():
             with store._staging():
                 pass
 

@@ -20,6 +20,10 @@ Layout, under $HARPOON_TEMPLATE_DIR (/var/lib/harpoon/templates):
                                       key would pile up, since none can be removed safely)
     .build-<pid>-<random>/            a build in progress; a dead builder's is removed
 
+A build's VMs keep their sockets, pid and console files in $TMPDIR/hp-template-<pid>-*
+rather than under the store: unix socket paths are limited to 107 bytes, which a store
+under a long path would exceed.
+
 Nothing here may ever break a container start: a template that is missing, unreadable
 or fails to restore means a cold boot, and the broken one is removed to be rebuilt.
 """
@@ -35,6 +39,7 @@ import logging
 import os
 import secrets
 import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
@@ -58,6 +63,7 @@ FORMAT_VERSION = 3
 TEMPLATE_DIR_ENV = "HARPOON_TEMPLATE_DIR"
 TEMPLATES_ENV = "HARPOON_TEMPLATES"  # "off" or "0": always boot cold
 DEFAULT_TEMPLATE_DIR = Path("/var/lib/harpoon/templates")
+SCRATCH_PREFIX = "hp-template-"
 STATE_NAME = "state"
 MEMORY_NAME = "memory"
 META_NAME = "meta.json"
@@ -156,6 +162,10 @@ class TemplateStore:
             pid = entry.name.split("-")[1]
             if pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(entry, ignore_errors=True)
+        for entry in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+            pid = entry.name.removeprefix(SCRATCH_PREFIX).split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(entry, ignore_errors=True)
         for entry in self.root.glob(".discard-*"):
             shutil.rmtree(entry, ignore_errors=True)
         # Per-key locks of harpoon before 2026-11-28 (the build lock is held here).
@@ -207,8 +217,10 @@ class TemplateStore:
         return False
 
     @contextlib.asynccontextmanager
-    async def _lock(self, wait: bool) -> AsyncIterator[bool]:
-        """Yields True while holding the build lock; False if another holds it and not wait."""
+    async def _lock(self) -> AsyncIterator[None]:
+        """Holds the build lock, once any other process has let it go."""
+        import asyncio
+
         self.root.mkdir(mode=PRIVATE_MODE, parents=True, exist_ok=True)
         with open(self.root / BUILD_LOCK_NAME, "w") as lock:
             while True:
@@ -216,43 +228,33 @@ class TemplateStore:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
-                    if not wait:
-                        yield False
-                        return
-                    import asyncio
-
                     await asyncio.sleep(LOCK_POLL_S)
             try:
-                yield True
+                yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    async def build(
-        self, config: VMConfig, make_vm: MakeVM, *, wait_for_lock: bool = True
-    ) -> Template | None:
-        """The template for config, built unless it exists; None when the backend cannot
-        save guests, or (with wait_for_lock=False) when another process is building it.
-        The VMs it starts run at config's priority and are gone when it returns or fails."""
+    async def build(self, config: VMConfig, make_vm: MakeVM) -> Template | None:
+        """The template for config, built unless it exists (once another process's build
+        is over: it may be this one); None when the backend cannot save guests. The VMs
+        it starts run at config's priority and are gone when it returns or fails."""
         identity = make_vm(config).template_identity()
         if identity is None:
             return None
         key = template_key(identity)
-        async with self._lock(wait_for_lock) as locked:
-            if not locked:
-                return None
+        async with self._lock():
             existing = self.find(key)
             if existing is not None:
                 return existing
-            with self._staging() as staging:
-                meta = await _save_template(config, make_vm, staging)
-                verify = replace(template_config(config, staging), state_dir=staging / "verify")
+            with self._staging() as staging, _vm_scratch() as scratch:
+                meta = await _save_template(config, make_vm, staging, scratch / "vm")
+                verify = template_config(config, staging, scratch / "verify")
                 began = time.monotonic()
                 vm, agent, _ = await restore(make_vm, verify, Template(key, staging))
                 meta["verify_restore_s"] = round(time.monotonic() - began, 3)
                 await agent.close()
                 await vm.stop()
-                for scratch in ("vm", "verify", "share"):
-                    shutil.rmtree(staging / scratch, ignore_errors=True)
+                shutil.rmtree(staging / "share", ignore_errors=True)
                 meta.update(format=FORMAT_VERSION, key=key, identity=identity)
                 (staging / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
                 template = self._publish(staging, key)
@@ -270,23 +272,37 @@ def _made_from_missing_files(directory: Path) -> bool:
         return False
 
 
-def template_config(config: VMConfig, staging: Path) -> VMConfig:
-    """config with its own paths replaced: private state, shares on an empty directory."""
+@contextlib.contextmanager
+def _vm_scratch() -> Iterator[Path]:
+    """A short private directory for a build's VMs, removed whatever happens (and, if
+    this process is killed, by the next build: its name carries our pid)."""
+    scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def template_config(config: VMConfig, staging: Path, state_dir: Path) -> VMConfig:
+    """config with its own paths replaced: private state in state_dir, shares on an
+    empty directory."""
     placeholder = staging / "share"
     placeholder.mkdir(exist_ok=True)
     return replace(
         config,
         name=f"template-{staging.name}",
-        state_dir=staging / "vm",
+        state_dir=state_dir,
         shares=tuple(replace(share, host_path=placeholder) for share in config.shares),
         memory_file=staging / MEMORY_NAME,
     )
 
 
-async def _save_template(config: VMConfig, make_vm: MakeVM, staging: Path) -> dict[str, Any]:
+async def _save_template(
+    config: VMConfig, make_vm: MakeVM, staging: Path, state_dir: Path
+) -> dict[str, Any]:
     import asyncio
 
-    vm = make_vm(template_config(config, staging))
+    vm = make_vm(template_config(config, staging, state_dir))
     began = time.monotonic()
     try:
         await vm.start()
