@@ -88,6 +88,7 @@ _CONTAINERD_MARKS = {
     "remove snapshot": "containerd: shim delete done (removes the snapshot)",
 }
 _RESTORE = re.compile(r"launch (\d+) ms, connect \+ migrate-incoming (\d+) ms, Hello (\d+) ms")
+COLD_HELLO = "agent Hello answered (cold boot: agent ready)"
 _START = re.compile(r"start process: main at ([0-9.]+), forked at ([0-9.]+)")
 
 
@@ -135,12 +136,15 @@ def analyse_logs(run: Run, log: Path) -> None:
                 run.mark("restore: migrate-incoming sent", when - hello)
         elif message.startswith("agent "):
             method = message.split()[1]
-            if method == "Hello" and "restore: Hello answered" not in run.marks:
-                run.mark("agent Hello answered (cold boot: agent ready)", when)
+            if method == "Hello":
+                run.mark(COLD_HELLO, when)
             elif method != "Hello":
                 counts[method] = counts.get(method, 0) + 1
                 suffix = f" #{counts[method]}" if counts[method] > 1 else ""
                 run.mark(f"agent {method}{suffix} answered", when)
+    # The agent's Hello line comes before the restore's own: only a cold boot's counts.
+    if "restore: Hello answered" in run.marks:
+        run.marks.pop(COLD_HELLO, None)
 
 
 def analyse(trace: Path, log: Path, t0: float, t1: float) -> Run:
