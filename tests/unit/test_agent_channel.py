@@ -7,7 +7,9 @@ import asyncio
 import os
 from pathlib import Path
 
-from harpoon.agent.channel import open_port
+import pytest
+
+from harpoon.agent.channel import _PortWriteTransport, open_port
 
 
 def open_fds() -> set[str]:
@@ -37,5 +39,65 @@ def test_closing_the_writer_closes_both_halves(tmp_path: Path) -> None:
         assert open_fds() == before
         assert await cycle() == b"ping"  # and the port opens again
         assert open_fds() == before
+
+    asyncio.run(main())
+
+
+def test_pieces_larger_than_the_port_takes_arrive_whole_and_in_order(tmp_path: Path) -> None:
+    """Frames in pieces (writelines), far more than a FIFO holds: the writer keeps what
+    the port did not take and drain waits until it has all gone out."""
+    fifo = tmp_path / "port"
+    os.mkfifo(fifo)
+    pieces = [bytes([i]) * (300_000 + i) for i in range(12)] + [b"end"]
+
+    async def main() -> bytes:
+        reader, writer = await open_port(str(fifo))
+        received = asyncio.ensure_future(reader.readexactly(sum(map(len, pieces))))
+        for first in range(0, len(pieces), 3):
+            writer.writelines(pieces[first : first + 3])
+            await asyncio.wait_for(writer.drain(), 10)
+            assert writer.transport.get_write_buffer_size() == 0
+        data = await asyncio.wait_for(received, 10)
+        writer.close()
+        await asyncio.wait_for(writer.wait_closed(), 5)
+        return data
+
+    assert asyncio.run(main()) == b"".join(pieces)
+
+
+def test_close_sends_what_is_pending_first_and_a_broken_port_fails_drain() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        protocol = asyncio.streams.FlowControlMixin(loop)
+        lost: list[Exception | None] = []
+        protocol.connection_lost = lost.append  # type: ignore[method-assign]
+        transport = _PortWriteTransport(loop, write_end, protocol)
+        payload = b"p" * (1 << 20)  # more than the pipe holds: part of it waits
+        transport.write(payload)
+        assert transport.get_write_buffer_size() > 0
+        transport.close()
+        assert transport.is_closing() and not lost
+        received = bytearray()
+        while len(received) < len(payload):
+            await asyncio.sleep(0.01)
+            received += os.read(read_end, 1 << 20)
+        await asyncio.sleep(0.05)
+        assert bytes(received) == payload and lost == [None]
+        with pytest.raises(OSError):
+            os.fstat(write_end)  # the transport closed its descriptor
+        os.close(read_end)
+
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        protocol = asyncio.streams.FlowControlMixin(loop)
+        writer = asyncio.StreamWriter(
+            _PortWriteTransport(loop, write_end, protocol), protocol, None, loop
+        )
+        os.close(read_end)  # the host end is gone
+        writer.write(b"into nothing")
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(writer.drain(), 5)
 
     asyncio.run(main())

@@ -14,6 +14,7 @@ from harpoon.ttrpc.codec import (
     Frame,
     FrameDecoder,
     MessageType,
+    Parts,
     encode_frame,
 )
 from harpoon.ttrpc.protocol import (
@@ -213,6 +214,18 @@ def test_server_stream_data_and_end_frames() -> None:
     assert decode_one(data) == Frame(1, MessageType.DATA, Flags.NONE, b"chunk")
     assert decode_one(end) == Frame(1, MessageType.DATA, Flags.REMOTE_CLOSED | Flags.NO_DATA, b"")
     assert server.send_data(1, b"after the end") is None
+
+
+def test_a_message_in_pieces_makes_the_same_frame_unjoined() -> None:
+    server = ServerConnection()
+    server.receive_data(request_frame(1, Flags.REMOTE_CLOSED))
+    big = bytes(range(256)) * 4096
+    frame = server.send_data(1, Parts(b"\x0a", b"prefix-", big))
+    assert isinstance(frame, Parts) and frame.pieces[-1] is big  # not copied
+    assert frame.joined() == server.send_data(1, b"\x0aprefix-" + big)
+    with pytest.raises(TtrpcError) as raised:
+        server.send_data(1, Parts(b"x", bytes(MAX_MESSAGE_BYTES)))
+    assert raised.value.code == Code.RESOURCE_EXHAUSTED
 
 
 def test_oversized_response_payload_is_refused_before_closing_the_stream() -> None:

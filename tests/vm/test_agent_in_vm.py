@@ -222,6 +222,9 @@ def test_an_agent_up_before_its_host_connects_waits_for_it(guest: object) -> Non
             agent = await AgentClient.connect(str(config.agent_socket), str(config.stdio_socket))
             try:
                 return (await agent.hello(60)).kernel_release
+            except Exception:
+                print(f"guest console:\n{vm.console_tail()}")  # shown with the failure
+                raise
             finally:
                 await agent.close()
 

@@ -14,7 +14,7 @@ import contextlib
 from collections import deque
 from collections.abc import AsyncIterator
 
-from harpoon.ttrpc.codec import MAX_MESSAGE_BYTES
+from harpoon.ttrpc.codec import MAX_MESSAGE_BYTES, Parts, Payload
 from harpoon.ttrpc.status import TtrpcError
 
 # Large reads keep per-chunk Python work small next to the bytes moved.
@@ -43,8 +43,10 @@ class Channel:
         except (ConnectionError, OSError):
             return b""
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: Payload) -> None:
         """Writes one or more whole frames; ChannelClosedError if that is impossible.
+        Parts go to the transport's writelines, which a transport able to write pieces
+        (the guest agent's port) writes without joining them.
 
         The lock keeps frames whole and lets a single writer at a time wait for drain,
         which bounds what sits in the transport's buffer."""
@@ -52,7 +54,10 @@ class Channel:
             if self._writer.is_closing():
                 raise ChannelClosedError("connection closed")
             try:
-                self._writer.write(data)
+                if isinstance(data, Parts):
+                    self._writer.writelines(data.pieces)
+                else:
+                    self._writer.write(data)
                 await self._writer.drain()
             except (ConnectionError, OSError) as exc:
                 raise ChannelClosedError(str(exc)) from exc

@@ -22,8 +22,11 @@ from harpoon.ttrpc.codec import (
     FramingError,
     MessageType,
     OversizedFrame,
+    Parts,
+    Payload,
     Record,
     encode_frame,
+    encode_frame_parts,
 )
 from harpoon.ttrpc.status import Code, TtrpcError
 
@@ -122,7 +125,7 @@ def _oversized_message(event: OversizedFrame) -> str:
     return f"message length {event.length} exceed maximum message size of {MAX_MESSAGE_BYTES}"
 
 
-def _check_size(payload: bytes, what: str) -> None:
+def _check_size(payload: Payload, what: str) -> None:
     if len(payload) > MAX_MESSAGE_BYTES:
         raise TtrpcError(
             Code.RESOURCE_EXHAUSTED,
@@ -134,6 +137,11 @@ def _check_size(payload: bytes, what: str) -> None:
 def _data_frame(stream_id: int, payload: bytes) -> bytes:
     _check_size(payload, "stream message")
     return encode_frame(Frame(stream_id, MessageType.DATA, Flags.NONE, payload))
+
+
+def _data_frame_parts(stream_id: int, payload: Parts) -> Parts:
+    _check_size(payload, "stream message")
+    return encode_frame_parts(stream_id, MessageType.DATA, Flags.NONE, payload)
 
 
 def _end_frame(stream_id: int) -> bytes:
@@ -277,10 +285,13 @@ class ServerConnection:
         status = status_pb2.Status(code=int(code), message=message)
         return self._response_frame(stream_id, request_pb2.Response(status=status))
 
-    def send_data(self, stream_id: int, payload: bytes) -> bytes | None:
-        """One server-stream message; None if the stream is gone."""
+    def send_data(self, stream_id: int, payload: Payload) -> Payload | None:
+        """One server-stream message, in pieces if its payload is; None if the stream
+        is gone."""
         if stream_id not in self._active:
             return None
+        if isinstance(payload, Parts):
+            return _data_frame_parts(stream_id, payload)
         return _data_frame(stream_id, payload)
 
     def send_end(self, stream_id: int) -> bytes | None:

@@ -24,6 +24,7 @@ from harpoon.ttrpc.channel import (
     ChannelClosedError,
     MessageInbox,
 )
+from harpoon.ttrpc.codec import Payload
 from harpoon.ttrpc.protocol import (
     ConnectionBroken,
     DataReceived,
@@ -77,7 +78,8 @@ class CallContext:
 
 
 UnaryHandler = Callable[[bytes, CallContext], Awaitable[bytes]]
-ServerStreamHandler = Callable[[bytes, CallContext], AsyncIterator[bytes]]
+# A stream's messages may come in pieces (codec.Parts), written without being joined.
+ServerStreamHandler = Callable[[bytes, CallContext], AsyncIterator[Payload]]
 ClientStreamHandler = Callable[[AsyncIterator[bytes], CallContext], Awaitable[bytes]]
 
 
@@ -330,7 +332,7 @@ class _Connection:
         if call is not None and call.task is not None:
             call.task.cancel()
 
-    async def _write(self, frame: bytes | None) -> None:
+    async def _write(self, frame: Payload | None) -> None:
         if frame is not None:
             await self.channel.write(frame)
 

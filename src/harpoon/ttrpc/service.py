@@ -16,6 +16,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
 
+from harpoon.ttrpc.codec import Parts, Payload
 from harpoon.ttrpc.server import CallContext, Server
 from harpoon.ttrpc.status import Code, TtrpcError
 
@@ -39,11 +40,12 @@ def register_service(
     """Serves every RPC of ``descriptor`` from ``impl.<RpcName>``.
 
     Unary RPCs: ``async def Rpc(self, request, ctx) -> response``. Server-streaming: an
-    async generator ``Rpc(self, request, ctx)`` yielding responses. Client-streaming:
-    ``async def Rpc(self, requests: AsyncIterator[request], ctx) -> response``. RPCs that
-    ``impl`` lacks answer UNIMPLEMENTED. ``names`` registers the same implementation
-    under several service names (e.g. containerd.task.v2.Task and .v3.Task, whose
-    messages are the same); by default the descriptor's full name.
+    async generator ``Rpc(self, request, ctx)`` yielding responses, or responses already
+    encoded as ``codec.Parts`` (sent as they are: the implementation vouches for them).
+    Client-streaming: ``async def Rpc(self, requests: AsyncIterator[request], ctx) ->
+    response``. RPCs that ``impl`` lacks answer UNIMPLEMENTED. ``names`` registers the
+    same implementation under several service names (e.g. containerd.task.v2.Task and
+    .v3.Task, whose messages are the same); by default the descriptor's full name.
     """
     for method in descriptor.methods:
         if method.client_streaming and method.server_streaming:
@@ -65,9 +67,12 @@ def _register_method(
 
     if method.server_streaming:
 
-        async def server_stream(payload: bytes, ctx: CallContext) -> AsyncIterator[bytes]:
+        async def server_stream(payload: bytes, ctx: CallContext) -> AsyncIterator[Payload]:
             async for response in impl(_parse(request_type, payload, where), ctx):
-                yield _serialize(response, response_type, where)
+                if isinstance(response, Parts):
+                    yield response
+                else:
+                    yield _serialize(response, response_type, where)
 
         server.register_server_stream(name, method.name, server_stream)
     elif method.client_streaming:
