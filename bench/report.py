@@ -73,12 +73,13 @@ def ratios(figures: Figures) -> list[str]:
     for top, bottom, label in RATIOS:
         a, b = by_name.get(top), by_name.get(bottom)
         if a and b and a.median is not None and b.median:
-            lines.append(f"- {label}: {a.median / b.median:.1f}x")
+            lines.append(f"- {label}: {number(a.median / b.median)}x")
     stdout = [f for f in figures if f.section == "stdout" and f.unit == "MiB/s"]
     if len(stdout) == 2 and all(f.median for f in stdout):
         runc, harpoon = sorted(stdout, key=lambda f: not f.name.startswith("runc"))
         assert runc.median and harpoon.median
-        lines.append(f"- stdout throughput, harpoon / runc: {harpoon.median / runc.median:.2f}x")
+        ratio = number(harpoon.median / runc.median)
+        lines.append(f"- stdout throughput, harpoon / runc: {ratio}x")
     return lines
 
 
