@@ -9,22 +9,22 @@ from pathlib import Path
 
 import pytest
 
-from harpoon.agent.channel import _PortWriteTransport, open_port
+from harpoon.agent.channel import _PortWriteTransport, hold_port, open_port
 
 
 def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
-def test_closing_the_writer_closes_both_halves(tmp_path: Path) -> None:
-    """A host that goes away ends the connection; the agent closes the port to open it
-    again. Closing must neither raise (it raised NotImplementedError in wait_closed,
-    which powered the VM off) nor leave the read half's descriptor open."""
+def test_closing_the_writer_closes_both_halves_and_the_port_stays_open(tmp_path: Path) -> None:
+    """A host that goes away ends the connection; the agent starts another on the same
+    port. Closing must neither raise (it raised NotImplementedError in wait_closed,
+    which powered the VM off) nor leave the connection's descriptors open."""
     fifo = tmp_path / "port"
     os.mkfifo(fifo)
 
-    async def cycle() -> bytes:
-        reader, writer = await open_port(str(fifo))
+    async def cycle(port: int) -> bytes:
+        reader, writer = await open_port(port)
         writer.write(b"ping")
         await writer.drain()
         echoed = await reader.readexactly(4)
@@ -35,12 +35,41 @@ def test_closing_the_writer_closes_both_halves(tmp_path: Path) -> None:
 
     async def main() -> None:
         before = open_fds()
-        assert await cycle() == b"ping"
-        assert open_fds() == before
-        assert await cycle() == b"ping"  # and the port opens again
+        port = hold_port(str(fifo))
+        held = open_fds()
+        assert await cycle(port) == b"ping"
+        assert open_fds() == held
+        assert await cycle(port) == b"ping"  # and another connection works
+        assert open_fds() == held
+        os.close(port)
         assert open_fds() == before
 
     asyncio.run(main())
+
+
+def test_what_the_host_sends_between_two_connections_reaches_the_next(tmp_path: Path) -> None:
+    """The port stays open from one connection to the next: a port closed in between
+    (as the agent's were) drops what the host sent meanwhile, its Hello included."""
+    fifo = tmp_path / "port"
+    os.mkfifo(fifo)
+
+    async def main() -> bytes:
+        port = hold_port(str(fifo))
+        _, writer = await open_port(port)
+        writer.close()
+        await asyncio.wait_for(writer.wait_closed(), 5)
+        host = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO if nobody held it
+        os.write(host, b"hello")
+        os.close(host)
+        reader, writer = await open_port(port)
+        try:
+            return await asyncio.wait_for(reader.readexactly(5), 5)
+        finally:
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), 5)
+            os.close(port)
+
+    assert asyncio.run(main()) == b"hello"
 
 
 def test_pieces_larger_than_the_port_takes_arrive_whole_and_in_order(tmp_path: Path) -> None:
@@ -51,7 +80,8 @@ def test_pieces_larger_than_the_port_takes_arrive_whole_and_in_order(tmp_path: P
     pieces = [bytes([i]) * (300_000 + i) for i in range(12)] + [b"end"]
 
     async def main() -> bytes:
-        reader, writer = await open_port(str(fifo))
+        port = hold_port(str(fifo))
+        reader, writer = await open_port(port)
         received = asyncio.ensure_future(reader.readexactly(sum(map(len, pieces))))
         for first in range(0, len(pieces), 3):
             writer.writelines(pieces[first : first + 3])
@@ -60,6 +90,7 @@ def test_pieces_larger_than_the_port_takes_arrive_whole_and_in_order(tmp_path: P
         data = await asyncio.wait_for(received, 10)
         writer.close()
         await asyncio.wait_for(writer.wait_closed(), 5)
+        os.close(port)
         return data
 
     assert asyncio.run(main()) == b"".join(pieces)
@@ -97,6 +128,33 @@ def test_close_sends_what_is_pending_first_and_a_broken_port_fails_drain() -> No
         )
         os.close(read_end)  # the host end is gone
         writer.write(b"into nothing")
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(writer.drain(), 5)
+
+    asyncio.run(main())
+
+
+def test_output_for_a_host_that_is_gone_is_dropped_not_waited_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A port without a host refuses writes (EAGAIN) and polls as hung up: the pending
+    frame is dropped and the connection lost, so that closing it does not wait for ever
+    and nothing meant for the old host reaches the next."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # poll(2) on the write end now reports POLLERR
+
+        def refuse(fd: int, buffers: object) -> int:
+            raise BlockingIOError
+
+        monkeypatch.setattr(os, "writev", refuse)
+        protocol = asyncio.streams.FlowControlMixin(loop)
+        transport = _PortWriteTransport(loop, write_end, protocol)
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)
+        writer.write(b"a reply nobody will read")
+        assert transport.is_closing() and transport.get_write_buffer_size() == 0
         with pytest.raises(ConnectionError):
             await asyncio.wait_for(writer.drain(), 5)
 

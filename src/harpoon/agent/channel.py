@@ -2,7 +2,11 @@
 
 Without udev there are no friendly names in /dev: the port is the /dev/vportNpM whose
 /sys/class/virtio-ports entry has our name. The port reads EOF while no host is
-connected, so the caller reopens it in a loop; a port can only be open once.
+connected, so the caller starts connection after connection on it, each with streams
+on duplicates of one descriptor that stays open for the agent's life (`hold_port`: a
+port can only be opened once). Closing the port between connections would lose what a
+host sent meanwhile: the driver discards a closed port's unread data, and a host that
+connected between the agent's EOF and its reopening lost its Hello and waited forever.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import select
 from collections import deque
 from collections.abc import Iterable
 
@@ -53,8 +58,8 @@ class _WriteHalfProtocol(asyncio.streams.FlowControlMixin):
 
     StreamWriter.wait_closed asks its protocol for a close waiter, which only
     StreamReaderProtocol has (FlowControlMixin raises NotImplementedError, which took
-    PID 1 down when a host disconnected). And the port can be opened again only once
-    both halves' descriptors are closed, so losing this half closes the read half too.
+    PID 1 down when a host disconnected). Losing this half closes the read half too,
+    so that a connection never outlives its writer with a reader left on the port.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, read_half: asyncio.BaseTransport):
@@ -128,6 +133,8 @@ class _PortWriteTransport(asyncio.WriteTransport):
                     self._fd, list(itertools.islice(self._pending, WRITEV_MAX_PIECES))
                 )
             except (BlockingIOError, InterruptedError):
+                if self._host_gone():
+                    self._lose(ConnectionResetError("no host on the port any more"))
                 return
             except OSError as error:
                 self._lose(error)
@@ -142,6 +149,14 @@ class _PortWriteTransport(asyncio.WriteTransport):
                     break
                 written -= len(head)
                 self._pending.popleft()
+
+    def _host_gone(self) -> bool:
+        """Whether the port hangs up: the driver refuses writes while no host is
+        connected and reports POLLHUP, which would also wake the writer again and again.
+        What is pending was for a host that is gone and must not reach the next one."""
+        poller = select.poll()
+        poller.register(self._fd, select.POLLOUT)
+        return any(events & (select.POLLHUP | select.POLLERR) for _, events in poller.poll(0))
 
     def _on_writable(self) -> None:
         self._flush()
@@ -184,17 +199,22 @@ class _PortWriteTransport(asyncio.WriteTransport):
         return False
 
 
-async def open_port(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Opens a character device as an asyncio stream pair; closing the writer closes
-    the device."""
+def hold_port(path: str) -> int:
+    """Opens the port for the agent's life: connections are made on this descriptor's
+    duplicates (open_port)."""
+    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+async def open_port(port_fd: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An asyncio stream pair on the port held as port_fd, for one connection: closing
+    the writer closes both, the port stays open."""
     loop = asyncio.get_running_loop()
-    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     reader = asyncio.StreamReader(limit=1 << 22, loop=loop)
     read_protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     read_half, _ = await loop.connect_read_pipe(
-        lambda: read_protocol, os.fdopen(fd, "rb", buffering=0)
+        lambda: read_protocol, os.fdopen(os.dup(port_fd), "rb", buffering=0)
     )
     write_protocol = _WriteHalfProtocol(loop, read_half)
-    write_transport = _PortWriteTransport(loop, os.dup(fd), write_protocol)
+    write_transport = _PortWriteTransport(loop, os.dup(port_fd), write_protocol)
     writer = asyncio.StreamWriter(write_transport, write_protocol, reader, loop)
     return reader, writer

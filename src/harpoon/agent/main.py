@@ -42,9 +42,10 @@ async def serve(started_monotonic: float) -> None:
 async def serve_port(server: Server, name: str) -> None:
     """Serves one host channel for ever: each time the host (re)connects."""
     path = await channel.wait_for_port(name)
+    port = channel.hold_port(path)
     log(f"serving {name} on {path}")
     while True:
-        reader, writer = await channel.open_port(path)
+        reader, writer = await channel.open_port(port)
         try:
             await server.serve_connection(reader, writer)
         finally:
