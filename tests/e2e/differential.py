@@ -28,9 +28,9 @@ from tests.e2e.test_harpoon_run import ctr_command
 RUNC = "io.containerd.runc.v2"
 HARPOON = "io.containerd.harpoon.v1"
 #: Timeout of one `ctr` invocation that starts a task: it only catches hangs. A harpoon
-#: VM boots in ~6-8 s, but the slowest scenario (memory-limit-exceeded: the guest
-#: reclaims the container's pages before it OOM-kills) took 20-35 s on one host and
-#: 174 s on a slower one (2026-12-02), against this limit's first value of 180 s.
+#: VM boots in ~6-8 s cold; memory-limit-exceeded, while it grew a shell variable, once
+#: took 174 s here as the guest reclaimed and re-read busybox's pages (see
+#: test_harpoon_run.OOM_COMMAND), against this limit's first value of 180 s.
 CTR_RUN_TIMEOUT_S = 600.0
 #: How long a task gets to reach RUNNING, to print a marker, or to stop after a kill.
 STATE_TIMEOUT_S = 120.0
