@@ -110,8 +110,7 @@ class _PortWriteTransport(asyncio.WriteTransport):
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         if self._closing:
             return  # as asyncio's transports do: the stream's writer checks first
-        views = [memoryview(data).cast("B") for data in list_of_data]
-        views = [view for view in views if len(view)]
+        views = [memoryview(data).cast("B") for data in list_of_data if len(data)]
         if not views:
             return
         was_idle = not self._pending

@@ -159,13 +159,9 @@ class TemplateStore:
 
     def _remove_dead_builds(self) -> None:
         for entry in self.root.glob(".build-*"):
-            pid = entry.name.split("-")[1]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(entry, ignore_errors=True)
+            _remove_if_builder_dead(entry, entry.name.split("-")[1])
         for entry in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
-            pid = entry.name.removeprefix(SCRATCH_PREFIX).split("-")[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(entry, ignore_errors=True)
+            _remove_if_builder_dead(entry, entry.name.removeprefix(SCRATCH_PREFIX).split("-")[0])
         for entry in self.root.glob(".discard-*"):
             shutil.rmtree(entry, ignore_errors=True)
         # Per-key locks of harpoon before 2026-11-28 (the build lock is held here).
@@ -260,6 +256,12 @@ class TemplateStore:
                 template = self._publish(staging, key)
         log.info("built VM template %s in %s", key, template.directory)
         return template
+
+
+def _remove_if_builder_dead(directory: Path, pid: str) -> None:
+    """Removes a build's directory whose name carries the pid of a builder that is gone."""
+    if pid.isdigit() and not _alive(int(pid)):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _made_from_missing_files(directory: Path) -> bool:

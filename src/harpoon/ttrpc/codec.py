@@ -121,8 +121,9 @@ Event = Frame | OversizedFrame | FramingError
 class Parts(Record):
     """Bytes to send as pieces, one after another, never joined into one object: how a
     large stream message (a container's output) leaves the guest agent without being
-    copied on the way (a copy of 1 MiB costs ~5 ms of an emulated guest's CPU). A
-    writer that can only take one buffer joins them (`joined`)."""
+    copied on the way (a copy of 1 MiB costs ~5 ms of an emulated guest's CPU). Channel
+    hands them to its transport's writelines; asyncio's socket transports join them
+    there, the agent's port transport writes them with writev(2)."""
 
     __slots__ = ("pieces",)
     pieces: tuple[bytes | memoryview, ...]
