@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from harpoon.vmm import accel
-from harpoon.vmm.qemu_launch import DEFAULT_MACHINE, PROFILES, host_arch
+from harpoon.vmm.backend import host_arch
+from harpoon.vmm.qemu_launch import DEFAULT_MACHINE, PROFILES
 
 #: A version query that takes longer than this is reported as unknown.
 VERSION_TIMEOUT_S = 10.0

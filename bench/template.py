@@ -6,10 +6,10 @@ background builder (harpoon.sandbox.template_builder) holds the store's lock."""
 from __future__ import annotations
 
 from harpoon.guest import GuestImage
-from harpoon.sandbox.cli import container_config
 from harpoon.sandbox.template import TemplateStore
+from harpoon.shim.template_cli import container_config
+from harpoon.vmm.backend import default_backend
 from harpoon.vmm.base import VMError
-from harpoon.vmm.qemu import QemuVM
 
 
 async def ensure_template(guest: GuestImage) -> str:
@@ -18,7 +18,8 @@ async def ensure_template(guest: GuestImage) -> str:
     if store is None:
         return "VM templates are off: harpoon runs boot cold"
     try:
-        built = await store.build(container_config(guest), QemuVM)
+        backend = default_backend()
+        built = await store.build(container_config(guest, backend), backend)
     except (VMError, OSError, TimeoutError) as error:
         return f"no VM template ({error}): harpoon runs will boot cold"
     if built is None:

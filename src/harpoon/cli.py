@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from harpoon.guest.cli import guest
-from harpoon.sandbox.cli import template
+from harpoon.shim.template_cli import template
 
 
 @click.group()

@@ -21,8 +21,9 @@ from harpoon.sandbox.template import (
     TemplateStore,
     template_key,
 )
-from harpoon.vmm.base import Share, VMConfig
-from harpoon.vmm.qemu import QemuVM
+from harpoon.vmm.backend import QemuBackend
+from harpoon.vmm.base import VMConfig
+from harpoon.vmm.devices import NIC, Disk, Share, StreamBackend, TapBackend, Vsock
 
 
 def publish(
@@ -60,7 +61,7 @@ def config(tmp_path: Path, **overrides: object) -> VMConfig:
 
 
 def key_of(vm_config: VMConfig) -> str:
-    identity = QemuVM(vm_config).template_identity()
+    identity = QemuBackend().template_identity(vm_config)
     if identity is None:
         pytest.skip("no QEMU on this host")
     return template_key(identity)
@@ -74,6 +75,48 @@ def test_key_ignores_host_paths_that_differ_at_restore(tmp_path: Path) -> None:
     assert key_of(one) == key_of(other)
 
 
+def devices(tmp_path: Path, name: str, mac: str) -> dict[str, object]:
+    """A VM with one of every device, its per-instance values taken from name and mac."""
+    return {
+        "disks": (
+            Disk("layer0", tmp_path / f"{name}.erofs"),
+            Disk("rw", tmp_path / f"{name}.ext4", read_only=False),
+        ),
+        "nics": (NIC("eth0", mac, TapBackend(f"tap-{name}")),),
+        "vsock": Vsock(3 + len(name)),
+    }
+
+
+def test_key_ignores_disk_files_nic_addresses_and_vsock_cids(tmp_path: Path) -> None:
+    one = config(tmp_path, **devices(tmp_path, "a", "02:00:00:00:00:0a"))
+    other = config(
+        tmp_path,
+        name="c2",
+        shares=(Share("rootfs", tmp_path / "b"),),
+        **devices(tmp_path, "bb", "02:00:00:00:00:0b"),
+    )
+    assert key_of(one) == key_of(other)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"disks": (Disk("layer0", Path("/a.erofs")),)},
+        {"disks": (Disk("layer0", Path("/a.erofs"), read_only=False),)},
+        {"disks": (Disk("layer1", Path("/a.erofs")),)},
+        {"nics": (NIC("eth0", "02:00:00:00:00:01", TapBackend("tap0")),)},
+        {"nics": (NIC("eth0", "02:00:00:00:00:01", StreamBackend(Path("/gv.sock"))),)},
+        {"vsock": Vsock(3)},
+        {"shares": (Share("rootfs", Path("/r")), Share("vol0", Path("/v")))},
+    ],
+)
+def test_another_device_layout_is_another_key(tmp_path: Path, layout: dict[str, object]) -> None:
+    keys = {key_of(config(tmp_path))}
+    for other in (config(tmp_path, **layout), config(tmp_path, **{**layout, "cpus": 2})):
+        keys.add(key_of(other))
+    assert len(keys) == 3
+
+
 @pytest.mark.parametrize(
     "change",
     [
@@ -82,7 +125,7 @@ def test_key_ignores_host_paths_that_differ_at_restore(tmp_path: Path) -> None:
         {"kernel_args": ("debug",)},
         {"shares": ()},
         {"shares": (Share("data", Path("/x")),)},
-        {"extra": {"machine": "q35"}},
+        {"machine": "q35"},
     ],
 )
 def test_key_changes_with_what_the_saved_state_depends_on(
@@ -102,21 +145,26 @@ def test_key_changes_with_read_only_flags_and_a_rewritten_initrd(tmp_path: Path)
 def test_harpoon_template_build_makes_the_template_a_container_without_limits_restores(
     tmp_path: Path,
 ) -> None:
-    """`harpoon template build` and the shim's Create build their configurations with the
-    same function; a container with a memory limit gets a VM of another size."""
+    """`harpoon template build` and the shim's Create plan their VMs with the same
+    function; a container with a memory limit gets a VM of another size."""
     from harpoon.guest.cache import GuestImage
-    from harpoon.sandbox.cli import container_config
-    from harpoon.shim.prestart import vm_config
-    from harpoon.shim.resources import vm_size
+    from harpoon.shim.bundle import Bundle
+    from harpoon.shim.container_plan import plan_container
+    from harpoon.shim.template_cli import container_config
 
     base = config(tmp_path)
+    backend = QemuBackend()
     image = GuestImage("amd64", base.kernel, base.initrd, "6.1.0-test", "digest")
-    container = vm_config("default", "c1", image, vm_size({"process": {"args": ["sh"]}}))
-    assert key_of(container_config(image)) == key_of(container)
+
+    def planned(container_id: str, spec: dict[str, object]) -> VMConfig:
+        bundle = Bundle(tmp_path / container_id, {"process": {"args": ["sh"]}, **spec})
+        plan = plan_container("default", container_id, bundle, image, backend, templates=False)
+        return plan.launch.config
+
+    template = key_of(container_config(image, backend))
+    assert template == key_of(planned("c1", {}))
     limited = {"linux": {"resources": {"memory": {"limit": 1 << 30}}}}
-    assert key_of(container_config(image)) != key_of(
-        vm_config("default", "c2", image, vm_size(limited))
-    )
+    assert template != key_of(planned("c2", limited))
 
 
 def test_a_whole_template_is_found(tmp_path: Path) -> None:

@@ -102,9 +102,8 @@ exec sleep 60
 """
 
 
-def test_the_daemon_launches_the_vm_before_it_loads_asyncio(tmp_path: Path) -> None:
-    """The bundle's VM is launched (here without a template: a boot) by a process that
-    has not imported asyncio or protobuf, with the rootfs export ready for QEMU."""
+def fake_qemu_and_guest(tmp_path: Path) -> tuple[Path, Path]:
+    """A fake QEMU on a PATH directory, and a fake guest image: (that directory, the image)."""
     bin_dir, guest = tmp_path / "bin", tmp_path / "guest" / "amd64" / "0123456789abcdef"
     bin_dir.mkdir()
     qemu = bin_dir / "qemu-system-x86_64"
@@ -117,6 +116,13 @@ def test_the_daemon_launches_the_vm_before_it_loads_asyncio(tmp_path: Path) -> N
                 "kernel_release": "6.1", "digest": "0123456789abcdef"}  # fmt: skip
     (guest / "manifest.json").write_text(json.dumps(manifest))
     (guest.parent / "current").symlink_to(guest.name)
+    return bin_dir, guest
+
+
+def test_the_daemon_launches_the_vm_before_it_loads_asyncio(tmp_path: Path) -> None:
+    """The bundle's VM is launched (here without a template: a boot) by a process that
+    has not imported asyncio or protobuf, with the rootfs export ready for QEMU."""
+    bin_dir, guest = fake_qemu_and_guest(tmp_path)
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     (bundle / "config.json").write_text(json.dumps({"process": {"args": ["true"]}}))
@@ -124,8 +130,8 @@ def test_the_daemon_launches_the_vm_before_it_loads_asyncio(tmp_path: Path) -> N
         import sys
         from harpoon.shim import prestart
         early = prestart.launch("ns", "c1", {str(bundle)!r})
-        assert early is not None and early.prelaunched is not None
-        launched = early.prelaunched._launched
+        assert early.plan is not None and early.backend._early is not None
+        launched = early.backend._early._launched
         print(launched.process.pid)
         loaded = {{"asyncio", "google.protobuf"}} & set(sys.modules)
         assert not loaded, f"loaded before the VM was launched: {{loaded}}"
@@ -206,3 +212,30 @@ def test_a_restore_hands_qemu_the_state_file_as_an_inherited_fd(
     )
     assert held[launched.incoming.removeprefix("fd:")] == str(state)
     assert set(os.listdir("/proc/self/fd")) == before  # the state file is QEMU's alone
+
+
+def test_a_bundle_the_plan_refuses_launches_no_vm(tmp_path: Path) -> None:
+    """A Create that config.json already shows must fail (here: a host bind mount) fails
+    before any VM: the daemon's early step plans, is refused, and launches nothing."""
+    from harpoon.shim import prestart
+
+    bin_dir, _ = fake_qemu_and_guest(tmp_path)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    mount = {"destination": "/data", "type": "bind", "source": str(tmp_path)}
+    spec = {"process": {"args": ["true"]}, "mounts": [mount]}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    environment = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "HARPOON_GUEST_DIR": str(tmp_path / "guest"),
+        "HARPOON_ACCEL": "tcg",
+        "HARPOON_TEMPLATES": "off",
+        "FAKE_QEMU_ARGS": str(tmp_path / "qemu-args"),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        early = prestart.launch("ns", "c1", str(bundle))
+    assert early.plan is None
+    assert early.backend._early is None  # type: ignore[attr-defined]
+    assert not (tmp_path / "qemu-args").exists()

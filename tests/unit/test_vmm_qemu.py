@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from harpoon import linux
-from harpoon.vmm.base import Share, VMConfig, VMError
+from harpoon.vmm.base import VMConfig, VMError
+from harpoon.vmm.devices import NIC, DeviceError, Disk, Share, StreamBackend, TapBackend, Vsock
 from harpoon.vmm.qemu_launch import command_line
 
 
@@ -42,7 +43,7 @@ def test_hardware_acceleration_uses_the_host_cpu() -> None:
 
 
 def test_q35_uses_pci_devices() -> None:
-    line = " ".join(command_line(config(extra={"machine": "q35"}), "tcg"))
+    line = " ".join(command_line(config(machine="q35"), "tcg"))
     assert "virtio-serial-pci" in line and "virtio-9p-pci" in line
 
 
@@ -73,9 +74,9 @@ def test_microvm_falls_back_to_q35_only_where_qemu_lacks_it(
     from harpoon.vmm import qemu_launch as qemu
 
     monkeypatch.setattr(qemu, "supported_machines", lambda binary: frozenset({"q35", "pc"}))
-    assert qemu.with_available_machine(config(), "qemu").extra["machine"] == "q35"
+    assert qemu.with_available_machine(config(), "qemu").machine == "q35"
     monkeypatch.setattr(qemu, "supported_machines", lambda binary: frozenset({"microvm", "q35"}))
-    assert "machine" not in qemu.with_available_machine(config(), "qemu").extra
+    assert qemu.with_available_machine(config(), "qemu").machine is None
 
 
 def test_the_installed_qemu_lists_its_machines() -> None:
@@ -100,3 +101,50 @@ def test_a_memory_file_is_shared_when_booting_and_private_when_restoring() -> No
         assert backend == f"memory-backend-file,id=ram,size=512M,mem-path=/t/memory,share={share}"
     plain = command_line(config(), "tcg")
     assert "-object" not in plain and "memory-backend" not in " ".join(plain)
+
+
+def test_disks_nics_and_vsock_on_the_command_line_by_id() -> None:
+    argv = command_line(
+        config(
+            disks=(
+                Disk("layer0", Path("/l/a,b.erofs")),
+                Disk("rw", Path("/l/rw"), read_only=False),
+            ),
+            nics=(
+                NIC("eth0", "02:00:00:00:00:01", TapBackend("tap7")),
+                NIC("eth1", "02:00:00:00:00:02", StreamBackend(Path("/run/gv.sock"))),
+            ),
+            vsock=Vsock(9),
+        ),
+        "tcg",
+    )
+    line = " ".join(argv)
+    # Commas in a path are doubled, as QEMU's option parser wants.
+    assert "driver=file,node-name=disk-layer0,filename=/l/a,,b.erofs,read-only=on" in line
+    assert "virtio-blk-device,drive=disk-layer0,serial=layer0" in line
+    assert "driver=file,node-name=disk-rw,filename=/l/rw -device" in line
+    assert "tap,id=net-eth0,ifname=tap7,script=no,downscript=no" in line
+    assert "virtio-net-device,netdev=net-eth0,mac=02:00:00:00:00:01" in line
+    assert "stream,id=net-eth1,server=off,reconnect=1,addr.type=unix,addr.path=/run/gv.sock" in line
+    assert "vhost-vsock-device,guest-cid=9" in line
+
+
+def test_a_virtiofs_share_is_refused_by_qemu_here_naming_it() -> None:
+    with pytest.raises(VMError, match=r"share data: .*9p shares only"):
+        command_line(config(shares=(Share("data", Path("/d"), fs="virtiofs"),)), "tcg")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Disk("Bad Id", Path("/x")),
+        lambda: Disk("x" * 21, Path("/x")),
+        lambda: NIC("eth0", "02:00:00:00:01", TapBackend("t")),
+        lambda: NIC("eth0", "01:00:00:00:00:01", TapBackend("t")),
+        lambda: Vsock(2),
+        lambda: config(disks=(Disk("a", Path("/1")), Disk("a", Path("/2")))),
+    ],
+)
+def test_a_device_no_backend_could_build_is_refused_where_it_is_described(make: object) -> None:
+    with pytest.raises(DeviceError):
+        make()  # type: ignore[operator]

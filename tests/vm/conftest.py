@@ -11,6 +11,7 @@ import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -18,11 +19,11 @@ import pytest
 from harpoon.api.agent.v1 import agent_pb2
 from harpoon.guest.cache import GuestImage
 from harpoon.sandbox.agent_client import AgentClient
+from harpoon.sandbox.plan import plan_launch
 from harpoon.sandbox.sandbox import Sandbox
-from harpoon.shim.prestart import rootfs_share, vm_config
-from harpoon.shim.resources import vm_size
-from harpoon.vmm.qemu import QemuVM
-from harpoon.vmm.qemu_launch import host_arch
+from harpoon.shim.bundle import Bundle
+from harpoon.shim.container_plan import plan_container
+from harpoon.vmm.backend import QemuBackend, host_arch
 
 RunInGuest = Callable[..., Awaitable[tuple[int, bytes, bytes]]]
 StartSandbox = Callable[..., contextlib.AbstractContextManager["StartedSandbox"]]
@@ -91,14 +92,18 @@ def start_sandbox(
     cpus: int | None = None,
     templates: Literal[False] | None = None,
 ) -> Iterator[StartedSandbox]:
-    """A container's sandbox as the shim makes it (harpoon.shim.prestart.vm_config, a
-    rootfs share), from a VM template unless templates is False; stopped, its state
-    directory removed, on the way out."""
+    """A container's sandbox as the shim plans it (harpoon.shim.container_plan: a rootfs
+    share), from a VM template unless templates is False; stopped, its state directory
+    removed, on the way out."""
     loop = asyncio.new_event_loop()
-    config = vm_config("hp-test", f"{name}-{os.getpid()}-{time.time_ns()}", guest, vm_size({}))
+    backend = QemuBackend()
+    container_id = f"{name}-{os.getpid()}-{time.time_ns()}"
+    bundle = Bundle(Path("/nonexistent"), {"process": {"args": ["sh"]}})
+    plan = plan_container("hp-test", container_id, bundle, guest, backend, templates).launch
     if cpus is not None:
-        config = replace(config, cpus=cpus)
-    sandbox = Sandbox(config, QemuVM, templates, rootfs_share=rootfs_share(config))
+        plan = plan_launch(replace(plan.config, cpus=cpus), backend, templates, plan.rootfs_share)
+    config = plan.config
+    sandbox = Sandbox(plan, backend)
     try:
         loop.run_until_complete(sandbox.start())
         yield StartedSandbox(sandbox, loop)

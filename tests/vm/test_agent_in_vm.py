@@ -17,15 +17,16 @@ from typing import TYPE_CHECKING
 import pytest
 
 from harpoon.api.agent.v1 import agent_pb2
+from harpoon.sandbox.plan import plan_launch
 from harpoon.sandbox.sandbox import Sandbox
 from harpoon.ttrpc.status import Code, TtrpcError
+from harpoon.vmm.backend import QemuBackend, host_arch
 from harpoon.vmm.base import Share, VMConfig
-from harpoon.vmm.qemu import QemuVM
-from harpoon.vmm.qemu_launch import host_arch
 
 if TYPE_CHECKING:
     from tests.vm.conftest import RunInGuest
 
+BACKEND = QemuBackend()
 pytestmark = pytest.mark.vm
 
 
@@ -73,7 +74,7 @@ def vm(guest: object, shared_dir: Path, guest_process: RunInGuest) -> Iterator[V
             shares=(Share("data", shared_dir),),
         )
         # Its own configuration (a data share, one vCPU): no template to restore or build.
-        sandbox = Sandbox(config, QemuVM, templates=False)
+        sandbox = Sandbox(plan_launch(config, BACKEND, False), BACKEND)
         loop.run_until_complete(sandbox.start())
         try:
             yield VM(sandbox, loop, guest_process)
@@ -184,7 +185,7 @@ def test_a_guest_without_an_agent_is_reported_with_its_console(guest: object) ->
             state_dir=Path(state),
         )  # fmt: skip
         # The floor image, which has no agent: nothing to restore, no template to build.
-        sandbox = Sandbox(config, QemuVM, templates=False)
+        sandbox = Sandbox(plan_launch(config, BACKEND, False), BACKEND)
         try:
             with pytest.raises(VMError) as caught:
                 loop.run_until_complete(asyncio.wait_for(sandbox.start(), 120))
@@ -208,7 +209,7 @@ def test_an_agent_up_before_its_host_connects_waits_for_it(guest: object) -> Non
             name="late-host", arch=guest.arch, kernel=guest.kernel, initrd=guest.initrd,  # type: ignore[attr-defined]
             state_dir=Path(state),
         )  # fmt: skip
-        vm = QemuVM(config)
+        vm = BACKEND.new_vm(config)
 
         async def scenario() -> str:
             await vm.start()

@@ -19,7 +19,7 @@ import pytest
 from harpoon.api.agent.v1 import agent_pb2
 from harpoon.guest import GuestImage
 from harpoon.sandbox.agent_client import AgentClient
-from harpoon.sandbox.cli import container_config
+from harpoon.sandbox.plan import plan_launch
 from harpoon.sandbox.sandbox import Sandbox
 from harpoon.sandbox.template import (
     MEMORY_NAME,
@@ -29,9 +29,11 @@ from harpoon.sandbox.template import (
     template_key,
 )
 from harpoon.sandbox.template_builder import BUILD_LOG_NAME
+from harpoon.shim.template_cli import container_config
+from harpoon.vmm.backend import QemuBackend
 from harpoon.vmm.base import Share, VMConfig
-from harpoon.vmm.qemu import QemuVM
 
+BACKEND = QemuBackend()
 pytestmark = pytest.mark.vm
 
 NINEP = ["trans=virtio", "version=9p2000.L"]
@@ -52,7 +54,7 @@ def store(workdir: Path) -> TemplateStore:
 
 @pytest.fixture(scope="module")
 def template(guest: GuestImage, store: TemplateStore) -> Template:
-    built = asyncio.run(store.build(container_config(guest), QemuVM))
+    built = asyncio.run(store.build(container_config(guest, BACKEND), BACKEND))
     assert built is not None
     return built
 
@@ -80,7 +82,7 @@ def nothing_left_behind(workdir: Path) -> Iterator[None]:
 
 
 def sandbox_config(guest: GuestImage, workdir: Path, name: str, share: Path) -> VMConfig:
-    config = container_config(guest)
+    config = container_config(guest, BACKEND)
     from dataclasses import replace
 
     return replace(
@@ -132,7 +134,9 @@ def test_two_vms_restored_at_once_each_see_their_own_share_and_the_host_clock(
 ) -> None:
     async def one(name: str) -> tuple[bool, int, bytes, int, float, bytes]:
         share = share_with(workdir, name, f"I am {name}\n")
-        sandbox = Sandbox(sandbox_config(guest, workdir, name, share), QemuVM, store)
+        sandbox = Sandbox(
+            plan_launch(sandbox_config(guest, workdir, name, share), BACKEND, store), BACKEND
+        )
         await sandbox.start()
         try:
             agent = sandbox.agent
@@ -170,7 +174,10 @@ def test_a_corrupt_template_falls_back_to_a_cold_boot_and_is_rebuilt(
 
     async def scenario() -> tuple[bool, bool, bytes]:
         share = share_with(workdir, "cold", "cold\n")
-        sandbox = Sandbox(sandbox_config(guest, workdir, "cold", share), QemuVM, broken_store)
+        sandbox = Sandbox(
+            plan_launch(sandbox_config(guest, workdir, "cold", share), BACKEND, broken_store),
+            BACKEND,
+        )
         await sandbox.start()
         try:
             discarded = broken_store.find(template.key) is None
@@ -207,7 +214,7 @@ def test_a_template_build_outlives_the_sandbox_that_started_it(
     config = sandbox_config(guest, workdir, "short", share_with(workdir, "short", "x\n"))
 
     async def scenario() -> int:
-        sandbox = Sandbox(config, QemuVM, empty_store)
+        sandbox = Sandbox(plan_launch(config, BACKEND, empty_store), BACKEND)
         await sandbox.start()
         try:
             agent = sandbox.agent
@@ -226,7 +233,7 @@ def test_a_template_build_outlives_the_sandbox_that_started_it(
         assert empty_store.find(key) is None, "built before the sandbox stopped: no test"
         return await asyncio.wait_for(builder.wait(), BUILDER_WAIT_S)
 
-    key = template_key(QemuVM(config).template_identity() or {})
+    key = template_key(BACKEND.template_identity(config) or {})
     status = asyncio.run(scenario())
     log = (empty_store.root / BUILD_LOG_NAME).read_text()
     assert status == 0, log
@@ -242,7 +249,7 @@ def test_restore_is_much_faster_than_a_cold_boot(
     async def start_once(name: str, templates: TemplateStore | bool) -> float:
         share = share_with(workdir, name, "\n")
         config = sandbox_config(guest, workdir, name, share)
-        sandbox = Sandbox(config, QemuVM, templates if templates else False)  # type: ignore[arg-type]
+        sandbox = Sandbox(plan_launch(config, BACKEND, templates or False), BACKEND)  # type: ignore[arg-type]
         began = time.monotonic()
         await sandbox.start()
         elapsed = time.monotonic() - began

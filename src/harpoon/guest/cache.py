@@ -18,7 +18,6 @@ import fcntl
 import hashlib
 import json
 import os
-import platform
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,7 +34,6 @@ CURRENT_NAME = "current"
 DIGEST_DIR_CHARS = 16
 KEEP_IMAGES = 3  # per architecture, the current one included: a running VM may use another
 ARCHES = ("amd64", "arm64")
-_MACHINE_TO_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
 
 
 class GuestNotBuiltError(FileNotFoundError):
@@ -54,10 +52,13 @@ class GuestImage:
 
 
 def host_arch() -> str:
-    machine = platform.machine().lower()
-    if machine not in _MACHINE_TO_ARCH:
-        raise ValueError(f"no guest architecture for host machine {machine!r}")
-    return _MACHINE_TO_ARCH[machine]
+    """The host's architecture (harpoon.vmm.backend's word), if harpoon has guests for it."""
+    from harpoon.vmm.backend import host_arch as vmm_host_arch
+
+    arch = vmm_host_arch()
+    if arch not in ARCHES:
+        raise ValueError(f"no guest architecture for host architecture {arch!r}")
+    return arch
 
 
 def check_arch(arch: str) -> str:

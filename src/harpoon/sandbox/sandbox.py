@@ -1,10 +1,12 @@
 """A sandbox: one VM started for one container, and the connection to its agent.
 
-A VM starts by restoring a VM template (harpoon.sandbox.template) when one matches its
-configuration, and boots cold otherwise. Readiness is the agent answering Hello either
+A sandbox runs one LaunchPlan (harpoon.sandbox.plan): it restores the VM template the
+plan names, or boots cold. Readiness is the agent answering Hello either
 way: the request is written as soon as QEMU listens and waits in the channel until the
 guest opens its end, so there is no polling. A restore that fails or does not answer
-within RESTORE_HELLO_TIMEOUT_S discards the template and falls back to a cold boot. A
+within RESTORE_HELLO_TIMEOUT_S on its own discards the template and falls back to a cold
+boot; a restore ended by the sandbox's own stop (Create refused, the shim exiting)
+leaves the template alone. A
 cold-booted guest that does not answer within BOOT_TIMEOUT_S is killed and booted once
 more (about one TCG boot in 35 hangs silently on our machines), then reported with the
 end of its console. After a cold boot, once the container's process runs, the sandbox
@@ -12,7 +14,7 @@ has the missing template built in the background at the lowest CPU priority, by 
 process that outlives it (harpoon.sandbox.template_builder): a container shorter than
 the build (most `--rm` runs under TCG) must not leave the next one to boot cold too.
 
-A sandbox given a `rootfs_share` exports that (empty) directory as its root filesystem
+A plan with a `rootfs_share` exports that (empty) directory as its root filesystem
 share and mounts it in the guest as soon as the agent answers, before any container
 exists (harpoon.sandbox.rootfs); `share_rootfs` then puts the container's rootfs in.
 `SandboxStarter` starts one sandbox ahead of the request for it.
@@ -24,15 +26,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from harpoon.sandbox import rootfs, template, template_builder
+from harpoon.sandbox.plan import LaunchPlan
 from harpoon.sandbox.template import Template, TemplateStore
 from harpoon.ttrpc.status import TtrpcError
-from harpoon.vmm.base import VirtualMachine, VMConfig, VMError
+from harpoon.vmm.backend import Backend
+from harpoon.vmm.base import VirtualMachine, VMError
 from harpoon.vmm.process import VmmProcess
 
 if TYPE_CHECKING:
@@ -49,22 +52,13 @@ log = logging.getLogger(__name__)
 
 
 class Sandbox:
-    def __init__(
-        self,
-        config: VMConfig,
-        make_vm: Callable[[VMConfig], VirtualMachine],
-        templates: TemplateStore | Literal[False] | None = None,
-        *,
-        rootfs_share: Path | None = None,
-    ) -> None:
-        """templates: where VM templates live; None for the store the environment names
-        (harpoon.sandbox.template.TemplateStore.from_environment), False to boot cold.
-        rootfs_share: the host path of config's rootfs share (harpoon.sandbox.rootfs),
-        which this sandbox creates and removes."""
-        self.config = config
-        self.rootfs_share = rootfs_share
-        self._make_vm = make_vm
-        self._templates = TemplateStore.from_environment() if templates is None else templates
+    def __init__(self, plan: LaunchPlan, backend: Backend) -> None:
+        """plan: the VM and how it starts (harpoon.sandbox.plan); backend: the VMM that
+        runs it (and may hold the plan's VMM launched early)."""
+        self.plan = plan
+        self.config = plan.config
+        self.rootfs_share = plan.rootfs_share
+        self._backend = backend
         self._template_build: asyncio.Task[None] | None = None
         self.template_builder: VmmProcess | None = None
         """The process building this VM's missing template, once started (it outlives
@@ -78,6 +72,8 @@ class Sandbox:
         self.guest_running = asyncio.Event()
         """Set once the host has done its part of the start and the guest runs towards
         answering Hello (the host then has time for other work)."""
+        self._stopping = False
+        """Set once stop() began: a restore failing from then on failed because of it."""
 
     @property
     def pid(self) -> int:
@@ -92,11 +88,9 @@ class Sandbox:
             await rootfs.mount_share(self.agent)
 
     async def _start_vm(self) -> None:
-        found = self._find_template()
-        if found is not None:
-            store, existing = found
-            if existing is not None and await self._restore(store, existing):
-                return
+        store, found = self.plan.store, self.plan.template
+        if store is not None and found is not None and await self._restore(store, found):
+            return
         last_error: Exception | None = None
         for attempt in range(1, BOOT_ATTEMPTS + 1):
             try:
@@ -108,10 +102,8 @@ class Sandbox:
                 await self._stop_vm()
         else:
             raise VMError(f"VM {self.config.name} did not start: {last_error}")
-        if found is not None:
-            self._template_build = asyncio.ensure_future(
-                self._build_template_when_running(found[0])
-            )
+        if store is not None:
+            self._template_build = asyncio.ensure_future(self._build_template_when_running(store))
 
     def share_rootfs(self, host_rootfs: Path) -> str:
         """Puts the container's root filesystem in the VM's share; where the guest sees
@@ -121,28 +113,15 @@ class Sandbox:
         rootfs.attach(self.rootfs_share, host_rootfs)
         return rootfs.GUEST_ROOTFS
 
-    def _find_template(self) -> tuple[TemplateStore, Template | None] | None:
-        """The store to use and its template for this VM, if the backend can restore."""
-        if not self._templates:
-            return None
-        identity = self._make_vm(self.config).template_identity()
-        if identity is None:
-            log.info("%s: this VMM cannot restore guests: booting cold", self.config.name)
-            return None
-        key = template.template_key(identity)
-        found = self._templates.find(key)
-        if found is None:
-            log.info("%s: no VM template %s in %s: booting cold",
-                     self.config.name, key, self._templates.root)  # fmt: skip
-        return self._templates, found
-
     async def _restore(self, store: TemplateStore, found: Template) -> bool:
         began = time.monotonic()
         try:
             self.vm, self.agent, self.hello = await template.restore(
-                self._make_vm, self.config, found, resumed=self.guest_running
+                self._backend.new_vm, self.config, found, resumed=self.guest_running
             )
         except START_ERRORS as error:
+            if self._stopping:
+                raise  # its VM was ended by our own stop: nothing says the template is bad
             log.warning(
                 "restoring %s from template %s failed, booting cold and rebuilding it: %s",
                 self.config.name, found.key, error,
@@ -166,7 +145,9 @@ class Sandbox:
         if store.building():
             return  # that build makes the same template, or the next cold boot asks again
         try:
-            builder = template_builder.spawn(replace(self.config, low_priority=True), store.root)
+            builder = template_builder.spawn(
+                replace(self.config, low_priority=True), self._backend.name, store.root
+            )
         except OSError as error:
             log.warning("building a VM template for %s failed: %s", self.config.name, error)
             return
@@ -175,7 +156,7 @@ class Sandbox:
 
     async def _boot(self) -> None:
         began = time.monotonic()
-        vm = self._make_vm(self.config)
+        vm = self._backend.new_vm(self.config)
         self.vm = vm
         await vm.start()
         from harpoon.sandbox.agent_client import AgentClient
@@ -210,6 +191,7 @@ class Sandbox:
     async def stop(self) -> None:
         """Tears the VM down (and any template build it started), then releases the
         rootfs share; idempotent."""
+        self._stopping = True
         try:
             await self._stop_vm()
         finally:
@@ -239,35 +221,33 @@ class Sandbox:
 class SandboxStarter:
     """Starts sandboxes, and at most one ahead of the request for it: a shim starts its
     container's VM from the bundle while containerd is still sending Create, and Create
-    takes it if it was started for exactly the configuration Create asks for.
+    takes it if it was started for the same plan.
 
     A prestarted sandbox that is not taken is stopped: when Create asks for another
-    configuration (before the new one starts: they share their state directory), when
-    no Create comes within `expire_after_s`, and on close(). Its start failing is no
-    error of Create's: Create then starts a new one."""
+    plan (before the new one starts: they share their state directory), when no Create
+    comes within `expire_after_s`, and on close(). Its start failing is no error of
+    Create's: Create then starts a new one."""
 
-    def __init__(
-        self,
-        make_vm: Callable[[VMConfig], VirtualMachine],
-        templates: TemplateStore | Literal[False] | None = None,
-    ) -> None:
-        self._make_vm = make_vm
-        self._templates = templates
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
         self._early: Sandbox | None = None
         self._starting: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._expired: asyncio.Task[None] | None = None
 
-    def new(self, config: VMConfig, rootfs_share: Path | None) -> Sandbox:
-        return Sandbox(config, self._make_vm, self._templates, rootfs_share=rootfs_share)
+    @property
+    def early_plan(self) -> LaunchPlan | None:
+        """The plan of the sandbox started ahead, until it is taken or stopped."""
+        return self._early.plan if self._early is not None else None
 
-    def prestart(
-        self, config: VMConfig, rootfs_share: Path | None, expire_after_s: float = 60.0
-    ) -> None:
-        """Begins starting a sandbox for config in the background."""
+    def new(self, plan: LaunchPlan) -> Sandbox:
+        return Sandbox(plan, self.backend)
+
+    def prestart(self, plan: LaunchPlan, expire_after_s: float = 60.0) -> None:
+        """Begins starting a sandbox for plan in the background."""
         if self._early is not None:
             raise RuntimeError("a sandbox is already prestarted")
-        sandbox = self.new(config, rootfs_share)
+        sandbox = self.new(plan)
         self._early = sandbox
         self._starting = asyncio.ensure_future(sandbox.start())
         self._starting.add_done_callback(_retrieve)
@@ -293,13 +273,13 @@ class SandboxStarter:
                         self._early.config.name)  # fmt: skip
         self._expired = asyncio.ensure_future(self.close())
 
-    async def start(self, config: VMConfig, rootfs_share: Path | None) -> Sandbox:
-        """A started sandbox for config: the prestarted one if it matches and started, else
-        a new one. The caller owns (and stops) what this returns."""
-        early = await self._take(config, rootfs_share)
+    async def start(self, plan: LaunchPlan) -> Sandbox:
+        """A started sandbox for plan: the prestarted one if it is for the same VM and
+        started, else a new one. The caller owns (and stops) what this returns."""
+        early = await self._take(plan)
         if early is not None:
             return early
-        sandbox = self.new(config, rootfs_share)
+        sandbox = self.new(plan)
         try:
             await sandbox.start()
         except BaseException:
@@ -307,13 +287,13 @@ class SandboxStarter:
             raise
         return sandbox
 
-    async def _take(self, config: VMConfig, rootfs_share: Path | None) -> Sandbox | None:
+    async def _take(self, plan: LaunchPlan) -> Sandbox | None:
         early, starting = self._early, self._starting
         if early is None or starting is None:
             return None
-        if early.config != config or early.rootfs_share != rootfs_share:
-            log.info("the VM started ahead for %s does not fit its Create: starting another",
-                     config.name)  # fmt: skip
+        if early.config != plan.config or early.rootfs_share != plan.rootfs_share:
+            log.warning("the VM started ahead for %s does not fit its Create: starting another",
+                        plan.config.name)  # fmt: skip
             await self.close()
             return None
         # Create has come: however long the start takes now, it is Create's to wait for
@@ -329,7 +309,7 @@ class SandboxStarter:
         error = starting.exception() if not starting.cancelled() else None
         if starting.cancelled() or error is not None:
             log.warning("the VM started ahead for %s failed (%s): starting another",
-                        config.name, error or "cancelled")  # fmt: skip
+                        plan.config.name, error or "cancelled")  # fmt: skip
             await early.stop()
             return None
         return early

@@ -1,7 +1,7 @@
 """VM templates: a guest booted to "agent ready" once and saved, so later VMs restore it.
 
 A template is keyed by everything its saved state depends on (`template_key`: the
-backend's `template_identity()` — VMM binary, machine, accelerator, cpus, memory,
+backend's `template_identity(config)` — VMM binary, machine, accelerator, cpus, memory,
 devices with their share tags and read-only flags, kernel arguments, kernel and
 initrd — plus FORMAT_VERSION). It is taken before the agent mounts anything (a mounted
 9p share blocks migration) with the shares pointing at an empty placeholder directory;
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 
     from harpoon.api.agent.v1 import agent_pb2
     from harpoon.sandbox.agent_client import AgentClient
+    from harpoon.vmm.backend import Backend
 
 # 2: guest RAM in its own file, left out of the saved state; 3: saved running, so that
 # a restored guest starts as soon as it is loaded.
@@ -230,11 +231,12 @@ class TemplateStore:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    async def build(self, config: VMConfig, make_vm: MakeVM) -> Template | None:
+    async def build(self, config: VMConfig, backend: Backend) -> Template | None:
         """The template for config, built unless it exists (once another process's build
         is over: it may be this one); None when the backend cannot save guests. The VMs
         it starts run at config's priority and are gone when it returns or fails."""
-        identity = make_vm(config).template_identity()
+        make_vm = backend.new_vm
+        identity = backend.template_identity(config)
         if identity is None:
             return None
         key = template_key(identity)

@@ -16,6 +16,7 @@ no shim is left to log it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,9 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from harpoon.vmm.base import Share, VMConfig
+from harpoon.vmm.base import LOWEST_PRIORITY_NICE, VMConfig
+from harpoon.vmm.devices import NIC, Disk, NicBackend, Share, StreamBackend, TapBackend, Vsock
 from harpoon.vmm.process import VmmProcess
-from harpoon.vmm.qemu_launch import LOWEST_PRIORITY_NICE
 
 BUILD_LOG_NAME = "build.log"
 MAX_BUILD_LOG_BYTES = 1 << 20
@@ -34,48 +35,54 @@ MAX_BUILD_LOG_BYTES = 1 << 20
 log = logging.getLogger(__name__)
 
 
-def config_to_json(config: VMConfig) -> str:
-    fields: dict[str, Any] = {
-        "name": config.name,
-        "arch": config.arch,
-        "kernel": str(config.kernel),
-        "initrd": str(config.initrd),
-        "state_dir": str(config.state_dir),
-        "cpus": config.cpus,
-        "memory_mib": config.memory_mib,
-        "shares": [[s.tag, str(s.host_path), s.read_only] for s in config.shares],
-        "kernel_args": list(config.kernel_args),
-        "extra": dict(config.extra),
-        "low_priority": config.low_priority,
-        "memory_file": None if config.memory_file is None else str(config.memory_file),
-    }
-    return json.dumps(fields)
+def config_to_json(config: VMConfig, backend: str) -> str:
+    """config (every field, devices included) and the backend's name, as JSON."""
+    return json.dumps({"backend": backend, "config": _plain(dataclasses.asdict(config))})
 
 
-def config_from_json(text: str) -> VMConfig:
-    """The VMConfig config_to_json wrote; ValueError (KeyError, TypeError included) for
-    anything else."""
-    fields = json.loads(text)
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+def config_from_json(text: str) -> tuple[VMConfig, str]:
+    """The VMConfig and backend name config_to_json wrote; ValueError (DeviceError
+    included) for anything else."""
     try:
-        return VMConfig(
-            name=str(fields["name"]),
-            arch=str(fields["arch"]),
-            kernel=Path(fields["kernel"]),
-            initrd=Path(fields["initrd"]),
-            state_dir=Path(fields["state_dir"]),
-            cpus=int(fields["cpus"]),
-            memory_mib=int(fields["memory_mib"]),
-            shares=tuple(Share(str(t), Path(p), bool(ro)) for t, p, ro in fields["shares"]),
-            kernel_args=tuple(str(a) for a in fields["kernel_args"]),
-            extra={str(k): str(v) for k, v in fields["extra"].items()},
-            low_priority=bool(fields["low_priority"]),
-            memory_file=None if fields["memory_file"] is None else Path(fields["memory_file"]),
+        document = json.loads(text)
+        fields = dict(document["config"])
+        paths = {"kernel", "initrd", "state_dir", "memory_file"}
+        for name in paths & fields.keys():
+            fields[name] = None if fields[name] is None else Path(fields[name])
+        fields["shares"] = tuple(
+            Share(s["tag"], Path(s["host_path"]), s["fs"], bool(s["read_only"]))
+            for s in fields["shares"]
         )
+        fields["disks"] = tuple(
+            Disk(d["id"], Path(d["image"]), bool(d["read_only"])) for d in fields["disks"]
+        )
+        fields["nics"] = tuple(_nic(n) for n in fields["nics"])
+        fields["vsock"] = None if fields["vsock"] is None else Vsock(int(fields["vsock"]["cid"]))
+        fields["kernel_args"] = tuple(fields["kernel_args"])
+        return VMConfig(**fields), str(document["backend"])
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"not a VM configuration: {error!r}") from None
 
 
-def spawn(config: VMConfig, store_root: Path) -> VmmProcess:
+def _nic(fields: dict[str, Any]) -> NIC:
+    backend = fields["backend"]
+    kind: NicBackend = (
+        TapBackend(backend["ifname"])
+        if "ifname" in backend
+        else StreamBackend(Path(backend["socket"]))
+    )
+    return NIC(fields["id"], fields["mac"], kind)
+
+
+def spawn(config: VMConfig, backend: str, store_root: Path) -> VmmProcess:
     """Starts the detached builder of config's template in store_root. Whoever holds
     the process may wait for it (and so reap it); once the caller exits, init does."""
     store_root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -88,7 +95,7 @@ def spawn(config: VMConfig, store_root: Path) -> VmmProcess:
         mode = "ab"
     with open(log_path, mode) as build_log:
         popen = subprocess.Popen(
-            [sys.executable, "-m", __name__, str(store_root), config_to_json(config)],
+            [sys.executable, "-m", __name__, str(store_root), config_to_json(config, backend)],
             stdin=subprocess.DEVNULL,
             stdout=build_log,
             stderr=build_log,
@@ -99,23 +106,23 @@ def spawn(config: VMConfig, store_root: Path) -> VmmProcess:
     return VmmProcess(popen)
 
 
-def build(config: VMConfig, store_root: Path) -> int:
+def build(config: VMConfig, backend: str, store_root: Path) -> int:
     """The builder's work: 0 when the template exists (built now or before); 1 when
     the build failed."""
     import asyncio
 
     from harpoon.sandbox.template import TemplateStore
+    from harpoon.vmm.backend import backend_named
     from harpoon.vmm.base import VMError
-    from harpoon.vmm.qemu import QemuVM
 
     try:
-        built = asyncio.run(TemplateStore(store_root).build(config, QemuVM))
+        built = asyncio.run(TemplateStore(store_root).build(config, backend_named(backend)))
     except (VMError, OSError, TimeoutError, ValueError) as error:
         log.warning("building a VM template for %s failed: %s", config.name, error)
         return 1
     if built is None:
-        log.warning("no VM template for %s: QEMU cannot save guests, or the guest's "
-                    "files are gone (see above)", config.name)  # fmt: skip
+        log.warning("no VM template for %s: %s cannot save guests, or the guest's "
+                    "files are gone (see above)", config.name, backend)  # fmt: skip
         return 1
     return 0
 
@@ -129,11 +136,11 @@ def main(argv: list[str]) -> int:
         return 2
     os.nice(LOWEST_PRIORITY_NICE)
     try:
-        config = config_from_json(argv[1])
+        config, backend = config_from_json(argv[1])
     except ValueError as error:
         log.error("%s", error)
         return 2
-    return build(config, Path(argv[0]))
+    return build(config, backend, Path(argv[0]))
 
 
 if __name__ == "__main__":

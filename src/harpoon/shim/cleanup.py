@@ -1,8 +1,9 @@
 """Releasing what a container held on the host, and `shim delete`.
 
 `delete` runs after every teardown and after a shim died: it must find the VM's state
-directory from the flags alone, kill a VMM the dead shim left behind, unmount the
-rootfs, remove the sockets, print a DeleteResponse and be quick and idempotent.
+directory from the flags alone, kill a VMM the dead shim left behind
+(harpoon.vmm.leftovers), unmount the rootfs, remove the sockets, print a DeleteResponse
+and be quick and idempotent.
 
 containerd runs it for every container, after the shim has gone, and waits for it: it
 is a fresh Python on the critical path of `ctr run --rm`. So it imports almost nothing
@@ -19,33 +20,9 @@ import time
 
 from harpoon.shim import paths, wire
 from harpoon.shim.cli import Flags
+from harpoon.vmm.leftovers import SIGKILL, kill_vmm
 
-SIGKILL = 9  # not signal's: importing signal costs more than this module
 KILLED_EXIT_STATUS = 128 + SIGKILL
-VMM_EXIT_WAIT_S = 2.0
-
-
-def kill_vmm(state_dir: str) -> int:
-    """Kills the VMM recorded in state_dir (if it still runs); returns its pid or 0."""
-    try:
-        with open(os.path.join(state_dir, "vmm.pid")) as pid_file:
-            pid = int(pid_file.read().strip())
-    except (OSError, ValueError):
-        return 0
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            if os.fsencode(state_dir) not in cmdline.read():
-                return pid  # the pid was reused by an unrelated process
-    except OSError:
-        return pid
-    try:  # noqa: SIM105 (contextlib is one import more for `delete`)
-        os.kill(pid, SIGKILL)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + VMM_EXIT_WAIT_S
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return pid
 
 
 def _mounted_under(paths_: tuple[str, ...]) -> bool:

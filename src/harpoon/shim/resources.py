@@ -85,6 +85,22 @@ def spec_resources(spec: dict[str, Any]) -> dict[str, Any]:
     return resources if isinstance(resources, dict) else {}
 
 
+def check_memory_limit(resources: dict[str, Any], vm_memory_mib: int) -> int:
+    """The OCI memory limit in bytes (0 for none), if a VM of vm_memory_mib can give it to
+    the container; FailedPrecondition if not: its RAM is fixed when it is created. Pure,
+    and loads no protobuf (the daemon plans before it loads any)."""
+    limit = (resources.get("memory") or {}).get("limit")
+    if not isinstance(limit, int) or limit == 0:
+        return 0
+    capacity = (vm_memory_mib - GUEST_OVERHEAD_MIB) * MIB
+    if limit < 0 or limit > capacity:
+        raise FailedPrecondition(
+            f"memory limit {limit} exceeds what this container's VM can give it "
+            f"({capacity} bytes): a VM's memory is fixed when the container is created"
+        )
+    return limit
+
+
 def cgroup_limits(
     resources: dict[str, Any], vm_memory_mib: int
 ) -> agent_pb2.UpdateResourcesRequest:
@@ -96,15 +112,8 @@ def cgroup_limits(
     from harpoon.api.agent.v1 import agent_pb2
 
     request = agent_pb2.UpdateResourcesRequest()
-    memory = resources.get("memory") or {}
-    limit = memory.get("limit")
-    if isinstance(limit, int) and limit != 0:
-        capacity = (vm_memory_mib - GUEST_OVERHEAD_MIB) * MIB
-        if limit < 0 or limit > capacity:
-            raise FailedPrecondition(
-                f"memory limit {limit} exceeds what this container's VM can give it "
-                f"({capacity} bytes): a VM's memory is fixed when the container is created"
-            )
+    limit = check_memory_limit(resources, vm_memory_mib)
+    if limit:
         request.memory_limit_bytes = limit
     cpu = resources.get("cpu") or {}
     quota, period = cpu.get("quota"), cpu.get("period")

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from harpoon.sandbox.sandbox import SandboxStarter
 from harpoon.shim.cli import Flags
-from harpoon.shim.prestart import EarlyVM, prestart
-from harpoon.vmm.qemu import QemuVM
+from harpoon.shim.prestart import EarlyStart, prestart
+from harpoon.vmm.backend import Backend
 
 if TYPE_CHECKING:
     from harpoon.guest.cache import GuestImage
@@ -54,18 +54,20 @@ class _TimedCalls:
         return timed
 
 
-def _find_image() -> GuestImage:
-    from harpoon.guest import find_guest
-    from harpoon.vmm.qemu_launch import host_arch
+def _image_finder(backend: Backend) -> Callable[[], GuestImage]:
+    def find_image() -> GuestImage:
+        from harpoon.guest import find_guest
 
-    return find_guest(host_arch())
+        return find_guest(backend.host_arch())
+
+    return find_image
 
 
 # How long serving containerd may wait for the VM started ahead to get going.
 GUEST_HEAD_START_S = 1.0
 
 
-async def serve(flags: Flags, early: EarlyVM | None) -> None:
+async def serve(flags: Flags, early: EarlyStart) -> None:
     began = time.monotonic()
     if flags.forked_at:
         log.debug(
@@ -76,11 +78,9 @@ async def serve(flags: Flags, early: EarlyVM | None) -> None:
     listener = socket.socket(fileno=LISTENER_FD)
     socket_path = listener.getsockname()
     stop = asyncio.Event()
-    prelaunched = early.prelaunched if early is not None else None
-    make_vm = functools.partial(QemuVM, prelaunched=prelaunched)
-    starter = SandboxStarter(make_vm)
-    if early is not None:
-        prestart(starter, early)
+    starter = SandboxStarter(early.backend)
+    if early.plan is not None:
+        prestart(starter, early.plan)
     # The VM first: its start is a few quick steps of ours (connect, load the guest)
     # between waits for QEMU, then the guest runs for a while on its own. The modules
     # that serve containerd (protobuf's generated code above all) are imported then,
@@ -95,7 +95,14 @@ async def serve(flags: Flags, early: EarlyVM | None) -> None:
     from harpoon.ttrpc.service import register_service
 
     publisher = EventPublisher(os.environ.get("TTRPC_ADDRESS", ""), flags.namespace)
-    service = TaskService(flags.namespace, publisher, make_vm, _find_image, stop.set, starter)
+    service = TaskService(
+        flags.namespace,
+        publisher,
+        starter,
+        _image_finder(early.backend),
+        stop.set,
+        early.plan,
+    )
     server = Server()
     impl = _TimedCalls(service) if log.isEnabledFor(logging.DEBUG) else service
     register_service(
@@ -112,8 +119,7 @@ async def serve(flags: Flags, early: EarlyVM | None) -> None:
     await stop.wait()
     log.info("shutting down")
     await service.close()
-    if prelaunched is not None:
-        await prelaunched.discard()
+    await early.backend.discard_early()
     await publisher.close()
     await server.close()
     serving.cancel()
@@ -124,5 +130,5 @@ async def serve(flags: Flags, early: EarlyVM | None) -> None:
             os.unlink(socket_path)
 
 
-def run(flags: Flags, early: EarlyVM | None) -> None:
+def run(flags: Flags, early: EarlyStart) -> None:
     asyncio.run(serve(flags, early))

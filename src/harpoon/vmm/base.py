@@ -6,27 +6,37 @@ between Linux and macOS, so the shim never learns which VMM it runs on.
 
 A backend that can save a running guest and start another from the saved state (QEMU
 migration to a file; Virtualization.framework's saveMachineStateToURL on macOS 14+)
-says so with `template_identity()`; harpoon.sandbox.template builds VM templates on it.
+says so with `Backend.template_identity(config)` (harpoon.vmm.backend);
+harpoon.sandbox.template builds VM templates on it.
 """
 
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from harpoon.api.names import AGENT_PORT_NAME, STDIO_PORT_NAME
+from harpoon.vmm.devices import NIC, Device, Disk, Share, Vsock, check_unique, layout
+from harpoon.vmm.leftovers import PID_FILE_NAME
 
 __all__ = [
     "AGENT_PORT_NAME",
+    "NIC",
     "STDIO_PORT_NAME",
+    "Disk",
     "SavedStateUnsupported",
     "Share",
     "VMConfig",
     "VMError",
     "VirtualMachine",
+    "Vsock",
 ]
+
+
+# The nice value of a VM with `low_priority` (and of a process building a template).
+LOWEST_PRIORITY_NICE = 19
 
 
 class VMError(Exception):
@@ -38,17 +48,9 @@ class SavedStateUnsupported(VMError):
 
 
 @dataclass(frozen=True)
-class Share:
-    """A host directory the guest mounts by tag (9p here, virtiofs where available)."""
-
-    tag: str
-    host_path: Path
-    read_only: bool = False
-
-
-@dataclass(frozen=True)
 class VMConfig:
-    """Everything a backend needs to boot one guest."""
+    """Everything a backend needs to boot one guest: its size, its guest image and its
+    devices (harpoon.vmm.devices), with nothing backend-specific."""
 
     name: str
     arch: str
@@ -59,8 +61,12 @@ class VMConfig:
     cpus: int = 1
     memory_mib: int = 256
     shares: tuple[Share, ...] = ()
+    disks: tuple[Disk, ...] = ()
+    nics: tuple[NIC, ...] = ()
+    vsock: Vsock | None = None
     kernel_args: tuple[str, ...] = ()
-    extra: dict[str, str] = field(default_factory=dict)
+    machine: str | None = None
+    """The backend's machine type, when not its default for the architecture."""
     low_priority: bool = False
     """Run the VMM at the lowest CPU priority (background work: building a template)."""
     memory_file: Path | None = None
@@ -68,6 +74,41 @@ class VMConfig:
     lives in the file, so `save_state()` leaves memory out of the saved state. A VM started
     with `restore()` maps it privately (copy on write): the file is never written, and
     pages the guest does not touch are never copied."""
+
+    def __post_init__(self) -> None:
+        check_unique(self.devices)
+
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        return (*self.shares, *self.disks, *self.nics, *((self.vsock,) if self.vsock else ()))
+
+    def layout(self) -> dict[str, Any]:
+        """What a saved guest of this VM depends on, apart from the backend and its files:
+        size, kernel arguments, machine and the devices' layout; never a host path that
+        may differ at restore (see harpoon.vmm.devices)."""
+        return {
+            "arch": self.arch,
+            "cpus": self.cpus,
+            "memory_mib": self.memory_mib,
+            "kernel_args": list(self.kernel_args),
+            "machine": self.machine,
+            "devices": [layout(device) for device in self.devices],
+        }
+
+    def neutral(self) -> VMConfig:
+        """This VM with every per-instance value replaced by a fixed placeholder: two VMs
+        of one layout give the same neutral config (a backend's template identity)."""
+        return replace(
+            self,
+            name="template",
+            state_dir=Path("/state"),
+            shares=tuple(share.neutral(i) for i, share in enumerate(self.shares)),
+            disks=tuple(disk.neutral(i) for i, disk in enumerate(self.disks)),
+            nics=tuple(nic.neutral(i) for i, nic in enumerate(self.nics)),
+            vsock=None if self.vsock is None else self.vsock.neutral(0),
+            low_priority=False,
+            memory_file=None if self.memory_file is None else Path("/memory"),
+        )
 
     @property
     def agent_socket(self) -> Path:
@@ -83,7 +124,7 @@ class VMConfig:
 
     @property
     def pid_file(self) -> Path:
-        return self.state_dir / "vmm.pid"
+        return self.state_dir / PID_FILE_NAME
 
     @property
     def control_socket(self) -> Path:
@@ -131,12 +172,6 @@ class VirtualMachine(abc.ABC):
     # later VM with the same identity (host paths may differ) is started with
     # `restore(state)`, its agent socket connected (the guest was saved with a host
     # attached, so it must never see the host go away), then `resume()`.
-
-    def template_identity(self) -> dict[str, Any] | None:
-        """What a saved state of this VM depends on (backend, its version, machine, devices,
-        kernel and initrd; never host paths that may differ at restore), as JSON-able
-        data; None when this backend cannot save and restore. Cheap: no VM is started."""
-        return None
 
     async def wait_for_agent_channel(self, timeout_s: float) -> None:
         """Returns once the guest agent has opened its end of the agent channel."""

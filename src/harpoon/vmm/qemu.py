@@ -28,7 +28,7 @@ from typing import Any
 
 from harpoon.vmm.base import VirtualMachine, VMConfig, VMError
 from harpoon.vmm.process import VmmProcess
-from harpoon.vmm.qemu_launch import Prelaunched, launch, template_identity
+from harpoon.vmm.qemu_launch import Prelaunched, launch
 from harpoon.vmm.qmp import QmpClient
 
 log = logging.getLogger(__name__)
@@ -152,9 +152,6 @@ class QemuVM(VirtualMachine):
         return await self._process.wait()
 
     # -- saved states ------------------------------------------------------------------
-
-    def template_identity(self) -> dict[str, Any] | None:
-        return template_identity(self.config)
 
     async def wait_for_agent_channel(self, timeout_s: float) -> None:
         # The port's chardev "frontend" is open exactly while the guest holds the port

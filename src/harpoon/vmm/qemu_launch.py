@@ -20,17 +20,24 @@ import functools
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import signal
 import subprocess
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harpoon import linux
 from harpoon.vmm import accel
-from harpoon.vmm.base import AGENT_PORT_NAME, STDIO_PORT_NAME, VMConfig, VMError
+from harpoon.vmm.backend import host_arch
+from harpoon.vmm.base import (
+    AGENT_PORT_NAME,
+    LOWEST_PRIORITY_NICE,
+    STDIO_PORT_NAME,
+    VMConfig,
+    VMError,
+)
+from harpoon.vmm.devices import NIC, Disk, Share, StreamBackend, TapBackend
 from harpoon.vmm.process import VmmProcess
 
 log = logging.getLogger(__name__)
@@ -42,7 +49,6 @@ log = logging.getLogger(__name__)
 RESTORE_ARGS = ("-incoming", "defer")
 AGENT_DEVICE_ID = "agent-port"
 MEMORY_BACKEND_ID = "ram"
-LOWEST_PRIORITY_NICE = 19
 # PYTHONHASHSEED=0 reaches /init's environment (the kernel hands unknown `name=value`
 # arguments to init): without it the agent's Python reads /dev/urandom for its hash seed
 # before the kernel's RNG is seeded, and Linux 6.1 then runs its jitter-entropy loop, one
@@ -96,13 +102,8 @@ PROFILES: dict[tuple[str, str], MachineProfile] = {
 DEFAULT_MACHINE = {"amd64": "microvm", "arm64": "virt"}
 
 
-def host_arch() -> str:
-    machine = platform.machine().lower()
-    return {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
-
-
 def profile_for(config: VMConfig) -> MachineProfile:
-    machine = config.extra.get("machine", DEFAULT_MACHINE.get(config.arch, ""))
+    machine = config.machine or DEFAULT_MACHINE.get(config.arch, "")
     try:
         return PROFILES[(config.arch, machine)]
     except KeyError:
@@ -141,11 +142,11 @@ def supported_machines(binary: str) -> frozenset[str]:
 
 def with_available_machine(config: VMConfig, binary: str) -> VMConfig:
     """config, moved from microvm to q35 when this QEMU was built without microvm."""
-    if "machine" in config.extra or DEFAULT_MACHINE.get(config.arch) != "microvm":
+    if config.machine is not None or DEFAULT_MACHINE.get(config.arch) != "microvm":
         return config
     if "microvm" in supported_machines(binary) or "q35" not in supported_machines(binary):
         return config
-    return dataclasses.replace(config, extra={**config.extra, "machine": "q35"})
+    return dataclasses.replace(config, machine="q35")
 
 
 def command_line(config: VMConfig, accelerator: str, *, restoring: bool = False) -> list[str]:
@@ -217,17 +218,64 @@ def command_line(config: VMConfig, accelerator: str, *, restoring: bool = False)
             f"mem-path={config.memory_file},share={mapping}",
         ]
     for index, share in enumerate(config.shares):
-        readonly = ",readonly=on" if share.read_only else ""
-        args += [
-            "-fsdev",
-            # remap: an export may hold mounts of other filesystems (harpoon.sandbox.rootfs),
-            # whose inode numbers must not collide in the guest.
-            f"local,id=fs{index},path={share.host_path},security_model=none,multidevs=remap"
-            f"{readonly}",
-            "-device",
-            f"virtio-9p-{profile.device_suffix},fsdev=fs{index},mount_tag={share.tag}",
-        ]
+        args += _share_args(share, index, profile)
+    for disk in config.disks:
+        args += _disk_args(disk, profile)
+    for nic in config.nics:
+        args += _nic_args(nic, profile)
+    if config.vsock is not None:
+        args += ["-device", f"vhost-vsock-{profile.device_suffix},guest-cid={config.vsock.cid}"]
     return args
+
+
+def _share_args(share: Share, index: int, profile: MachineProfile) -> list[str]:
+    if share.fs != "9p":
+        # vhost-user-fs needs a virtiofsd per share and cannot be migrated by QEMU 7.2
+        # (no VM template could hold one).
+        raise VMError(f"share {share.tag}: QEMU here serves 9p shares only, not {share.fs}")
+    readonly = ",readonly=on" if share.read_only else ""
+    return [
+        "-fsdev",
+        # remap: an export may hold mounts of other filesystems (harpoon.sandbox.rootfs),
+        # whose inode numbers must not collide in the guest.
+        f"local,id=fs{index},path={share.host_path},security_model=none,multidevs=remap{readonly}",
+        "-device",
+        f"virtio-9p-{profile.device_suffix},fsdev=fs{index},mount_tag={share.tag}",
+    ]
+
+
+def _disk_args(disk: Disk, profile: MachineProfile) -> list[str]:
+    # The serial is how the guest finds the disk (/sys/block/*/serial).
+    readonly = ",read-only=on" if disk.read_only else ""
+    return [
+        "-blockdev",
+        f"driver=file,node-name=disk-{disk.id},filename={_option(disk.image)}{readonly}",
+        "-device",
+        f"virtio-blk-{profile.device_suffix},drive=disk-{disk.id},serial={disk.id}",
+    ]
+
+
+def _nic_args(nic: NIC, profile: MachineProfile) -> list[str]:
+    backend = nic.backend
+    if isinstance(backend, TapBackend):
+        netdev = f"tap,id=net-{nic.id},ifname={backend.ifname},script=no,downscript=no"
+    elif isinstance(backend, StreamBackend):
+        # QEMU connects to the socket (gvproxy listens), and reconnects if it restarts.
+        netdev = (
+            f"stream,id=net-{nic.id},server=off,reconnect=1,addr.type=unix,"
+            f"addr.path={_option(backend.socket)}"
+        )
+    return [
+        "-netdev",
+        netdev,
+        "-device",
+        f"virtio-net-{profile.device_suffix},netdev=net-{nic.id},mac={nic.mac}",
+    ]
+
+
+def _option(path: Path) -> str:
+    """A path as a QEMU option value: commas are doubled, as QEMU's parser wants."""
+    return str(path).replace(",", ",,")
 
 
 def _file_identity(path: str | Path) -> list[int]:
@@ -261,25 +309,15 @@ def template_identity(config: VMConfig) -> dict[str, Any] | None:
     (logged) when QEMU or the guest's files cannot be found."""
     try:
         binary = os.path.realpath(find_binary(config))
-        # Host paths that may differ between the template and its restores are
-        # replaced by fixed ones; everything else in the command line counts.
-        neutral = replace(
-            config,
-            name="template",
-            state_dir=Path("/state"),
-            shares=tuple(
-                replace(share, host_path=Path(f"/share{index}"))
-                for index, share in enumerate(config.shares)
-            ),
-            low_priority=False,
-            memory_file=Path("/memory"),
-        )
+        # Values that may differ between the template and its restores are replaced by
+        # fixed ones (VMConfig.neutral); everything else in the command line counts.
+        neutral = config.neutral()
         argv = command_line(neutral, accel.choose(binary), restoring=True)
         files = {str(path): _file_identity(path) for path in (binary, config.kernel, config.initrd)}
     except (VMError, OSError) as error:
         log.info("no template identity for %s: %s", config.name, error)
         return None
-    return {"backend": "qemu", "argv": argv[1:], "files": files}
+    return {"backend": "qemu", "layout": config.layout(), "argv": argv[1:], "files": files}
 
 
 class QemuLaunch:

@@ -1,4 +1,7 @@
-"""`harpoon template ...`: build the VM template containers start from, and list them."""
+"""`harpoon template ...`: build the VM template containers start from, and list them.
+
+It lives with the shim because the template it builds is the VM the shim's plan gives a
+container without resource limits (harpoon.shim.container_plan)."""
 
 from __future__ import annotations
 
@@ -10,17 +13,22 @@ import click
 
 from harpoon.guest import cache
 from harpoon.sandbox.template import META_NAME, TEMPLATE_DIR_ENV, TemplateStore
+from harpoon.shim.bundle import Bundle
+from harpoon.shim.container_plan import plan_container
+from harpoon.vmm.backend import Backend, default_backend
 from harpoon.vmm.base import VMConfig, VMError
 
+# The smallest spec a container can have: no limits, no mounts.
+_PLAIN_SPEC = {"process": {"args": ["sh"]}}
 
-def container_config(image: cache.GuestImage) -> VMConfig:
-    """The VM the shim gives a container without resource limits, built by the shim's own
-    function (its paths are replaced when the template is made): a template made from it
-    is the one those containers restore."""
-    from harpoon.shim.prestart import vm_config
-    from harpoon.shim.resources import vm_size
 
-    return vm_config("template", "template", image, vm_size({}))
+def container_config(image: cache.GuestImage, backend: Backend) -> VMConfig:
+    """The VM the shim's plan gives a container without resource limits (its paths are
+    replaced when the template is made): a template made from it is the one those
+    containers restore."""
+    bundle = Bundle(Path("/nonexistent"), _PLAIN_SPEC)
+    plan = plan_container("template", "template", bundle, image, backend, templates=False)
+    return plan.launch.config
 
 
 def _store(template_dir: Path | None) -> TemplateStore:
@@ -51,15 +59,14 @@ def template() -> None:
 @TEMPLATE_DIR_OPTION
 def build(arch: str | None, guest_dir: Path | None, template_dir: Path | None) -> None:
     """Build the template for the current guest image, or say it is up to date."""
-    from harpoon.vmm.qemu import QemuVM
-
     try:
         image = cache.find_guest(arch, guest_dir)
     except cache.GuestNotBuiltError as error:
         raise click.ClickException(str(error)) from error
     store = _store(template_dir)
     try:
-        built = asyncio.run(store.build(container_config(image), QemuVM))
+        backend = default_backend()
+        built = asyncio.run(store.build(container_config(image, backend), backend))
     except (VMError, OSError, TimeoutError) as error:
         message = f"building the {image.arch} VM template failed: {error}"
         raise click.ClickException(message) from error

@@ -1,4 +1,5 @@
-"""harpoon.shim.guest_spec: what of containerd's config.json reaches crun in the guest."""
+"""harpoon.shim.transform: what of containerd's config.json reaches crun in the guest,
+and the devices the plan gives the container's VM."""
 
 from __future__ import annotations
 
@@ -9,9 +10,17 @@ from typing import Any
 import pytest
 
 from harpoon.errdefs import Unimplemented
-from harpoon.shim.guest_spec import encode, process_for_guest, spec_for_guest
+from harpoon.sandbox.rootfs import GUEST_ROOTFS, SHARE_TAG
+from harpoon.shim import paths
+from harpoon.shim.container_plan import encode, plan_guest
+from harpoon.shim.transform.host_policy import process_for_guest
 
-GUEST_ROOT = "/run/harpoon/rootfs"
+GUEST_ROOT = GUEST_ROOTFS
+
+
+def spec_for_guest(spec: dict[str, Any], *, host_hostname: str) -> dict[str, Any]:
+    guest: dict[str, Any] = plan_guest("default", "c1", spec, host_hostname).guest_spec
+    return guest
 
 
 def ctr_spec() -> dict[str, Any]:
@@ -59,14 +68,14 @@ def ctr_spec() -> dict[str, Any]:
 
 
 def test_root_path_becomes_the_guest_share_and_keeps_readonly() -> None:
-    guest = spec_for_guest(ctr_spec(), guest_root=GUEST_ROOT, host_hostname="h")
+    guest = spec_for_guest(ctr_spec(), host_hostname="h")
     assert guest["root"] == {"path": GUEST_ROOT, "readonly": True}
 
 
 def test_host_only_parts_are_dropped_and_the_rest_kept() -> None:
     spec = ctr_spec()
     original = copy.deepcopy(spec)
-    guest = spec_for_guest(spec, guest_root=GUEST_ROOT, host_hostname="h")
+    guest = spec_for_guest(spec, host_hostname="h")
     assert spec == original, "the input spec must not be changed"
     assert "hooks" not in guest
     assert "apparmorProfile" not in guest["process"]
@@ -89,13 +98,13 @@ def test_host_only_parts_are_dropped_and_the_rest_kept() -> None:
 
 
 def test_hostname_defaults_to_the_hosts_only_with_a_uts_namespace() -> None:
-    guest = spec_for_guest(ctr_spec(), guest_root=GUEST_ROOT, host_hostname="builder")
+    guest = spec_for_guest(ctr_spec(), host_hostname="builder")
     assert guest["hostname"] == "builder"
     named = ctr_spec() | {"hostname": "box"}
-    assert spec_for_guest(named, guest_root=GUEST_ROOT, host_hostname="h")["hostname"] == "box"
+    assert spec_for_guest(named, host_hostname="h")["hostname"] == "box"
     shared = ctr_spec()
     shared["linux"]["namespaces"] = [{"type": "pid"}, {"type": "mount"}]
-    assert "hostname" not in spec_for_guest(shared, guest_root=GUEST_ROOT, host_hostname="h")
+    assert "hostname" not in spec_for_guest(shared, host_hostname="h")
 
 
 @pytest.mark.parametrize(
@@ -111,7 +120,7 @@ def test_host_paths_fail_clearly(mount: dict[str, Any]) -> None:
     spec = ctr_spec()
     spec["mounts"].append(mount)
     with pytest.raises(Unimplemented, match="cannot share host paths into the VM") as raised:
-        spec_for_guest(spec, guest_root=GUEST_ROOT, host_hostname="h")
+        spec_for_guest(spec, host_hostname="h")
     assert mount["destination"] in str(raised.value)
 
 
@@ -123,5 +132,21 @@ def test_exec_process_loses_host_policy_only() -> None:
 
 def test_a_minimal_spec_without_linux_section() -> None:
     spec = {"process": {"args": ["true"]}, "root": {"path": "rootfs"}}
-    guest = spec_for_guest(spec, guest_root=GUEST_ROOT, host_hostname="h")
+    guest = spec_for_guest(spec, host_hostname="h")
     assert guest == {"process": {"args": ["true"]}, "root": {"path": GUEST_ROOT}}
+
+
+def test_the_plan_gives_the_vm_its_rootfs_share_and_size() -> None:
+    draft = plan_guest("ns", "c1", ctr_spec(), "h")
+    assert [share.tag for share in draft.shares] == [SHARE_TAG]
+    assert draft.shares[0].host_path == draft.rootfs_share == paths.share_dir("ns", "c1")
+    assert (draft.disks, draft.nics) == ([], [])
+    # 64 MiB limit + 128 MiB overhead, on the ladder's first step.
+    assert draft.memory_mib == 256
+
+
+def test_a_refused_spec_is_refused_by_the_plan_before_any_device_is_made() -> None:
+    spec = ctr_spec()
+    spec["mounts"].append({"destination": "/data", "type": "bind", "source": "/srv"})
+    with pytest.raises(Unimplemented):
+        plan_guest("ns", "c1", spec, "h")

@@ -1,0 +1,76 @@
+"""A container's plan: the spec its guest runs and the VM it runs in, from config.json.
+
+Planned once per container by the transformers of Create's pipeline
+(harpoon.shim.transform), before any VM exists: the shim's daemon plans as soon as it
+starts and launches the plan's VM early (harpoon.shim.prestart); Create runs that same
+plan. A spec harpoon cannot run is refused here, so no VM is ever launched for it.
+
+This module must import nothing that loads asyncio or protobuf.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from harpoon.sandbox.plan import LaunchPlan, Templates, plan_launch
+from harpoon.shim import paths
+from harpoon.shim.bundle import Bundle
+from harpoon.shim.transform import PIPELINE, Draft
+from harpoon.vmm.backend import Backend
+from harpoon.vmm.base import VMConfig
+
+if TYPE_CHECKING:
+    from harpoon.guest.cache import GuestImage
+
+
+@dataclass(frozen=True)
+class ContainerPlan:
+    container_id: str
+    bundle: Bundle
+    guest_spec: bytes
+    """config.json as crun runs it in the guest (JSON)."""
+    launch: LaunchPlan
+
+
+def plan_guest(
+    namespace: str, container_id: str, spec: dict[str, Any], host_hostname: str | None = None
+) -> Draft:
+    """Every transformer's plan for spec, in the pipeline's order (pure)."""
+    hostname = host_hostname if host_hostname is not None else os.uname().nodename
+    draft = Draft(namespace, container_id, spec, hostname)
+    for transformer in PIPELINE:
+        transformer.plan(draft)
+    return draft
+
+
+def plan_container(
+    namespace: str,
+    container_id: str,
+    bundle: Bundle,
+    image: GuestImage,
+    backend: Backend,
+    templates: Templates = None,
+) -> ContainerPlan:
+    """The container's plan; an errdefs error for a spec harpoon cannot run."""
+    draft = plan_guest(namespace, container_id, bundle.spec)
+    config = VMConfig(
+        name=container_id,
+        arch=image.arch,
+        kernel=image.kernel,
+        initrd=image.initrd,
+        state_dir=paths.vm_state_dir(namespace, container_id),
+        cpus=draft.cpus,
+        memory_mib=draft.memory_mib,
+        shares=tuple(draft.shares),
+        disks=tuple(draft.disks),
+        nics=tuple(draft.nics),
+    )
+    launch = plan_launch(config, backend, templates, draft.rootfs_share)
+    return ContainerPlan(container_id, bundle, encode(draft.guest_spec), launch)
+
+
+def encode(document: dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode()

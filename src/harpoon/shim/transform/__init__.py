@@ -1,0 +1,28 @@
+"""Create as a pipeline of bundle transformers, one module per feature.
+
+Each transformer does its part of turning containerd's bundle into a container in a VM,
+in three steps (harpoon.shim.transform.draft.Transformer):
+
+- `plan`: pure, from config.json alone, before any VM exists: edits the spec the guest
+  will run, adds the devices its feature needs to the VM, and refuses (with an errdefs
+  error naming what was wrong) what harpoon cannot run. The shim's daemon plans as soon
+  as it starts, so a Create that config.json already shows must fail launches no VM.
+- `before_vm` and `with_vm`: at Create, the host work of its feature (mounting the
+  rootfs, sharing it into the VM, ...), each undo pushed onto Create's AsyncExitStack,
+  so that a failure at any step leaves nothing behind.
+
+The order is PIPELINE's. Network transformers (CNI's netns → a tap NIC) and host bind
+mounts (a share per mount) plug in here.
+"""
+
+from __future__ import annotations
+
+from harpoon.shim.transform.draft import Draft, Transformer
+from harpoon.shim.transform.host_policy import HostPolicy
+from harpoon.shim.transform.mounts import Mounts
+from harpoon.shim.transform.resources import Resources
+from harpoon.shim.transform.rootfs import Rootfs
+
+PIPELINE: tuple[Transformer, ...] = (HostPolicy(), Rootfs(), Mounts(), Resources())
+
+__all__ = ["PIPELINE", "Draft", "Transformer"]

@@ -1,0 +1,66 @@
+"""What the transformers of Create's pipeline share: the Draft they plan on, the
+context of one Create, and the Transformer interface (see harpoon.shim.transform)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harpoon.vmm.devices import NIC, Disk, Share
+
+if TYPE_CHECKING:
+    from harpoon.api.containerd.task.v2 import shim_pb2
+    from harpoon.sandbox.sandbox import Sandbox
+    from harpoon.shim.bundle import Bundle
+
+
+@dataclass
+class Draft:
+    """A container's VM and the spec its guest will run, while transformers plan them."""
+
+    namespace: str
+    container_id: str
+    spec: dict[str, Any]
+    """config.json as containerd wrote it: read, never changed."""
+    host_hostname: str
+    guest_spec: dict[str, Any] = field(default_factory=dict)
+    """The spec crun will run in the guest; starts as a deep copy of spec."""
+    cpus: int = 1
+    memory_mib: int = 256
+    shares: list[Share] = field(default_factory=list)
+    disks: list[Disk] = field(default_factory=list)
+    nics: list[NIC] = field(default_factory=list)
+    rootfs_share: Path | None = None
+    """The host directory of the rootfs share, which the sandbox prepares and releases."""
+
+    def __post_init__(self) -> None:
+        if not self.guest_spec:
+            self.guest_spec = copy.deepcopy(self.spec)
+
+
+@dataclass
+class CreateContext:
+    """One Create in progress: what its transformers' host work needs."""
+
+    request: shim_pb2.CreateTaskRequest
+    bundle: Bundle
+    undo: contextlib.AsyncExitStack
+    rootfs: Path
+    """The host directory that is the container's root (mounted by the rootfs step)."""
+
+
+class Transformer:
+    """One feature's part of Create; every step does nothing unless overridden."""
+
+    def plan(self, draft: Draft) -> None:
+        """Edits draft from its spec (pure: no I/O); raises an errdefs error for a spec
+        harpoon cannot run."""
+
+    async def before_vm(self, create: CreateContext) -> None:
+        """Host work before the VM is taken; pushes its undo onto create.undo."""
+
+    async def with_vm(self, create: CreateContext, sandbox: Sandbox) -> None:
+        """Host or guest work once the VM runs; pushes its undo onto create.undo."""

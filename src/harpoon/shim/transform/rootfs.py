@@ -1,0 +1,45 @@
+"""The container's root filesystem: containerd's snapshot, shared into the VM.
+
+Plan: the VM gets a share of its own for the rootfs (harpoon.sandbox.rootfs: an empty
+export the rootfs is bound into once it exists, since the VM starts before Create
+brings the rootfs mounts), and the guest's root.path is that share as the guest sees
+it. At Create: containerd's mounts are mounted at <bundle>/rootfs (as runc's shim does;
+with none, root.path is the root as it stands: `ctr run --rootfs DIR`), then bound into
+the VM's share. The block path (erofs layers as disks) plugs in here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from harpoon.errdefs import FailedPrecondition
+from harpoon.sandbox import rootfs
+from harpoon.shim import paths
+from harpoon.shim.bundle import mount_rootfs, unmount_rootfs
+from harpoon.shim.transform.draft import CreateContext, Draft, Transformer
+from harpoon.vmm.devices import Share
+
+if TYPE_CHECKING:
+    from harpoon.sandbox.sandbox import Sandbox
+
+
+class Rootfs(Transformer):
+    def plan(self, draft: Draft) -> None:
+        draft.guest_spec["root"] = {**(draft.spec.get("root") or {}), "path": rootfs.GUEST_ROOTFS}
+        share = paths.share_dir(draft.namespace, draft.container_id)
+        draft.shares.append(Share(rootfs.SHARE_TAG, share))
+        draft.rootfs_share = share
+
+    async def before_vm(self, create: CreateContext) -> None:
+        if create.request.rootfs:
+            create.rootfs = create.bundle.path / "rootfs"
+            mount_rootfs(create.rootfs, list(create.request.rootfs))
+            create.undo.callback(unmount_rootfs, create.rootfs)
+        else:
+            create.rootfs = create.bundle.rootfs
+            if not create.rootfs.is_dir():
+                raise FailedPrecondition(f"the rootfs {create.rootfs} is not a directory")
+
+    async def with_vm(self, create: CreateContext, sandbox: Sandbox) -> None:
+        # Undone by the sandbox's stop, which releases its whole share.
+        sandbox.share_rootfs(create.rootfs)

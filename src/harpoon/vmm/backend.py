@@ -1,0 +1,104 @@
+"""The one seam between harpoon and a VMM: a Backend makes VMs of a VMConfig.
+
+Everything outside harpoon.vmm reaches a VMM through this module: which backend runs
+on this host (`default_backend`), the host's architecture, a VM's template identity,
+the early launch a shim makes before it has loaded asyncio, and the VMs themselves.
+No module outside harpoon.vmm names QEMU, its files or its flags (an import-linter
+contract in pyproject.toml holds it). A second backend (vfkit on macOS) is a subclass
+here and a `default_backend` choice, nothing more.
+
+Importing this module loads no event loop: the shim's daemon calls `launch_early`
+first thing (harpoon.shim.daemon).
+"""
+
+from __future__ import annotations
+
+import abc
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harpoon.vmm.base import VirtualMachine, VMConfig
+
+if TYPE_CHECKING:
+    from harpoon.vmm.qemu_launch import Prelaunched
+
+BACKEND_NAMES = ("qemu",)
+
+
+def host_arch() -> str:
+    """The host's architecture in Debian's and OCI's words (amd64, arm64)."""
+    machine = platform.machine().lower()
+    return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64"}.get(machine, machine)
+
+
+class Backend(abc.ABC):
+    """Makes the VMs of one VMM. An instance may hold one VM launched early (before the
+    event loop exists): the first VM made for exactly that launch runs it."""
+
+    name: str
+
+    def host_arch(self) -> str:
+        return host_arch()
+
+    @abc.abstractmethod
+    def new_vm(self, config: VMConfig) -> VirtualMachine:
+        """A VM for config, not yet started."""
+
+    def template_identity(self, config: VMConfig) -> dict[str, Any] | None:
+        """What a saved state of a VM of config depends on: the backend, its version and
+        files, and config's layout (never a per-instance value: VMConfig.neutral), as
+        JSON-able data; None when this backend cannot save and restore. Cheap: no VM is
+        started."""
+        return None
+
+    @abc.abstractmethod
+    def launch_early(self, config: VMConfig, restoring: Path | None) -> None:
+        """Launches the VMM for config now, without an event loop (booting, or waiting
+        to load the saved state `restoring`); the VM made for it later takes it.
+        Raises VMError or OSError if it could not be launched."""
+
+    @abc.abstractmethod
+    async def discard_early(self) -> None:
+        """Ends the early launch unless a VM took it; idempotent."""
+
+
+class QemuBackend(Backend):
+    """QEMU: KVM, HVF or TCG (harpoon.vmm.qemu_launch, harpoon.vmm.qemu)."""
+
+    name = "qemu"
+
+    def __init__(self) -> None:
+        self._early: Prelaunched | None = None
+
+    def new_vm(self, config: VMConfig) -> VirtualMachine:
+        from harpoon.vmm.qemu import QemuVM
+
+        return QemuVM(config, prelaunched=self._early)
+
+    def template_identity(self, config: VMConfig) -> dict[str, Any] | None:
+        from harpoon.vmm import qemu_launch
+
+        return qemu_launch.template_identity(config)
+
+    def launch_early(self, config: VMConfig, restoring: Path | None) -> None:
+        from harpoon.vmm import qemu_launch
+
+        if self._early is not None:
+            raise RuntimeError("this backend has launched a VM early already")
+        self._early = qemu_launch.Prelaunched(qemu_launch.launch(config, restoring))
+
+    async def discard_early(self) -> None:
+        if self._early is not None:
+            await self._early.discard()
+
+
+def backend_named(name: str) -> Backend:
+    if name == QemuBackend.name:
+        return QemuBackend()
+    raise ValueError(f"no VMM backend {name!r}: harpoon has {', '.join(BACKEND_NAMES)}")
+
+
+def default_backend() -> Backend:
+    """The backend for this host. (On macOS, vfkit will come first once it exists.)"""
+    return QemuBackend()

@@ -1,0 +1,42 @@
+"""What a dead shim's VMM leaves on the host, and ending it: for `shim delete`.
+
+`delete` runs in a fresh Python on the critical path of every `ctr run --rm`, and may
+run after the shim was killed: it must find the VMM from the VM's state directory
+alone. So this module imports nothing but os and time, and the pid file's name lives
+here, beside the one function that reads it (every backend writes its VMM's pid there).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+PID_FILE_NAME = "vmm.pid"
+SIGKILL = 9  # not signal's: importing signal costs more than this module
+VMM_EXIT_WAIT_S = 2.0
+VMM_EXIT_POLL_S = 0.01
+
+
+def kill_vmm(state_dir: str) -> int:
+    """Kills the VMM whose pid file is in state_dir, if it still runs and is that VM's
+    (its command line names state_dir: pids are reused); returns its pid, or 0."""
+    try:
+        with open(os.path.join(state_dir, PID_FILE_NAME)) as pid_file:
+            pid = int(pid_file.read().strip())
+    except (OSError, ValueError):
+        return 0
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            if os.fsencode(state_dir) not in cmdline.read():
+                return pid  # the pid was reused by an unrelated process
+    except OSError:
+        return pid
+    try:  # noqa: SIM105 (contextlib is one import more for `delete`)
+        os.kill(pid, SIGKILL)
+    except ProcessLookupError:
+        pass
+    # Not our child (its shim is gone): no pidfd to wait on without more imports.
+    deadline = time.monotonic() + VMM_EXIT_WAIT_S
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+        time.sleep(VMM_EXIT_POLL_S)
+    return pid
