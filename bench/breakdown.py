@@ -111,40 +111,65 @@ def analyse_logs(run: Run, log: Path) -> None:
         for prefix, name in _CONTAINERD_MARKS.items():
             if message.startswith(prefix):
                 run.mark(name, when)
-    counts: dict[str, int] = {}
+    agent_answers: dict[str, int] = {}
     for when, message in _shim_lines(log, run.t0, run.t1):
-        if message.startswith("start process:"):
-            match = _START.search(message)
-            if match:
-                run.mark("shim start: main()", float(match.group(1)))
-                run.mark("shim start: daemon forked", float(match.group(2)))
-        elif message.startswith("QEMU ") and " launched " in message:
-            run.mark("QEMU launched", when)
-        elif message.startswith("serving "):
-            run.mark("daemon: serving", when)
-        elif message.startswith("call "):
-            words = message.split()
-            run.mark(f"{words[1]} {words[2]}", when)
-        elif message.startswith("created ") and " booted in " in message:
-            run.mark("Create: VM booted, Hello answered", when)
-        elif message.startswith("restore of"):
-            run.mark("restore: Hello answered", when)
-            match = _RESTORE.search(message)
-            if match:
-                connect, hello = int(match.group(2)) / 1e3, int(match.group(3)) / 1e3
-                run.mark("restore: QEMU's sockets up", when - hello - connect)
-                run.mark("restore: migrate-incoming sent", when - hello)
-        elif message.startswith("agent "):
-            method = message.split()[1]
-            if method == "Hello":
-                run.mark(COLD_HELLO, when)
-            elif method != "Hello":
-                counts[method] = counts.get(method, 0) + 1
-                suffix = f" #{counts[method]}" if counts[method] > 1 else ""
-                run.mark(f"agent {method}{suffix} answered", when)
+        _mark_shim_line(run, when, message, agent_answers)
     # The agent's Hello line comes before the restore's own: only a cold boot's counts.
     if "restore: Hello answered" in run.marks:
         run.marks.pop(COLD_HELLO, None)
+
+
+def _mark_shim_line(run: Run, when: float, message: str, agent_answers: dict[str, int]) -> None:
+    """The mark of one of the shim's debug lines, if it makes one; `agent_answers` counts
+    each agent method's answers so far (the second CreateProcess is `… #2`)."""
+    if message.startswith("start process:"):
+        match = _START.search(message)
+        if match:
+            run.mark("shim start: main()", float(match.group(1)))
+            run.mark("shim start: daemon forked", float(match.group(2)))
+    elif message.startswith("QEMU ") and " launched " in message:
+        run.mark("QEMU launched", when)
+    elif message.startswith("serving "):
+        run.mark("daemon: serving", when)
+    elif message.startswith("call "):
+        words = message.split()
+        run.mark(f"{words[1]} {words[2]}", when)
+    elif message.startswith("created ") and " booted in " in message:
+        run.mark("Create: VM booted, Hello answered", when)
+    elif message.startswith("restore of"):
+        _mark_restore(run, when, message)
+    elif message.startswith("agent "):
+        _mark_agent_answer(run, when, message.split()[1], agent_answers)
+
+
+def _mark_restore(run: Run, when: float, message: str) -> None:
+    """A restore's line, and the steps its timings put before it."""
+    run.mark("restore: Hello answered", when)
+    match = _RESTORE.search(message)
+    if match:
+        connect, hello = int(match.group(2)) / 1e3, int(match.group(3)) / 1e3
+        run.mark("restore: QEMU's sockets up", when - hello - connect)
+        run.mark("restore: migrate-incoming sent", when - hello)
+
+
+def _mark_agent_answer(run: Run, when: float, method: str, answers: dict[str, int]) -> None:
+    if method == "Hello":
+        run.mark(COLD_HELLO, when)
+        return
+    answers[method] = answers.get(method, 0) + 1
+    suffix = f" #{answers[method]}" if answers[method] > 1 else ""
+    run.mark(f"agent {method}{suffix} answered", when)
+
+
+@dataclass
+class _TracedPids:
+    """The processes a trace's lines are told apart by, as their execs and forks show."""
+
+    start: int | None = None
+    daemon: int | None = None
+    qemu: int | None = None
+    cat: int | None = None
+    delete: int | None = None
 
 
 def analyse(trace: Path, log: Path, t0: float, t1: float) -> Run:
@@ -153,71 +178,89 @@ def analyse(trace: Path, log: Path, t0: float, t1: float) -> Run:
         analyse_logs(run, log)
         run.marks["ctr: exit"] = t1 - t0
         return run
-    start_pid = daemon_pid = qemu_pid = None
+    pids = _TracedPids()
     for line in trace.read_text(errors="replace").splitlines():
         match = _SYSCALL.match(line)
-        if not match:
-            continue
-        pid, when = int(match.group(1)), float(match.group(2))
-        call, rest = match.group(3), match.group(4)
-        if call == "execve" and "containerd-shim-harpoon-v1" in rest and '"start"]' in rest:
-            start_pid = pid
-            run.mark("shim start: exec", when)
-        elif call == "execve" and "containerd-shim-harpoon-v1" in rest and '"delete"]' in rest:
-            run.mark("shim delete: exec", when)
-            run.marks["_delete_pid"] = pid
-        elif call == "execve" and "containerd-shim-harpoon-v1" in rest and pid != start_pid:
-            daemon_pid = pid
-            run.mark("daemon: exec", when)
-        elif call in ("clone", "clone3", "vfork") and pid == start_pid and "= " in rest:
-            child = rest.rsplit("= ", 1)[1].split()[0]
-            if child.isdigit():
-                run.mark("daemon: forked", when)
-                daemon_pid = daemon_pid or int(child)
-        elif call == "execve" and "qemu-system" in rest and '"help"]' in rest:
-            run.mark("qemu -M help: exec", when)
-        elif call == "execve" and "qemu-system" in rest:
-            qemu_pid = pid
-            run.mark("qemu: exec", when)
-        elif call == "execve" and '"cat", "' in rest:
-            run.marks["_cat_pid"] = pid
-            run.mark("state load: cat exec", when)
-        elif call == "mount" and "overlay" in rest:
-            run.mark("rootfs mounted", when)
-        elif call == "connect" and "agent.sock" in rest:
-            run.mark("agent socket connected", when)
-        elif call == "connect" and "vmm.sock" in rest:
-            run.mark("QMP connected", when)
-        elif call == "kill" and qemu_pid is not None and rest.startswith(f"{qemu_pid},"):
-            run.mark("qemu: killed", when)
-        elif call == "umount2":
-            run.mark("rootfs unmounted", when)
-        elif call == "exit_group":
-            if pid == start_pid:
-                run.mark("shim start: exit", when)
-            elif pid == daemon_pid:
-                run.mark("daemon: exit", when)
-            elif pid == qemu_pid:
-                run.mark("qemu: exit", when)
-            elif pid == run.marks.get("_cat_pid"):
-                run.mark("state load: cat exit", when)
-            elif pid == run.marks.get("_delete_pid"):
-                run.mark("shim delete: exit", when)
+        if match:
+            pid, when = int(match.group(1)), float(match.group(2))
+            _mark_syscall(run, pids, pid, when, match.group(3), match.group(4))
     for when, message in _shim_lines(log, t0, t1):
-        if message.startswith("serving "):
-            run.mark("daemon: serving", when)
-        elif message.startswith("call "):
-            words = message.split()
-            run.mark(f"{words[1]} {words[2]}", when)
-        elif message.startswith("restore of"):
-            run.mark("restore: Hello answered", when)
-        elif message.startswith("agent "):
-            words = message.split()
-            if words[1] != "Hello":
-                run.mark(f"agent {words[1]} answered", when)
-    run.marks = {k: v for k, v in run.marks.items() if not k.startswith("_")}
+        _mark_traced_shim_line(run, when, message)
     run.marks["ctr: exit"] = t1 - t0
     return run
+
+
+def _mark_syscall(run: Run, pids: _TracedPids, pid: int, when: float, call: str, rest: str) -> None:
+    """The mark of one traced syscall (`rest`: its arguments and result), if it makes one."""
+    if call == "execve":
+        _mark_execve(run, pids, pid, when, rest)
+    elif call in ("clone", "clone3", "vfork") and pid == pids.start and "= " in rest:
+        child = rest.rsplit("= ", 1)[1].split()[0]
+        if child.isdigit():
+            run.mark("daemon: forked", when)
+            pids.daemon = pids.daemon or int(child)
+    elif call == "mount" and "overlay" in rest:
+        run.mark("rootfs mounted", when)
+    elif call == "connect" and "agent.sock" in rest:
+        run.mark("agent socket connected", when)
+    elif call == "connect" and "vmm.sock" in rest:
+        run.mark("QMP connected", when)
+    elif call == "kill" and pids.qemu is not None and rest.startswith(f"{pids.qemu},"):
+        run.mark("qemu: killed", when)
+    elif call == "umount2":
+        run.mark("rootfs unmounted", when)
+    elif call == "exit_group":
+        _mark_exit(run, pids, pid, when)
+
+
+def _mark_execve(run: Run, pids: _TracedPids, pid: int, when: float, rest: str) -> None:
+    shim = "containerd-shim-harpoon-v1" in rest
+    if shim and '"start"]' in rest:
+        pids.start = pid
+        run.mark("shim start: exec", when)
+    elif shim and '"delete"]' in rest:
+        pids.delete = pid
+        run.mark("shim delete: exec", when)
+    elif shim and pid != pids.start:
+        pids.daemon = pid
+        run.mark("daemon: exec", when)
+    elif "qemu-system" in rest and '"help"]' in rest:
+        run.mark("qemu -M help: exec", when)
+    elif "qemu-system" in rest:
+        pids.qemu = pid
+        run.mark("qemu: exec", when)
+    elif '"cat", "' in rest:
+        pids.cat = pid
+        run.mark("state load: cat exec", when)
+
+
+def _mark_exit(run: Run, pids: _TracedPids, pid: int, when: float) -> None:
+    exits = (
+        (pids.start, "shim start: exit"),
+        (pids.daemon, "daemon: exit"),
+        (pids.qemu, "qemu: exit"),
+        (pids.cat, "state load: cat exit"),
+        (pids.delete, "shim delete: exit"),
+    )
+    for process, mark in exits:  # the first that matches names the process
+        if pid == process:
+            run.mark(mark, when)
+            return
+
+
+def _mark_traced_shim_line(run: Run, when: float, message: str) -> None:
+    """The shim's lines that a trace does not show."""
+    if message.startswith("serving "):
+        run.mark("daemon: serving", when)
+    elif message.startswith("call "):
+        words = message.split()
+        run.mark(f"{words[1]} {words[2]}", when)
+    elif message.startswith("restore of"):
+        run.mark("restore: Hello answered", when)
+    elif message.startswith("agent "):
+        words = message.split()
+        if words[1] != "Hello":
+            run.mark(f"agent {words[1]} answered", when)
 
 
 def _strace(pid: int, output: Path) -> subprocess.Popen[bytes]:
@@ -254,53 +297,74 @@ def main(argv: list[str] | None = None) -> int:
         help=f"boot every VM cold ({TEMPLATES_ENV}=off for the shims)",
     )
     args = parser.parse_args(argv)
-    runs: list[Run] = []
     if args.cold:
         os.environ[TEMPLATES_ENV] = "off"  # containerd passes it on to the shims
     compile_harpoon()  # measured as installed: see bench.machine.compile_harpoon
+    runs = _measure(args)
+    if not runs:
+        print(f"no run {'booted cold' if args.cold else 'restored from a template'}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    _print_table(runs)
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> list[Run]:
+    """The runs that started as asked (restored, or with --cold booted cold)."""
+    runs: list[Run] = []
     with Containerd(args.containerd, path_prepend=[scripts_dir()], log_level="debug") as daemon:
         work = args.keep or daemon.paths.base / "breakdown"
         work.mkdir(parents=True, exist_ok=True)
         image = daemon.import_image(build_busybox_image(default_cache_dir()))
         if not args.cold:
             _ensure_template(daemon, image)
-        assert daemon.pid is not None
         for i in range(args.runs):
-            trace = work / f"trace-{i}.txt"
-            strace = _strace(daemon.pid, trace) if args.strace else None
-            time.sleep(STRACE_ATTACH_S)
-            argv_ = [str(daemon.flavour.ctr), "--address", daemon.address, "--namespace",
-                     daemon.namespace, "run", "--rm", "--runtime", RUNTIME, image, f"bd-{i}",
-                     "echo", "hi"]  # fmt: skip
-            t0 = time.time()
-            result = subprocess.run(argv_, capture_output=True, env=daemon._environment(),
-                                    check=False, timeout=300)  # fmt: skip
-            t1 = time.time()
-            time.sleep(0.3)
-            if strace is not None:
-                strace.send_signal(signal.SIGINT)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    strace.wait(5)
-                if strace.poll() is None:
-                    strace.kill()
-                    strace.wait()
-            if result.returncode != 0 or result.stdout != b"hi\n":
-                print(f"run {i}: failed: {result.returncode} {result.stderr!r}", file=sys.stderr)
+            run = _run_once(daemon, image, i, work / f"trace-{i}.txt", args.strace)
+            if run is None:
                 continue
-            time.sleep(0.2)  # the shim's last lines reach containerd's log
-            run = analyse(trace, daemon.log_path, t0, t1)
             restored = "restore: Hello answered" in run.marks
             wanted = restored != args.cold
             note = "" if wanted else " (restored)" if restored else " (NOT restored)"
-            print(f"run {i}: {t1 - t0:.3f} s{note}", file=sys.stderr)
+            print(f"run {i}: {run.t1 - run.t0:.3f} s{note}", file=sys.stderr)
             if wanted:
                 runs.append(run)
         if args.keep:
             (work / "containerd.log").write_bytes(daemon.log_path.read_bytes())
-    if not runs:
-        print(f"no run {'booted cold' if args.cold else 'restored from a template'}",
-              file=sys.stderr)  # fmt: skip
-        return 1
+    return runs
+
+
+def _run_once(daemon: Containerd, image: str, i: int, trace: Path, strace: bool) -> Run | None:
+    """One `ctr run --rm … echo hi`, analysed; None if it failed."""
+    assert daemon.pid is not None
+    tracer = _strace(daemon.pid, trace) if strace else None
+    time.sleep(STRACE_ATTACH_S)
+    argv = [str(daemon.flavour.ctr), "--address", daemon.address, "--namespace",
+            daemon.namespace, "run", "--rm", "--runtime", RUNTIME, image, f"bd-{i}",
+            "echo", "hi"]  # fmt: skip
+    t0 = time.time()
+    result = subprocess.run(argv, capture_output=True, env=daemon._environment(),
+                            check=False, timeout=300)  # fmt: skip
+    t1 = time.time()
+    time.sleep(0.3)
+    if tracer is not None:
+        _stop_strace(tracer)
+    if result.returncode != 0 or result.stdout != b"hi\n":
+        print(f"run {i}: failed: {result.returncode} {result.stderr!r}", file=sys.stderr)
+        return None
+    time.sleep(0.2)  # the shim's last lines reach containerd's log
+    return analyse(trace, daemon.log_path, t0, t1)
+
+
+def _stop_strace(tracer: subprocess.Popen[bytes]) -> None:
+    tracer.send_signal(signal.SIGINT)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        tracer.wait(5)
+    if tracer.poll() is None:
+        tracer.kill()
+        tracer.wait()
+
+
+def _print_table(runs: list[Run]) -> None:
     names: dict[str, list[float]] = {}
     for run in runs:
         for name, value in run.marks.items():
@@ -315,7 +379,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {median:.0f} (+{median - previous:.0f}) | {min(values) * 1e3:.0f} | "
               f"{max(values) * 1e3:.0f} | {len(values)} |")  # fmt: skip
         previous = median
-    return 0
 
 
 if __name__ == "__main__":

@@ -166,6 +166,10 @@ def encode_frame_parts(
     return Parts(encode_header(stream_id, message_type, flags, len(payload)), *payload.pieces)
 
 
+# A frame's header as decoded: payload length, stream id, type, flags.
+_Header = tuple[int, int, MessageType | int, Flags]
+
+
 class FrameDecoder:
     """Turns a byte stream into frames; see the module docstring."""
 
@@ -173,7 +177,7 @@ class FrameDecoder:
         self._max_message_bytes = max_message_bytes
         # Holds either a partial header or a partial payload, never both.
         self._buffer = bytearray()
-        self._header: tuple[int, int, MessageType | int, Flags] | None = None
+        self._header: _Header | None = None
         self._discard_bytes = 0
         self._broken = False
 
@@ -188,52 +192,78 @@ class FrameDecoder:
         events: list[Event] = []
         view = memoryview(data).cast("B")
         pos, end = 0, len(view)
-        buffer = self._buffer
         while True:
             if self._discard_bytes:
-                skipped = min(self._discard_bytes, end - pos)
-                pos += skipped
-                self._discard_bytes -= skipped
+                pos = self._skip_discarded(view, pos, end)
                 if self._discard_bytes:
                     break
             if self._header is None:
-                needed = HEADER_BYTES - len(buffer)
-                if end - pos < needed:
-                    buffer += view[pos:end]
-                    break
-                if buffer:
-                    buffer += view[pos : pos + needed]
-                    fields = _HEADER.unpack(buffer)
-                    buffer.clear()
-                else:
-                    fields = _HEADER.unpack_from(view, pos)
-                pos += needed
-                length, stream_id, raw_type, raw_flags = fields
-                type_ = MessageType(raw_type) if raw_type in _KNOWN_TYPES else raw_type
-                if length > _MAX_FRAMEABLE_BYTES:
-                    self._broken = True
-                    events.append(
-                        FramingError(f"frame length {length} uses the reserved length byte")
-                    )
-                    return events
-                if length > self._max_message_bytes:
-                    self._discard_bytes = length
-                    events.append(OversizedFrame(stream_id, type_, length))
-                    continue
-                self._header = (length, stream_id, type_, Flags(raw_flags))
-            length, stream_id, type_, flags = self._header
-            if not buffer and end - pos >= length:
-                # Whole payload in this chunk: one copy, no staging.
-                payload = bytes(view[pos : pos + length])
-                pos += length
-            else:
-                take = min(length - len(buffer), end - pos)
-                buffer += view[pos : pos + take]
-                pos += take
-                if len(buffer) < length:
-                    break
-                payload = bytes(buffer)
-                buffer.clear()
-            self._header = None
-            events.append(Frame(stream_id, type_, flags, payload))
+                pos, event = self._read_header(view, pos, end)
+                if event is not None:
+                    events.append(event)
+                    if self._broken:
+                        return events
+                    continue  # an oversized frame: its payload is skipped next
+            header = self._header
+            if header is None:
+                break  # the header is incomplete
+            pos, frame = self._read_payload(header, view, pos, end)
+            if frame is None:
+                break  # the payload is incomplete
+            events.append(frame)
         return events
+
+    def _skip_discarded(self, view: memoryview, pos: int, end: int) -> int:
+        """Skips what of an oversized frame's payload view[pos:end] holds; the new pos."""
+        skipped = min(self._discard_bytes, end - pos)
+        self._discard_bytes -= skipped
+        return pos + skipped
+
+    def _read_header(self, view: memoryview, pos: int, end: int) -> tuple[int, Event | None]:
+        """Reads a header from view[pos:end], or buffers what there is of one; the new pos.
+        Sets self._header for a frame whose payload comes next; answers the event instead
+        when the frame will not be delivered (oversized, or the stream is out of step)."""
+        buffer = self._buffer
+        needed = HEADER_BYTES - len(buffer)
+        if end - pos < needed:
+            buffer += view[pos:end]
+            return end, None
+        if buffer:
+            buffer += view[pos : pos + needed]
+            fields = _HEADER.unpack(buffer)
+            buffer.clear()
+        else:
+            fields = _HEADER.unpack_from(view, pos)
+        pos += needed
+        length, stream_id, raw_type, raw_flags = fields
+        type_ = MessageType(raw_type) if raw_type in _KNOWN_TYPES else raw_type
+        if length > _MAX_FRAMEABLE_BYTES:
+            self._broken = True
+            return pos, FramingError(f"frame length {length} uses the reserved length byte")
+        if length > self._max_message_bytes:
+            self._discard_bytes = length
+            return pos, OversizedFrame(stream_id, type_, length)
+        self._header = (length, stream_id, type_, Flags(raw_flags))
+        return pos, None
+
+    def _read_payload(
+        self, header: _Header, view: memoryview, pos: int, end: int
+    ) -> tuple[int, Frame | None]:
+        """Reads the payload of the frame whose header came, or buffers what there is of
+        it; the new pos, and the frame once it is whole."""
+        length, stream_id, type_, flags = header
+        buffer = self._buffer
+        if not buffer and end - pos >= length:
+            # Whole payload in this chunk: one copy, no staging.
+            payload = bytes(view[pos : pos + length])
+            pos += length
+        else:
+            take = min(length - len(buffer), end - pos)
+            buffer += view[pos : pos + take]
+            pos += take
+            if len(buffer) < length:
+                return pos, None
+            payload = bytes(buffer)
+            buffer.clear()
+        self._header = None
+        return pos, Frame(stream_id, type_, flags, payload)
