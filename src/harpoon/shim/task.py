@@ -115,7 +115,7 @@ class TaskService:
 
     # -- Task methods ----------------------------------------------------------------
 
-    async def Create(  # noqa: C901 (being rewritten: issue 12)
+    async def Create(
         self, request: task.CreateTaskRequest, ctx: CallContext
     ) -> task.CreateTaskResponse:
         if self.container is not None:
