@@ -130,14 +130,11 @@ class AgentService:
             stderr=request.stderr,
             terminal=request.terminal,
         )
-        args = spec.process.args
+        args, env, cwd = spec.process.args, spec.process.env, spec.process.cwd
         if not args:
             raise InvalidArgument(f"process {request.id!r} has no args to run")
         # runc's own check and words, before crun's (which differ) can be reached.
-        if (
-            processes.find_executable(args[0], spec.process.env, spec.process.cwd, container.root)
-            is None
-        ):
+        if processes.find_executable(args[0], env, cwd, container.root) is None:
             raise processes.executable_not_found(args[0])
         if request.hostname:
             linux.sethostname(request.hostname)
