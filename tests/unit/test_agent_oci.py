@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from harpoon.agent import oci
-from harpoon.agent.processes import ProcessSpec, ProcessTable
+from harpoon.agent.container import Container
+from harpoon.agent.processes import Process, ProcessSpec, ProcessTable
 from harpoon.ttrpc.status import TtrpcError
 
 ID = "c1"
@@ -71,7 +72,7 @@ def created(state_root: Path) -> Iterator[FakeState]:
 
 
 def test_start_writes_one_byte_to_the_fifo_and_removes_it(created: FakeState) -> None:
-    assert oci._start_created(ID, {}) is True
+    assert oci._start_created(ID) is True
     assert not created.fifo.exists()
     assert created.read_byte() == b"\0"
 
@@ -79,15 +80,15 @@ def test_start_writes_one_byte_to_the_fifo_and_removes_it(created: FakeState) ->
 def test_a_status_without_start_time_checks_only_the_pid(state_root: Path) -> None:
     state = FakeState(state_root, os.getpid(), None)
     try:
-        assert oci._start_created(ID, {}) is True
+        assert oci._start_created(ID) is True
         assert state.read_byte() == b"\0"
     finally:
         state.close()
 
 
-def refused(state: FakeState, spec: dict[str, object] | None = None) -> None:
+def refused(state: FakeState) -> None:
     """Nothing done: `crun start` is left to run (and refuse in its own words)."""
-    assert oci._start_created(ID, spec or {}) is False
+    assert oci._start_created(ID) is False
     assert state.fifo.exists()
     assert state.read_byte() == b""
 
@@ -126,19 +127,19 @@ def test_a_zombie_init_is_left_to_crun(state_root: Path) -> None:
 def test_a_fifo_without_reader_is_left_to_crun(created: FakeState) -> None:
     os.close(created.reader)
     created.reader = os.open("/dev/null", os.O_RDONLY)
-    assert oci._start_created(ID, {}) is False
+    assert oci._start_created(ID) is False
     assert created.fifo.exists()
 
 
 def test_a_started_container_is_left_to_crun(created: FakeState) -> None:
-    assert oci._start_created(ID, {}) is True
-    assert oci._start_created(ID, {}) is False  # no fifo: crun says why
+    assert oci._start_created(ID) is True
+    assert oci._start_created(ID) is False  # no fifo: crun says why
 
 
 def test_a_fifo_that_is_not_a_fifo_is_left_to_crun(created: FakeState) -> None:
     created.fifo.unlink()
     created.fifo.write_bytes(b"")
-    assert oci._start_created(ID, {}) is False
+    assert oci._start_created(ID) is False
     assert created.fifo.read_bytes() == b""
 
 
@@ -149,11 +150,7 @@ def test_an_unexpected_status_file_is_left_to_crun(created: FakeState, status: s
 
 
 def test_a_missing_state_dir_is_left_to_crun(state_root: Path) -> None:
-    assert oci._start_created("other", {}) is False
-
-
-def test_poststart_hooks_are_left_to_crun(created: FakeState) -> None:
-    refused(created, {"hooks": {"poststart": [{"path": "/bin/true"}]}})
+    assert oci._start_created("other") is False
 
 
 def test_a_notify_socket_is_left_to_crun(
@@ -172,8 +169,9 @@ class RecordingRuntime(oci.OciRuntime):
         self.commands.append(command)
 
 
-def container(table: ProcessTable, spec: dict[str, object]) -> object:
-    process = table.create(ID, ProcessSpec(args=["x"], env=[], oci_json=json.dumps(spec).encode()))
+def container(table: ProcessTable, spec: dict[str, object]) -> Process:
+    config = {"root": {"path": "/r"}, "process": {"args": ["x"]}, **spec}
+    process = table.create(ID, ProcessSpec(Container.from_config(config)))
     process.pid = 42
     return process
 
@@ -184,14 +182,26 @@ def test_runtime_start_runs_crun_only_when_the_fifo_is_not_what_it_expects(
     async def scenario() -> list[list[str]]:
         runtime = RecordingRuntime()
         process = container(runtime.table, {})
-        assert await runtime.start(process) == 42  # type: ignore[arg-type]
-        assert process.started  # type: ignore[attr-defined]
+        assert await runtime.start(process) == 42
+        assert process.started
         assert runtime.commands == []
         again = RecordingRuntime()
-        assert await again.start(container(again.table, {})) == 42  # type: ignore[arg-type]
+        assert await again.start(container(again.table, {})) == 42
         return again.commands
 
     assert asyncio.run(scenario()) == [["start", ID]]
+
+
+def test_poststart_hooks_are_left_to_crun(created: FakeState) -> None:
+    async def scenario() -> list[list[str]]:
+        runtime = RecordingRuntime()
+        hooks = {"hooks": {"poststart": [{"path": "/bin/true"}]}}
+        assert await runtime.start(container(runtime.table, hooks)) == 42
+        return runtime.commands
+
+    assert asyncio.run(scenario()) == [["start", ID]]
+    assert created.fifo.exists()
+    assert created.read_byte() == b""
 
 
 def test_a_failed_write_after_the_unlink_is_an_error(
@@ -202,7 +212,7 @@ def test_a_failed_write_after_the_unlink_is_an_error(
 
     monkeypatch.setattr(oci.os, "write", broken_write)
     with pytest.raises(TtrpcError, match=r"crun start failed: exec\.fifo: .*Broken pipe"):
-        oci._start_created(ID, {})
+        oci._start_created(ID)
 
 
 def test_crun_runs_without_aslr_and_the_container_gets_the_default_personality() -> None:

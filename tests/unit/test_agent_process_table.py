@@ -15,6 +15,7 @@ from pathlib import Path
 PRELUDE = textwrap.dedent(
     """
     import asyncio, ctypes, os, signal, sys
+    from harpoon.agent.container import Container
     from harpoon.agent.processes import ProcessSpec, ProcessTable
 
     PR_SET_CHILD_SUBREAPER = 36
@@ -27,7 +28,8 @@ PRELUDE = textwrap.dedent(
         return table
 
     def oci(**extra):
-        return ProcessSpec(args=["x"], env=[], oci_json=b"{}", **extra)
+        container = Container.from_config({"root": {"path": "/r"}, "process": {"args": ["x"]}})
+        return ProcessSpec(container, **extra)
 
     # What crun does: start the container's process, write its pid, exit without waiting
     # for it. (A shell's `cmd &` will not do: the shell may reap its background job.)

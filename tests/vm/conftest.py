@@ -1,11 +1,19 @@
 """What the VM tests share: the guest image, a sandbox started as the shim starts one,
-and running a process in the guest's own root through the agent, as the tests (not
-containerd) do."""
+and running a command in the guest through the agent, as the tests (not containerd) do.
+
+The agent runs only container processes, under crun. A test's own command runs in a
+*guest container*: its root is the guest's own `/`, it has no namespaces, no mounts and
+every capability, so it sees the guest as the agent does (its mounts, crun's state, its
+pids) and acts as root there; crun still creates, starts and reaps it. Every container
+in the guest shares its one cgroup, which the agent kills whenever a container's init
+exits: a command that must run beside another container is an exec into a guest
+container started before it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import time
@@ -26,8 +34,22 @@ from harpoon.shim.container_plan import plan_container
 from harpoon.vmm.backend import QemuBackend, host_arch
 
 RunInGuest = Callable[..., Awaitable[tuple[int, bytes, bytes]]]
+GuestRequest = Callable[..., agent_pb2.CreateProcessRequest]
 StartSandbox = Callable[..., contextlib.AbstractContextManager["StartedSandbox"]]
 RUN_TIMEOUT_S = 120.0
+GUEST_ENV = ["PATH=/bin:/usr/bin"]
+# Every capability Linux 6.1 has: the command acts as root in the guest, as the agent.
+ALL_CAPABILITIES = [
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
+    "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
+    "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
+    "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
+    "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -46,12 +68,43 @@ async def collect(chunks: AsyncIterator[bytes]) -> bytes:
     return b"".join([chunk async for chunk in chunks])
 
 
-async def run_in_guest(agent: AgentClient, process_id: str, *args: str) -> tuple[int, bytes, bytes]:
-    """Runs args (no OCI spec: in the guest's root) to its exit: status, stdout, stderr."""
+def guest_request(
+    process_id: str,
+    *args: str,
+    container_id: str = "",
+    stdout: bool = False,
+    stderr: bool = False,
+) -> agent_pb2.CreateProcessRequest:
+    """The agent's request for args as a guest container's init or, with container_id,
+    as an exec into that (guest) container."""
+    process = {
+        "args": list(args),
+        "env": GUEST_ENV,
+        "cwd": "/",
+        "user": {"uid": 0, "gid": 0},
+        "capabilities": {key: ALL_CAPABILITIES for key in ("bounding", "effective", "permitted")},
+    }
+    if container_id:
+        document: dict[str, object] = process
+    else:
+        document = {"ociVersion": "1.0.2", "process": process, "root": {"path": "/"}, "mounts": []}
+    return agent_pb2.CreateProcessRequest(
+        id=process_id,
+        container_init=not container_id,
+        container_id=container_id,
+        oci_json=json.dumps(document).encode(),
+        stdout=stdout,
+        stderr=stderr,
+    )
+
+
+async def run_in_guest(
+    agent: AgentClient, process_id: str, *args: str, container_id: str = ""
+) -> tuple[int, bytes, bytes]:
+    """Runs args in a guest container of its own (or, with container_id, as an exec into
+    that guest container) to its exit: status, stdout, stderr."""
     await agent.create_process(
-        agent_pb2.CreateProcessRequest(
-            id=process_id, args=list(args), env=["PATH=/bin:/usr/bin"], stdout=True, stderr=True
-        )
+        guest_request(process_id, *args, container_id=container_id, stdout=True, stderr=True)
     )
     out = asyncio.ensure_future(collect(agent.read_output(process_id, agent_pb2.STDOUT)))
     err = asyncio.ensure_future(collect(agent.read_output(process_id, agent_pb2.STDERR)))
@@ -59,6 +112,12 @@ async def run_in_guest(agent: AgentClient, process_id: str, *args: str) -> tuple
     status = await agent.wait_process(process_id)
     await agent.delete_process(process_id)
     return status.exit_status, await out, await err
+
+
+@pytest.fixture(scope="session")
+def guest_requests() -> GuestRequest:
+    """guest_request, for test modules (conftest is not imported by name)."""
+    return guest_request
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,14 @@
 """The guest agent in a real VM (QEMU, TCG here), driven through harpoon.sandbox.
 
 One VM is booted for the whole module: these tests speak to the agent as the shim
-does, without containerd, and run processes in the guest's own root.
+does, without containerd, and run their commands in guest containers (conftest: the
+guest's own root, no namespaces).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import tempfile
@@ -24,7 +26,7 @@ from harpoon.vmm.backend import QemuBackend, host_arch
 from harpoon.vmm.base import Share, VMConfig
 
 if TYPE_CHECKING:
-    from tests.vm.conftest import RunInGuest
+    from tests.vm.conftest import GuestRequest, RunInGuest
 
 BACKEND = QemuBackend()
 pytestmark = pytest.mark.vm
@@ -46,11 +48,16 @@ class VM:
     """A booted sandbox and a loop to drive it from synchronous tests."""
 
     def __init__(
-        self, sandbox: Sandbox, loop: asyncio.AbstractEventLoop, run_in_guest: RunInGuest
+        self,
+        sandbox: Sandbox,
+        loop: asyncio.AbstractEventLoop,
+        run_in_guest: RunInGuest,
+        guest_request: GuestRequest,
     ) -> None:
         self.sandbox = sandbox
         self.loop = loop
         self.run_in_guest = run_in_guest
+        self.guest_request = guest_request
 
     def run(self, coro: object, timeout: float = 120) -> object:
         return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))  # type: ignore[arg-type]
@@ -62,7 +69,9 @@ class VM:
 
 
 @pytest.fixture(scope="module")
-def vm(guest: object, shared_dir: Path, guest_process: RunInGuest) -> Iterator[VM]:
+def vm(
+    guest: object, shared_dir: Path, guest_process: RunInGuest, guest_requests: GuestRequest
+) -> Iterator[VM]:
     loop = asyncio.new_event_loop()
     with tempfile.TemporaryDirectory(prefix="hp-vm-") as state:
         config = VMConfig(
@@ -77,7 +86,7 @@ def vm(guest: object, shared_dir: Path, guest_process: RunInGuest) -> Iterator[V
         sandbox = Sandbox(plan_launch(config, BACKEND, False), BACKEND)
         loop.run_until_complete(sandbox.start())
         try:
-            yield VM(sandbox, loop, guest_process)
+            yield VM(sandbox, loop, guest_process, guest_requests)
         finally:
             loop.run_until_complete(sandbox.stop())
             loop.close()
@@ -87,8 +96,12 @@ async def collect(chunks: AsyncIterator[bytes]) -> bytes:
     return b"".join([chunk async for chunk in chunks])
 
 
-async def run_process(vm: VM, process_id: str, *args: str) -> tuple[int, bytes, bytes]:
-    return await vm.run_in_guest(vm.agent, process_id, *args)
+async def run_process(
+    vm: VM, process_id: str, *args: str, container_id: str = ""
+) -> tuple[int, bytes, bytes]:
+    """args in a guest container of its own, or as an exec into the guest container
+    container_id (to run beside another container: see conftest)."""
+    return await vm.run_in_guest(vm.agent, process_id, *args, container_id=container_id)
 
 
 def test_hello_reports_the_guest_kernel(vm: VM, guest: object) -> None:
@@ -122,9 +135,7 @@ def test_hello_seeds_the_guest_rng(vm: VM) -> None:
 def test_killed_process_reports_128_plus_signal(vm: VM) -> None:
     async def scenario() -> int:
         agent = vm.agent
-        await agent.create_process(
-            agent_pb2.CreateProcessRequest(id="p2", args=["/bin/sleep", "100"])
-        )
+        await agent.create_process(vm.guest_request("p2", "/bin/sleep", "100"))
         await agent.start_process("p2")
         await agent.signal_process("p2", signal.SIGKILL, False)
         status = (await agent.wait_process("p2")).exit_status
@@ -134,19 +145,23 @@ def test_killed_process_reports_128_plus_signal(vm: VM) -> None:
     assert vm.run(scenario()) == 128 + signal.SIGKILL
 
 
-def test_missing_executable_fails_start_with_a_clear_message(vm: VM) -> None:
+def test_missing_executable_fails_create_with_a_clear_message(vm: VM) -> None:
+    """As runc refuses it: at create, in runc's words, with no errdefs class."""
+
     async def scenario() -> TtrpcError:
         agent = vm.agent
-        await agent.create_process(agent_pb2.CreateProcessRequest(id="p3", args=["no-such-binary"]))
         try:
-            await agent.start_process("p3")
+            await agent.create_process(vm.guest_request("p3", "no-such-binary"))
         except TtrpcError as error:
             return error
-        raise AssertionError("start succeeded")
+        raise AssertionError("create succeeded")
 
     error = vm.run(scenario())
-    assert isinstance(error, TtrpcError) and error.code == Code.FAILED_PRECONDITION
-    assert "no-such-binary" in error.message
+    assert isinstance(error, TtrpcError) and error.code == Code.UNKNOWN
+    assert error.message == 'exec: "no-such-binary": executable file not found in $PATH'
+    with pytest.raises(TtrpcError) as caught:  # and nothing of it is left in the guest
+        vm.run(vm.agent.wait_process("p3"))
+    assert caught.value.code == Code.NOT_FOUND
 
 
 def test_unknown_process_is_not_found(vm: VM) -> None:
@@ -297,10 +312,26 @@ async def create(vm: VM, container_id: str, config: dict[str, object]) -> None:
     )
 
 
-async def guest_output(vm: VM, process_id: str, command: str) -> str:
-    status, out, err = await run_process(vm, process_id, "/bin/sh", "-c", command)
+async def guest_output(vm: VM, process_id: str, command: str, container_id: str = "") -> str:
+    status, out, err = await run_process(
+        vm, process_id, "/bin/sh", "-c", command, container_id=container_id
+    )
     assert status == 0, err
     return out.decode()
+
+
+async def start_guest_container(vm: VM, container_id: str) -> None:
+    """A guest container that sleeps: execs into it run beside other containers."""
+    await vm.agent.create_process(vm.guest_request(container_id, "/bin/sleep", "1000"))
+    await vm.agent.start_process(container_id)
+
+
+async def remove_container(vm: VM, container_id: str) -> None:
+    """Kills the container's init if it still runs, and deletes the container."""
+    with contextlib.suppress(TtrpcError):  # gone already: with the cgroup of another
+        await vm.agent.signal_process(container_id, signal.SIGKILL, False)
+    await vm.agent.wait_process(container_id)
+    await vm.agent.delete_process(container_id)
 
 
 async def run_container(vm: VM, container_id: str, *args: str) -> bytes:
@@ -319,15 +350,19 @@ def test_start_finds_crun_state_as_the_agent_expects_and_runs_the_init(
     """What the agent's own start reads: crun 1.8.1's status file and exec.fifo."""
 
     async def scenario() -> tuple[str, int, str, bytes]:
+        await start_guest_container(vm, "look")
         await create(vm, "s1", spec("/bin/sh", "-c", "echo started"))
         out = asyncio.ensure_future(collect(vm.agent.read_output("s1", agent_pb2.STDOUT)))
         before = await guest_output(
-            vm, "look1", f"test -p {STATE}/s1/exec.fifo && cat {STATE}/s1/status"
+            vm, "look1", f"test -p {STATE}/s1/exec.fifo && cat {STATE}/s1/status", "look"
         )
         pid = await vm.agent.start_process("s1")
-        after = await guest_output(vm, "look2", f"ls {STATE}/s1")
         assert (await vm.agent.wait_process("s1")).exit_status == 0
+        # The init's exit killed the cgroup, "look" with it: a guest container of its
+        # own, while crun's state of s1 is still there (until delete).
+        after = await guest_output(vm, "look2", f"ls {STATE}/s1")
         await vm.agent.delete_process("s1")
+        await remove_container(vm, "look")
         return before, pid, after, await out
 
     before, pid, after, out = vm.run(scenario())  # type: ignore[misc]
@@ -405,14 +440,16 @@ def test_crun_runs_from_the_agent_s_sealed_copy_without_copying_itself(
     crun's own copy would be `memfd:crun_cloned…` or a `/tmp/crun.…` bind mount."""
 
     async def scenario() -> str:
+        await start_guest_container(vm, "look")
         await create(vm, "m1", spec("/bin/sleep", "100"))
         try:
-            status = json.loads(await guest_output(vm, "m1-status", f"cat {STATE}/m1/status"))
-            return await guest_output(vm, "m1-exe", f"ls -l /proc/{status['pid']}/exe")
+            status = json.loads(
+                await guest_output(vm, "m1-status", f"cat {STATE}/m1/status", "look")
+            )
+            return await guest_output(vm, "m1-exe", f"ls -l /proc/{status['pid']}/exe", "look")
         finally:
-            await vm.agent.signal_process("m1", signal.SIGKILL, False)
-            await vm.agent.wait_process("m1")
-            await vm.agent.delete_process("m1")
+            await remove_container(vm, "m1")
+            await remove_container(vm, "look")
 
     listing = vm.run(scenario())
     assert isinstance(listing, str)

@@ -11,12 +11,12 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from harpoon.api.agent.v1 import agent_pb2
 from harpoon.guest import GuestImage
 from harpoon.sandbox.agent_client import AgentClient
 from harpoon.sandbox.plan import plan_launch
@@ -33,8 +33,12 @@ from harpoon.shim.template_cli import container_config
 from harpoon.vmm.backend import QemuBackend
 from harpoon.vmm.base import Share, VMConfig
 
+if TYPE_CHECKING:
+    from tests.vm.conftest import RunInGuest
+
 BACKEND = QemuBackend()
 pytestmark = pytest.mark.vm
+Run = Callable[..., Awaitable[tuple[int, bytes]]]
 
 NINEP = ["trans=virtio", "version=9p2000.L"]
 BUILDER_WAIT_S = 300.0
@@ -93,21 +97,15 @@ def sandbox_config(guest: GuestImage, workdir: Path, name: str, share: Path) -> 
     )
 
 
-async def collect(chunks: AsyncIterator[bytes]) -> bytes:
-    return b"".join([chunk async for chunk in chunks])
+@pytest.fixture(scope="module")
+def run(guest_process: RunInGuest) -> Run:
+    """args in a guest container (conftest) to its exit: status, stdout."""
 
+    async def run(agent: AgentClient, process_id: str, *args: str) -> tuple[int, bytes]:
+        status, out, _ = await guest_process(agent, process_id, *args)
+        return status, out
 
-async def run(agent: AgentClient, process_id: str, *args: str) -> tuple[int, bytes]:
-    await agent.create_process(
-        agent_pb2.CreateProcessRequest(
-            id=process_id, args=list(args), env=["PATH=/bin:/usr/bin"], stdout=True
-        )
-    )
-    out = asyncio.ensure_future(collect(agent.read_output(process_id, agent_pb2.STDOUT)))
-    await agent.start_process(process_id)
-    status = await agent.wait_process(process_id)
-    await agent.delete_process(process_id)
-    return status.exit_status, await out
+    return run
 
 
 def share_with(workdir: Path, name: str, content: str) -> Path:
@@ -130,7 +128,7 @@ def test_a_built_template_is_published_whole(template: Template, store: Template
 
 
 def test_two_vms_restored_at_once_each_see_their_own_share_and_the_host_clock(
-    guest: GuestImage, store: TemplateStore, template: Template, workdir: Path
+    guest: GuestImage, store: TemplateStore, template: Template, workdir: Path, run: Run
 ) -> None:
     async def one(name: str) -> tuple[bool, int, bytes, int, float, bytes]:
         share = share_with(workdir, name, f"I am {name}\n")
@@ -163,7 +161,7 @@ def test_two_vms_restored_at_once_each_see_their_own_share_and_the_host_clock(
 
 
 def test_a_corrupt_template_falls_back_to_a_cold_boot_and_is_rebuilt(
-    guest: GuestImage, template: Template, workdir: Path
+    guest: GuestImage, template: Template, workdir: Path, run: Run
 ) -> None:
     broken_store = TemplateStore(workdir / "broken")
     broken_store.root.mkdir()
@@ -205,7 +203,7 @@ def test_a_corrupt_template_falls_back_to_a_cold_boot_and_is_rebuilt(
 
 
 def test_a_template_build_outlives_the_sandbox_that_started_it(
-    guest: GuestImage, workdir: Path
+    guest: GuestImage, workdir: Path, run: Run
 ) -> None:
     """A container shorter than a template build (most `--rm` runs under TCG) must leave
     its template built, or every container after it boots cold too: the build runs in

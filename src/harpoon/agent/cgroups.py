@@ -118,6 +118,9 @@ def read_metrics() -> metrics_pb2.Metrics:
         memory_events=metrics_pb2.MemoryEvents(
             **{k: events.get(k, 0) for k in ("low", "high", "max", "oom", "oom_kill")}
         ),
+        # Always there, if empty (a guest whose io.stat lists no device yet): nerdctl
+        # stats dereferences it, and a Go client gets nil for a message that is unset.
+        io=metrics_pb2.IOStat(),
     )
     for line in _read("io.stat").splitlines():
         device, *fields = line.split()

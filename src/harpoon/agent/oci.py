@@ -57,16 +57,6 @@ CRUN_MEMFD_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW |
 _sequence = itertools.count(1)
 
 
-def read_spec(oci_json: bytes) -> dict[str, Any]:
-    try:
-        spec = json.loads(oci_json)
-    except ValueError as error:
-        raise InvalidArgument(f"the container's OCI spec is not JSON: {error}") from None
-    if not isinstance(spec, dict):
-        raise InvalidArgument("the container's OCI spec is not a JSON object")
-    return spec
-
-
 def guest_config(
     spec: dict[str, Any], cgroups_path: str = cgroups.CONTAINER_CGROUPS_PATH
 ) -> dict[str, Any]:
@@ -83,14 +73,6 @@ def guest_config(
         linux["personality"] = {"domain": "LINUX"}
     config["linux"] = linux
     return config
-
-
-def root_path(spec: dict[str, Any]) -> str:
-    root = spec.get("root") or {}
-    path = root.get("path", "")
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise InvalidArgument(f"the container's root.path must be absolute in the guest: {path!r}")
-    return path
 
 
 def _log_message(path: str) -> str:
@@ -142,7 +124,7 @@ class OciRuntime:
 
     async def create(self, process: Process) -> None:
         """`crun create`: the container exists, its init waits for `start`."""
-        command, pid_file = self._bundle(process.id, read_spec(process.spec.oci_json))
+        command, pid_file = self._bundle(process.id, process.spec.container.config)
         since = self.table.generation
         try:
             await self._run_with_io(process, command, process.id)
@@ -185,7 +167,7 @@ class OciRuntime:
         return ["create", "--bundle", bundle, f"--pid-file={pid_file}", *CREATE_FLAGS], pid_file
 
     async def start(self, process: Process) -> int:
-        if not _start_created(process.id, read_spec(process.spec.oci_json)):
+        if process.spec.container.poststart_hooks or not _start_created(process.id):
             await self._crun(process.id, ["start", process.id])
         process.started = True
         return process.pid
@@ -199,8 +181,8 @@ class OciRuntime:
         number = next(_sequence)
         process_file = os.path.join(bundle, f"exec-{number}.json")
         pid_file = os.path.join(bundle, f"exec-{number}.pid")
-        with open(process_file, "wb") as spec:
-            spec.write(process.spec.oci_json)
+        with open(process_file, "w") as spec:
+            json.dump(process.spec.process.document, spec)
         command = ["exec", "--detach", f"--process={process_file}", f"--pid-file={pid_file}"]
         since = self.table.generation
         try:
@@ -275,7 +257,7 @@ def sealed_copy(path: str) -> int | None:
     return fd
 
 
-def _start_created(container_id: str, spec: dict[str, Any]) -> bool:
+def _start_created(container_id: str) -> bool:
     """Does what `crun start` does, without an exec of crun (~0.1-0.4 s under TCG):
     False, having done nothing, when anything is not as expected (`crun start` then
     runs and refuses, if it must, in its own words).
@@ -288,9 +270,9 @@ def _start_created(container_id: str, spec: dict[str, Any]) -> bool:
     the fifo since `crun create`, then execs the container's process; with the fifo
     gone, crun reports the container running. crun would then wait for a NOTIFY_SOCKET
     and run poststart hooks: with either, `crun start` runs instead (the shim drops a
-    spec's hooks, the agent sets no NOTIFY_SOCKET).
+    spec's hooks, the agent sets no NOTIFY_SOCKET; the caller checks for hooks).
     """
-    if os.environ.get("NOTIFY_SOCKET") or (spec.get("hooks") or {}).get("poststart"):
+    if os.environ.get("NOTIFY_SOCKET"):
         return False
     state = os.path.join(STATE_ROOT, container_id)
     fifo = os.path.join(state, "exec.fifo")

@@ -1,16 +1,13 @@
 """The agent's process table: every process it runs for the host, by id.
 
-A process is created with its stdio pipes (so the host can attach readers before it
-runs), started by fork and exec, and reaped by the agent's SIGCHLD handler, which is
-the only place that calls waitpid: as PID 1 the agent also reaps orphans it never
-started. Exit statuses follow the shell's convention (128 + signal when killed).
-A terminal process gets a pty: the slave is its stdin, stdout and stderr and its
-controlling terminal; the master carries its input and its (single) output stream.
-
-Two kinds of process live here. A container's processes (with an OCI spec) are run by
-crun (`harpoon.agent.oci`), which exits at once: the table learns their pids from crun's
-pid files (`adopt`) and, as their reaper, their exits. Guest processes (no spec: tests,
-diagnostics) are forked and exec'd here.
+Every process is a container's, run by crun (`harpoon.agent.oci`) from the OCI spec the
+host sent (`harpoon.agent.container`). A process is created with its stdio pipes (so
+the host can attach readers before it runs); crun exits at once, and the table learns
+the container process's pid from crun's pid file (`adopt`) and, as its reaper, its
+exit: the agent's SIGCHLD handler is the only place that calls waitpid, since as PID 1
+the agent also reaps orphans it never started. Exit statuses follow the shell's
+convention (128 + signal when killed). A terminal is the pty crun makes and sends on a
+console socket: its master carries the process's input and its (single) output stream.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import resource
 import signal
 import struct
 import termios
@@ -28,6 +24,7 @@ import time
 
 from harpoon import aio, linux
 from harpoon.agent import cgroups
+from harpoon.agent.container import Container, OciProcess
 from harpoon.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from harpoon.ttrpc.status import Code, TtrpcError
 
@@ -40,73 +37,48 @@ _SIGNALS_PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 class ProcessSpec:
-    """What to run: the parts of an OCI process the agent implements itself."""
+    """What to run: a container's process, and the stdio the host wants of it."""
 
     # ProcessSpec and Process are plain classes rather than dataclasses: generating a
     # dataclass's methods at import costs the guest agent tens of ms under TCG.
     __slots__ = (
-        "additional_gids",
-        "args",
+        "container",
         "container_id",
         "container_init",
-        "cwd",
-        "env",
-        "gid",
-        "no_new_privileges",
-        "oci_json",
-        "rlimits",
+        "process",
         "stderr",
         "stdin",
         "stdout",
         "terminal",
-        "uid",
     )
 
     def __init__(
         self,
-        args: list[str],
-        env: list[str],
-        cwd: str = "/",
-        uid: int = 0,
-        gid: int = 0,
-        additional_gids: list[int] | None = None,
+        container: Container,
+        process: OciProcess | None = None,
+        container_id: str = "",
         stdin: bool = False,
         stdout: bool = False,
         stderr: bool = False,
         terminal: bool = False,
-        container_init: bool = False,
-        rlimits: list[tuple[int, int, int]] | None = None,
-        no_new_privileges: bool = False,
-        oci_json: bytes = b"",
-        container_id: str = "",
     ) -> None:
-        self.args = args
-        self.env = env
-        self.cwd = cwd
-        self.uid = uid
-        self.gid = gid
-        self.additional_gids: list[int] = [] if additional_gids is None else additional_gids
+        # The container the process runs in: for its init, the container it creates.
+        self.container = container
+        # The OCI process: for an exec, its own; for the container's init, the spec's.
+        self.process = container.process if process is None else process
+        # For an exec: the container (its init's id) it joins; empty for the init.
+        self.container_id = container_id
+        # The container's first process: `crun create` at CreateProcess, started by
+        # StartProcess; when it exits, everything in its cgroup is killed.
+        self.container_init = process is None
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
         self.terminal = terminal
-        self.container_init = container_init
-        # (resource number, soft, hard), resolved from OCI names when created.
-        self.rlimits: list[tuple[int, int, int]] = [] if rlimits is None else rlimits
-        self.no_new_privileges = no_new_privileges
-        # A container's process: its OCI spec (config.json for the init, an OCI process
-        # for an exec) for crun; the fields above that crun takes from it are unused.
-        self.oci_json = oci_json
-        # For an exec: the container (its init's id) it joins.
-        self.container_id = container_id
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
         return f"ProcessSpec({fields})"
-
-    @property
-    def oci(self) -> bool:
-        return bool(self.oci_json)
 
 
 class Process:
@@ -162,14 +134,6 @@ class Process:
         return f"Process(id={self.id!r}, pid={self.pid}, exit_status={self.exit_status})"
 
 
-def rlimit_number(name: str) -> int:
-    """The resource number of an OCI rlimit type such as RLIMIT_NOFILE."""
-    number = getattr(resource, name, None)
-    if not name.startswith("RLIMIT_") or not isinstance(number, int):
-        raise InvalidArgument(f"unknown rlimit type {name!r}")
-    return number
-
-
 def find_executable(command: str, env: list[str], cwd: str, root: str) -> str | None:
     """Where command is under root (as execvpe would search it there), or None.
 
@@ -194,16 +158,6 @@ def executable_not_found(command: str) -> TtrpcError:
     return TtrpcError(Code.UNKNOWN, f'exec: "{command}": executable file not found in $PATH')
 
 
-def _home_of(uid: int) -> str:
-    """The home directory of uid in /etc/passwd (of the current root), else "/"."""
-    with contextlib.suppress(OSError, ValueError), open("/etc/passwd") as passwd:
-        for line in passwd:
-            fields = line.rstrip("\n").split(":")
-            if len(fields) >= 6 and fields[2] == str(uid):
-                return fields[5] or "/"
-    return "/"
-
-
 def _env_dict(env: list[str]) -> dict[str, str]:
     result: dict[str, str] = {}
     for entry in env:
@@ -211,40 +165,6 @@ def _env_dict(env: list[str]) -> dict[str, str]:
         if sep:
             result[key] = value
     return result
-
-
-def _exec_child(spec: ProcessSpec, stdio: tuple[int, int, int], error_fd: int) -> None:
-    """Runs in the forked child: set up and exec, or report why not and exit 127."""
-    stage = "setup"
-    try:
-        os.setsid()
-        if spec.terminal:
-            fcntl.ioctl(stdio[0], termios.TIOCSCTTY, 0)
-        for target, fd in enumerate(stdio):
-            os.dup2(fd, target)
-        for signum in _SIGNALS_PYTHON_IGNORES:
-            signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        os.chdir(spec.cwd or "/")
-        env = _env_dict(spec.env)
-        if "HOME" not in env:  # as runc: from the user's passwd entry in the root
-            env["HOME"] = _home_of(spec.uid)
-        for number, soft, hard in spec.rlimits:
-            resource.setrlimit(number, (soft, hard))
-        if spec.no_new_privileges:
-            linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
-        if spec.uid or spec.gid or spec.additional_gids:
-            os.setgroups(spec.additional_gids)
-            os.setgid(spec.gid)
-            os.setuid(spec.uid)
-        stage = "exec"
-        os.execvpe(spec.args[0], spec.args, env)
-    except BaseException as error:
-        errno = getattr(error, "errno", 0) or 0
-        message = f"{stage}:{errno}:{error}"
-        os.write(error_fd, message.encode(errors="replace"))
-    finally:
-        os._exit(127)
 
 
 class ProcessTable:
@@ -267,23 +187,13 @@ class ProcessTable:
     def create(self, process_id: str, spec: ProcessSpec) -> Process:
         if process_id in self._by_id:
             raise AlreadyExists(f"process {process_id!r} already exists in the guest")
-        if not spec.args:
+        if not spec.process.args:
             raise InvalidArgument(f"process {process_id!r} has no args to run")
         process = Process(process_id, spec)
         for name in ("stdout", "stderr"):
             process.drained[name] = asyncio.Event()
-        if spec.terminal and spec.oci:
+        if spec.terminal:
             process.drained["stderr"].set()  # crun's terminal arrives in attach_terminal
-        elif spec.terminal:
-            master, slave = os.openpty()
-            os.set_inheritable(master, False)
-            os.set_inheritable(slave, False)
-            os.set_blocking(master, False)
-            process.terminal_fd = master
-            process.stdin_fd = os.dup(master) if spec.stdin else None
-            process.output_fds["stdout"] = master
-            process.child_stdio = [slave, os.dup(slave), os.dup(slave)]
-            process.drained["stderr"].set()
         else:
             if spec.stdin:
                 read_end, write_end = os.pipe2(os.O_CLOEXEC)
@@ -302,7 +212,6 @@ class ProcessTable:
                     process.child_stdio[index] = write_end
                 else:
                     process.drained[name].set()
-        if not (spec.terminal and spec.oci):
             process.io_ready.set()
         self._by_id[process_id] = process
         return process
@@ -387,40 +296,6 @@ class ProcessTable:
         else:
             self._by_pid[pid] = process
 
-    def start(self, process: Process) -> int:
-        if process.started:
-            raise FailedPrecondition(f"process {process.id!r} has already been started")
-        devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
-        stdin, stdout, stderr = (devnull if fd is None else fd for fd in process.child_stdio)
-        error_read, error_write = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            _exec_child(process.spec, (stdin, stdout, stderr), error_write)
-        os.close(error_write)
-        os.close(devnull)
-        _close_child_stdio(process)
-        # The exec either succeeds (the pipe closes on exec) or the child reports why.
-        # No await since fork: the reaper cannot run before the pid is registered.
-        with os.fdopen(error_read, "rb") as errors:
-            failure = errors.read()
-        process.pid = pid
-        process.started = True
-        process.oom_kills_at_start = oom_kill_count()
-        self._by_pid[pid] = process
-        if failure:
-            process.pid = 0
-            stage, _, rest = failure.decode(errors="replace").partition(":")
-            errno_text, _, message = rest.partition(":")
-            raise FailedPrecondition(
-                f"cannot start {process.spec.args[0]!r} in the guest: {message}"
-                + (
-                    " (executable not found in $PATH)"
-                    if (stage, errno_text) == ("exec", "2")
-                    else ""
-                )
-            )
-        return pid
-
     def reap(self) -> None:
         """Collects every exited child; called on SIGCHLD. Orphans are dropped."""
         while True:
@@ -453,23 +328,16 @@ class ProcessTable:
         )
         process.exited_at = time.time()
         process.exited.set()
-        if process.spec.container_init and process.spec.oci:
+        if process.spec.container_init:
             # As when the init of a PID namespace dies (or runc's kill of the cgroup
             # when the container has no PID namespace of its own): nothing may live on.
             cgroups.kill_container_group()
-
-    def _processes_of(self, process: Process) -> list[int]:
-        """What kill --all reaches: the container's cgroup for a container process (as
-        runc's kill --all), else the guest processes the agent started."""
-        if process.spec.oci:
-            return cgroups.container_pids()
-        return [p.pid for p in self._by_id.values() if p.started and p.exit_status is None]
 
     def signal(self, process: Process, signum: int, all_processes: bool = False) -> None:
         if all_processes:
             # Every process of the container (its PID namespace), as runc's kill --all
             # does with its cgroup: not only those the agent started.
-            for pid in self._processes_of(process):
+            for pid in cgroups.container_pids():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signum)
             return

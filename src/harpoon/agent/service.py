@@ -15,6 +15,7 @@ from google.protobuf import empty_pb2, timestamp_pb2
 
 from harpoon import __version__, linux
 from harpoon.agent import cgroups, oci, processes, rootfs, warm_up
+from harpoon.agent.container import Container, OciProcess
 from harpoon.agent.processes import ProcessSpec, ProcessTable
 from harpoon.api.agent.v1 import agent_pb2
 from harpoon.errdefs import FailedPrecondition, InvalidArgument
@@ -43,14 +44,15 @@ def output_chunk(data: bytes) -> Parts:
     return Parts(bytes(prefix), data)
 
 
+# WaitDeviceRequest.Kind -> harpoon.agent.devices' kinds (by name: devices is lazy).
+_DEVICE_KINDS = {
+    agent_pb2.WaitDeviceRequest.BLOCK: "block",
+    agent_pb2.WaitDeviceRequest.VIRTIO_PORT: "virtio-port",
+    agent_pb2.WaitDeviceRequest.NIC: "nic",
+}
 OUTPUT_DRAIN_WAIT_S = 2.0
 RNDADDENTROPY = 0x40085203  # linux/random.h: _IOW('R', 0x03, int[2])
 RNDRESEEDCRNG = 0x5207  # linux/random.h: _IO('R', 0x07)
-
-
-def _rlim(value: int) -> int:
-    # OCI writes "unlimited" as the all-ones uint64; setrlimit wants RLIM_INFINITY (-1).
-    return -1 if value >= (1 << 64) - 1 else value
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -107,69 +109,48 @@ class AgentService:
     async def CreateProcess(
         self, request: agent_pb2.CreateProcessRequest, ctx: CallContext
     ) -> empty_pb2.Empty:
+        """A container's init is created by crun here (as `runc create` would be at
+        Create); an exec only gets its pipes until it starts."""
+        if not request.oci_json:
+            raise InvalidArgument(
+                f"process {request.id!r} has no OCI spec (oci_json): the agent runs only "
+                "container processes, under crun"
+            )
+        if request.container_init:
+            container, process = Container.parse(request.oci_json), None
+        else:
+            container = self.table.get(request.container_id).spec.container
+            process = OciProcess.parse(request.oci_json)
         spec = ProcessSpec(
-            args=list(request.args),
-            env=list(request.env),
-            cwd=request.cwd or "/",
-            uid=request.uid,
-            gid=request.gid,
-            additional_gids=list(request.additional_gids),
+            container,
+            process,
+            container_id=request.container_id,
             stdin=request.stdin,
             stdout=request.stdout,
             stderr=request.stderr,
             terminal=request.terminal,
-            container_init=request.container_init,
-            rlimits=[
-                (processes.rlimit_number(r.type), _rlim(r.soft), _rlim(r.hard))
-                for r in request.rlimits
-            ],
-            no_new_privileges=request.no_new_privileges,
-            oci_json=request.oci_json,
-            container_id=request.container_id,
         )
+        args, env, cwd = spec.process.args, spec.process.env, spec.process.cwd
+        if not args:
+            raise InvalidArgument(f"process {request.id!r} has no args to run")
+        # runc's own check and words, before crun's (which differ) can be reached.
+        if processes.find_executable(args[0], env, cwd, container.root) is None:
+            raise processes.executable_not_found(args[0])
         if request.hostname:
             linux.sethostname(request.hostname)
-        if spec.oci:
-            await self._create_container_process(request.id, spec)
-            return _EMPTY
-        self.table.create(request.id, spec)
-        return _EMPTY
-
-    async def _create_container_process(self, process_id: str, spec: ProcessSpec) -> None:
-        """A container's init is created by crun here (as `runc create` would be at
-        Create); an exec only gets its pipes until it starts."""
+        created = self.table.create(request.id, spec)
         if spec.container_init:
-            config = oci.read_spec(spec.oci_json)
-            root, process = oci.root_path(config), config.get("process") or {}
-        else:
-            init = self.table.get(spec.container_id)
-            root, process = (
-                oci.root_path(oci.read_spec(init.spec.oci_json)),
-                oci.read_spec(spec.oci_json),
-            )
-        args = process.get("args") or []
-        if not args:
-            raise InvalidArgument(f"process {process_id!r} has no args to run")
-        # runc's own check and words, before crun's (which differ) can be reached.
-        env, cwd = list(process.get("env") or []), process.get("cwd") or "/"
-        if processes.find_executable(args[0], env, cwd, root) is None:
-            raise processes.executable_not_found(args[0])
-        spec.args = list(args)
-        created = self.table.create(process_id, spec)
-        if not spec.container_init:
-            return
-        try:
-            await self.runtime.create(created)
-        except BaseException:
-            self.table.delete(created)
-            raise
+            try:
+                await self.runtime.create(created)
+            except BaseException:
+                self.table.delete(created)
+                raise
+        return _EMPTY
 
     async def StartProcess(
         self, request: agent_pb2.StartProcessRequest, ctx: CallContext
     ) -> agent_pb2.StartProcessResponse:
         process = self.table.get(request.id)
-        if not process.spec.oci:
-            return agent_pb2.StartProcessResponse(pid=self.table.start(process))
         if process.started:
             raise FailedPrecondition(f"process {process.id!r} has already been started")
         if process.spec.container_init:
@@ -207,7 +188,7 @@ class AgentService:
     ) -> empty_pb2.Empty:
         process = self.table.get(request.id)
         self.table.check_deletable(process)
-        if process.spec.oci and process.spec.container_init:
+        if process.spec.container_init:
             await self.runtime.delete(process.id)
         self.table.delete(process)
         return _EMPTY
@@ -260,6 +241,18 @@ class AgentService:
     ) -> empty_pb2.Empty:
         processes.resize_terminal(self.table.get(request.id), request.width, request.height)
         return _EMPTY
+
+    async def WaitDevice(
+        self, request: agent_pb2.WaitDeviceRequest, ctx: CallContext
+    ) -> agent_pb2.WaitDeviceResponse:
+        from harpoon.agent import devices  # lazily: most VMs never wait for a device
+
+        kind = _DEVICE_KINDS.get(request.kind)
+        if kind is None:
+            raise InvalidArgument(f"WaitDevice needs a device kind, not {request.kind}")
+        timeout_s = request.timeout_ms / 1000 if request.timeout_ms else devices.DEFAULT_TIMEOUT_S
+        path = await devices.wait_for_device(kind, request.id, timeout_s)
+        return agent_pb2.WaitDeviceResponse(path=path)
 
     async def Shutdown(self, request: empty_pb2.Empty, ctx: CallContext) -> empty_pb2.Empty:
         asyncio.get_running_loop().call_later(0.05, power_off)

@@ -50,6 +50,8 @@ EXTRA_MODULES: tuple[str, ...] = (
     "resource",
     "errno",
     "traceback",
+    # The agent's own lazily imported modules: measured so that their stdlib ships.
+    "harpoon.agent.devices",
 )
 
 # Never shipped, and made unimportable while measuring the closure, so the measured set

@@ -140,6 +140,20 @@ class AgentClient:
     async def update_resources(self, request: agent_pb2.UpdateResourcesRequest) -> None:
         await self._call("UpdateResources", request, empty_pb2.Empty)
 
+    async def wait_device(
+        self, kind: agent_pb2.WaitDeviceRequest.Kind, device_id: str, timeout_s: float
+    ) -> str:
+        """The guest's /dev path of a device (a NIC: its name), found by its id once the
+        guest has it; DEADLINE_EXCEEDED if it does not appear within timeout_s."""
+        request = agent_pb2.WaitDeviceRequest(
+            kind=kind, id=device_id, timeout_ms=max(1, round(timeout_s * 1000))
+        )
+        # The agent's own timeout ends the wait; the call's leaves it time to say so.
+        response = await self._call(
+            "WaitDevice", request, agent_pb2.WaitDeviceResponse, timeout_s + CONTROL_TIMEOUT_S
+        )
+        return response.path
+
     async def resize_terminal(self, process_id: str, width: int, height: int) -> None:
         request = agent_pb2.ResizeTerminalRequest(id=process_id, width=width, height=height)
         await self._call("ResizeTerminal", request, empty_pb2.Empty)

@@ -27,15 +27,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from harpoon.api.containerd.cgroups.v2 import metrics_pb2 as harpoon_dot_api_dot_containerd_dot_cgroups_dot_v2_dot_metrics__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n harpoon/api/agent/v1/agent.proto\x12\x10harpoon.agent.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a/harpoon/api/containerd/cgroups/v2/metrics.proto\"_\n\x0cHelloRequest\x12-\n\thost_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65ntropy\x18\x02 \x01(\x0c\x12\x0f\n\x07warm_up\x18\x03 \x01(\x08\"V\n\rHelloResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x16\n\x0ekernel_release\x18\x02 \x01(\t\x12\x16\n\x0e\x61gent_uptime_s\x18\x03 \x01(\x01\"O\n\x0cMountRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0e\n\x06\x66stype\x18\x03 \x01(\t\x12\x0f\n\x07options\x18\x04 \x03(\t\" \n\x0eUnmountRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\"\xe2\x02\n\x14\x43reateProcessRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\x0b\n\x03\x65nv\x18\x03 \x03(\t\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x12\x10\n\x08terminal\x18\x06 \x01(\x08\x12\r\n\x05stdin\x18\x07 \x01(\x08\x12\x0b\n\x03uid\x18\x08 \x01(\r\x12\x0b\n\x03gid\x18\t \x01(\r\x12\x17\n\x0f\x61\x64\x64itional_gids\x18\n \x03(\r\x12\x10\n\x08hostname\x18\x0b \x01(\t\x12\x0e\n\x06stdout\x18\x0c \x01(\x08\x12\x0e\n\x06stderr\x18\r \x01(\x08\x12\x16\n\x0e\x63ontainer_init\x18\x0e \x01(\x08\x12)\n\x07rlimits\x18\x0f \x03(\x0b\x32\x18.harpoon.agent.v1.Rlimit\x12\x19\n\x11no_new_privileges\x18\x10 \x01(\x08\x12\x10\n\x08oci_json\x18\x11 \x01(\x0c\x12\x14\n\x0c\x63ontainer_id\x18\x12 \x01(\tJ\x04\x08\x05\x10\x06R\x04root\"2\n\x06Rlimit\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0c\n\x04hard\x18\x02 \x01(\x04\x12\x0c\n\x04soft\x18\x03 \x01(\x04\"!\n\x13StartProcessRequest\x12\n\n\x02id\x18\x01 \x01(\t\"#\n\x14StartProcessResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\" \n\x12WaitProcessRequest\x12\n\n\x02id\x18\x01 \x01(\t\"m\n\x13WaitProcessResponse\x12\x13\n\x0b\x65xit_status\x18\x01 \x01(\r\x12-\n\texited_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\noom_killed\x18\x03 \x01(\x08\"?\n\x14SignalProcessRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\r\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"\"\n\x14\x44\x65leteProcessRequest\x12\n\n\x02id\x18\x01 \x01(\t\"I\n\x11ReadOutputRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x06stream\x18\x02 \x01(\x0e\x32\x18.harpoon.agent.v1.Stream\"\x1b\n\x0bOutputChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"&\n\nStdinChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1f\n\x11\x43loseStdinRequest\x12\n\n\x02id\x18\x01 \x01(\t\"u\n\x16UpdateResourcesRequest\x12\x1a\n\x12memory_limit_bytes\x18\x01 \x01(\x03\x12\x14\n\x0c\x63pu_quota_us\x18\x02 \x01(\x03\x12\x15\n\rcpu_period_us\x18\x03 \x01(\x04\x12\x12\n\npids_limit\x18\x04 \x01(\x03\"C\n\rStatsResponse\x12\x32\n\x07metrics\x18\x01 \x01(\x0b\x32!.io.containerd.cgroups.v2.Metrics\"B\n\x15ResizeTerminalRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r* \n\x06Stream\x12\n\n\x06STDOUT\x10\x00\x12\n\n\x06STDERR\x10\x01\x32\x90\t\n\x05\x41gent\x12H\n\x05Hello\x12\x1e.harpoon.agent.v1.HelloRequest\x1a\x1f.harpoon.agent.v1.HelloResponse\x12?\n\x05Mount\x12\x1e.harpoon.agent.v1.MountRequest\x1a\x16.google.protobuf.Empty\x12\x43\n\x07Unmount\x12 .harpoon.agent.v1.UnmountRequest\x1a\x16.google.protobuf.Empty\x12O\n\rCreateProcess\x12&.harpoon.agent.v1.CreateProcessRequest\x1a\x16.google.protobuf.Empty\x12]\n\x0cStartProcess\x12%.harpoon.agent.v1.StartProcessRequest\x1a&.harpoon.agent.v1.StartProcessResponse\x12Z\n\x0bWaitProcess\x12$.harpoon.agent.v1.WaitProcessRequest\x1a%.harpoon.agent.v1.WaitProcessResponse\x12O\n\rSignalProcess\x12&.harpoon.agent.v1.SignalProcessRequest\x1a\x16.google.protobuf.Empty\x12O\n\rDeleteProcess\x12&.harpoon.agent.v1.DeleteProcessRequest\x1a\x16.google.protobuf.Empty\x12R\n\nReadOutput\x12#.harpoon.agent.v1.ReadOutputRequest\x1a\x1d.harpoon.agent.v1.OutputChunk0\x01\x12\x44\n\nWriteStdin\x12\x1c.harpoon.agent.v1.StdinChunk\x1a\x16.google.protobuf.Empty(\x01\x12I\n\nCloseStdin\x12#.harpoon.agent.v1.CloseStdinRequest\x1a\x16.google.protobuf.Empty\x12Q\n\x0eResizeTerminal\x12\'.harpoon.agent.v1.ResizeTerminalRequest\x1a\x16.google.protobuf.Empty\x12@\n\x05Stats\x12\x16.google.protobuf.Empty\x1a\x1f.harpoon.agent.v1.StatsResponse\x12S\n\x0fUpdateResources\x12(.harpoon.agent.v1.UpdateResourcesRequest\x1a\x16.google.protobuf.Empty\x12:\n\x08Shutdown\x12\x16.google.protobuf.Empty\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n harpoon/api/agent/v1/agent.proto\x12\x10harpoon.agent.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a/harpoon/api/containerd/cgroups/v2/metrics.proto\"_\n\x0cHelloRequest\x12-\n\thost_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65ntropy\x18\x02 \x01(\x0c\x12\x0f\n\x07warm_up\x18\x03 \x01(\x08\"V\n\rHelloResponse\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x16\n\x0ekernel_release\x18\x02 \x01(\t\x12\x16\n\x0e\x61gent_uptime_s\x18\x03 \x01(\x01\"O\n\x0cMountRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0e\n\x06\x66stype\x18\x03 \x01(\t\x12\x0f\n\x07options\x18\x04 \x03(\t\" \n\x0eUnmountRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\"\xb8\x02\n\x14\x43reateProcessRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08terminal\x18\x06 \x01(\x08\x12\r\n\x05stdin\x18\x07 \x01(\x08\x12\x10\n\x08hostname\x18\x0b \x01(\t\x12\x0e\n\x06stdout\x18\x0c \x01(\x08\x12\x0e\n\x06stderr\x18\r \x01(\x08\x12\x16\n\x0e\x63ontainer_init\x18\x0e \x01(\x08\x12\x10\n\x08oci_json\x18\x11 \x01(\x0c\x12\x14\n\x0c\x63ontainer_id\x18\x12 \x01(\tJ\x04\x08\x02\x10\x03J\x04\x08\x03\x10\x04J\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06J\x04\x08\x08\x10\tJ\x04\x08\t\x10\nJ\x04\x08\n\x10\x0bJ\x04\x08\x0f\x10\x10J\x04\x08\x10\x10\x11R\x04\x61rgsR\x03\x65nvR\x03\x63wdR\x04rootR\x03uidR\x03gidR\x0f\x61\x64\x64itional_gidsR\x07rlimitsR\x11no_new_privileges\"!\n\x13StartProcessRequest\x12\n\n\x02id\x18\x01 \x01(\t\"#\n\x14StartProcessResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\" \n\x12WaitProcessRequest\x12\n\n\x02id\x18\x01 \x01(\t\"m\n\x13WaitProcessResponse\x12\x13\n\x0b\x65xit_status\x18\x01 \x01(\r\x12-\n\texited_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\noom_killed\x18\x03 \x01(\x08\"?\n\x14SignalProcessRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06signal\x18\x02 \x01(\r\x12\x0b\n\x03\x61ll\x18\x03 \x01(\x08\"\"\n\x14\x44\x65leteProcessRequest\x12\n\n\x02id\x18\x01 \x01(\t\"I\n\x11ReadOutputRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12(\n\x06stream\x18\x02 \x01(\x0e\x32\x18.harpoon.agent.v1.Stream\"\x1b\n\x0bOutputChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"&\n\nStdinChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1f\n\x11\x43loseStdinRequest\x12\n\n\x02id\x18\x01 \x01(\t\"u\n\x16UpdateResourcesRequest\x12\x1a\n\x12memory_limit_bytes\x18\x01 \x01(\x03\x12\x14\n\x0c\x63pu_quota_us\x18\x02 \x01(\x03\x12\x15\n\rcpu_period_us\x18\x03 \x01(\x04\x12\x12\n\npids_limit\x18\x04 \x01(\x03\"C\n\rStatsResponse\x12\x32\n\x07metrics\x18\x01 \x01(\x0b\x32!.io.containerd.cgroups.v2.Metrics\"B\n\x15ResizeTerminalRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\"\xae\x01\n\x11WaitDeviceRequest\x12\x36\n\x04kind\x18\x01 \x01(\x0e\x32(.harpoon.agent.v1.WaitDeviceRequest.Kind\x12\n\n\x02id\x18\x02 \x01(\t\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\"A\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05\x42LOCK\x10\x01\x12\x0f\n\x0bVIRTIO_PORT\x10\x02\x12\x07\n\x03NIC\x10\x03\"\"\n\x12WaitDeviceResponse\x12\x0c\n\x04path\x18\x01 \x01(\t* \n\x06Stream\x12\n\n\x06STDOUT\x10\x00\x12\n\n\x06STDERR\x10\x01\x32\xe9\t\n\x05\x41gent\x12H\n\x05Hello\x12\x1e.harpoon.agent.v1.HelloRequest\x1a\x1f.harpoon.agent.v1.HelloResponse\x12?\n\x05Mount\x12\x1e.harpoon.agent.v1.MountRequest\x1a\x16.google.protobuf.Empty\x12\x43\n\x07Unmount\x12 .harpoon.agent.v1.UnmountRequest\x1a\x16.google.protobuf.Empty\x12O\n\rCreateProcess\x12&.harpoon.agent.v1.CreateProcessRequest\x1a\x16.google.protobuf.Empty\x12]\n\x0cStartProcess\x12%.harpoon.agent.v1.StartProcessRequest\x1a&.harpoon.agent.v1.StartProcessResponse\x12Z\n\x0bWaitProcess\x12$.harpoon.agent.v1.WaitProcessRequest\x1a%.harpoon.agent.v1.WaitProcessResponse\x12O\n\rSignalProcess\x12&.harpoon.agent.v1.SignalProcessRequest\x1a\x16.google.protobuf.Empty\x12O\n\rDeleteProcess\x12&.harpoon.agent.v1.DeleteProcessRequest\x1a\x16.google.protobuf.Empty\x12R\n\nReadOutput\x12#.harpoon.agent.v1.ReadOutputRequest\x1a\x1d.harpoon.agent.v1.OutputChunk0\x01\x12\x44\n\nWriteStdin\x12\x1c.harpoon.agent.v1.StdinChunk\x1a\x16.google.protobuf.Empty(\x01\x12I\n\nCloseStdin\x12#.harpoon.agent.v1.CloseStdinRequest\x1a\x16.google.protobuf.Empty\x12Q\n\x0eResizeTerminal\x12\'.harpoon.agent.v1.ResizeTerminalRequest\x1a\x16.google.protobuf.Empty\x12@\n\x05Stats\x12\x16.google.protobuf.Empty\x1a\x1f.harpoon.agent.v1.StatsResponse\x12S\n\x0fUpdateResources\x12(.harpoon.agent.v1.UpdateResourcesRequest\x1a\x16.google.protobuf.Empty\x12W\n\nWaitDevice\x12#.harpoon.agent.v1.WaitDeviceRequest\x1a$.harpoon.agent.v1.WaitDeviceResponse\x12:\n\x08Shutdown\x12\x16.google.protobuf.Empty\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'harpoon.api.agent.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STREAM']._serialized_start=1625
-  _globals['_STREAM']._serialized_end=1657
+  _globals['_STREAM']._serialized_start=1744
+  _globals['_STREAM']._serialized_end=1776
   _globals['_HELLOREQUEST']._serialized_start=165
   _globals['_HELLOREQUEST']._serialized_end=260
   _globals['_HELLORESPONSE']._serialized_start=262
@@ -45,35 +45,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNMOUNTREQUEST']._serialized_start=431
   _globals['_UNMOUNTREQUEST']._serialized_end=463
   _globals['_CREATEPROCESSREQUEST']._serialized_start=466
-  _globals['_CREATEPROCESSREQUEST']._serialized_end=820
-  _globals['_RLIMIT']._serialized_start=822
-  _globals['_RLIMIT']._serialized_end=872
-  _globals['_STARTPROCESSREQUEST']._serialized_start=874
-  _globals['_STARTPROCESSREQUEST']._serialized_end=907
-  _globals['_STARTPROCESSRESPONSE']._serialized_start=909
-  _globals['_STARTPROCESSRESPONSE']._serialized_end=944
-  _globals['_WAITPROCESSREQUEST']._serialized_start=946
-  _globals['_WAITPROCESSREQUEST']._serialized_end=978
-  _globals['_WAITPROCESSRESPONSE']._serialized_start=980
-  _globals['_WAITPROCESSRESPONSE']._serialized_end=1089
-  _globals['_SIGNALPROCESSREQUEST']._serialized_start=1091
-  _globals['_SIGNALPROCESSREQUEST']._serialized_end=1154
-  _globals['_DELETEPROCESSREQUEST']._serialized_start=1156
-  _globals['_DELETEPROCESSREQUEST']._serialized_end=1190
-  _globals['_READOUTPUTREQUEST']._serialized_start=1192
-  _globals['_READOUTPUTREQUEST']._serialized_end=1265
-  _globals['_OUTPUTCHUNK']._serialized_start=1267
-  _globals['_OUTPUTCHUNK']._serialized_end=1294
-  _globals['_STDINCHUNK']._serialized_start=1296
-  _globals['_STDINCHUNK']._serialized_end=1334
-  _globals['_CLOSESTDINREQUEST']._serialized_start=1336
-  _globals['_CLOSESTDINREQUEST']._serialized_end=1367
-  _globals['_UPDATERESOURCESREQUEST']._serialized_start=1369
-  _globals['_UPDATERESOURCESREQUEST']._serialized_end=1486
-  _globals['_STATSRESPONSE']._serialized_start=1488
-  _globals['_STATSRESPONSE']._serialized_end=1555
-  _globals['_RESIZETERMINALREQUEST']._serialized_start=1557
-  _globals['_RESIZETERMINALREQUEST']._serialized_end=1623
-  _globals['_AGENT']._serialized_start=1660
-  _globals['_AGENT']._serialized_end=2828
+  _globals['_CREATEPROCESSREQUEST']._serialized_end=778
+  _globals['_STARTPROCESSREQUEST']._serialized_start=780
+  _globals['_STARTPROCESSREQUEST']._serialized_end=813
+  _globals['_STARTPROCESSRESPONSE']._serialized_start=815
+  _globals['_STARTPROCESSRESPONSE']._serialized_end=850
+  _globals['_WAITPROCESSREQUEST']._serialized_start=852
+  _globals['_WAITPROCESSREQUEST']._serialized_end=884
+  _globals['_WAITPROCESSRESPONSE']._serialized_start=886
+  _globals['_WAITPROCESSRESPONSE']._serialized_end=995
+  _globals['_SIGNALPROCESSREQUEST']._serialized_start=997
+  _globals['_SIGNALPROCESSREQUEST']._serialized_end=1060
+  _globals['_DELETEPROCESSREQUEST']._serialized_start=1062
+  _globals['_DELETEPROCESSREQUEST']._serialized_end=1096
+  _globals['_READOUTPUTREQUEST']._serialized_start=1098
+  _globals['_READOUTPUTREQUEST']._serialized_end=1171
+  _globals['_OUTPUTCHUNK']._serialized_start=1173
+  _globals['_OUTPUTCHUNK']._serialized_end=1200
+  _globals['_STDINCHUNK']._serialized_start=1202
+  _globals['_STDINCHUNK']._serialized_end=1240
+  _globals['_CLOSESTDINREQUEST']._serialized_start=1242
+  _globals['_CLOSESTDINREQUEST']._serialized_end=1273
+  _globals['_UPDATERESOURCESREQUEST']._serialized_start=1275
+  _globals['_UPDATERESOURCESREQUEST']._serialized_end=1392
+  _globals['_STATSRESPONSE']._serialized_start=1394
+  _globals['_STATSRESPONSE']._serialized_end=1461
+  _globals['_RESIZETERMINALREQUEST']._serialized_start=1463
+  _globals['_RESIZETERMINALREQUEST']._serialized_end=1529
+  _globals['_WAITDEVICEREQUEST']._serialized_start=1532
+  _globals['_WAITDEVICEREQUEST']._serialized_end=1706
+  _globals['_WAITDEVICEREQUEST_KIND']._serialized_start=1641
+  _globals['_WAITDEVICEREQUEST_KIND']._serialized_end=1706
+  _globals['_WAITDEVICERESPONSE']._serialized_start=1708
+  _globals['_WAITDEVICERESPONSE']._serialized_end=1742
+  _globals['_AGENT']._serialized_start=1779
+  _globals['_AGENT']._serialized_end=3036
 # @@protoc_insertion_point(module_scope)

@@ -58,52 +58,26 @@ class UnmountRequest(_message.Message):
     def __init__(self, target: _Optional[str] = ...) -> None: ...
 
 class CreateProcessRequest(_message.Message):
-    __slots__ = ("id", "args", "env", "cwd", "terminal", "stdin", "uid", "gid", "additional_gids", "hostname", "stdout", "stderr", "container_init", "rlimits", "no_new_privileges", "oci_json", "container_id")
+    __slots__ = ("id", "terminal", "stdin", "hostname", "stdout", "stderr", "container_init", "oci_json", "container_id")
     ID_FIELD_NUMBER: _ClassVar[int]
-    ARGS_FIELD_NUMBER: _ClassVar[int]
-    ENV_FIELD_NUMBER: _ClassVar[int]
-    CWD_FIELD_NUMBER: _ClassVar[int]
     TERMINAL_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
-    UID_FIELD_NUMBER: _ClassVar[int]
-    GID_FIELD_NUMBER: _ClassVar[int]
-    ADDITIONAL_GIDS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_INIT_FIELD_NUMBER: _ClassVar[int]
-    RLIMITS_FIELD_NUMBER: _ClassVar[int]
-    NO_NEW_PRIVILEGES_FIELD_NUMBER: _ClassVar[int]
     OCI_JSON_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
-    args: _containers.RepeatedScalarFieldContainer[str]
-    env: _containers.RepeatedScalarFieldContainer[str]
-    cwd: str
     terminal: bool
     stdin: bool
-    uid: int
-    gid: int
-    additional_gids: _containers.RepeatedScalarFieldContainer[int]
     hostname: str
     stdout: bool
     stderr: bool
     container_init: bool
-    rlimits: _containers.RepeatedCompositeFieldContainer[Rlimit]
-    no_new_privileges: bool
     oci_json: bytes
     container_id: str
-    def __init__(self, id: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., terminal: _Optional[bool] = ..., stdin: _Optional[bool] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., additional_gids: _Optional[_Iterable[int]] = ..., hostname: _Optional[str] = ..., stdout: _Optional[bool] = ..., stderr: _Optional[bool] = ..., container_init: _Optional[bool] = ..., rlimits: _Optional[_Iterable[_Union[Rlimit, _Mapping]]] = ..., no_new_privileges: _Optional[bool] = ..., oci_json: _Optional[bytes] = ..., container_id: _Optional[str] = ...) -> None: ...
-
-class Rlimit(_message.Message):
-    __slots__ = ("type", "hard", "soft")
-    TYPE_FIELD_NUMBER: _ClassVar[int]
-    HARD_FIELD_NUMBER: _ClassVar[int]
-    SOFT_FIELD_NUMBER: _ClassVar[int]
-    type: str
-    hard: int
-    soft: int
-    def __init__(self, type: _Optional[str] = ..., hard: _Optional[int] = ..., soft: _Optional[int] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., terminal: _Optional[bool] = ..., stdin: _Optional[bool] = ..., hostname: _Optional[str] = ..., stdout: _Optional[bool] = ..., stderr: _Optional[bool] = ..., container_init: _Optional[bool] = ..., oci_json: _Optional[bytes] = ..., container_id: _Optional[str] = ...) -> None: ...
 
 class StartProcessRequest(_message.Message):
     __slots__ = ("id",)
@@ -204,3 +178,29 @@ class ResizeTerminalRequest(_message.Message):
     width: int
     height: int
     def __init__(self, id: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class WaitDeviceRequest(_message.Message):
+    __slots__ = ("kind", "id", "timeout_ms")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        KIND_UNSPECIFIED: _ClassVar[WaitDeviceRequest.Kind]
+        BLOCK: _ClassVar[WaitDeviceRequest.Kind]
+        VIRTIO_PORT: _ClassVar[WaitDeviceRequest.Kind]
+        NIC: _ClassVar[WaitDeviceRequest.Kind]
+    KIND_UNSPECIFIED: WaitDeviceRequest.Kind
+    BLOCK: WaitDeviceRequest.Kind
+    VIRTIO_PORT: WaitDeviceRequest.Kind
+    NIC: WaitDeviceRequest.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    kind: WaitDeviceRequest.Kind
+    id: str
+    timeout_ms: int
+    def __init__(self, kind: _Optional[_Union[WaitDeviceRequest.Kind, str]] = ..., id: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class WaitDeviceResponse(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
