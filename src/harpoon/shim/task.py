@@ -334,8 +334,6 @@ class TaskService:
     async def Stats(self, request: task.StatsRequest, ctx: CallContext) -> task.StatsResponse:
         container = self._container(request.id)
         metrics = (await container.agent.stats()).metrics
-        # nerdctl reads metrics.io without a nil check: always present, as runc's is.
-        metrics.io.SetInParent()
         # The cgroup's figures from inside the guest, as runc reports its cgroup's.
         return task.StatsResponse(
             stats=any_pb2.Any(

@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 # restore. (QEMU 7.2 takes the x-ignore-shared capability only through QMP.)
 RESTORE_ARGS = ("-incoming", "defer")
 AGENT_DEVICE_ID = "agent-port"
+# The chardevs whose sockets harpoon binds and QEMU inherits: agent port, stdio port, QMP.
+LISTENER_IDS = ("agent", "stdio", "qmp")
+LISTEN_BACKLOG = 4
 MEMORY_BACKEND_ID = "ram"
 # PYTHONHASHSEED=0 reaches /init's environment (the kernel hands unknown `name=value`
 # arguments to init): without it the agent's Python reads /dev/urandom for its hash seed
@@ -149,9 +152,20 @@ def with_available_machine(config: VMConfig, binary: str) -> VMConfig:
     return dataclasses.replace(config, machine="q35")
 
 
-def command_line(config: VMConfig, accelerator: str, *, restoring: bool = False) -> list[str]:
+def command_line(
+    config: VMConfig,
+    accelerator: str,
+    *,
+    restoring: bool = False,
+    listeners: dict[str, int] | None = None,
+) -> list[str]:
     """The full QEMU argv for config (pure: no I/O), under the given accelerator; a VM
-    being restored maps its memory file privately."""
+    being restored maps its memory file privately. listeners: the listening sockets
+    QEMU inherits, by chardev id (LISTENER_IDS); without them QEMU binds the paths."""
+
+    def socket_chardev(chardev: str, path: Path) -> str:
+        return _socket_chardev(chardev, path, (listeners or {}).get(chardev))
+
     profile = profile_for(config)
     # Cross-architecture guests (arm64 on an x86 host) can only be emulated.
     if config.arch != host_arch():
@@ -192,17 +206,19 @@ def command_line(config: VMConfig, accelerator: str, *, restoring: bool = False)
         "-serial",
         "chardev:console",
         "-chardev",
-        f"socket,id=agent,path={config.agent_socket},server=on,wait=off",
+        socket_chardev("agent", config.agent_socket),
         "-device",
         f"virtio-serial-{profile.device_suffix}",
         "-device",
         f"virtserialport,chardev=agent,name={AGENT_PORT_NAME},id={AGENT_DEVICE_ID}",
         "-chardev",
-        f"socket,id=stdio,path={config.stdio_socket},server=on,wait=off",
+        socket_chardev("stdio", config.stdio_socket),
         "-device",
         f"virtserialport,chardev=stdio,name={STDIO_PORT_NAME}",
-        "-qmp",
-        f"unix:{config.control_socket},server=on,wait=off",
+        "-chardev",
+        socket_chardev("qmp", config.control_socket),
+        "-mon",
+        "chardev=qmp,mode=control",
         "-pidfile",
         str(config.pid_file),
     ]
@@ -217,6 +233,17 @@ def command_line(config: VMConfig, accelerator: str, *, restoring: bool = False)
             f"memory-backend-file,id={MEMORY_BACKEND_ID},size={config.memory_mib}M,"
             f"mem-path={config.memory_file},share={mapping}",
         ]
+    return args + _device_args(config, profile)
+
+
+def _socket_chardev(chardev: str, path: Path, fd: int | None) -> str:
+    where = f"path={path}" if fd is None else f"fd={fd}"
+    return f"socket,id={chardev},{where},server=on,wait=off"
+
+
+def _device_args(config: VMConfig, profile: MachineProfile) -> list[str]:
+    """The flags of config's typed devices (harpoon.vmm.devices)."""
+    args: list[str] = []
     for index, share in enumerate(config.shares):
         args += _share_args(share, index, profile)
     for disk in config.disks:
@@ -276,6 +303,22 @@ def _nic_args(nic: NIC, profile: MachineProfile) -> list[str]:
 def _option(path: Path) -> str:
     """A path as a QEMU option value: commas are doubled, as QEMU's parser wants."""
     return str(path).replace(",", ",,")
+
+
+def _listen(path: Path) -> int:
+    """A unix socket listening at path (what a dead VM left there goes first), as a
+    descriptor for QEMU to inherit."""
+    import socket
+
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        listener.listen(LISTEN_BACKLOG)
+    except BaseException:
+        listener.close()
+        raise
+    return listener.detach()
 
 
 def _file_identity(path: str | Path) -> list[int]:
@@ -347,32 +390,46 @@ class QemuLaunch:
 def launch(config: VMConfig, restoring: Path | None = None) -> QemuLaunch:
     """QEMU started for config: booting, or waiting to load the state in `restoring`
     (RESTORE_ARGS), open in QEMU as `incoming` says. Returns as soon as the process
-    exists."""
+    exists, with its sockets listening: they are bound here and QEMU inherits them, so
+    nobody waits for QEMU to create them (a connection waits in the backlog until QEMU
+    accepts it, or is refused once QEMU is gone)."""
     binary = find_binary(config)
     resolved = with_available_machine(config, binary)
-    argv = command_line(resolved, accel.choose(binary), restoring=restoring is not None)
-    argv[0] = binary
-    state_fd = None
-    if restoring is not None:
-        state_fd = os.open(restoring, os.O_RDONLY | os.O_CLOEXEC)
-        argv += RESTORE_ARGS
+    resolved.state_dir.mkdir(parents=True, exist_ok=True)
+    inherited: list[int] = []
     try:
-        resolved.state_dir.mkdir(parents=True, exist_ok=True)
-        # A QEMU that failed (a restore refused its state) leaves its sockets behind, and
-        # whoever waits for this one's must only see the ones it creates.
-        for path in (resolved.agent_socket, resolved.stdio_socket, resolved.control_socket):
-            path.unlink(missing_ok=True)
+        listeners = {
+            chardev: _listen(path)
+            for chardev, path in zip(
+                LISTENER_IDS,
+                (resolved.agent_socket, resolved.stdio_socket, resolved.control_socket),
+                strict=True,
+            )
+        }
+        inherited += listeners.values()
+        argv = command_line(
+            resolved,
+            accel.choose(binary),
+            restoring=restoring is not None,
+            listeners=listeners,
+        )
+        argv[0] = binary
+        state_fd = None
+        if restoring is not None:
+            state_fd = os.open(restoring, os.O_RDONLY | os.O_CLOEXEC)
+            inherited.append(state_fd)
+            argv += RESTORE_ARGS
         process = VmmProcess.spawn(
             argv,
             stderr_path=resolved.state_dir / "vmm.log",
             preexec=(
                 _die_with_parent_at_lowest_priority if resolved.low_priority else _die_with_parent
             ),
-            pass_fds=() if state_fd is None else (state_fd,),
+            pass_fds=tuple(inherited),
         )
     finally:
-        if state_fd is not None:
-            os.close(state_fd)
+        for fd in inherited:
+            os.close(fd)
     log.debug("QEMU %d launched for %s", process.pid, resolved.name)
     emulated = argv[argv.index("-accel") + 1].startswith("tcg")
     incoming = None if state_fd is None else f"fd:{state_fd}"
