@@ -451,3 +451,98 @@ def test_many_small_calls_in_flight_at_once() -> None:
             assert answers == payloads
 
     run(body)
+
+
+# -- after_reply: what must come after the answer --------------------------------------
+
+
+def test_after_reply_runs_once_the_answer_has_left_so_it_may_stop_the_server_at_once() -> None:
+    """The callback aborts the server's connection (as an exiting process would: what is
+    still buffered is lost) and closes the server. The client gets the whole answer,
+    larger than the socket holds: run before the write, or after a mere drain, the
+    callback would cut it off."""
+
+    async def body() -> None:
+        answer = bytes(range(256)) * (MiB // 256)
+        server = Server()
+        server_sock, client_sock = socket.socketpair()
+        reader, writer = await asyncio.open_connection(sock=server_sock)
+        # A drain returns at once with the whole answer still buffered: only a wait for
+        # the buffer to empty gets it out before the abort.
+        writer.transport.set_write_buffer_limits(high=4 * MiB)
+        closing: list[asyncio.Task[None]] = []
+
+        def stop_now() -> None:
+            writer.transport.abort()
+            closing.append(asyncio.create_task(server.close()))
+
+        async def stop(payload: bytes, ctx: CallContext) -> bytes:
+            ctx.after_reply(stop_now)
+            return answer
+
+        server.register_unary(SVC, "Stop", stop)
+        serving = asyncio.create_task(server.serve_connection(reader, writer))
+        client_reader, client_writer = await asyncio.open_connection(sock=client_sock)
+        client = Client(client_reader, client_writer)
+        assert await client.call(SVC, "Stop", b"") == answer
+        await asyncio.wait_for(client.wait_closed(), 5)  # and then the server went away
+        await asyncio.wait_for(serving, 5)
+        await asyncio.gather(*closing)
+        await client.close()
+
+    run(body)
+
+
+def test_after_reply_callbacks_run_in_order_and_one_that_fails_harms_nothing() -> None:
+    async def body() -> None:
+        ran: list[str] = []
+        reported: list[dict[str, object]] = []
+        asyncio.get_running_loop().set_exception_handler(
+            lambda _, context: reported.append(context)
+        )
+
+        def fail() -> None:
+            ran.append("fail")
+            raise RuntimeError("callback broke")
+
+        async def answer(payload: bytes, ctx: CallContext) -> bytes:
+            ctx.after_reply(lambda: ran.append("first"))
+            ctx.after_reply(fail)
+            ctx.after_reply(lambda: ran.append("last"))
+            return b"answered"
+
+        server = echo_server()
+        server.register_unary(SVC, "Answer", answer)
+        async with connected_client(server) as client:
+            assert await client.call(SVC, "Answer", b"") == b"answered"
+            # The callbacks run on the server's side of the connection: an echo after
+            # them is answered after them.
+            assert await client.call(SVC, "Echo", b"next") == b"next"
+            assert ran == ["first", "fail", "last"]
+            assert [str(context["exception"]) for context in reported] == ["callback broke"]
+
+    run(body)
+
+
+def test_after_reply_runs_when_the_answer_can_no_longer_be_sent() -> None:
+    async def body() -> None:
+        ran = asyncio.Event()
+        started = asyncio.Event()
+
+        async def hang(payload: bytes, ctx: CallContext) -> bytes:
+            ctx.after_reply(ran.set)
+            started.set()
+            await asyncio.Event().wait()
+            return b"never"
+
+        server = echo_server()
+        server.register_unary(SVC, "Hang", hang)
+        async with connected_client(server) as client:
+            call = asyncio.create_task(client.call(SVC, "Hang", b""))
+            await started.wait()
+        # The client is gone: the server abandons the call, and its callbacks run.
+        await asyncio.wait_for(ran.wait(), 5)
+        with pytest.raises(ConnectionClosedError):
+            await call
+
+    run(body)

@@ -255,7 +255,8 @@ class AgentService:
         return agent_pb2.WaitDeviceResponse(path=path)
 
     async def Shutdown(self, request: empty_pb2.Empty, ctx: CallContext) -> empty_pb2.Empty:
-        asyncio.get_running_loop().call_later(0.05, power_off)
+        # The host waits for this answer: the guest goes only once it has been sent.
+        ctx.after_reply(power_off)
         return _EMPTY
 
 

@@ -62,6 +62,34 @@ class Channel:
             except (ConnectionError, OSError) as exc:
                 raise ChannelClosedError(str(exc)) from exc
 
+    async def flush(self) -> None:
+        """Waits until the transport holds nothing more: all that was written has been
+        handed to the operating system (a drain leaves up to the transport's high-water
+        mark behind, which a process exiting then would lose). ChannelClosedError if
+        the connection breaks first."""
+        async with self._write_lock:
+            transport = self._writer.transport
+            if transport.get_write_buffer_size() == 0:
+                return
+            try:
+                low, high = transport.get_write_buffer_limits()
+            except NotImplementedError:
+                # A transport without limits pauses while it holds anything (the
+                # agent's port): its drain is already this wait.
+                limits = None
+            else:
+                limits = (low, high)
+                # Paused while anything is buffered, resumed once nothing is: the
+                # drain below waits exactly for the buffer to empty.
+                transport.set_write_buffer_limits(high=0, low=0)
+            try:
+                await self._writer.drain()
+            except (ConnectionError, OSError) as exc:
+                raise ChannelClosedError(str(exc)) from exc
+            finally:
+                if limits is not None and not transport.is_closing():
+                    transport.set_write_buffer_limits(high=limits[1], low=limits[0])
+
     async def close(self) -> None:
         self._writer.close()
         # The peer may already be gone; the connection is closed either way.

@@ -50,7 +50,7 @@ class CallContext:
 
     # A plain class rather than a dataclass, as all of this package's small classes: the
     # guest agent imports it at boot, where generating dataclass methods is slow.
-    __slots__ = ("deadline", "metadata", "method", "service")
+    __slots__ = ("_after_reply", "deadline", "metadata", "method", "service")
 
     def __init__(
         self, service: str, method: str, metadata: dict[str, list[str]], deadline: float | None
@@ -59,6 +59,25 @@ class CallContext:
         self.method = method
         self.metadata = metadata
         self.deadline = deadline
+        self._after_reply: list[Callable[[], object]] = []
+
+    def after_reply(self, callback: Callable[[], object]) -> None:
+        """Calls ``callback()`` once this call's answer has left the process (written to
+        the connection, none of it still buffered), or can no longer leave it (the
+        connection or the server went away first): for what must come after the answer,
+        such as exiting. Callbacks run in the order given, on the event loop; an
+        exception from one goes to the loop's exception handler."""
+        self._after_reply.append(callback)
+
+    def _replied(self) -> None:
+        callbacks, self._after_reply = self._after_reply, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception as exc:
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": f"after_reply callback of {self.method}", "exception": exc}
+                )
 
     def _values(self) -> tuple[object, ...]:
         return (self.service, self.method, self.metadata, self.deadline)
@@ -337,9 +356,14 @@ class _Connection:
             await self.channel.write(frame)
 
     async def _run(self, call: _Call) -> None:
-        # If the connection is going away, run() cleans up.
-        with contextlib.suppress(ChannelClosedError):
-            await self._write(await self._answer(call))
+        try:
+            # If the connection is going away, run() cleans up.
+            with contextlib.suppress(ChannelClosedError):
+                await self._write(await self._answer(call))
+                if call.context._after_reply:
+                    await self.channel.flush()
+        finally:
+            call.context._replied()
 
     async def _answer(self, call: _Call) -> bytes | None:
         """Runs the handler under the call's deadline; returns the final frame."""

@@ -15,6 +15,10 @@ it is restored. Both ends set the `x-ignore-shared` migration capability, so the
 state holds the devices only (~60 KB instead of ~100 MB) and a restore loads nothing:
 the guest's pages come from the file's page cache as it touches them (Kata's VM
 templating does the same).
+
+What QEMU reports by QMP event is waited for by event, never polled: the guest opening
+a virtio-serial port (VSERPORT_CHANGE, sent for ports whose device has an id) and the
+migration's progress (MIGRATION, once the `events` capability is on).
 """
 
 from __future__ import annotations
@@ -23,13 +27,14 @@ import asyncio
 import contextlib
 import logging
 import shlex
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from harpoon.vmm.base import VirtualMachine, VMConfig, VMError
 from harpoon.vmm.process import VmmProcess
-from harpoon.vmm.qemu_launch import Prelaunched, launch
-from harpoon.vmm.qmp import QmpClient
+from harpoon.vmm.qemu_launch import AGENT_DEVICE_ID, Prelaunched, launch
+from harpoon.vmm.qmp import EventListener, QmpClient, QmpError
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +42,19 @@ SOCKET_WAIT_S = 10.0
 SOCKET_RETRY_S = 0.005
 STOP_GRACE_S = 2.0
 MIGRATION_TIMEOUT_S = 60.0
-MIGRATION_POLL_S = 0.005
-AGENT_CHANNEL_POLL_S = 0.02
 # QEMU's default migration bandwidth (~128 MiB/s) makes saving a guest 10x slower.
 MIGRATION_MAX_BANDWIDTH_BYTES_S = 10_000_000_000
-IGNORE_SHARED = {"capabilities": [{"capability": "x-ignore-shared", "state": True}]}
+MIGRATION_FAILED = frozenset({"failed", "cancelled"})
+# The guest's ports a template waits for, by chardev label: the device id QEMU names
+# in their VSERPORT_CHANGE events.
+PORT_DEVICE_IDS = {"agent": AGENT_DEVICE_ID, "stdio": "stdio-port"}
+# Until qemu_launch gives the stdio port its device id, QEMU sends no event when the
+# guest opens it: that port alone is looked at again at this interval.
+SILENT_PORT_RECHECK_S = 0.02
+
+
+IGNORE_SHARED = {"capability": "x-ignore-shared", "state": True}
+MIGRATION_EVENTS = {"capability": "events", "state": True}
 
 
 class QemuVM(VirtualMachine):
@@ -124,6 +137,17 @@ class QemuVM(VirtualMachine):
         except (VMError, OSError) as error:
             raise VMError(f"VM {self.config.name}: {error}; QEMU said: {self._vmm_log()}") from None
 
+    @contextlib.asynccontextmanager
+    async def _listening(self, *events: str) -> AsyncIterator[EventListener]:
+        """The QMP events of these names from now on; failures named as _execute's."""
+        try:
+            with (await self._qmp()).listen(*events) as listener:
+                yield listener
+        except TimeoutError:
+            raise  # the caller's own deadline, not the connection's failure
+        except (QmpError, OSError) as error:
+            raise VMError(f"VM {self.config.name}: {error}; QEMU said: {self._vmm_log()}") from None
+
     async def stop(self) -> None:
         await self._end(STOP_GRACE_S)
 
@@ -155,45 +179,66 @@ class QemuVM(VirtualMachine):
 
     async def wait_for_agent_channel(self, timeout_s: float) -> None:
         # The port's chardev "frontend" is open exactly while the guest holds the port
-        # open (virtio-console.c: set_guest_connected); the guest agent opens it once
-        # its service is registered, so this is "agent ready" without a request.
+        # open (virtio-console.c: set_guest_connected, which also sends VSERPORT_CHANGE);
+        # the guest agent opens it once its service is registered, so this is "agent
+        # ready" without a request. Both ports: a guest saved before it opened one
+        # would never see its host.
         async with asyncio.timeout(timeout_s):
-            while True:
-                chardevs = await self._execute("query-chardev")
-                opened = {c.get("label") for c in chardevs if c.get("frontend-open")}
-                # Both ports: a guest saved before it opened one would never see its host.
-                if {"agent", "stdio"} <= opened:
-                    return
-                await asyncio.sleep(AGENT_CHANNEL_POLL_S)
+            async with self._listening("VSERPORT_CHANGE") as changes:
+                chardevs, peripherals = await self._execute_all(
+                    [("query-chardev", None), ("qom-list", {"path": "/machine/peripheral"})]
+                )
+                named = {device.get("name") for device in peripherals}
+                silent = {label for label, id in PORT_DEVICE_IDS.items() if id not in named}
+                closed = set(PORT_DEVICE_IDS) - {
+                    chardev.get("label") for chardev in chardevs if chardev.get("frontend-open")
+                }
+                labels = {id: label for label, id in PORT_DEVICE_IDS.items()}
+                while closed - silent:
+                    change = await changes.get()
+                    label = labels.get(str(change.data.get("id")))
+                    if label is not None:
+                        if change.data.get("open"):
+                            closed.discard(label)
+                        else:
+                            closed.add(label)
+                while closed:
+                    await asyncio.sleep(SILENT_PORT_RECHECK_S)
+                    closed -= await self._open_ports()
+
+    async def _open_ports(self) -> set[str]:
+        chardevs = await self._execute("query-chardev")
+        return {str(chardev.get("label")) for chardev in chardevs if chardev.get("frontend-open")}
 
     async def save_state(self, path: Path) -> None:
         # Migrated running (QEMU stops the guest as the migration completes), so the
         # saved run state is "running" and a restored guest starts by itself once
-        # loaded: no `cont`, no polling for the load to end (see resume()).
-        commands: list[tuple[str, dict[str, Any] | None]] = []
-        if self.config.memory_file is not None:
-            commands.append(("migrate-set-capabilities", IGNORE_SHARED))
-        commands += [
-            ("migrate-set-parameters", {"max-bandwidth": MIGRATION_MAX_BANDWIDTH_BYTES_S}),
-            ("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"}),
-        ]
-        await self._execute_all(commands)
-        await self._await_migration("query-migrate", {"completed"})
+        # loaded: no `cont`, no waiting for the load to end (see resume()).
+        capabilities = [MIGRATION_EVENTS]
+        if self._ignores_shared():
+            capabilities.append(IGNORE_SHARED)
+        async with self._listening("MIGRATION") as migration:
+            await self._execute_all(
+                [
+                    ("migrate-set-capabilities", {"capabilities": capabilities}),
+                    ("migrate-set-parameters", {"max-bandwidth": MIGRATION_MAX_BANDWIDTH_BYTES_S}),
+                    ("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"}),
+                ]
+            )
+            async with asyncio.timeout(MIGRATION_TIMEOUT_S):
+                # Once, in case the migration ended before the listener saw it start.
+                status = str((await self._execute("query-migrate")).get("status", ""))
+                while status != "completed":
+                    if status in MIGRATION_FAILED:
+                        answer = await self._execute("query-migrate")
+                        raise VMError(
+                            f"VM {self.config.name}: migration {status}: "
+                            f"{answer.get('error-desc', '')}; QEMU said: {self._vmm_log()}"
+                        )
+                    status = str((await migration.get()).data.get("status", ""))
 
-    async def _await_migration(self, query: str, done: set[str]) -> str:
-        """Polls `query` until its status is one of `done`; a failed migration raises."""
-        async with asyncio.timeout(MIGRATION_TIMEOUT_S):
-            while True:
-                answer = await self._execute(query)
-                status = str(answer.get("status", ""))
-                if status in done:
-                    return status
-                if status in ("failed", "cancelled"):
-                    raise VMError(
-                        f"VM {self.config.name}: migration {status}: "
-                        f"{answer.get('error-desc', '')}; QEMU said: {self._vmm_log()}"
-                    )
-                await asyncio.sleep(MIGRATION_POLL_S)
+    def _ignores_shared(self) -> bool:
+        return self.config.memory_file is not None
 
     async def restore(self, state: Path) -> None:
         if not state.is_file():
@@ -208,8 +253,8 @@ class QemuVM(VirtualMachine):
         if self._incoming is None:
             raise VMError(f"VM {self.config.name} was not started with restore()")
         commands: list[tuple[str, dict[str, Any] | None]] = []
-        if self.config.memory_file is not None:
-            commands.append(("migrate-set-capabilities", IGNORE_SHARED))
+        if self._ignores_shared():
+            commands.append(("migrate-set-capabilities", {"capabilities": [IGNORE_SHARED]}))
         commands.append(("migrate-incoming", {"uri": self._incoming}))
         # The guest was saved running: it runs as soon as it is loaded. A state QEMU
         # cannot load makes it exit, which closes the agent's connection.

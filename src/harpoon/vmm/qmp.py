@@ -5,7 +5,12 @@ must send `qmp_capabilities` before anything else, then every command carries an
 that its reply (`return` or `error`) repeats; asynchronous events arrive in between.
 `QmpProtocol` turns bytes into those messages and commands into bytes and never
 touches a socket; `QmpClient` runs it over a unix socket, matches replies to callers
-and keeps the last events in a bounded queue (nobody has to read them).
+and hands events to whoever listens for them (`listen`); an event nobody listens for
+is dropped.
+
+Waiting for a state QEMU reports by event goes: listen, issue the command whose effect
+is awaited (if any), ask for the current state once (the event may have come before the
+listener did), then take events until the state is reached. Never poll.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import asyncio
 import contextlib
 import json
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,8 +117,45 @@ class QmpProtocol:
         raise QmpError(f"QEMU sent a QMP message of no known kind: {line[:200]!r}")
 
 
+class EventListener:
+    """The events of some names that QEMU sends while it listens (QmpClient.listen), in
+    order. Holds at most MAX_QUEUED_EVENTS unread: a listener that falls that far behind
+    has lost track of QEMU's state and fails, rather than queue without bound."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self.names = names
+        self._events: deque[Event] = deque()
+        self._arrived = asyncio.Event()
+        self._failure: str | None = None
+
+    async def get(self) -> Event:
+        """The next event; once the connection is gone (or the listener overflowed),
+        the events that came before, then QmpError."""
+        while not self._events:
+            if self._failure is not None:
+                raise QmpError(f"waiting for QMP events {sorted(self.names)}: {self._failure}")
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self._events.popleft()
+
+    def deliver(self, event: Event) -> None:
+        if self._failure is not None:
+            return
+        if len(self._events) >= MAX_QUEUED_EVENTS:
+            self.fail(f"more than {MAX_QUEUED_EVENTS} events were left unread")
+            return
+        self._events.append(event)
+        self._arrived.set()
+
+    def fail(self, reason: str) -> None:
+        if self._failure is None:
+            self._failure = reason
+        self._arrived.set()
+
+
 class QmpClient:
-    """One QMP connection. Commands may be issued concurrently; replies go to their caller."""
+    """One QMP connection. Commands may be issued concurrently; replies go to their caller,
+    events to the listeners of their name."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -120,8 +163,7 @@ class QmpClient:
         self._protocol = QmpProtocol()
         self._pending: dict[str, asyncio.Future[Reply]] = {}
         self._greeting: asyncio.Future[Greeting] = asyncio.get_running_loop().create_future()
-        self._events: deque[Event] = deque(maxlen=MAX_QUEUED_EVENTS)
-        self._event_arrived = asyncio.Event()
+        self._listeners: set[EventListener] = set()
         self._closed_because: str | None = None
         self._reading = asyncio.ensure_future(self._read_loop())
 
@@ -186,26 +228,17 @@ class QmpClient:
             raise QmpError(f"QMP {command} failed: {answer.error_class}: {answer.error}")
         return answer.value
 
-    def take_events(self, name: str | None = None) -> list[Event]:
-        """Removes and returns the queued events (of one name, or all)."""
-        taken = [event for event in self._events if name is None or event.name == name]
-        kept = [event for event in self._events if name is not None and event.name != name]
-        self._events.clear()
-        self._events.extend(kept)
-        return taken
-
-    async def next_event(self, name: str, timeout: float) -> Event:
-        """Waits for (and removes) the first queued or future event called `name`."""
-        async with asyncio.timeout(timeout):
-            while True:
-                for event in self._events:
-                    if event.name == name:
-                        self._events.remove(event)
-                        return event
-                if self._closed_because is not None:
-                    raise QmpError(f"waiting for QMP event {name}: {self._closed_because}")
-                self._event_arrived.clear()
-                await self._event_arrived.wait()
+    @contextlib.contextmanager
+    def listen(self, *names: str) -> Iterator[EventListener]:
+        """Receives the events called `names` that arrive from now until the block ends."""
+        listener = EventListener(frozenset(names))
+        if self._closed_because is not None:
+            listener.fail(self._closed_because)
+        self._listeners.add(listener)
+        try:
+            yield listener
+        finally:
+            self._listeners.discard(listener)
 
     async def close(self) -> None:
         self._reading.cancel()
@@ -234,8 +267,9 @@ class QmpClient:
             if waiter is not None and not waiter.done():
                 waiter.set_result(message)
         else:
-            self._events.append(message)
-            self._event_arrived.set()
+            for listener in self._listeners:
+                if message.name in listener.names:
+                    listener.deliver(message)
 
     def _fail_all(self, reason: str) -> None:
         if self._closed_because is None:
@@ -244,4 +278,5 @@ class QmpClient:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_exception(QmpError(reason))
-        self._event_arrived.set()
+        for listener in self._listeners:
+            listener.fail(reason)
