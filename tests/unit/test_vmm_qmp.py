@@ -393,18 +393,6 @@ def test_ports_the_guest_opened_before_the_wait_need_no_event() -> None:
     run(body)
 
 
-def test_a_port_without_a_device_id_sends_no_event_and_is_looked_at_again() -> None:
-    async def body() -> None:
-        async with fake_qemu_vm() as (fake, vm):
-            ports = FakePorts(fake, ("agent-port",), open={"agent"})
-            waiting = asyncio.ensure_future(vm.wait_for_agent_channel(10))
-            await still_waiting(waiting)
-            ports.open.add("stdio")
-            await waiting
-
-    run(body)
-
-
 def test_the_agent_channel_wait_ends_in_timeouterror_at_its_deadline() -> None:
     async def body() -> None:
         async with fake_qemu_vm() as (fake, vm):

@@ -33,13 +33,11 @@ from typing import Any
 
 from harpoon.vmm.base import VirtualMachine, VMConfig, VMError
 from harpoon.vmm.process import VmmProcess
-from harpoon.vmm.qemu_launch import AGENT_DEVICE_ID, Prelaunched, launch
+from harpoon.vmm.qemu_launch import AGENT_DEVICE_ID, STDIO_DEVICE_ID, Prelaunched, launch
 from harpoon.vmm.qmp import EventListener, QmpClient, QmpError
 
 log = logging.getLogger(__name__)
 
-SOCKET_WAIT_S = 10.0
-SOCKET_RETRY_S = 0.005
 STOP_GRACE_S = 2.0
 MIGRATION_TIMEOUT_S = 60.0
 # QEMU's default migration bandwidth (~128 MiB/s) makes saving a guest 10x slower.
@@ -47,10 +45,7 @@ MIGRATION_MAX_BANDWIDTH_BYTES_S = 10_000_000_000
 MIGRATION_FAILED = frozenset({"failed", "cancelled"})
 # The guest's ports a template waits for, by chardev label: the device id QEMU names
 # in their VSERPORT_CHANGE events.
-PORT_DEVICE_IDS = {"agent": AGENT_DEVICE_ID, "stdio": "stdio-port"}
-# Until qemu_launch gives the stdio port its device id, QEMU sends no event when the
-# guest opens it: that port alone is looked at again at this interval.
-SILENT_PORT_RECHECK_S = 0.02
+PORT_DEVICE_IDS = {"agent": AGENT_DEVICE_ID, "stdio": STDIO_DEVICE_ID}
 
 
 IGNORE_SHARED = {"capability": "x-ignore-shared", "state": True}
@@ -92,17 +87,7 @@ class QemuVM(VirtualMachine):
         self.config, self._process = launched.resolved, launched.process
         self._emulated = launched.emulated
         self._incoming = launched.incoming
-        sockets = (self.config.agent_socket, self.config.stdio_socket, self.config.control_socket)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + SOCKET_WAIT_S
-        while not all(path.exists() for path in sockets):
-            if self._process.returncode is not None or loop.time() > deadline:
-                await self.stop()
-                raise VMError(
-                    f"QEMU for {self.config.name} did not open its sockets "
-                    f"(exit status {self._process.returncode}): {self._vmm_log()}"
-                )
-            await asyncio.sleep(SOCKET_RETRY_S)
+        # Its sockets listen already (the launcher bound them; QEMU inherited them).
 
     def _vmm_log(self) -> str:
         try:
@@ -112,18 +97,13 @@ class QemuVM(VirtualMachine):
 
     async def _qmp(self) -> QmpClient:
         if self._qmp_client is None:
-            path = str(self.config.control_socket)
-            # QEMU binds its socket a moment before it listens on it.
-            for _ in range(int(SOCKET_WAIT_S / SOCKET_RETRY_S)):
-                try:
-                    self._qmp_client = await QmpClient.connect(path)
-                    break
-                except ConnectionRefusedError:
-                    if self._process is None or self._process.returncode is not None:
-                        raise
-                    await asyncio.sleep(SOCKET_RETRY_S)
-            else:
-                self._qmp_client = await QmpClient.connect(path)
+            # Listening since the launch: refused only once QEMU is gone.
+            try:
+                self._qmp_client = await QmpClient.connect(str(self.config.control_socket))
+            except OSError as error:
+                raise VMError(
+                    f"VM {self.config.name}: no QMP ({error}); QEMU said: {self._vmm_log()}"
+                ) from None
         return self._qmp_client
 
     async def _execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
@@ -185,16 +165,13 @@ class QemuVM(VirtualMachine):
         # would never see its host.
         async with asyncio.timeout(timeout_s):
             async with self._listening("VSERPORT_CHANGE") as changes:
-                chardevs, peripherals = await self._execute_all(
-                    [("query-chardev", None), ("qom-list", {"path": "/machine/peripheral"})]
-                )
-                named = {device.get("name") for device in peripherals}
-                silent = {label for label, id in PORT_DEVICE_IDS.items() if id not in named}
+                # Once, in case a port opened before the listener was there.
+                chardevs = await self._execute("query-chardev")
                 closed = set(PORT_DEVICE_IDS) - {
                     chardev.get("label") for chardev in chardevs if chardev.get("frontend-open")
                 }
                 labels = {id: label for label, id in PORT_DEVICE_IDS.items()}
-                while closed - silent:
+                while closed:
                     change = await changes.get()
                     label = labels.get(str(change.data.get("id")))
                     if label is not None:
@@ -202,13 +179,6 @@ class QemuVM(VirtualMachine):
                             closed.discard(label)
                         else:
                             closed.add(label)
-                while closed:
-                    await asyncio.sleep(SILENT_PORT_RECHECK_S)
-                    closed -= await self._open_ports()
-
-    async def _open_ports(self) -> set[str]:
-        chardevs = await self._execute("query-chardev")
-        return {str(chardev.get("label")) for chardev in chardevs if chardev.get("frontend-open")}
 
     async def save_state(self, path: Path) -> None:
         # Migrated running (QEMU stops the guest as the migration completes), so the

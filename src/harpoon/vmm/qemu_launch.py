@@ -47,7 +47,9 @@ log = logging.getLogger(__name__)
 # state comes from a file QEMU inherits (QemuLaunch.incoming): no `sh -c cat` per
 # restore. (QEMU 7.2 takes the x-ignore-shared capability only through QMP.)
 RESTORE_ARGS = ("-incoming", "defer")
+# The ports' device ids: QEMU names them in VSERPORT_CHANGE events (harpoon.vmm.qemu).
 AGENT_DEVICE_ID = "agent-port"
+STDIO_DEVICE_ID = "stdio-port"
 # The chardevs whose sockets harpoon binds and QEMU inherits: agent port, stdio port, QMP.
 LISTENER_IDS = ("agent", "stdio", "qmp")
 LISTEN_BACKLOG = 4
@@ -214,7 +216,7 @@ def command_line(
         "-chardev",
         socket_chardev("stdio", config.stdio_socket),
         "-device",
-        f"virtserialport,chardev=stdio,name={STDIO_PORT_NAME}",
+        f"virtserialport,chardev=stdio,name={STDIO_PORT_NAME},id={STDIO_DEVICE_ID}",
         "-chardev",
         socket_chardev("qmp", config.control_socket),
         "-mon",
