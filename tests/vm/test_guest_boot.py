@@ -12,7 +12,6 @@ import json
 import os
 import selectors
 import shutil
-import statistics
 import subprocess
 import time
 from dataclasses import dataclass
@@ -196,18 +195,3 @@ def test_crun_runs_in_the_guest(arch: str, tmp_path: Path) -> None:
 
     assert "crun version 1.8.1" in result.console, result.console
     assert "CRUN-STATUS=0" in result.console, result.console
-
-
-def median_boot_s(image: GuestImage, marker: str, runs: int, extra_append: str = "") -> float:
-    times = [boot(image, marker, extra_append).seconds_to_marker or 0.0 for _ in range(runs)]
-    return statistics.median(times)
-
-
-@pytest.mark.skipif(not os.environ.get("HARPOON_MEASURE"), reason="set HARPOON_MEASURE=1")
-@pytest.mark.parametrize("arch", ["amd64", "arm64"])
-def test_measure_boot_to_selftest_against_the_floor(arch: str) -> None:
-    need_qemu(arch)
-    runs = int(os.environ.get("HARPOON_MEASURE_RUNS", "5"))
-    floor = median_boot_s(build_floor_image(arch), FLOOR_MARKER, runs)
-    selftest = median_boot_s(build_guest(arch), SELFTEST_MARKER, runs, "harpoon.selftest=1")
-    print(f"{arch}: floor {floor:.2f} s, selftest {selftest:.2f} s (median of {runs})")
