@@ -267,7 +267,8 @@ def _share_args(share: Share, index: int, profile: MachineProfile) -> list[str]:
         "-fsdev",
         # remap: an export may hold mounts of other filesystems (harpoon.sandbox.rootfs),
         # whose inode numbers must not collide in the guest.
-        f"local,id=fs{index},path={share.host_path},security_model=none,multidevs=remap{readonly}",
+        f"local,id=fs{index},path={_option(share.host_path)},security_model=none,"
+        f"multidevs=remap{readonly}",
         "-device",
         f"virtio-9p-{profile.device_suffix},fsdev=fs{index},mount_tag={share.tag}",
     ]
