@@ -30,7 +30,9 @@ def test_closing_the_writer_closes_both_halves_and_the_port_stays_open(tmp_path:
         echoed = await reader.readexactly(4)
         writer.close()
         await asyncio.wait_for(writer.wait_closed(), 5)
-        await asyncio.sleep(0)  # let the read half's transport finish closing
+        # The read half closes after the write half; its EOF comes as it lets go of
+        # its descriptor.
+        assert await asyncio.wait_for(reader.read(), 5) == b""
         return echoed
 
     async def main() -> None:
@@ -102,23 +104,23 @@ def test_close_sends_what_is_pending_first_and_a_broken_port_fails_drain() -> No
         read_end, write_end = os.pipe()
         os.set_blocking(write_end, False)
         protocol = asyncio.streams.FlowControlMixin(loop)
-        lost: list[Exception | None] = []
-        protocol.connection_lost = lost.append  # type: ignore[method-assign]
+        lost: asyncio.Future[Exception | None] = loop.create_future()
+        protocol.connection_lost = lost.set_result  # type: ignore[method-assign]
         transport = _PortWriteTransport(loop, write_end, protocol)
         payload = b"p" * (1 << 20)  # more than the pipe holds: part of it waits
         transport.write(payload)
         assert transport.get_write_buffer_size() > 0
         transport.close()
-        assert transport.is_closing() and not lost
-        received = bytearray()
-        while len(received) < len(payload):
-            await asyncio.sleep(0.01)
-            received += os.read(read_end, 1 << 20)
-        await asyncio.sleep(0.05)
-        assert bytes(received) == payload and lost == [None]
+        assert transport.is_closing() and not lost.done()
+        reader = asyncio.StreamReader()
+        read_half, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_end, "rb", buffering=0)
+        )
+        assert await asyncio.wait_for(reader.readexactly(len(payload)), 5) == payload
+        assert await asyncio.wait_for(lost, 5) is None
         with pytest.raises(OSError):
             os.fstat(write_end)  # the transport closed its descriptor
-        os.close(read_end)
+        read_half.close()
 
         read_end, write_end = os.pipe()
         os.set_blocking(write_end, False)

@@ -42,6 +42,14 @@ PRELUDE = textwrap.dedent(
         "    f.write(str(pid))\\n"
     )
 
+    async def reaped(pid, timeout_s=10):
+        # Reaped, not just exited: a zombie keeps its /proc entry. Nothing signals it
+        # to the test (the table's SIGCHLD handler does the reaping): looked at again.
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while os.path.exists(f"/proc/{pid}"):
+            assert asyncio.get_running_loop().time() < deadline, f"{pid} not reaped"
+            await asyncio.sleep(0.005)
+
     async def detached(table, command, pid_file):
         since = table.generation
         argv = [sys.executable, "-c", CRUN_STAND_IN, command, pid_file]
@@ -82,7 +90,7 @@ def test_adopted_process_exit_is_reported_even_if_it_exited_before_adoption(tmp_
             table = reaping_table()
             # Exits at once: its exit is reaped before the pid file is read.
             pid, since = await detached(table, "exit 3", "{pid_file}")
-            await asyncio.sleep(0.3)
+            await reaped(pid)
             fast = table.create("fast", oci())
             table.adopt(fast, pid, since)
             await asyncio.wait_for(fast.exited.wait(), 5)
@@ -108,12 +116,12 @@ def test_a_stale_exit_of_a_reused_pid_is_not_taken_for_a_new_process(tmp_path: P
         async def main():
             table = reaping_table()
             pid, _ = await detached(table, "exit 5", "{pid_file}")
-            await asyncio.sleep(0.3)
+            await reaped(pid)
             # The same pid adopted with a generation taken after that exit was reaped:
             # the recorded exit belongs to an earlier process, not to this one.
             later = table.create("later", oci())
             table.adopt(later, pid, table.generation)
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # a window for a wrong exit to be reported
             print("exited" if later.exited.is_set() else "running")
         asyncio.run(main())
         """
@@ -131,7 +139,7 @@ def test_terminal_output_waits_for_the_terminal_crun_sends() -> None:
             reading = asyncio.ensure_future(processes.read_output(p, "stdout"))
             processes.resize_terminal(p, 100, 40)
             processes.close_input(p)  # before the terminal exists: applied later
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # a window for the read to end too early
             assert not reading.done()
             master, slave = os.openpty()
             table.attach_terminal(p, master)

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -93,13 +94,22 @@ def _start_serve_and_shut_down(tmp_path: Path, bundle: Path, sockets: Path) -> N
 
     shim_pid = asyncio.run(talk())
     assert shim_pid > 0
-    deadline = time.monotonic() + 10
-    while os.path.exists(socket_path) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_for_exit(shim_pid, timeout_s=10)
     assert not os.path.exists(socket_path)  # the daemon removed it as it exited
-    while Path(f"/proc/{shim_pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
     assert not Path(f"/proc/{shim_pid}").exists() or "Z" in _state(shim_pid)
+
+
+def _wait_for_exit(pid: int, timeout_s: float) -> None:
+    """Returns once pid (not a child of ours) has exited: its pidfd becomes readable."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return  # exited and reaped already
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout_s)
+        assert ready, f"the shim daemon {pid} still runs {timeout_s} s after Shutdown"
+    finally:
+        os.close(pidfd)
 
 
 def _state(pid: int) -> str:

@@ -279,7 +279,7 @@ def test_a_builder_waits_until_the_lock_is_let_go(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with store._lock():
             waiting = asyncio.ensure_future(second())
-            await asyncio.sleep(LOCK_POLL_S * 5)
+            await asyncio.sleep(LOCK_POLL_S * 5)  # a window for the second to get it too early
             events.append("first lets go")
         await asyncio.wait_for(waiting, 5)
 

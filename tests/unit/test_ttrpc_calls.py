@@ -102,7 +102,7 @@ class Blocker:
         self.contexts.append(ctx)
         self.started.set()
         try:
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # for ever
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
@@ -221,11 +221,14 @@ def test_server_stream_carries_64_mib_in_order_with_bounded_run_ahead() -> None:
     async def body() -> None:
         server = Server()
         produced = 0
+        ahead = asyncio.Event()
 
         async def generate(payload: bytes, ctx: CallContext) -> AsyncIterator[bytes]:
             nonlocal produced
             for i in range(int(payload)):
                 produced += 1
+                if produced > 2:
+                    ahead.set()
                 yield numbered_chunk(i, MiB)
 
         server.register_server_stream(SVC, "Read", generate)
@@ -234,7 +237,9 @@ def test_server_stream_carries_64_mib_in_order_with_bounded_run_ahead() -> None:
             run_ahead = 0
             async for chunk in client.stream(SVC, "Read", b"64"):
                 if received == 0:
-                    await asyncio.sleep(0.3)  # let the producer get as far as it can
+                    await ahead.wait()
+                    # A window for the producer to run further ahead than it may.
+                    await asyncio.sleep(0.3)
                 assert chunk == numbered_chunk(received, MiB)
                 run_ahead = max(run_ahead, produced - received)
                 received += 1
@@ -250,10 +255,13 @@ def test_client_stream_carries_64_mib_with_bounded_buffering() -> None:
         server = Server()
         produced = 0
         run_ahead = 0
+        ahead = asyncio.Event()
 
         async def consume(messages: AsyncIterator[bytes], ctx: CallContext) -> bytes:
             nonlocal run_ahead
             digest = hashlib.sha256()
+            await ahead.wait()
+            # A window for the producer to run further ahead than it may.
             await asyncio.sleep(0.3)
             count = 0
             async for message in messages:
@@ -268,6 +276,8 @@ def test_client_stream_carries_64_mib_with_bounded_buffering() -> None:
             nonlocal produced
             for i in range(64):
                 produced += 1
+                if produced > 2:
+                    ahead.set()
                 yield numbered_chunk(i, MiB)
 
         expected = hashlib.sha256(b"".join(numbered_chunk(i, MiB) for i in range(64)))
@@ -343,7 +353,7 @@ def test_client_stream_stops_sending_when_the_server_answers_early() -> None:
             while True:
                 sent += 1
                 yield b"x%d" % sent
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # a paced sender, to be stopped by the answer
 
         async with connected_client(server) as client:
             answer = await client.call_client_stream(SVC, "First", endless())
@@ -361,7 +371,7 @@ def test_server_stream_timeout_ends_the_stream_with_deadline_exceeded() -> None:
         async def trickle(payload: bytes, ctx: CallContext) -> AsyncIterator[bytes]:
             while True:
                 yield b"tick"
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.05)  # a paced stream, to be cut by the deadline
 
         server.register_server_stream(SVC, "Trickle", trickle)
         async with connected_client(server) as client:
@@ -386,6 +396,7 @@ def test_connection_loss_fails_every_pending_call_promptly() -> None:
             return [m async for m in client.stream(SVC, "Read", b"")]
 
         streaming = asyncio.create_task(read_stream())
+        # A window in which no call may end while the connection lasts.
         await asyncio.sleep(0.05)
         assert not any(t.done() for t in pending)
         server_sock.close()
@@ -424,19 +435,21 @@ def test_closing_either_end_cancels_handlers_and_fails_pending_calls(closing: st
 def test_a_call_abandoned_by_its_caller_leaves_the_connection_working() -> None:
     async def body() -> None:
         server = echo_server()
-        release = asyncio.Event()
+        started, release, answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
         async def slow(payload: bytes, ctx: CallContext) -> bytes:
+            started.set()
             await release.wait()
+            ctx.after_reply(answered.set)
             return b"late answer"
 
         server.register_unary(SVC, "Slow", slow)
         async with connected_client(server) as client:
             abandoned = asyncio.create_task(client.call(SVC, "Slow", b""))
-            await asyncio.sleep(0.05)
+            await started.wait()
             abandoned.cancel()
             release.set()
-            await asyncio.sleep(0.05)  # the late answer arrives and is dropped
+            await answered.wait()  # the late answer is on its way, to be dropped
             assert await client.call(SVC, "Echo", b"fine") == b"fine"
             assert abandoned.cancelled()
 

@@ -283,7 +283,7 @@ async def test_stream_whose_handler_stops_reading_is_dropped(
     server.stream_full_timeout_s = 0.2
 
     async def ignore(messages: AsyncIterator[bytes], ctx: CallContext) -> bytes:
-        await asyncio.sleep(3600)
+        await asyncio.Event().wait()  # for ever: it never reads its stream
         return b""
 
     server.register_client_stream(SVC, "Ignore", ignore)

@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -32,20 +34,37 @@ def sleeper(tmp_path: Path) -> VmmProcess:
     return VmmProcess.spawn(["sleep", "60"], stderr_path=tmp_path / "log", preexec=os.setsid)
 
 
+def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """Waits for a condition nothing signals (a file another process writes)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not after {timeout_s} s: {what}"
+        time.sleep(0.01)
+
+
 def gone(pid: int) -> bool:
     """Exited and reaped (no zombie left)."""
     return not os.path.exists(f"/proc/{pid}")
 
 
 def test_a_process_is_waited_for_by_every_waiter_even_when_one_gives_up(tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    os.mkfifo(release)
+
     async def scenario() -> tuple[int, int]:
+        # Exits (3) once the test writes to the fifo, not after some time.
         process = VmmProcess.spawn(
-            ["sh", "-c", "sleep 0.2; exit 3"], stderr_path=tmp_path / "log", preexec=os.setsid
+            ["sh", "-c", f"read line < {release}; exit 3"],
+            stderr_path=tmp_path / "log",
+            preexec=os.setsid,
         )
         impatient = asyncio.ensure_future(process.wait())
         patient = asyncio.ensure_future(process.wait())
-        await asyncio.sleep(0.05)
+        done, _ = await asyncio.wait({impatient, patient}, timeout=0.05)
+        assert not done  # both wait: the process cannot exit yet
         impatient.cancel()
+        with open(release, "w") as fifo:  # opens once the shell reads it
+            fifo.write("go\n")
         return await patient, await process.wait()
 
     assert asyncio.run(scenario()) == (3, 3)
@@ -196,10 +215,7 @@ def test_a_restore_hands_qemu_the_state_file_as_an_inherited_fd(
     launched = qemu_launch.launch(config(tmp_path), state)
     try:
         args_file = tmp_path / "qemu-args"
-        for _ in range(1000):
-            if args_file.exists():
-                break
-            asyncio.run(asyncio.sleep(0.01))
+        wait_until(args_file.exists, "the fake QEMU recorded its arguments")
         args = args_file.read_text().split()
     finally:
         launched.process.kill()
