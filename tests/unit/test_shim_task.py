@@ -493,8 +493,8 @@ class Failure:
         return self.name
 
 
-def _fail_nothing_else(host: Host, mp: pytest.MonkeyPatch) -> None:
-    pass
+def _request_alone(host: Host, mp: pytest.MonkeyPatch) -> None:
+    """The request itself fails the step (bad_stderr): nothing to arm."""
 
 
 def _fail_transformer(step: str, index: int) -> Callable[[Host, pytest.MonkeyPatch], None]:
@@ -522,7 +522,7 @@ def _fail_missing_executable(host: Host, mp: pytest.MonkeyPatch) -> None:
 
 
 FAILURES = [
-    Failure("opening stdio", _fail_nothing_else, InvalidArgument, bad_stderr=True),
+    Failure("opening stdio", _request_alone, InvalidArgument, bad_stderr=True),
     *(
         Failure(f"{type(t).__name__}.before_vm", _fail_transformer("before_vm", i), InjectedFailure)
         for i, t in enumerate(PIPELINE)
