@@ -94,7 +94,7 @@ def compare(figures: Figures, new: str, baseline: str) -> list[dict[str, Any]]:
     """Every quantity measured for both `new` and `baseline` (figure name prefixes), with
     the ratio of medians and the spread that says whether it is beyond the run's noise.
 
-    Both are measured in the same rounds, one right after the other, so when neither has
+    Both are measured in every round, one right after the other, so when neither has
     a failed run their i-th samples are a pair: the per-round ratios' min-max is the
     spread. `verdict` is "better" or "worse" when every round agrees (the range excludes
     1), else "within noise". Without pairs (a failed run) the two series' min-max ranges
@@ -134,8 +134,9 @@ def compare(figures: Figures, new: str, baseline: str) -> list[dict[str, Any]]:
 
 def comparison_markdown(rows: list[dict[str, Any]], new: str, baseline: str) -> str:
     lines = [
-        f"**{new} ÷ {baseline}** (same run, interleaved: each round runs {baseline} right "
-        f"after {new}). Ratio of medians; the spread is the min-max of the per-round "
+        f"**{new} ÷ {baseline}** (same run, interleaved: each round runs both, {new} "
+        f"first in odd rounds and {baseline} first in even ones). Ratio of medians; the "
+        f"spread is the min-max of the per-round "
         f"ratios ({new}'s i-th run ÷ {baseline}'s i-th run), or, where a run failed and "
         f"rounds do not pair, each series' own min-max; {baseline}'s own run-to-run "
         f"spread is its min-max ÷ its median. A time or memory below 1x is better, a "
@@ -146,13 +147,13 @@ def comparison_markdown(rows: list[dict[str, Any]], new: str, baseline: str) -> 
     ]
     for row in rows:
         if row["paired"]:
-            spread = f"{number(row['low'])}-{number(row['high'])}x per round"
+            spread = f"{row['low']:.3f}-{row['high']:.3f}x per round"
         else:
             spread = "unpaired (a run failed): series' min-max compared"
         low, high = row["baseline_spread"]
         lines.append(
             f"| {row['section']} | {row['quantity']} ({row['unit']}) | "
-            f"**{number(row['ratio'])}x** | {spread} | {number(low)}-{number(high)}x its median "
+            f"**{row['ratio']:.3f}x** | {spread} | {low:.3f}-{high:.3f}x its median "
             f"| {row['verdict']} |"
         )
     return "\n".join(lines)
@@ -199,7 +200,7 @@ def _baseline_line(meta: dict[str, Any]) -> str:
     return (
         f"- baseline **{b['label']}** = {b['commit'][:12]} (`--baseline-commit {b['rev']}`), "
         f"runtime {b['runtime']}, its own guest {(b['guest_digest'] or '?')[:12]} and "
-        f"template ({template}), measured after harpoon in every round\n"
+        f"template ({template}), measured beside harpoon in every round\n"
     )
 
 

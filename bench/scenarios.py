@@ -2,8 +2,8 @@
 
 Interleaving (floor, runc, harpoon, floor, runc, harpoon, …) makes the noise of a shared
 machine hit every series alike, so their ratios hold even when absolute times drift.
-With `--baseline-commit` a third runtime, harpoon at that commit, takes its turn after
-harpoon in every round and is measured exactly like it.
+With `--baseline-commit` a third runtime, harpoon at that commit, is measured exactly
+like harpoon in every round, right before or after it (they swap every other round).
 Every function records into `Figures` and returns; a failed or slow run becomes a
 recorded failure, never an exception.
 """
@@ -62,7 +62,7 @@ class Bench:
     containers: int = 10
     concurrency_runs: int = 3
     templates: bool = True
-    #: harpoon at another commit (`--baseline-commit`), measured after harpoon each round.
+    #: harpoon at another commit (`--baseline-commit`), measured beside harpoon each round.
     baseline: Baseline | None = None
     _ids: dict[str, int] = field(default_factory=dict)
 
@@ -73,6 +73,15 @@ class Bench:
         if self.baseline is not None:
             runtimes.append(Runtime(self.baseline.label, self.baseline.runtime, harpoon=True))
         return runtimes
+
+    def round_order(self, i: int) -> list[Runtime]:
+        """The runtimes of round `i` (from 1) in the order they run: with a baseline,
+        harpoon and it swap places every other round (A B, B A, …), so that neither always
+        runs right after the other (a VM's teardown, a cache it warmed)."""
+        order = self.runtimes
+        if self.baseline is not None and i % 2 == 0:
+            order[1], order[2] = order[2], order[1]
+        return order
 
     @property
     def harpoons(self) -> list[Runtime]:
@@ -154,7 +163,7 @@ async def _startup(bench: Bench, python_floor: GuestImage) -> None:
         floor_boot = _record(floor, await boot_floor(bench.floor_image, *bench.vmm))
         python_boot = _record(python, await boot_floor(python_floor, *bench.vmm))
         line = [f"floor {_s(floor_boot.seconds)}", f"CPython floor {_s(python_boot.seconds)}"]
-        for rt in bench.runtimes:
+        for rt in bench.round_order(i):
             container_id = bench.new_id(f"run-{rt.id_part}")
             result = await bench.ctr.run_container(
                 rt.runtime, bench.image, container_id, "echo", "hi", timeout_s=RUN_TIMEOUT_S
@@ -223,7 +232,7 @@ async def stdout_throughput(bench: Bench) -> None:
     harpoon_ids: dict[str, list[str]] = {rt.name: [] for rt in bench.harpoons}
     for i in range(1, bench.runs + 1):
         line = []
-        for rt in bench.runtimes:
+        for rt in bench.round_order(i):
             name = rt.name
             rate = f.get(
                 section, f"{name}: stdout {bench.stdout_mib} MiB, first byte → EOF", "MiB/s",
@@ -291,7 +300,7 @@ async def idle(bench: Bench) -> None:
         for rt in bench.harpoons:
             harpoon_ids[rt.name].append(ids[rt.name])
         try:
-            await _idle_round(bench, ids)
+            await _idle_round(bench, ids, bench.round_order(i))
         finally:
             for container_id in ids.values():
                 await bench.ctr.remove_container(container_id)
@@ -305,11 +314,11 @@ def _guest_memory_name(rt: Runtime) -> str:
     return f"{rt.name}: guest memory in use (MemTotal - MemAvailable)"
 
 
-async def _idle_round(bench: Bench, ids: dict[str, str]) -> None:
-    """Starts one idle container per runtime, reads memory, execs in each."""
+async def _idle_round(bench: Bench, ids: dict[str, str], order: list[Runtime]) -> None:
+    """Starts one idle container per runtime, reads memory, execs in each (in `order`)."""
     f = bench.figures
     started = {}
-    for rt in bench.runtimes:
+    for rt in order:
         result = await bench.ctr.run_container(
             rt.runtime, bench.image, ids[rt.name], "sleep", "1000",
             timeout_s=RUN_TIMEOUT_S, detach=True,
@@ -318,9 +327,9 @@ async def _idle_round(bench: Bench, ids: dict[str, str]) -> None:
         if not result.ok:
             f.get("idle", f"{rt.name}: `ctr task exec … echo hi`", "s").fail(result.failure())
     await asyncio.sleep(IDLE_SETTLE_S)
-    for rt in bench.runtimes:
+    for rt in order:
         _record_memory(bench, rt, ids[rt.name], started[rt.name])
-    for rt in bench.runtimes:
+    for rt in order:
         if started[rt.name]:
             exec_figure = f.get("idle", f"{rt.name}: `ctr task exec … echo hi`", "s")
             await _measure_exec(bench, ids[rt.name], exec_figure)
@@ -407,7 +416,7 @@ async def concurrency(bench: Bench) -> None:
     for i in range(1, bench.concurrency_runs + 1):
         line = []
         for mode in ("concurrent", "sequential"):
-            for rt in bench.runtimes:
+            for rt in bench.round_order(i):
                 figure = f.get(section, f"{rt.name}: {k} x `ctr run --rm … echo hi`, {mode}", "s")
                 loop = asyncio.get_running_loop()
                 ids = [bench.new_id(f"{mode[:4]}-{rt.id_part}") for _ in range(k)]
