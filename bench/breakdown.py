@@ -134,7 +134,7 @@ def _mark_shim_line(run: Run, when: float, message: str, agent_answers: dict[str
     elif message.startswith("call "):
         words = message.split()
         run.mark(f"{words[1]} {words[2]}", when)
-    elif message.startswith("created ") and " booted in " in message:
+    elif message.startswith("created ") and (" started in " in message or " booted in " in message):
         run.mark("Create: VM booted, Hello answered", when)
     elif message.startswith("restore of"):
         _mark_restore(run, when, message)

@@ -20,8 +20,27 @@ from harpoon.devenv.containerd import SNAPSHOTTER, Containerd
 
 RUNC_RUNTIME = "io.containerd.runc.v2"
 HARPOON_RUNTIME = "io.containerd.harpoon.v1"
-#: Short names used in container IDs and figure names.
-RUNTIMES = {"runc": RUNC_RUNTIME, "harpoon": HARPOON_RUNTIME}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One runtime measured side by side with the others."""
+
+    #: Its name in figures: "runc", "harpoon", "harpoon@2c20733" (`--baseline-commit`).
+    name: str
+    #: containerd's runtime name (`ctr run --runtime`).
+    runtime: str
+    #: A harpoon shim: a VM per container, the shim log's lines, VM templates.
+    harpoon: bool
+
+    @property
+    def id_part(self) -> str:
+        """Its name as a part of container IDs (`[A-Za-z0-9]+` joined by `-`)."""
+        return re.sub(r"[^A-Za-z0-9]+", "-", self.name)
+
+
+RUNC = Runtime("runc", RUNC_RUNTIME, harpoon=False)
+HARPOON = Runtime("harpoon", HARPOON_RUNTIME, harpoon=True)
 
 #: Bytes read from a container's stdout at a time when only counting them.
 COUNT_CHUNK_BYTES = 1 << 20

@@ -74,13 +74,89 @@ def ratios(figures: Figures) -> list[str]:
         a, b = by_name.get(top), by_name.get(bottom)
         if a and b and a.median is not None and b.median:
             lines.append(f"- {label}: {number(a.median / b.median)}x")
-    stdout = [f for f in figures if f.section == "stdout" and f.unit == "MiB/s"]
-    if len(stdout) == 2 and all(f.median for f in stdout):
-        runc, harpoon = sorted(stdout, key=lambda f: not f.name.startswith("runc"))
-        assert runc.median and harpoon.median
+    rates = {
+        f.name.split(":", 1)[0]: f for f in figures if f.section == "stdout" and f.unit == "MiB/s"
+    }
+    runc, harpoon = rates.get("runc"), rates.get("harpoon")
+    if runc and harpoon and runc.median and harpoon.median:
         ratio = number(harpoon.median / runc.median)
         lines.append(f"- stdout throughput, harpoon / runc: {ratio}x")
     return lines
+
+
+def _quantity(figure: Figure, prefix: str) -> str | None:
+    """What a figure of runtime `prefix` measures ("shim RSS"), or None if not its."""
+    head = f"{prefix}: "
+    return figure.name[len(head) :] if figure.name.startswith(head) else None
+
+
+def compare(figures: Figures, new: str, baseline: str) -> list[dict[str, Any]]:
+    """Every quantity measured for both `new` and `baseline` (figure name prefixes), with
+    the ratio of medians and the spread that says whether it is beyond the run's noise.
+
+    Both are measured in every round, one right after the other, so when neither has
+    a failed run their i-th samples are a pair: the per-round ratios' min-max is the
+    spread. `verdict` is "better" or "worse" when every round agrees (the range excludes
+    1), else "within noise". Without pairs (a failed run) the two series' min-max ranges
+    are compared instead: disjoint ranges are better or worse, overlapping ones noise.
+    """
+    by_quantity = {(f.section, q): f for f in figures if (q := _quantity(f, baseline))}
+    rows = []
+    for f in figures:
+        quantity = _quantity(f, new)
+        base = by_quantity.get((f.section, quantity or ""))
+        if quantity is None or base is None or not f.samples or not base.samples:
+            continue
+        assert f.median is not None and base.median is not None
+        if not base.median:
+            continue
+        row: dict[str, Any] = {
+            "section": f.section, "quantity": quantity, "unit": f.unit,
+            "higher_is_better": f.higher_is_better, "ratio": f.median / base.median,
+            "baseline_spread": [min(base.samples) / base.median, max(base.samples) / base.median],
+            "paired": False,
+        }  # fmt: skip
+        paired = len(f.samples) == len(base.samples) and not f.failures and not base.failures
+        if paired and all(base.samples):
+            per_round = [a / b for a, b in zip(f.samples, base.samples, strict=True)]
+            row.update(paired=True, per_round=per_round, low=min(per_round), high=max(per_round))
+            above, below = row["low"] > 1, row["high"] < 1
+        else:
+            above = min(f.samples) > max(base.samples)
+            below = max(f.samples) < min(base.samples)
+        if not (above or below):
+            row["verdict"] = "within noise"
+        else:
+            row["verdict"] = "better" if above == f.higher_is_better else "worse"
+        rows.append(row)
+    return rows
+
+
+def comparison_markdown(rows: list[dict[str, Any]], new: str, baseline: str) -> str:
+    lines = [
+        f"**{new} ÷ {baseline}** (same run, interleaved: each round runs both, {new} "
+        f"first in odd rounds and {baseline} first in even ones). Ratio of medians; the "
+        f"spread is the min-max of the per-round "
+        f"ratios ({new}'s i-th run ÷ {baseline}'s i-th run), or, where a run failed and "
+        f"rounds do not pair, each series' own min-max; {baseline}'s own run-to-run "
+        f"spread is its min-max ÷ its median. A time or memory below 1x is better, a "
+        f"rate above 1x.",
+        "",
+        f"| section | figure | {new} ÷ {baseline} | spread | {baseline} alone | verdict |",
+        "|---|---|---:|---|---|---|",
+    ]
+    for row in rows:
+        if row["paired"]:
+            spread = f"{row['low']:.3f}-{row['high']:.3f}x per round"
+        else:
+            spread = "unpaired (a run failed): series' min-max compared"
+        low, high = row["baseline_spread"]
+        lines.append(
+            f"| {row['section']} | {row['quantity']} ({row['unit']}) | "
+            f"**{row['ratio']:.3f}x** | {spread} | {low:.3f}-{high:.3f}x its median "
+            f"| {row['verdict']} |"
+        )
+    return "\n".join(lines)
 
 
 def shimtest_markdown(result: ShimtestResult | None) -> str:
@@ -109,10 +185,23 @@ def header(meta: dict[str, Any]) -> str:
         f" {m['runc'] or 'runc ?'}, {m['qemu'] or 'QEMU ?'}, accelerator **{m['accelerator']}**\n"
         f"- {m['nproc']} x {m['cpu_model']}, {m['memory_mib']} MiB, {m['os']}, kernel "
         f"{m['kernel']}; guest kernel {meta['guest']['kernel_release']}\n"
+        f"{_baseline_line(meta)}"
         f"- {meta['runs']} runs per figure (concurrency: {meta['concurrency_runs']} rounds of "
         f"{meta['containers']} containers), baselines interleaved; p95 = the 95th-percentile "
         f"worst run (5th percentile for rates); whole run {meta['duration_s']:.0f} s\n"
     )  # fmt: skip
+
+
+def _baseline_line(meta: dict[str, Any]) -> str:
+    b = meta.get("baseline")
+    if not b:
+        return ""
+    template = b["template"] or ("templates off" if meta["templates"] == "off" else "none")
+    return (
+        f"- baseline **{b['label']}** = {b['commit'][:12]} (`--baseline-commit {b['rev']}`), "
+        f"runtime {b['runtime']}, its own guest {(b['guest_digest'] or '?')[:12]} and "
+        f"template ({template}), measured beside harpoon in every round\n"
+    )
 
 
 def markdown(meta: dict[str, Any], figures: Figures, shimtest: ShimtestResult | None) -> str:
@@ -120,6 +209,11 @@ def markdown(meta: dict[str, Any], figures: Figures, shimtest: ShimtestResult | 
     extra = ratios(figures)
     if extra:
         parts.append("Ratios of medians:\n\n" + "\n".join(extra))
+    if meta.get("baseline"):
+        label = meta["baseline"]["label"]
+        rows = compare(figures, "harpoon", label)
+        if rows:
+            parts.append(comparison_markdown(rows, "harpoon", label))
     text = "\n\n".join(parts) + "\n" + shimtest_markdown(shimtest)
     return text
 
@@ -127,9 +221,11 @@ def markdown(meta: dict[str, Any], figures: Figures, shimtest: ShimtestResult | 
 def to_json(
     meta: dict[str, Any], figures: Figures, shimtest: ShimtestResult | None
 ) -> dict[str, Any]:
+    baseline = meta.get("baseline")
     return {
         **meta,
         "figures": [f.to_json() for f in figures],
+        "comparison": compare(figures, "harpoon", baseline["label"]) if baseline else None,
         "shimtest": None if shimtest is None else {
             "benchmarks": shimtest.benchmarks, "error": shimtest.error,
         },

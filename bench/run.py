@@ -31,11 +31,12 @@ if __package__ in (None, ""):  # `python bench/run.py`: make `bench` importable
 from rich.console import Console
 
 from bench import machine, report, scenarios, shimtest
+from bench.baseline import Baseline, BaselineError
 from bench.ctr import Ctr
 from bench.scenarios import Bench
 from bench.shimlog import ShimLog
 from bench.stats import Figures
-from harpoon.devenv.containerd import Containerd, StopReport
+from harpoon.devenv.containerd import Containerd, ContainerdError, StopReport
 from harpoon.devenv.images import build_busybox_image, default_cache_dir
 from harpoon.devenv.tools import FLAVOURS, scripts_dir
 from harpoon.guest import find_guest
@@ -83,6 +84,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--templates", choices=("default", "off"), default="default",
         help="off: harpoon boots every VM cold (HARPOON_TEMPLATES=off for the shims)",
     )  # fmt: skip
+    parser.add_argument(
+        "--baseline-commit", metavar="REV",
+        help="also measure harpoon at git revision REV of this repository, interleaved "
+        "(runtime io.containerd.harpoon<short>.v1, its own guest and VM template)",
+    )  # fmt: skip
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -122,11 +128,14 @@ async def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     if args.templates == "off":
         # containerd passes its environment on to the shims it starts.
         os.environ[TEMPLATES_ENV] = "off"
+    baseline = _baseline(args)
     daemon = Containerd(args.containerd, path_prepend=[scripts_dir()], log_level="debug")
     shimtest_result: shimtest.ShimtestResult | None = None
     cleanup: dict[str, Any] = {}
     bench: Bench | None = None
     try:
+        if baseline is not None:
+            _prepare_baseline(baseline, daemon, console)
         console.log(f"containerd {args.containerd}: starting a throw-away daemon")
         daemon.start()
         image = daemon.import_image(build_busybox_image(default_cache_dir()))
@@ -136,7 +145,7 @@ async def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             console=console,
             stdout_mib=args.stdout_mib, containers=args.containers,
             concurrency_runs=args.concurrency_runs, shim_log=ShimLog(daemon.log_path),
-            templates=args.templates == "default",
+            templates=args.templates == "default", baseline=baseline,
         )  # fmt: skip
         await scenarios.warm_up(bench)
         if "startup" in args.sections:
@@ -154,14 +163,7 @@ async def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             console.log(shimtest_result.error or "shimtest: done")
         version = daemon.version
     finally:
-        console.log("cleaning up: containers, daemon, shims, VMs, temporary directories")
-        if daemon.pid is not None:
-            with contextlib.suppress(Exception):
-                daemon.remove_all_containers()
-        cleanup = _stop_report(daemon.stop())
-        cleanup["vm_state_dirs_removed"] = _remove_vm_state_dirs(bench)
-        if any(cleanup[k] for k in ("leaked_shims", "vm_state_dirs_removed")):
-            console.log(f"[yellow]cleanup had to remove leftovers: {cleanup}")
+        cleanup = _clean_up(daemon, bench, baseline, console)
     meta = {
         "started": started_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "duration_s": time.monotonic() - started,
@@ -173,22 +175,80 @@ async def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         "containerd": {"flavour": args.containerd, "version": version},
         "guest": {"kernel_release": guest.kernel_release, "digest": guest.digest},
         "templates": args.templates,
+        "baseline": baseline.describe() if baseline else None,
         "cleanup": cleanup,
     }
     return {"meta": meta, "figures": figures, "shimtest": shimtest_result}
 
 
+def _baseline(args: argparse.Namespace) -> Baseline | None:
+    """The commit of `--baseline-commit`, resolved (nothing built yet)."""
+    if not args.baseline_commit:
+        return None
+    try:
+        return Baseline(REPO, args.baseline_commit, templates=args.templates == "default")
+    except BaselineError as error:
+        raise SystemExit(f"--baseline-commit: {error}") from error
+
+
+def _prepare_baseline(baseline: Baseline, daemon: Containerd, console: Console) -> None:
+    """Builds the baseline (see bench/baseline.py) and puts its shim on containerd's PATH."""
+    try:
+        baseline.prepare(lambda message: console.log(message, highlight=False))
+    except BaselineError as error:
+        raise SystemExit(f"--baseline-commit: {error}") from error
+    daemon.path_prepend.append(baseline.bin_dir)
+
+
+def _clean_up(
+    daemon: Containerd, bench: Bench | None, baseline: Baseline | None, console: Console
+) -> dict[str, Any]:
+    """Removes every container, stops the daemon, kills what leaked, removes directories;
+    says what had to be cleaned up."""
+    console.log("cleaning up: containers, daemon, shims, VMs, temporary directories")
+    if daemon.pid is not None:
+        with contextlib.suppress(Exception):
+            daemon.remove_all_containers()
+    address = ""
+    with contextlib.suppress(ContainerdError):
+        address = daemon.address  # before stop(), which forgets it
+    cleanup = _stop_report(daemon.stop())
+    if baseline is not None:
+        ids = _container_ids(bench, baseline_only=True)
+        cleanup["baseline"] = baseline.cleanup(daemon.namespace, address, ids)
+    cleanup["vm_state_dirs_removed"] = _remove_vm_state_dirs(bench)
+    if any(cleanup.get(k) for k in ("leaked_shims", "vm_state_dirs_removed", "baseline")):
+        console.log(f"[yellow]cleanup had to remove leftovers: {cleanup}")
+    return cleanup
+
+
+def _container_ids(bench: Bench | None, *, baseline_only: bool = False) -> list[str]:
+    """Every container ID the run handed out (or only the baseline's)."""
+    if bench is None:
+        return []
+    suffix = ""
+    if baseline_only:
+        assert bench.baseline is not None
+        suffix = "-" + bench.runtimes[-1].id_part
+    return [
+        f"bench-{prefix}-{n}"
+        for prefix, count in bench.used_ids().items()
+        if prefix.endswith(suffix)
+        for n in range(1, count + 1)
+    ]
+
+
 def _remove_vm_state_dirs(bench: Bench | None) -> list[str]:
-    """harpoon's per-VM directories of our containers that outlived their shims."""
+    """harpoon's per-VM directories of our containers that outlived their shims (the
+    baseline's are where harpoon.shim.paths puts them too: that module has not changed)."""
     if bench is None:
         return []
     removed = []
-    for prefix, count in bench.used_ids().items():
-        for n in range(1, count + 1):
-            path = vm_state_dir(bench.daemon.namespace, f"bench-{prefix}-{n}")
-            if path.exists():
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(str(path))
+    for container_id in _container_ids(bench):
+        path = vm_state_dir(bench.daemon.namespace, container_id)
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(str(path))
     return removed
 
 

@@ -2,6 +2,8 @@
 
 Interleaving (floor, runc, harpoon, floor, runc, harpoon, …) makes the noise of a shared
 machine hit every series alike, so their ratios hold even when absolute times drift.
+With `--baseline-commit` a third runtime, harpoon at that commit, is measured exactly
+like harpoon in every round, right before or after it (they swap every other round).
 Every function records into `Figures` and returns; a failed or slow run becomes a
 recorded failure, never an exception.
 """
@@ -17,7 +19,8 @@ from pathlib import Path
 from rich.console import Console
 
 from bench import host
-from bench.ctr import RUNTIMES, UNIMPLEMENTED, Ctr, CtrResult
+from bench.baseline import Baseline
+from bench.ctr import HARPOON, RUNC, UNIMPLEMENTED, Ctr, CtrResult, Runtime
 from bench.floor import FLOOR_FIGURE, PYTHON_FLOOR_FIGURE, FloorBoot, boot_floor, python_floor_image
 from bench.shimlog import ShimLog
 from bench.stats import Figure, Figures
@@ -59,7 +62,36 @@ class Bench:
     containers: int = 10
     concurrency_runs: int = 3
     templates: bool = True
+    #: harpoon at another commit (`--baseline-commit`), measured beside harpoon each round.
+    baseline: Baseline | None = None
     _ids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def runtimes(self) -> list[Runtime]:
+        """The runtimes of every round, in their order."""
+        runtimes = [RUNC, HARPOON]
+        if self.baseline is not None:
+            runtimes.append(Runtime(self.baseline.label, self.baseline.runtime, harpoon=True))
+        return runtimes
+
+    def round_order(self, i: int) -> list[Runtime]:
+        """The runtimes of round `i` (from 1) in the order they run: with a baseline,
+        harpoon and it swap places every other round (A B, B A, …), so that neither always
+        runs right after the other (a VM's teardown, a cache it warmed)."""
+        order = self.runtimes
+        if self.baseline is not None and i % 2 == 0:
+            order[1], order[2] = order[2], order[1]
+        return order
+
+    @property
+    def harpoons(self) -> list[Runtime]:
+        return [r for r in self.runtimes if r.harpoon]
+
+    async def ensure_template(self, runtime: Runtime) -> str:
+        """Builds (or waits for) the VM template the measured runs of `runtime` restore."""
+        if self.baseline is not None and runtime.runtime == self.baseline.runtime:
+            return await self.baseline.ensure_template()
+        return await ensure_template(self.guest)
 
     def new_id(self, prefix: str) -> str:
         """A container ID never used before in this run (`bench-PREFIX-N`)."""
@@ -92,21 +124,23 @@ async def warm_up(bench: Bench) -> None:
     """One untimed floor boot and one run of each runtime, so that page cache, the
     accelerator probe and first-start costs are paid before anything is measured; and,
     when harpoon restores VMs from templates, a template built for this configuration."""
-    bench.say("warm-up: one floor boot, one runc and one harpoon run (not measured)")
+    names = ", ".join(r.name for r in bench.runtimes)
+    bench.say(f"warm-up: one floor boot, one run of each of {names} (not measured)")
     await boot_floor(bench.floor_image, *bench.vmm)
-    mode = None
-    for name, runtime in RUNTIMES.items():
-        container_id = bench.new_id(f"warm-{name}")
+    for rt in bench.runtimes:
+        container_id = bench.new_id(f"warm-{rt.id_part}")
         result = await bench.ctr.run_container(
-            runtime, bench.image, container_id, "echo", "hi", timeout_s=RUN_TIMEOUT_S
+            rt.runtime, bench.image, container_id, "echo", "hi", timeout_s=RUN_TIMEOUT_S
         )
         if not result.ok:
-            bench.say(f"[yellow]warm-up {name} failed: {result.failure()}")
-        elif name == "harpoon":
-            mode = (await bench.shim_log.start(container_id)).mode
-    if mode == "cold" and bench.templates:
-        # The shim has a builder make it in the background; this waits for that one.
-        bench.say(f"warm-up: {await ensure_template(bench.guest)}")
+            bench.say(f"[yellow]warm-up {rt.name} failed: {result.failure()}")
+        elif rt.harpoon and bench.templates and await _booted_cold(bench, container_id):
+            # The shim has a builder make it in the background; this waits for it.
+            bench.say(f"warm-up {rt.name}: {await bench.ensure_template(rt)}")
+
+
+async def _booted_cold(bench: Bench, container_id: str) -> bool:
+    return (await bench.shim_log.start(container_id)).mode == "cold"
 
 
 async def startup(bench: Bench) -> None:
@@ -122,51 +156,54 @@ async def _startup(bench: Bench, python_floor: GuestImage) -> None:
     f = bench.figures
     floor = f.get(section, FLOOR_FIGURE, "s")
     python = f.get(section, PYTHON_FLOOR_FIGURE, "s")
-    runc = f.get(section, "runc: `ctr run --rm … echo hi`", "s")
-    harpoon = f.get(section, "harpoon: `ctr run --rm … echo hi`", "s")
-    rest_name = "harpoon: rest of the run (wall - VM start)"
-    harpoon_ids = []
+    runs = {rt.name: f.get(section, f"{rt.name}: `ctr run --rm … echo hi`", "s")
+            for rt in bench.runtimes}  # fmt: skip
+    harpoon_ids: dict[str, list[str]] = {rt.name: [] for rt in bench.harpoons}
     for i in range(1, bench.runs + 1):
         floor_boot = _record(floor, await boot_floor(bench.floor_image, *bench.vmm))
         python_boot = _record(python, await boot_floor(python_floor, *bench.vmm))
-        results: dict[str, CtrResult] = {}
-        vm_start = "VM start unknown"
-        for name, runtime in RUNTIMES.items():
-            container_id = bench.new_id(f"run-{name}")
+        line = [f"floor {_s(floor_boot.seconds)}", f"CPython floor {_s(python_boot.seconds)}"]
+        for rt in bench.round_order(i):
+            container_id = bench.new_id(f"run-{rt.id_part}")
             result = await bench.ctr.run_container(
-                runtime, bench.image, container_id, "echo", "hi", timeout_s=RUN_TIMEOUT_S
+                rt.runtime, bench.image, container_id, "echo", "hi", timeout_s=RUN_TIMEOUT_S
             )
-            figure = runc if name == "runc" else harpoon
+            figure = runs[rt.name]
             problem = _expect_output(result, b"hi\n")
             if problem:
                 figure.fail(problem)
+                line.append(f"{rt.name} failed")
                 continue
             figure.add(result.seconds)
-            results[name] = result
-            if name != "harpoon":
+            line.append(f"{rt.name} {_s(result.seconds)}")
+            if not rt.harpoon:
                 continue
-            harpoon_ids.append(container_id)
-            start = await bench.shim_log.start(container_id)
-            if start.seconds is None:
-                f.get(section, rest_name, "s").fail(f"no 'created {container_id}' log line")
-                continue
-            how = MODE_LABELS.get(start.mode or "", "mode unknown")
-            f.get(section, f"harpoon: VM start → agent ready, {how} (shim log)", "s").add(
-                start.seconds
-            )
-            f.get(section, rest_name, "s").add(result.seconds - start.seconds)
-            vm_start = f"VM {how} {start.seconds:.2f} s"
-            if floor_boot.seconds is not None and start.mode == "cold":
-                f.get(section, "harpoon: cold VM boot - boot floor (same round)", "s").add(
-                    start.seconds - floor_boot.seconds
-                )
-        bench.say(
-            f"startup {i}/{bench.runs}: floor {_s(floor_boot.seconds)}, "
-            f"CPython floor {_s(python_boot.seconds)}, "
-            f"runc {_s(_secs(results.get('runc')))}, harpoon {_s(_secs(results.get('harpoon')))}"
-            f" ({vm_start})"
+            harpoon_ids[rt.name].append(container_id)
+            line[-1] += await _vm_start(bench, rt, container_id, result, floor_boot)
+        bench.say(f"startup {i}/{bench.runs}: {', '.join(line)}")
+    for rt in bench.harpoons:
+        await _note_modes(bench, runs[rt.name], harpoon_ids[rt.name])
+
+
+async def _vm_start(
+    bench: Bench, rt: Runtime, container_id: str, result: CtrResult, floor_boot: FloorBoot
+) -> str:
+    """Records a harpoon run's VM start and the rest of the run (shim log); says how."""
+    section = "startup"
+    f = bench.figures
+    rest_name = f"{rt.name}: rest of the run (wall - VM start)"
+    start = await bench.shim_log.start(container_id)
+    if start.seconds is None:
+        f.get(section, rest_name, "s").fail(f"no 'created {container_id}' log line")
+        return " (VM start unknown)"
+    how = MODE_LABELS.get(start.mode or "", "mode unknown")
+    f.get(section, f"{rt.name}: VM start → agent ready, {how} (shim log)", "s").add(start.seconds)
+    f.get(section, rest_name, "s").add(result.seconds - start.seconds)
+    if floor_boot.seconds is not None and start.mode == "cold":
+        f.get(section, f"{rt.name}: cold VM boot - boot floor (same round)", "s").add(
+            start.seconds - floor_boot.seconds
         )
-    await _note_modes(bench, harpoon, harpoon_ids)
+    return f" (VM {how} {start.seconds:.2f} s)"
 
 
 def _record(figure: Figure, boot: FloorBoot) -> FloorBoot:
@@ -192,20 +229,21 @@ async def stdout_throughput(bench: Bench) -> None:
     command = ("sh", "-c", f"dd if=/dev/zero bs=1M count={bench.stdout_mib} 2>/dev/null")
     f = bench.figures
     short: dict[str, list[int]] = {}
-    harpoon_ids: list[str] = []
+    harpoon_ids: dict[str, list[str]] = {rt.name: [] for rt in bench.harpoons}
     for i in range(1, bench.runs + 1):
         line = []
-        for name, runtime in RUNTIMES.items():
+        for rt in bench.round_order(i):
+            name = rt.name
             rate = f.get(
                 section, f"{name}: stdout {bench.stdout_mib} MiB, first byte → EOF", "MiB/s",
                 higher_is_better=True,
             )  # fmt: skip
             wall = f.get(section, f"{name}: stdout {bench.stdout_mib} MiB, whole `ctr run`", "s")
-            container_id = bench.new_id(f"stdout-{name}")
-            if name == "harpoon":
-                harpoon_ids.append(container_id)
+            container_id = bench.new_id(f"stdout-{rt.id_part}")
+            if rt.harpoon:
+                harpoon_ids[name].append(container_id)
             result = await bench.ctr.run_container(
-                runtime, bench.image, container_id, *command,
+                rt.runtime, bench.image, container_id, *command,
                 timeout_s=STDOUT_RUN_TIMEOUT_S, keep_stdout=False,
             )  # fmt: skip
             if not result.ok or not result.stdout_bytes:
@@ -231,8 +269,9 @@ async def stdout_throughput(bench: Bench) -> None:
         )
         for figure in f.matching(section, f"{name}: "):
             figure.notes.append(note)
-    for figure in f.matching(section, "harpoon: "):
-        await _note_modes(bench, figure, harpoon_ids)
+    for rt in bench.harpoons:
+        for figure in f.matching(section, f"{rt.name}: "):
+            await _note_modes(bench, figure, harpoon_ids[rt.name])
 
 
 async def _exec(bench: Bench, container_id: str, *command: str) -> CtrResult:
@@ -244,81 +283,101 @@ async def _exec(bench: Bench, container_id: str, *command: str) -> CtrResult:
 
 async def idle(bench: Bench) -> None:
     """An idle `sleep 1000` container per runtime: shim and VM memory, then exec latency."""
-    section = "idle"
     f = bench.figures
-    runc_shim = f.get(section, "runc: shim RSS", "MiB")
-    harpoon_shim = f.get(section, "harpoon: shim RSS", "MiB")
-    qemu = f.get(section, "harpoon: QEMU RSS", "MiB")
-    harpoon_total = f.get(section, "harpoon: shim + QEMU RSS", "MiB")
-    guest_used = f.get(section, "harpoon: guest memory in use (MemTotal - MemAvailable)", "MiB")
-    exec_figures = {
-        name: f.get(section, f"{name}: `ctr task exec … echo hi`", "s") for name in RUNTIMES
-    }
-    harpoon_ids = []
+    # Named first, so that the table lists each quantity's runtimes next to each other.
+    for rt in bench.runtimes:
+        f.get("idle", f"{rt.name}: shim RSS", "MiB")
+    for name in ("QEMU RSS", "shim + QEMU RSS"):
+        for rt in bench.harpoons:
+            f.get("idle", f"{rt.name}: {name}", "MiB")
+    for rt in bench.harpoons:
+        f.get("idle", _guest_memory_name(rt), "MiB")
+    for rt in bench.runtimes:
+        f.get("idle", f"{rt.name}: `ctr task exec … echo hi`", "s")
+    harpoon_ids: dict[str, list[str]] = {rt.name: [] for rt in bench.harpoons}
     for i in range(1, bench.runs + 1):
-        ids = {name: bench.new_id(f"idle-{name}") for name in RUNTIMES}
-        harpoon_ids.append(ids["harpoon"])
+        ids = {rt.name: bench.new_id(f"idle-{rt.id_part}") for rt in bench.runtimes}
+        for rt in bench.harpoons:
+            harpoon_ids[rt.name].append(ids[rt.name])
         try:
-            started = {}
-            for name, runtime in RUNTIMES.items():
-                result = await bench.ctr.run_container(
-                    runtime, bench.image, ids[name], "sleep", "1000",
-                    timeout_s=RUN_TIMEOUT_S, detach=True,
-                )  # fmt: skip
-                started[name] = result.ok
-                if not result.ok:
-                    exec_figures[name].fail(result.failure())
-            await asyncio.sleep(IDLE_SETTLE_S)
-            _record_memory(bench, ids, started, runc_shim, harpoon_shim, qemu, harpoon_total)
-            for name in RUNTIMES:
-                if started[name]:
-                    await _measure_exec(bench, name, ids[name], exec_figures[name])
-            if started["harpoon"]:
-                await _guest_memory(bench, ids["harpoon"], guest_used, exec_figures["harpoon"])
+            await _idle_round(bench, ids, bench.round_order(i))
         finally:
             for container_id in ids.values():
                 await bench.ctr.remove_container(container_id)
-        bench.say(
-            f"idle {i}/{bench.runs}: runc shim {_mib(runc_shim)}, harpoon shim "
-            f"{_mib(harpoon_shim)} + QEMU {_mib(qemu)}; exec runc "
-            f"{_s(_last(exec_figures['runc'].samples))}, harpoon "
-            f"{exec_figures['harpoon'].unavailable or _s(_last(exec_figures['harpoon'].samples))}"
-        )
-    await _note_modes(bench, harpoon_total, harpoon_ids)
+        bench.say(f"idle {i}/{bench.runs}: {_idle_line(bench)}")
+    for rt in bench.harpoons:
+        total = f.get("idle", f"{rt.name}: shim + QEMU RSS", "MiB")
+        await _note_modes(bench, total, harpoon_ids[rt.name])
 
 
-def _record_memory(
-    bench: Bench,
-    ids: dict[str, str],
-    started: dict[str, bool],
-    runc_shim: Figure,
-    harpoon_shim: Figure,
-    qemu: Figure,
-    harpoon_total: Figure,
-) -> None:
-    """Reads the RSS of each idle container's shim (and harpoon's QEMU child)."""
-    for name, figure in (("runc", runc_shim), ("harpoon", harpoon_shim)):
-        if not started[name]:
-            figure.fail(f"{ids[name]} did not start")
-            continue
-        shim = host.shim_of(bench.daemon, ids[name])
-        shim_rss = host.rss_mib(shim.pid) if shim else None
-        if shim is None or shim_rss is None:
-            figure.fail(f"no live shim with -id {ids[name]}")
-            continue
-        figure.add(shim_rss)
-        if name != "harpoon":
-            continue
-        vm = host.qemu_child(shim.pid)
-        vm_rss = host.rss_mib(vm) if vm else None
-        if vm_rss is None:
-            qemu.fail(f"no qemu-system-* child of shim pid {shim.pid}")
-            continue
-        qemu.add(vm_rss)
-        harpoon_total.add(shim_rss + vm_rss)
+def _guest_memory_name(rt: Runtime) -> str:
+    return f"{rt.name}: guest memory in use (MemTotal - MemAvailable)"
 
 
-async def _measure_exec(bench: Bench, name: str, container_id: str, figure: Figure) -> None:
+async def _idle_round(bench: Bench, ids: dict[str, str], order: list[Runtime]) -> None:
+    """Starts one idle container per runtime, reads memory, execs in each (in `order`)."""
+    f = bench.figures
+    started = {}
+    for rt in order:
+        result = await bench.ctr.run_container(
+            rt.runtime, bench.image, ids[rt.name], "sleep", "1000",
+            timeout_s=RUN_TIMEOUT_S, detach=True,
+        )  # fmt: skip
+        started[rt.name] = result.ok
+        if not result.ok:
+            f.get("idle", f"{rt.name}: `ctr task exec … echo hi`", "s").fail(result.failure())
+    await asyncio.sleep(IDLE_SETTLE_S)
+    for rt in order:
+        _record_memory(bench, rt, ids[rt.name], started[rt.name])
+    for rt in order:
+        if started[rt.name]:
+            exec_figure = f.get("idle", f"{rt.name}: `ctr task exec … echo hi`", "s")
+            await _measure_exec(bench, ids[rt.name], exec_figure)
+    for rt in bench.harpoons:
+        if started[rt.name]:
+            exec_figure = f.get("idle", f"{rt.name}: `ctr task exec … echo hi`", "s")
+            guest_used = f.get("idle", _guest_memory_name(rt), "MiB")
+            await _guest_memory(bench, ids[rt.name], guest_used, exec_figure)
+
+
+def _idle_line(bench: Bench) -> str:
+    """The last round's memory and exec times, for the progress log."""
+    f = bench.figures
+    memory, execs = [], []
+    for rt in bench.runtimes:
+        memory.append(f"{rt.name} shim {_mib(f.get('idle', f'{rt.name}: shim RSS', 'MiB'))}")
+        if rt.harpoon:
+            memory[-1] += f" + QEMU {_mib(f.get('idle', f'{rt.name}: QEMU RSS', 'MiB'))}"
+        exec_figure = f.get("idle", f"{rt.name}: `ctr task exec … echo hi`", "s")
+        execs.append(f"{rt.name} {exec_figure.unavailable or _s(_last(exec_figure.samples))}")
+    return f"{', '.join(memory)}; exec {', '.join(execs)}"
+
+
+def _record_memory(bench: Bench, rt: Runtime, container_id: str, started: bool) -> None:
+    """Reads the RSS of an idle container's shim (and of a harpoon's QEMU child)."""
+    shim_figure = bench.figures.get("idle", f"{rt.name}: shim RSS", "MiB")
+    if not started:
+        shim_figure.fail(f"{container_id} did not start")
+        return
+    shim = host.shim_of(bench.daemon, container_id)
+    shim_rss = host.rss_mib(shim.pid) if shim else None
+    if shim is None or shim_rss is None:
+        shim_figure.fail(f"no live shim with -id {container_id}")
+        return
+    shim_figure.add(shim_rss)
+    if not rt.harpoon:
+        return
+    qemu = bench.figures.get("idle", f"{rt.name}: QEMU RSS", "MiB")
+    vm = host.qemu_child(shim.pid)
+    vm_rss = host.rss_mib(vm) if vm else None
+    if vm_rss is None:
+        qemu.fail(f"no qemu-system-* child of shim pid {shim.pid}")
+        return
+    qemu.add(vm_rss)
+    bench.figures.get("idle", f"{rt.name}: shim + QEMU RSS", "MiB").add(shim_rss + vm_rss)
+
+
+async def _measure_exec(bench: Bench, container_id: str, figure: Figure) -> None:
     """One `ctr task exec … echo hi`; a shim without exec marks the figure unavailable."""
     if figure.unavailable:
         return
@@ -357,16 +416,16 @@ async def concurrency(bench: Bench) -> None:
     for i in range(1, bench.concurrency_runs + 1):
         line = []
         for mode in ("concurrent", "sequential"):
-            for name, runtime in RUNTIMES.items():
-                figure = f.get(section, f"{name}: {k} x `ctr run --rm … echo hi`, {mode}", "s")
+            for rt in bench.round_order(i):
+                figure = f.get(section, f"{rt.name}: {k} x `ctr run --rm … echo hi`, {mode}", "s")
                 loop = asyncio.get_running_loop()
-                ids = [bench.new_id(f"{mode[:4]}-{name}") for _ in range(k)]
-                if name == "harpoon":
+                ids = [bench.new_id(f"{mode[:4]}-{rt.id_part}") for _ in range(k)]
+                if rt.harpoon:
                     batch_ids.setdefault(figure.name, []).extend(ids)
                 started = loop.time()
                 runs = [
                     bench.ctr.run_container(
-                        runtime,
+                        rt.runtime,
                         bench.image,
                         container_id,
                         "echo",
@@ -383,13 +442,14 @@ async def concurrency(bench: Bench) -> None:
                 problems = [p for p in (_expect_output(r, b"hi\n") for r in results) if p]
                 if problems:
                     figure.fail(f"{len(problems)} of {k} runs failed; first: {problems[0]}")
-                    line.append(f"{name} {mode} failed")
+                    line.append(f"{rt.name} {mode} failed")
                 else:
                     figure.add(total)
-                    line.append(f"{name} {mode} {total:.1f} s")
+                    line.append(f"{rt.name} {mode} {total:.1f} s")
         bench.say(f"concurrency {i}/{bench.concurrency_runs}: {', '.join(line)}")
-    for figure in f.matching(section, "harpoon: "):
-        await _note_modes(bench, figure, batch_ids.get(figure.name, []))
+    for rt in bench.harpoons:
+        for figure in f.matching(section, f"{rt.name}: "):
+            await _note_modes(bench, figure, batch_ids.get(figure.name, []))
 
 
 def _secs(result: CtrResult | None) -> float | None:

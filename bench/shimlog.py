@@ -1,9 +1,9 @@
 """What harpoon's shims logged: each VM's start time and whether it was restored.
 
 containerd copies each shim's log FIFO into its own log (at debug level), so the shim's
-`created ID: VM pid N booted in X s` (launch → agent ready, a cold boot or a template
-restore) and `restored ID from template K in X s` lines are in our throw-away daemon's
-log. Read-only; the log is read incrementally.
+`created ID: VM pid N started in X s (…)` (launch → agent ready, a cold boot or a
+template restore; `booted in X s` before 7f2ca71) and `restored ID from template K in
+X s` lines are in our throw-away daemon's log. Read-only; the log is read incrementally.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from pathlib import Path
 LINE_WAIT_S = 5.0
 POLL_S = 0.05
 
-_CREATED = re.compile(r"created (\S+): VM pid \d+ booted in ([0-9.]+) s")
+#: "booted in" before 7f2ca71, "started in … (restored|cold boot)" since: a baseline
+#: commit (`--baseline-commit`) may log either.
+_CREATED = re.compile(r"created (\S+): VM pid \d+ (?:booted|started) in ([0-9.]+) s")
 _RESTORED = re.compile(r"restored (\S+) from template")
 
 
