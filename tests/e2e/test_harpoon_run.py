@@ -265,6 +265,41 @@ def test_a_killed_shim_takes_its_vm_and_delete_cleans_up(
     assert leftovers(containerd, container_id) == []
 
 
+def test_shim_delete_ends_a_daemon_that_never_got_shutdown(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    """containerd runs `shim delete` when it has lost a shim (its connection, a restart)
+    without a Shutdown: the daemon must not live on, nor its VM as a zombie."""
+    start_sleeper(containerd, busybox_image, container_id)
+    state_dir = paths.vm_state_dir(containerd.namespace, container_id)
+    [shim] = [s for s in containerd.shims() if s.flag("id") == container_id]
+    assert shim.argv[-1] == "start" and vm_processes(state_dir)
+    bundle = os.readlink(f"/proc/{shim.pid}/cwd")
+    deleted = subprocess.run(
+        [*shim.argv[:-1], "delete"], cwd=bundle, stdin=subprocess.DEVNULL,
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert deleted.returncode == 0, deleted.stderr
+    assert not running(shim.pid), "the daemon outlived `shim delete`"
+    assert vm_processes(state_dir) == [], "the VM outlived `shim delete`"
+    deadline = time.monotonic() + 30
+    while container_id in containerd.tasks() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    containerd.ctr("task", "delete", container_id, check=False)
+    containerd.ctr("container", "delete", container_id)
+    while leftovers(containerd, container_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert leftovers(containerd, container_id) == []
+
+
+def running(pid: int) -> bool:
+    """Whether pid is alive and not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def test_a_vm_that_dies_ends_its_task_and_delete_cleans_up(
     containerd: Containerd, busybox_image: str, container_id: str
 ) -> None:

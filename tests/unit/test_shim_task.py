@@ -373,6 +373,30 @@ def test_exec_runs_and_exits_with_its_own_status_before_the_init_exit_is_publish
         os.close(reader)
 
 
+def test_an_exec_of_a_missing_executable_is_accepted_and_fails_at_start_as_under_runc(
+    host: Host,
+) -> None:
+    write_config(host, ["sleep", "30"])
+
+    async def scenario() -> None:
+        async with shim_for(host) as shim:
+            await shim.create(host.bundle)
+            await shim.start()
+            await shim.exec("e1", ["no-such-binary"])
+            assert await shim.status("e1") == (types.CREATED, 0)
+            with pytest.raises(TtrpcError, match="executable file not found"):
+                await shim.start("e1")
+            # Stopped with runc's 127, and deletable; the container lives on.
+            assert await shim.status("e1") == (types.STOPPED, 127)
+            assert (await shim.delete("e1")).exit_status == 127
+            assert await shim.status() == (types.RUNNING, 0)
+            await shim.kill(signal.SIGKILL)
+            assert await shim.wait() == SIGKILLED
+            await shim.delete()
+
+    run(scenario)
+
+
 def test_when_the_init_dies_a_running_exec_dies_with_it_and_its_exit_is_published_first(
     host: Host,
 ) -> None:

@@ -4,7 +4,8 @@
 busybox process per mount and per module (under TCG every exec costs ~10 ms, and a
 busybox insmod per module more). The modules load first, so that the kernel probes
 the virtio-serial port while the agent imports the rest of itself. This module imports
-only `gc`, `os`, `sys` and `harpoon.linux` (ctypes), which the agent needs anyway.
+only `gc`, `os`, `sys` and `harpoon.linux` (ctypes), and `socket`, `fcntl` and `struct`
+for the loopback, which the agent needs anyway.
 
 With `harpoon.selftest=1` on the kernel command line it imports the whole agent,
 prints SELFTEST_MARKER and powers off: the image builder's boot test.
@@ -50,6 +51,11 @@ BASE_MOUNTS: tuple[tuple[str, str, str, str], ...] = (
     ("tmpfs", "/tmp", "tmpfs", "mode=1777"),
 )
 DIRECTORIES = ("/dev/shm",)
+# linux/sockios.h, linux/if.h: struct ifreq is a 16-byte name and a 24-byte union.
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+IFREQ_FLAGS = "16sH22x"
 
 
 def log(message: str) -> None:
@@ -118,6 +124,24 @@ def selftest() -> None:
     linux.reboot_power_off()
 
 
+def bring_up_loopback() -> None:
+    """Sets the guest's `lo` up, as a host's is: a container without a network namespace
+    of its own (`--net-host`) shares the guest's, and expects 127.0.0.1 to work. (crun
+    sets `lo` up in the namespaces it creates.) Best effort: a guest without it still
+    runs containers."""
+    import fcntl
+    import socket
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            request = struct.pack(IFREQ_FLAGS, b"lo", 0)
+            flags = struct.unpack(IFREQ_FLAGS, fcntl.ioctl(probe, SIOCGIFFLAGS, request))[1]
+            fcntl.ioctl(probe, SIOCSIFFLAGS, struct.pack(IFREQ_FLAGS, b"lo", flags | IFF_UP))
+    except OSError as error:
+        log(f"cannot set lo up: {error}")
+
+
 def trim_import_path() -> None:
     """Drops the sys.path entries that hold no module in the guest: /init's directory
     (/) and the stdlib zip Debian does not ship. Every import of a top-level module
@@ -134,6 +158,7 @@ def start() -> None:
         os.environ.pop(name, None)
     mount_base_filesystems()
     load_boot_modules()
+    bring_up_loopback()
     if selftest_requested():
         selftest()
     from harpoon.agent.main import main

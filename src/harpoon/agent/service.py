@@ -61,6 +61,16 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     return stamp
 
 
+def _check_executable(spec: ProcessSpec) -> None:
+    """runc's own check and words, before crun's (which differ) can be reached."""
+    process = spec.process
+    if (
+        processes.find_executable(process.args[0], process.env, process.cwd, spec.container.root)
+        is None
+    ):
+        raise processes.executable_not_found(process.args[0])
+
+
 class AgentService:
     def __init__(self, table: ProcessTable, started_monotonic: float) -> None:
         self.table = table
@@ -110,7 +120,8 @@ class AgentService:
         self, request: agent_pb2.CreateProcessRequest, ctx: CallContext
     ) -> empty_pb2.Empty:
         """A container's init is created by crun here (as `runc create` would be at
-        Create); an exec only gets its pipes until it starts."""
+        Create); an exec only gets its pipes until it starts (as under runc, an exec of
+        a missing executable is accepted and fails at its start)."""
         if not request.oci_json:
             raise InvalidArgument(
                 f"process {request.id!r} has no OCI spec (oci_json): the agent runs only "
@@ -130,12 +141,10 @@ class AgentService:
             stderr=request.stderr,
             terminal=request.terminal,
         )
-        args, env, cwd = spec.process.args, spec.process.env, spec.process.cwd
-        if not args:
+        if not spec.process.args:
             raise InvalidArgument(f"process {request.id!r} has no args to run")
-        # runc's own check and words, before crun's (which differ) can be reached.
-        if processes.find_executable(args[0], env, cwd, container.root) is None:
-            raise processes.executable_not_found(args[0])
+        if spec.container_init:
+            _check_executable(spec)
         if request.hostname:
             linux.sethostname(request.hostname)
         created = self.table.create(request.id, spec)
@@ -156,6 +165,7 @@ class AgentService:
         if process.spec.container_init:
             pid = await self.runtime.start(process)
         else:
+            _check_executable(process.spec)
             pid = await self.runtime.exec(process)
         return agent_pb2.StartProcessResponse(pid=pid)
 

@@ -26,6 +26,8 @@ else:
 SOCKET_DIR = "/run/containerd/s"
 RUN_DIR = os.environ.get("HARPOON_RUN_DIR", "/run/harpoon")
 UNIX_SOCKET_PATH_MAX_BYTES = 106
+# In the bundle (the shim's working directory): the daemon's pid, as runc's shim keeps it.
+DAEMON_PID_FILE = "shim.pid"
 
 
 def _path(value: str) -> Path:

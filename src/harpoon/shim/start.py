@@ -121,6 +121,9 @@ def start(flags: Flags) -> int:
             ttrpc_address = params.containerd_ttrpc_address if params is not None else ""
             _become_daemon(listener, daemon_flags, ttrpc_address)
         listener.close()
+        # As runc's shim does: `delete` ends a daemon that containerd lost (harpoon.shim.cleanup).
+        with open(paths.DAEMON_PID_FILE, "w") as recorded:
+            recorded.write(str(child))
     sys.stdout.buffer.write(start_output(address, params))
     sys.stdout.flush()
     return 0

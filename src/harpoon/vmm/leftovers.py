@@ -31,12 +31,26 @@ def kill_vmm(state_dir: str) -> int:
                 return pid  # the pid was reused by an unrelated process
     except OSError:
         return pid
-    try:  # noqa: SIM105 (contextlib is one import more for `delete`)
+    kill_and_wait(pid)
+    return pid
+
+
+def kill_and_wait(pid: int) -> None:
+    """SIGKILLs pid, a process that is not our child, and waits (a bounded while) until
+    it is gone or a zombie: dead, whoever reaps it."""
+    try:
         os.kill(pid, SIGKILL)
     except ProcessLookupError:
-        pass
-    # Not our child (its shim is gone): no pidfd to wait on without more imports.
+        return
+    # Not our child: no pidfd to wait on without more imports.
     deadline = time.monotonic() + VMM_EXIT_WAIT_S
-    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+    while _running(pid) and time.monotonic() < deadline:
         time.sleep(VMM_EXIT_POLL_S)
-    return pid
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
