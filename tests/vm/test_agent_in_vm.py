@@ -116,6 +116,13 @@ def test_process_output_and_exit_status(vm: VM) -> None:
     assert (status, out, err) == (7, b"out\n", b"err\n")
 
 
+def test_the_guests_loopback_is_up_for_a_container_sharing_its_network(vm: VM) -> None:
+    """The guest's network namespace is what a container without one of its own
+    (`--net-host`) shares: its `lo` is up, as a host's is (IFF_UP | IFF_LOOPBACK)."""
+    status, out, _ = vm.run(run_process(vm, "lo", "/bin/cat", "/sys/class/net/lo/flags"))  # type: ignore[misc]
+    assert (status, out) == (0, b"0x9\n")
+
+
 def test_crun_runs_in_the_guest(vm: VM) -> None:
     """The OCI runtime is in the image with every shared library it needs."""
     status, out, err = vm.run(run_process(vm, "crun-version", "/usr/bin/crun", "--version"))  # type: ignore[misc]
