@@ -226,6 +226,28 @@ def test_publishing_replaces_a_stale_template_and_prunes_the_least_recently_used
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k1", "old2", "old3", "old4"]
 
 
+def test_pruning_leaves_the_templates_of_another_install_sharing_the_store(
+    tmp_path: Path,
+) -> None:
+    """Two installs (two guest images) share /var/lib/harpoon/templates: publishing one
+    install's templates never prunes the other's for being old."""
+    store = TemplateStore(tmp_path)
+    ours, theirs = "/var/lib/harpoon/guest/amd64/aaa", "/opt/other/guest/amd64/bbb"
+    keys = [("theirs1", theirs), ("theirs2", theirs), ("old1", ours), ("old2", ours),
+            ("old3", ours), ("old4", ours), ("k1", ours)]  # fmt: skip
+    for index, (key, image) in enumerate(keys):
+        directory = publish(store, key)
+        meta = json.loads((directory / META_NAME).read_text())
+        (directory / META_NAME).write_text(json.dumps({**meta, "image": image}))
+        os.utime(directory / META_NAME, (index, index))
+    staging = tmp_path / ".build-1-x"
+    staging.mkdir()
+    (staging / META_NAME).write_text(json.dumps({"image": ours}))
+    store._publish(staging, "k1")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["k1", "old2", "old3", "old4", "theirs1", "theirs2"]
+
+
 def test_publishing_removes_templates_whose_guest_image_is_gone(tmp_path: Path) -> None:
     store = TemplateStore(tmp_path / "templates")
     image = tmp_path / "initrd"

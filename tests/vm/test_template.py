@@ -7,7 +7,9 @@ may still run and no build or discard directory may remain.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -236,6 +238,30 @@ def test_a_template_build_outlives_the_sandbox_that_started_it(
     assert status == 0, log
     assert empty_store.find(key) is not None, log
     assert not list(empty_store.root.glob(".build-*"))
+
+
+def test_a_vm_killed_from_outside_while_it_restores_leaves_its_template(
+    guest: GuestImage, store: TemplateStore, template: Template, workdir: Path
+) -> None:
+    """QEMU SIGKILLed while it restores (the OOM killer, `shim delete`): the container's
+    start falls back to a cold boot, and the template, which nothing says is bad, stays."""
+    config = sandbox_config(guest, workdir, "killed", share_with(workdir, "killed", "x\n"))
+
+    async def scenario() -> bool:
+        sandbox = Sandbox(plan_launch(config, BACKEND, store), BACKEND)
+        starting = asyncio.ensure_future(sandbox.start())
+        await sandbox.guest_running.wait()  # resumed: loading, its Hello not yet answered
+        [qemu] = processes_under(config.state_dir)
+        os.kill(int(qemu.split(":")[0]), signal.SIGKILL)
+        try:
+            await starting
+            return sandbox.restored
+        finally:
+            await sandbox.stop()
+            shutil.rmtree(config.state_dir, ignore_errors=True)
+
+    assert asyncio.run(scenario()) is False, "restored before the kill: no test"
+    assert store.find(template.key) == template
 
 
 def test_an_early_vm_stopped_while_it_restores_leaves_its_template(

@@ -4,9 +4,10 @@ A sandbox runs one LaunchPlan (harpoon.sandbox.plan): it restores the VM templat
 plan names, or boots cold. Readiness is the agent answering Hello either
 way: the request is written as soon as QEMU listens and waits in the channel until the
 guest opens its end, so there is no polling. A restore that fails or does not answer
-within RESTORE_HELLO_TIMEOUT_S on its own discards the template and falls back to a cold
-boot; a restore ended by the sandbox's own stop (Create refused, the shim exiting)
-leaves the template alone. A
+within RESTORE_HELLO_TIMEOUT_S falls back to a cold boot; the template is discarded
+only if the VMM refused its state (harpoon.sandbox.template.TemplateRefused), never for
+a VM killed from outside or stopped by the sandbox's own stop (Create refused, the shim
+exiting). A
 cold-booted guest that does not answer within BOOT_TIMEOUT_S is killed and booted once
 more (about one TCG boot in 35 hangs silently on our machines), then reported with the
 end of its console. After a cold boot, once the container's process runs, the sandbox
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from harpoon.sandbox import rootfs, template, template_builder
 from harpoon.sandbox.plan import LaunchPlan
-from harpoon.sandbox.template import Template, TemplateStore
+from harpoon.sandbox.template import Template, TemplateRefused, TemplateStore
 from harpoon.ttrpc.status import TtrpcError
 from harpoon.vmm.backend import Backend
 from harpoon.vmm.base import VirtualMachine, VMError
@@ -121,12 +122,14 @@ class Sandbox:
             )
         except START_ERRORS as error:
             if self._stopping:
-                raise  # its VM was ended by our own stop: nothing says the template is bad
-            log.warning(
-                "restoring %s from template %s failed, booting cold and rebuilding it: %s",
-                self.config.name, found.key, error,
-            )  # fmt: skip
-            store.discard(found)
+                raise  # its VM was ended by our own stop
+            if isinstance(error, TemplateRefused):
+                log.warning("%s: booting cold and rebuilding the template: %s",
+                            self.config.name, error)  # fmt: skip
+                store.discard(found)
+            else:  # killed from outside, or too slow: nothing says the template is bad
+                log.warning("restoring %s from template %s failed, booting cold: %s",
+                            self.config.name, found.key, error)  # fmt: skip
             return False
         self.boot_seconds = time.monotonic() - began
         self.restored = True

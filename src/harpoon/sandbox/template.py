@@ -25,7 +25,9 @@ rather than under the store: unix socket paths are limited to 107 bytes, which a
 under a long path would exceed.
 
 Nothing here may ever break a container start: a template that is missing, unreadable
-or fails to restore means a cold boot, and the broken one is removed to be rebuilt.
+or fails to restore means a cold boot. Only a template whose state the VMM refuses
+(TemplateRefused) is removed, to be rebuilt: a restore that failed because its VM was
+killed from outside, or did not answer in time, says nothing about the template.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
 
     from harpoon.api.agent.v1 import agent_pb2
     from harpoon.sandbox.agent_client import AgentClient
+    from harpoon.sandbox.ports import Port
     from harpoon.vmm.backend import Backend
 
 # 2: guest RAM in its own file, left out of the saved state; 3: saved running, so that
@@ -80,6 +83,15 @@ PRIVATE_MODE = 0o700  # a state file is guest memory: the guest's secrets are in
 log = logging.getLogger(__name__)
 
 MakeVM = Callable[[VMConfig], VirtualMachine]
+# How long a failed restore waits for its VMM's exit, to tell "the VMM refused the state"
+# (it exits on its own, with an error status) from a VM killed or hung.
+REFUSAL_EXIT_WAIT_S = 1.0
+
+
+class TemplateRefused(VMError):
+    """The VMM refused the template's saved state (it exited on its own with an error
+    while loading it): the template is broken. Any other failed restore (a VM killed
+    from outside, one that does not answer) says nothing about the template."""
 
 
 def template_key(identity: dict[str, Any]) -> str:
@@ -186,15 +198,18 @@ class TemplateStore:
         return Template(key, final)
 
     def _prune(self, keep: Path) -> None:
-        """Keeps the most recently used templates, and none made from files that are gone
-        (a guest image the image cache has since removed): those can never be restored."""
+        """Keeps the most recently used templates of the guest image `keep` was made from,
+        and none made from files that are gone (a guest image the image cache has since
+        removed): those can never be restored. Templates of other images (another
+        install sharing this store) are never pruned for being old."""
+        image = _image_of(keep)
         templates = []
         for directory in self.root.iterdir():
             if directory == keep or not (directory / META_NAME).is_file():
                 continue
             if _made_from_missing_files(directory):
                 shutil.rmtree(directory, ignore_errors=True)
-            else:
+            elif _image_of(directory) in (image, None):
                 templates.append(directory)
         templates.sort(key=lambda p: (p / META_NAME).stat().st_mtime, reverse=True)
         for directory in templates[KEEP_TEMPLATES - 1 :]:
@@ -253,7 +268,12 @@ class TemplateStore:
                 await agent.close()
                 await vm.stop()
                 shutil.rmtree(staging / "share", ignore_errors=True)
-                meta.update(format=FORMAT_VERSION, key=key, identity=identity)
+                meta.update(
+                    format=FORMAT_VERSION,
+                    key=key,
+                    identity=identity,
+                    image=str(config.initrd.parent),
+                )
                 (staging / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
                 template = self._publish(staging, key)
         log.info("built VM template %s in %s", key, template.directory)
@@ -264,6 +284,16 @@ def _remove_if_builder_dead(directory: Path, pid: str) -> None:
     """Removes a build's directory whose name carries the pid of a builder that is gone."""
     if pid.isdigit() and not _alive(int(pid)):
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _image_of(directory: Path) -> str | None:
+    """The guest image (the directory of its initrd) a template was made from, as its
+    meta.json says; None for a template that does not say (made before it was noted)."""
+    try:
+        image = json.loads((directory / META_NAME).read_text())["image"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return str(image)
 
 
 def _made_from_missing_files(directory: Path) -> bool:
@@ -363,7 +393,7 @@ async def restore(
     `resumed` is set once the guest is on its way (loading, then running)."""
     import asyncio
 
-    from harpoon.sandbox.ports import Port, connect_ports
+    from harpoon.sandbox.ports import connect_ports
 
     config = restore_config(config, template)
     vm = make_vm(config)
@@ -393,16 +423,41 @@ async def restore(
             (time.monotonic() - resumed_at) * 1e3,
         )  # fmt: skip
         return vm, agent, response
-    except BaseException:
-        if agent is not None:
-            with contextlib.suppress(Exception):
-                await agent.close()
-        elif ports is not None:
-            for port in ports:
-                if port is not None:
-                    port[1].close()
-        await vm.stop()
+    except Exception as error:
+        refused = await _refused(vm)
+        await _abandon(vm, agent, ports)
+        if refused is not None:
+            raise TemplateRefused(
+                f"{config.name}: the VMM exited with status {refused} loading template "
+                f"{template.key} ({error}): {vm.console_tail()}"
+            ) from error
         raise
+    except BaseException:
+        await _abandon(vm, agent, ports)
+        raise
+
+
+async def _refused(vm: VirtualMachine) -> int | None:
+    """The VMM's exit status if it exited on its own with an error (not by a signal)."""
+    import asyncio
+
+    with contextlib.suppress(TimeoutError, VMError):
+        await asyncio.wait_for(vm.wait(), REFUSAL_EXIT_WAIT_S)
+    status = vm.exit_status
+    return status if status is not None and status > 0 else None
+
+
+async def _abandon(
+    vm: VirtualMachine, agent: AgentClient | None, ports: tuple[Port, Port | None] | None
+) -> None:
+    if agent is not None:
+        with contextlib.suppress(Exception):
+            await agent.close()
+    elif ports is not None:
+        for port in ports:
+            if port is not None:
+                port[1].close()
+    await vm.stop()
 
 
 def _alive(pid: int) -> bool:

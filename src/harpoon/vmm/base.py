@@ -161,6 +161,12 @@ class VirtualMachine(abc.ABC):
         """Waits for the VMM process to exit and returns its exit status."""
 
     @property
+    def exit_status(self) -> int | None:
+        """The VMM process's exit status once it has exited (negative: the signal that
+        killed it); None while it runs or before it started."""
+        return None
+
+    @property
     def emulated(self) -> bool:
         """True once started if the guest's code is translated by the VMM (QEMU's TCG)
         rather than run by the CPU (KVM, HVF, Virtualization.framework)."""

@@ -150,6 +150,10 @@ class QemuVM(VirtualMachine):
         process.kill()
         await process.wait()
 
+    @property
+    def exit_status(self) -> int | None:
+        return None if self._process is None else self._process.returncode
+
     async def wait(self) -> int:
         if self._process is None:
             raise VMError(f"VM {self.config.name} has not been started")
