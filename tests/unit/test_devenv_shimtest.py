@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from harpoon.devenv.shimtest import Profile, ProfileError, parse
+from harpoon.devenv.shimtest import Profile, ProfileError, Workspace, parse
 
 CONFORMANCE = Path(__file__).resolve().parents[1] / "conformance"
 
@@ -102,3 +105,35 @@ def test_a_profile_that_does_not_add_up_is_refused(
 @pytest.mark.parametrize("name", ["shimtest-harpoon.json", "shimtest-runc.json"])
 def test_the_repositorys_profiles_add_up(name: str) -> None:
     Profile.load(CONFORMANCE / name)
+
+
+def test_a_workspace_finds_what_a_run_left_by_where_it_is_and_clean_up_removes_it() -> None:
+    workspace = Workspace()
+    env = {**os.environ, **workspace.environment()}
+    # A process that names the workspace only in its environment, as a shim daemon does.
+    left_running = subprocess.Popen(["sleep", "60"], env=env)
+    try:
+        state = Path(env["HARPOON_RUN_DIR"]) / "vm" / "0123abcd"
+        state.mkdir(parents=True)
+        (Path(env["TMPDIR"]) / "nb-1").mkdir()
+        found = {(leftover.kind, leftover.what) for leftover in workspace.leftovers()}
+        assert found == {
+            ("process", f"pid {left_running.pid}: sleep 60"),
+            ("file", str(state)),
+            ("file", f"{env['TMPDIR']}/nb-1"),
+        }
+        workspace.clean_up()
+        assert left_running.wait(timeout=5) == -signal.SIGKILL
+        assert not workspace.root.exists()
+    finally:
+        left_running.kill()
+        workspace.clean_up()
+
+
+def test_a_workspaces_tmpdir_is_short_enough_for_shimtest_to_keep_its_sockets_there() -> None:
+    workspace = Workspace()
+    try:
+        # shimtest falls back to /tmp for sockets when TMPDIR is longer than 26 bytes.
+        assert len(workspace.environment()["TMPDIR"]) <= 26
+    finally:
+        workspace.clean_up()
