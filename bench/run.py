@@ -38,7 +38,7 @@ from bench.shimlog import ShimLog
 from bench.stats import Figures
 from harpoon.devenv.containerd import Containerd, ContainerdError, StopReport
 from harpoon.devenv.images import build_busybox_image, default_cache_dir
-from harpoon.devenv.tools import FLAVOURS, scripts_dir
+from harpoon.devenv.tools import FLAVOURS, SHIMTEST, scripts_dir
 from harpoon.guest import find_guest
 from harpoon.shim.paths import vm_state_dir
 
@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"rounds of the concurrency benchmark (default "
                         f"{DEFAULT_CONCURRENCY_RUNS})")  # fmt: skip
     parser.add_argument("--shimtest", action="store_true",
-                        help="also build and run containerd/shimtest's benchmarks")  # fmt: skip
+                        help="also run containerd/shimtest's benchmarks")  # fmt: skip
     parser.add_argument(
         "--templates", choices=("default", "off"), default="default",
         help="off: harpoon boots every VM cold (HARPOON_TEMPLATES=off for the shims)",
@@ -157,7 +157,7 @@ async def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         if "concurrency" in args.sections:
             await scenarios.concurrency(bench)
         if args.shimtest:
-            console.log(f"shimtest {shimtest.SHIMTEST_VERSION}: building / running")
+            console.log(f"shimtest ({SHIMTEST.source.file_name}): running its benchmarks")
             runc_shim = daemon.flavour.binary("containerd-shim-runc-v2")
             shimtest_result = await asyncio.to_thread(shimtest.run, runc_shim, args.runs)
             console.log(shimtest_result.error or "shimtest: done")

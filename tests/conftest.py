@@ -1,7 +1,8 @@
 """Test-wide wiring: markers by directory, and the containerd flavours tests run against.
 
-Tests under tests/e2e/ get the `e2e` marker and tests under tests/vm/ the `vm` marker
-automatically, so `pytest -m "not e2e"` runs only what needs neither root nor daemons.
+Tests under tests/e2e/ and tests/conformance/ get the `e2e` marker and tests under
+tests/vm/ the `vm` marker automatically, so `pytest -m "not e2e"` runs only what needs
+neither root nor daemons.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from harpoon.devenv.tools import DEFAULT_FLAVOURS, FLAVOURS
 
 TESTS_DIR = Path(__file__).resolve().parent
 #: Marker applied to every test under each directory of tests/.
-DIRECTORY_MARKERS = {"e2e": "e2e", "vm": "vm"}
+DIRECTORY_MARKERS = {"e2e": "e2e", "conformance": "e2e", "vm": "vm"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -19,28 +19,22 @@ import pytest
 
 from harpoon.devenv.containerd import Containerd
 from harpoon.devenv.images import BUSYBOX_REF, build_busybox_image, default_cache_dir
-from harpoon.devenv.tools import Flavour, flavour, in_ci, scripts_dir
+from harpoon.devenv.tools import Flavour, flavour, scripts_dir
+from tests.prerequisites import unavailable
 
 #: How long shims get to exit after their last task is deleted.
 SHIM_EXIT_TIMEOUT_S = 10.0
-
-
-def _unavailable(reason: str) -> None:
-    """Skips, except in CI, where the machine is supposed to have everything."""
-    if in_ci():
-        pytest.fail(f"{reason} (CI=true: a missing prerequisite is a failure)", pytrace=False)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
 def usable_flavour(containerd_flavour: str) -> Flavour:
     """The flavour under test, once root and its binaries are known to be there."""
     if os.geteuid() != 0:
-        _unavailable("e2e tests need root: containerd and runc run as root")
+        unavailable("e2e tests need root: containerd and runc run as root")
     f = flavour(containerd_flavour)
     missing = f.missing_binaries()
     if missing:
-        _unavailable(
+        unavailable(
             f"containerd {f.name} binaries missing ({', '.join(map(str, missing))}): "
             f"{f.install_hint()}"
         )
@@ -72,7 +66,7 @@ def containerd_session(usable_flavour: Flavour) -> Iterator[Containerd]:
 def busybox_image_tar() -> Path:
     """The busybox OCI image-layout tarball (built once per machine and cached)."""
     if not Path("/bin/busybox").exists():
-        _unavailable("busybox-static is not installed: run scripts/install-deps")
+        unavailable("busybox-static is not installed: run scripts/install-deps")
     return build_busybox_image(default_cache_dir(), BUSYBOX_REF)
 
 

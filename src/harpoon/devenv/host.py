@@ -36,7 +36,8 @@ _MNT_DETACH = 2
 
 @dataclass(frozen=True)
 class ShimProcess:
-    """A containerd-shim-* process serving one of our daemon's tasks."""
+    """A process found on the host, by its pid and argv: mostly a containerd-shim-*
+    serving one of our daemon's tasks (see `binary`), or one of a test's leftovers."""
 
     pid: int
     argv: tuple[str, ...]
@@ -88,6 +89,26 @@ def shim_processes() -> list[ShimProcess]:
     for pid in _pids():
         argv = _read_argv(pid)
         if argv and shim_binary(argv):
+            found.append(ShimProcess(pid, argv))
+    return found
+
+
+def processes_naming(base: Path) -> list[ShimProcess]:
+    """The live processes whose argv or environment names `base` or a path under it (a
+    test's private directory: the shims it started, their VMMs, what those started),
+    shims or not; a zombie is not one (it is gone but for its parent's wait)."""
+    needle = str(base)
+    found = []
+    for pid in _pids():
+        argv = _read_argv(pid)
+        if argv is None or not alive(pid):
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or not ours to read
+            environ = []
+        values = [*argv, *(os.fsdecode(e).partition("=")[2] for e in environ)]
+        if any(value == needle or needle + "/" in value for value in values):
             found.append(ShimProcess(pid, argv))
     return found
 

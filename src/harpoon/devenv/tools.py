@@ -1,4 +1,4 @@
-"""Where the pinned containerd builds the test harness drives live, and how to build them.
+"""Where the pinned tools the test harness drives live, and how to build them.
 
 A *flavour* is one containerd release line we test against ("1.6", "2.3"). Each has a
 pinned version and a directory holding `containerd`, `ctr` and the runc shim. Debian's
@@ -6,17 +6,26 @@ pinned version and a directory holding `containerd`, `ctr` and the runc shim. De
 directory once per machine (`python -m harpoon.devenv.tools install`, run by
 scripts/install-deps). Adding a release line is one entry in `FLAVOURS`.
 
-This module never starts a daemon; `harpoon.devenv.containerd` does that.
+containerd's shim conformance suite (`SHIMTEST`) is built the same way, once per
+machine, but from the source tarballs kept in `../shared/third_party` beside the
+repository (the Go module proxy refuses it): pinned by their sha256, built in a scratch
+directory (that one is read-only), cached under a name made of those hashes.
+
+This module never starts a daemon or a test; `harpoon.devenv.containerd` starts
+containerd, tests/conformance runs shimtest.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +99,92 @@ FLAVOURS: dict[str, Flavour] = {
     "2.3": _source_flavour("2.3", "2.3.7"),
 }
 
+#: Where the third-party source tarballs are: `shared/third_party` beside the repository
+#: (src/harpoon/devenv/ is three levels below it), unless HARPOON_THIRD_PARTY_DIR says.
+THIRD_PARTY_DIR = Path(
+    os.environ.get("HARPOON_THIRD_PARTY_DIR")
+    or Path(__file__).resolve().parents[3].parent / "shared" / "third_party"
+)
+
+#: Go's names of the machines `platform.machine()` names differently.
+GO_ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64"}
+
+#: A `go test -c` build and its Go dependencies, on 2 cores (~30 s measured).
+SHIMTEST_BUILD_TIMEOUT_S = 900.0
+
+
+@dataclass(frozen=True)
+class SourceTarball:
+    """A `git archive` tarball of a pinned upstream commit, checked by its sha256."""
+
+    file_name: str
+    sha256: str
+    #: The one directory the tarball unpacks into.
+    directory_name: str
+
+    def verified(self, third_party: Path) -> Path:
+        """The tarball's path in `third_party`, once its content is the pinned one."""
+        path = third_party / self.file_name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: the third-party sources are expected in {third_party} "
+                "(shared/third_party beside the repository; HARPOON_THIRD_PARTY_DIR moves it)"
+            )
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != self.sha256:
+            raise ValueError(
+                f"{path} has sha256 {digest}, not the pinned {self.sha256}: update the pin in "
+                "harpoon.devenv.tools with the tarball, never one without the other"
+            )
+        return path
+
+
+@dataclass(frozen=True)
+class Shimtest:
+    """containerd/shimtest's test binary and the test binary it puts in its rootfs,
+    built with `make build` from its tarball and the ttrpc commit its go.mod pins
+    (which the module proxy refuses: `go mod edit -replace` points it at the tarball)."""
+
+    source: SourceTarball
+    ttrpc: SourceTarball
+
+    @property
+    def cache_dir(self) -> Path:
+        """Named after the tarballs' hashes: another pin is another directory."""
+        key = hashlib.sha256(f"{self.source.sha256} {self.ttrpc.sha256}".encode()).hexdigest()
+        return TOOLS_CACHE_DIR / f"shimtest-{key[:16]}"
+
+    @property
+    def binary(self) -> Path:
+        """`shimtest.test`: a Go test binary (`-test.v`, `-shimtest.config=…`)."""
+        return self.cache_dir / "shimtest.test"
+
+    @property
+    def testbin(self) -> Path:
+        """The multicall binary of the test rootfs (shimtest's SHIMTEST_TESTBIN): without
+        it, and not run from its source tree, shimtest tries to download one."""
+        return self.cache_dir / "testbin"
+
+    def missing_binaries(self) -> list[Path]:
+        return [path for path in (self.binary, self.testbin) if not os.access(path, os.X_OK)]
+
+    def install_hint(self) -> str:
+        return f"run scripts/install-deps (builds shimtest from {self.source.file_name})"
+
+
+SHIMTEST = Shimtest(
+    source=SourceTarball(
+        "shimtest-f2937b6.tar.gz",
+        "fa32ffbfffc36fe9aa35b454786e8e6afda7effa07137382ba1952d1bed4f5d9",
+        "shimtest",
+    ),
+    ttrpc=SourceTarball(
+        "ttrpc-6c2eed2.tar.gz",
+        "ee2584fa81239f633125cc3561de66c6808e36e07ab9e1f2543930a514b264da",
+        "ttrpc",
+    ),
+)
+
 #: The flavours the e2e tests run against by default.
 DEFAULT_FLAVOURS = ("1.6", "2.3")
 
@@ -152,6 +247,57 @@ def build_flavour(f: Flavour) -> None:
     subprocess.run([str(go), "install", "-tags", GO_BUILD_TAGS, *targets], env=env, check=True)
 
 
+def build_shimtest(tool: Shimtest, third_party: Path) -> None:
+    """Builds shimtest from the verified tarballs in a scratch directory, then moves the
+    two binaries into its cache directory in one rename (a half-built cache cannot be
+    mistaken for a built one)."""
+    go = go_binary()
+    if go is None:
+        raise RuntimeError("building shimtest needs Go: install it to /usr/local/go or PATH")
+    tarballs = [tool.source.verified(third_party), tool.ttrpc.verified(third_party)]
+    env = dict(os.environ, PATH=f"{go.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    TOOLS_CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="harpoon-shimtest-build-") as scratch:
+        work = Path(scratch)
+        for tarball in tarballs:
+            _run_step(["tar", "xzf", str(tarball), "-C", str(work)], work, env)
+        tree = work / tool.source.directory_name
+        replace = f"github.com/containerd/ttrpc=../{tool.ttrpc.directory_name}"
+        _run_step([str(go), "mod", "edit", "-replace", replace], tree, env)
+        # testbin runs in the container: the host's architecture (the Makefile says amd64).
+        goarch = GO_ARCHITECTURES.get(platform.machine(), platform.machine())
+        _run_step(["make", "build", f"GO={go}", f"TESTBIN_GOARCH={goarch}"], tree, env)
+        staged = Path(tempfile.mkdtemp(prefix=".shimtest-", dir=TOOLS_CACHE_DIR))
+        shutil.copy2(tree / "_output" / "shimtest.test", staged / tool.binary.name)
+        shutil.copy2(tree / "testdata" / "testbin", staged / tool.testbin.name)
+        staged.chmod(0o755)
+        # A directory missing a binary is an interrupted copy of an older layout: replace it.
+        shutil.rmtree(tool.cache_dir, ignore_errors=True)
+        staged.rename(tool.cache_dir)
+
+
+def _run_step(argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+    # flush: the step's own output goes straight to the shared stdout and would overtake ours.
+    print(f"+ (cd {cwd} && {' '.join(argv)})", flush=True)
+    subprocess.run(argv, cwd=cwd, env=env, check=True, timeout=SHIMTEST_BUILD_TIMEOUT_S)
+
+
+def install_shimtest(third_party: Path) -> int:
+    """Builds shimtest unless its cache directory holds it; returns an exit code."""
+    if not SHIMTEST.missing_binaries():
+        print(f"shimtest: present in {SHIMTEST.cache_dir}")
+        return 0
+    started = time.monotonic()
+    try:
+        build_shimtest(SHIMTEST, third_party)
+    except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as error:
+        print(f"shimtest: not built: {error}")
+        return 1
+    took_s = time.monotonic() - started
+    print(f"shimtest: built {SHIMTEST.source.file_name} in {took_s:.0f} s: {SHIMTEST.cache_dir}")
+    return 0
+
+
 def install_missing(names: list[str]) -> int:
     """Builds every named source flavour whose binaries are missing; returns an exit code."""
     failed = False
@@ -175,15 +321,33 @@ def install_missing(names: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harpoon.devenv.tools", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    install = sub.add_parser("install", help="build missing source-built containerd flavours")
-    install.add_argument("flavours", nargs="*", default=list(FLAVOURS))
-    sub.add_parser("list", help="print each flavour, its version and binary directory")
+    install = sub.add_parser(
+        "install", help="build what is missing of the source-built containerd flavours and shimtest"
+    )
+    known = [*FLAVOURS, "shimtest"]
+    install.add_argument("tools", nargs="*", help=f"any of {' '.join(known)} (default: all)")
+    install.add_argument(
+        "--third-party",
+        type=Path,
+        default=THIRD_PARTY_DIR,
+        help=f"directory of the source tarballs shimtest is built from (default {THIRD_PARTY_DIR})",
+    )
+    sub.add_parser("list", help="print each flavour and shimtest, its version and directory")
     args = parser.parse_args(argv)
     if args.command == "install":
-        return install_missing(args.flavours)
+        unknown = sorted(set(args.tools) - set(known))
+        if unknown:
+            parser.error(f"unknown tools {unknown}; known: {known}")
+        args.tools = args.tools or known
+        status = install_missing([name for name in args.tools if name in FLAVOURS])
+        if "shimtest" in args.tools:
+            status = install_shimtest(args.third_party) or status
+        return status
     for f in FLAVOURS.values():
         state = "missing" if f.missing_binaries() else "ok"
         print(f"{f.name}\tv{f.version}\t{f.bin_dir}\t{state}")
+    state = "missing" if SHIMTEST.missing_binaries() else "ok"
+    print(f"shimtest\t{SHIMTEST.source.file_name}\t{SHIMTEST.cache_dir}\t{state}")
     return 0
 
 
