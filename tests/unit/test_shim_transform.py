@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from harpoon.api.names import CONTAINER_CGROUPS_PATH
 from harpoon.errdefs import Unimplemented
 from harpoon.sandbox.rootfs import GUEST_ROOTFS, SHARE_TAG
 from harpoon.shim import paths
@@ -133,7 +134,29 @@ def test_exec_process_loses_host_policy_only() -> None:
 def test_a_minimal_spec_without_linux_section() -> None:
     spec = {"process": {"args": ["true"]}, "root": {"path": "rootfs"}}
     guest = spec_for_guest(spec, host_hostname="h")
-    assert guest == {"process": {"args": ["true"]}, "root": {"path": GUEST_ROOT}}
+    assert guest == {
+        "ociVersion": "1.0.2",
+        "process": {"args": ["true"]},
+        "root": {"path": GUEST_ROOT},
+        "linux": {"cgroupsPath": "/container", "personality": {"domain": "LINUX"}},
+    }
+
+
+def test_the_guest_spec_is_labelled_for_the_guests_crun_in_the_agents_cgroup() -> None:
+    """crun 1.8 takes ociVersion 1.0.x only; the container's cgroup is the one the agent
+    reads stats from; the container gets Linux's default personality (so its processes
+    keep ASLR, crun itself runs without), unless the spec names its own."""
+    guest = spec_for_guest(ctr_spec(), host_hostname="h")
+    assert guest["ociVersion"] == "1.0.2"
+    assert guest["linux"]["cgroupsPath"] == CONTAINER_CGROUPS_PATH
+    assert guest["linux"]["personality"] == {"domain": "LINUX"}
+    for given, expected in (
+        (None, {"domain": "LINUX"}),
+        ({"domain": "LINUX32"}, {"domain": "LINUX32"}),
+    ):
+        spec = ctr_spec()
+        spec["linux"]["personality"] = given
+        assert spec_for_guest(spec, host_hostname="h")["linux"]["personality"] == expected
 
 
 def test_the_plan_gives_the_vm_its_rootfs_share_and_size() -> None:

@@ -25,6 +25,7 @@ from typing import Literal
 import pytest
 
 from harpoon.api.agent.v1 import agent_pb2
+from harpoon.api.names import CONTAINER_CGROUPS_PATH
 from harpoon.guest.cache import GuestImage
 from harpoon.sandbox.agent_client import AgentClient
 from harpoon.sandbox.plan import plan_launch
@@ -87,7 +88,16 @@ def guest_request(
     if container_id:
         document: dict[str, object] = process
     else:
-        document = {"ociVersion": "1.0.2", "process": process, "root": {"path": "/"}, "mounts": []}
+        # What the host's guest spec always carries (harpoon.shim.transform.guest_runtime).
+        linux = {"cgroupsPath": CONTAINER_CGROUPS_PATH, "personality": {"domain": "LINUX"}}
+        root = {"path": "/"}
+        document = {
+            "ociVersion": "1.0.2",
+            "process": process,
+            "root": root,
+            "mounts": [],
+            "linux": linux,
+        }
     return agent_pb2.CreateProcessRequest(
         id=process_id,
         container_init=not container_id,

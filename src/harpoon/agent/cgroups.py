@@ -10,12 +10,13 @@ import contextlib
 import os
 
 from harpoon import linux
+from harpoon.api import names
 from harpoon.api.containerd.cgroups.v2 import metrics_pb2
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 CONTAINER_GROUP = os.path.join(CGROUP_ROOT, "container")
-# The same group as an OCI linux.cgroupsPath (what crun is told).
-CONTAINER_CGROUPS_PATH = "/container"
+# The same group as an OCI linux.cgroupsPath (what the host's spec tells crun).
+CONTAINER_CGROUPS_PATH = names.CONTAINER_CGROUPS_PATH
 CONTROLLERS = ("cpu", "memory", "pids", "io")
 _MEMORY_STAT_FIELDS = {f.name for f in metrics_pb2.MemoryStat.DESCRIPTOR.fields}
 

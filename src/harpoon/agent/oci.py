@@ -35,7 +35,6 @@ CRUN = "/usr/bin/crun"
 STATE_ROOT = "/run/crun"
 BUNDLES = "/run/harpoon/bundles"
 CONSOLE_WAIT_S = 10.0
-CRUN_OCI_VERSION = "1.0.2"
 # The guest's root is the initramfs, which pivot_root cannot leave: crun moves the
 # container's root over / and chroots instead. The VM, not the chroot, is the boundary.
 CREATE_FLAGS = ("--no-pivot",)
@@ -43,8 +42,8 @@ CREATE_FLAGS = ("--no-pivot",)
 # its translated code by virtual address: a randomized crun is translated anew at every
 # exec, ~0.15 s of each one; at fixed addresses what earlier execs translated is
 # reused. The container's processes keep ASLR: crun sets the spec's personality (which
-# `guest_config` makes explicit, Linux's default) before it execs them, and that clears
-# the flag.
+# the host's guest spec makes explicit, Linux's default: harpoon.shim.transform
+# .guest_runtime) before it execs them, and that clears the flag.
 ADDR_NO_RANDOMIZE = 0x0040000  # linux/personality.h
 # crun copies itself into a sealed memfd and re-executes from it at every start unless
 # it already runs from one (CVE-2019-5736: a container must not reach the binary on disk
@@ -55,24 +54,6 @@ ADDR_NO_RANDOMIZE = 0x0040000  # linux/personality.h
 CRUN_MEMFD_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
 _sequence = itertools.count(1)
-
-
-def guest_config(
-    spec: dict[str, Any], cgroups_path: str = cgroups.CONTAINER_CGROUPS_PATH
-) -> dict[str, Any]:
-    """The spec as crun runs it here: in the one cgroup the agent reads stats from
-    (another only for the warm-up's throw-away container)."""
-    config = dict(spec)
-    # crun 1.8 refuses any ociVersion but 1.0.x ("unknown version specified"), and
-    # containerd 2.x writes 1.1 or 1.2; what those added, crun 1.8 reads or ignores.
-    config["ociVersion"] = CRUN_OCI_VERSION
-    linux = {**(spec.get("linux") or {}), "cgroupsPath": cgroups_path}
-    # What crun (run with ADDR_NO_RANDOMIZE) sets in the init, and an exec's process,
-    # before they exec: the default domain, no flags.
-    if not linux.get("personality"):
-        linux["personality"] = {"domain": "LINUX"}
-    config["linux"] = linux
-    return config
 
 
 def _log_message(path: str) -> str:
@@ -134,12 +115,10 @@ class OciRuntime:
             await self.delete(process.id)
             raise
 
-    def prepare_rehearsal(
-        self, container_id: str, spec: dict[str, Any], cgroups_path: str
-    ) -> list[str]:
+    def prepare_rehearsal(self, container_id: str, spec: dict[str, Any]) -> list[str]:
         """Writes the bundle of a container that is only ever created to be deleted
-        (harpoon.agent.warm_up), in the cgroup named; crun's command to create it."""
-        command, _ = self._bundle(container_id, spec, cgroups_path)
+        (harpoon.agent.warm_up); crun's command to create it."""
+        command, _ = self._bundle(container_id, spec)
         return [*command, container_id]
 
     async def rehearse(self, container_id: str, command: list[str]) -> None:
@@ -150,19 +129,14 @@ class OciRuntime:
         finally:
             await self.delete(container_id)
 
-    def _bundle(
-        self,
-        container_id: str,
-        spec: dict[str, Any],
-        cgroups_path: str = cgroups.CONTAINER_CGROUPS_PATH,
-    ) -> tuple[list[str], str]:
-        """Writes the container's bundle; crun's create command (less the id) and the
-        init's pid file."""
+    def _bundle(self, container_id: str, spec: dict[str, Any]) -> tuple[list[str], str]:
+        """Writes the container's bundle (its spec as the host made it for this guest's
+        crun); crun's create command (less the id) and the init's pid file."""
         bundle = self.bundle_dir(container_id)
         os.makedirs(bundle, exist_ok=True)
         cgroups.ensure_container_group()
         with open(os.path.join(bundle, "config.json"), "w") as config:
-            json.dump(guest_config(spec, cgroups_path), config)
+            json.dump(spec, config)
         pid_file = os.path.join(bundle, "init.pid")
         return ["create", "--bundle", bundle, f"--pid-file={pid_file}", *CREATE_FLAGS], pid_file
 

@@ -50,7 +50,9 @@ def _mount(destination: str, fstype: str, source: str, *options: str) -> dict[st
 def spec() -> dict[str, Any]:
     """containerd's default spec, running /bin/sh from ROOT."""
     return {
-        "ociVersion": "1.0.2-dev",
+        # As the host's guest spec has them (harpoon.shim.transform.guest_runtime), but
+        # in a cgroup of its own.
+        "ociVersion": "1.0.2",
         "process": {
             "args": ["/bin/sh"],
             "env": ["PATH=/bin"],
@@ -87,6 +89,8 @@ def spec() -> dict[str, Any]:
             "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")],
             "maskedPaths": ["/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/timer_list"],
             "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys"],
+            "cgroupsPath": CGROUPS_PATH,
+            "personality": {"domain": "LINUX"},
         },
     }
 
@@ -106,7 +110,7 @@ def prepare(runtime: OciRuntime) -> list[str] | None:
         if not os.path.exists(shell):
             os.makedirs(os.path.dirname(shell), exist_ok=True)
             os.link(BUSYBOX, shell)
-        return runtime.prepare_rehearsal(CONTAINER_ID, spec(), CGROUPS_PATH)
+        return runtime.prepare_rehearsal(CONTAINER_ID, spec())
     except Exception as error:
         log(f"cannot prepare the warm-up container: {error}")
         return None

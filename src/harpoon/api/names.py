@@ -8,3 +8,8 @@ STDIO_PORT_NAME = "harpoon.stdio"
 that port, never the control calls (Kill, Wait, Delete) on the agent port."""
 
 AGENT_SERVICE = "harpoon.agent.v1.Agent"
+
+CONTAINER_CGROUPS_PATH = "/container"
+"""The container's cgroup in the guest, as an OCI linux.cgroupsPath: the host's guest spec
+names it (harpoon.shim.transform.guest_runtime), the agent reads stats from it and kills
+what is left in it when the init exits (harpoon.agent.cgroups)."""

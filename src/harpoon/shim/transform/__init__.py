@@ -18,11 +18,18 @@ mounts (a share per mount) plug in here.
 from __future__ import annotations
 
 from harpoon.shim.transform.draft import Draft, Transformer
+from harpoon.shim.transform.guest_runtime import GuestRuntime
 from harpoon.shim.transform.host_policy import HostPolicy
 from harpoon.shim.transform.mounts import Mounts
 from harpoon.shim.transform.resources import Resources
 from harpoon.shim.transform.rootfs import Rootfs
 
-PIPELINE: tuple[Transformer, ...] = (HostPolicy(), Rootfs(), Mounts(), Resources())
+PIPELINE: tuple[Transformer, ...] = (
+    HostPolicy(),
+    Rootfs(),
+    Mounts(),
+    Resources(),
+    GuestRuntime(),
+)
 
 __all__ = ["PIPELINE", "Draft", "Transformer"]
