@@ -39,7 +39,7 @@ from harpoon.guest.cache import GuestImage
 from harpoon.sandbox.sandbox import SandboxStarter
 from harpoon.shim import paths
 from harpoon.shim.events import EventPublisher
-from harpoon.shim.serve import TASK_SERVICE_NAMES
+from harpoon.shim.serve import TASK_SERVICE_NAMES, exit_when_abandoned
 from harpoon.shim.task import TaskService
 from harpoon.shim.transform import PIPELINE
 from harpoon.ttrpc.client import Client
@@ -684,5 +684,51 @@ def test_a_shutdown_that_exits_before_answering_loses_its_answer(host: Host) -> 
 
     async def scenario() -> None:
         assert not await shutdown_over_ttrpc(host, ShutdownBeforeAnswering)
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("delete_first", [True, False])
+def test_a_daemon_whose_container_is_deleted_exits_when_containerd_goes_without_shutdown(
+    host: Host, delete_first: bool
+) -> None:
+    """containerd lost (a restart, a broken connection) after the container's Delete sends
+    no Shutdown: the daemon exits once no client is connected. One whose container
+    still exists stays, for a restarted containerd to reconnect to."""
+    write_config(host, ["sh", "-c", "exit 3"])
+
+    async def scenario() -> None:
+        stopped = asyncio.Event()
+        service = new_service(host, stopped.set)
+        server = Server()
+        register_service(
+            server, task.DESCRIPTOR.services_by_name["Task"], service, names=TASK_SERVICE_NAMES
+        )
+        exit_when_abandoned(server, service, stopped.set)
+        path = host.base / "shim.sock"
+        listener = await asyncio.start_unix_server(server.serve_connection, path=str(path))
+        method = TASK_SERVICE_NAMES[1]
+        try:
+            client = await Client.connect_unix(str(path))
+            create = task.CreateTaskRequest(id=ID, bundle=str(host.bundle))
+            await client.call(method, "Create", create.SerializeToString())
+            await client.call(method, "Start", task.StartRequest(id=ID).SerializeToString())
+            await client.call(method, "Wait", task.WaitRequest(id=ID).SerializeToString())
+            if delete_first:
+                await client.call(method, "Delete", task.DeleteRequest(id=ID).SerializeToString())
+            await client.close()
+            if delete_first:
+                await stopped.wait()
+            else:
+                # A bounded window to see that it does NOT exit: its container exists.
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(stopped.wait(), 0.5)
+                assert service.container is not None
+        finally:
+            if service.container is not None:
+                await service.container.teardown()
+            await server.close()
+            listener.close()
+            await listener.wait_closed()
 
     run(scenario)

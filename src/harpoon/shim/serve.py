@@ -25,6 +25,8 @@ from harpoon.vmm.backend import Backend
 
 if TYPE_CHECKING:
     from harpoon.guest.cache import GuestImage
+    from harpoon.shim.task import TaskService
+    from harpoon.ttrpc.server import Server
 
 LISTENER_FD = 3
 TASK_SERVICE_NAMES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
@@ -108,6 +110,7 @@ async def serve(flags: Flags, early: EarlyStart) -> None:
     register_service(
         server, shim_pb2.DESCRIPTOR.services_by_name["Task"], impl, names=TASK_SERVICE_NAMES
     )
+    exit_when_abandoned(server, service, stop.set)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGPIPE, lambda: None)
@@ -128,6 +131,20 @@ async def serve(flags: Flags, early: EarlyStart) -> None:
     if isinstance(socket_path, str) and socket_path:
         with contextlib.suppress(OSError):
             os.unlink(socket_path)
+
+
+def exit_when_abandoned(server: Server, service: TaskService, stop: Callable[[], None]) -> None:
+    """Stops the daemon once its container is deleted and no client is connected, even
+    without a Shutdown: a containerd that lost it (it restarted, its connection broke)
+    never sends one, and the daemon would otherwise live for ever. A running container's
+    shim stays when containerd goes: a restarted containerd reconnects to it."""
+
+    def idle() -> None:
+        if service.abandoned():
+            log.info("container deleted and containerd gone: exiting without Shutdown")
+            stop()
+
+    server.on_idle(idle)
 
 
 def run(flags: Flags, early: EarlyStart) -> None:

@@ -79,6 +79,8 @@ class TaskService:
         self.on_shutdown = on_shutdown
         self._early_plan = early_plan
         self.container: Container | None = None
+        self.deleted = False
+        """Set once the container has been deleted: all this shim was for is done."""
 
     # -- lookups ---------------------------------------------------------------------
 
@@ -219,6 +221,7 @@ class TaskService:
             ),
         )
         self.container = None
+        self.deleted = True
         return response
 
     async def Kill(self, request: task.KillRequest, ctx: CallContext) -> empty_pb2.Empty:
@@ -340,6 +343,11 @@ class TaskService:
                 type_url=metrics.DESCRIPTOR.full_name, value=metrics.SerializeToString()
             )
         )
+
+    def abandoned(self) -> bool:
+        """Whether this shim has nothing left to do for anyone: its container deleted
+        (a client that disconnects after that sends no Shutdown any more)."""
+        return self.deleted and self.container is None
 
     async def close(self) -> None:
         """Tears down whatever is left (the daemon is exiting)."""

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import errno
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 from harpoon.ttrpc.channel import (
@@ -136,6 +136,13 @@ class Server:
         # Accept loops and connections; close() cancels them.
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._connections = 0
+        self._on_idle: Callable[[], object] | None = None
+
+    def on_idle(self, callback: Callable[[], object]) -> None:
+        """Calls callback each time the last connection being served ends (a client
+        gone); not when the server itself closes them."""
+        self._on_idle = callback
 
     def register_unary(self, service: str, method: str, handler: UnaryHandler) -> None:
         self._register(service, method, _Unary(handler))
@@ -174,7 +181,8 @@ class Server:
         if self._closed:
             await connection.channel.close()
             return
-        await self._run_until_closed(connection.run())
+        with self._counted():
+            await self._run_until_closed(connection.run())
 
     async def serve(self, listener: socket.socket) -> None:
         """Accepts connections on a bound, listening stream socket (unix or vsock) until
@@ -231,7 +239,18 @@ class Server:
         except BaseException:
             sock.close()  # the peer left before we could serve it, or the server closed
             raise
-        await _Connection(self, Channel(reader, writer)).run()
+        with self._counted():
+            await _Connection(self, Channel(reader, writer)).run()
+
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        self._connections += 1
+        try:
+            yield
+        finally:
+            self._connections -= 1
+            if not self._connections and not self._closed and self._on_idle is not None:
+                self._on_idle()
 
 
 class _Call:
