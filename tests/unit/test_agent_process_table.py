@@ -169,3 +169,30 @@ def test_helper_runs_with_the_personality_asked_for(tmp_path: Path) -> None:
         """
     )
     assert out.split() == ["0", "00000000", "0", "00040000"]
+
+
+def test_an_exit_of_an_earlier_holder_of_the_pid_reaped_during_create_is_not_taken(
+    tmp_path: Path,
+) -> None:
+    """An orphan (the warm-up's init) exits and is reaped while a container is created,
+    and the container's init gets its pid: that exit is not the init's (it happened under
+    load, and the agent killed the new container)."""
+    pid_file = tmp_path / "pid"
+    out = run(
+        f"""
+        async def main():
+            table = reaping_table()
+            since = table.generation
+            pid, _ = await detached(table, "exec sleep 30", "{pid_file}")
+            # The earlier holder's exit, as the reaper records it, after `since`.
+            table._unclaimed[pid] = (0, table.generation + 1)
+            init = table.create("init", oci())
+            table.adopt(init, pid, since)
+            print("exited" if init.exited.is_set() else "running")
+            os.kill(pid, signal.SIGTERM)
+            await asyncio.wait_for(init.exited.wait(), 5)
+            print(init.exit_status)
+        asyncio.run(main())
+        """
+    )
+    assert out.split() == ["running", str(128 + 15)]

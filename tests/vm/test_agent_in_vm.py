@@ -21,6 +21,8 @@ import pytest
 from harpoon.api.agent.v1 import agent_pb2
 from harpoon.sandbox.plan import plan_launch
 from harpoon.sandbox.sandbox import Sandbox
+from harpoon.shim.transform.draft import Draft
+from harpoon.shim.transform.guest_runtime import GuestRuntime
 from harpoon.ttrpc.status import Code, TtrpcError
 from harpoon.vmm.backend import QemuBackend, host_arch
 from harpoon.vmm.base import Share, VMConfig
@@ -272,7 +274,14 @@ SHOW_LAYOUT = "cat /proc/self/personality; grep -m1 stack /proc/self/maps"
 
 
 def spec(*args: str) -> dict[str, object]:
-    """runc spec's defaults, as containerd would send them (less the capabilities)."""
+    """runc spec's defaults, as containerd would send them (less the capabilities), made
+    ready for the guest's crun as the shim makes every spec (its guest_runtime step)."""
+    draft = Draft("hp-test", "c", runc_spec(*args), "host")
+    GuestRuntime().plan(draft)
+    return draft.guest_spec
+
+
+def runc_spec(*args: str) -> dict[str, object]:
     return {
         "ociVersion": "1.0.2-dev",
         "process": {

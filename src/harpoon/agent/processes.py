@@ -291,7 +291,10 @@ class ProcessTable:
         process.pid = pid
         process.oom_kills_at_start = oom_kill_count()
         exited = self._unclaimed.pop(pid, None)
-        if exited is not None and exited[1] > since:
+        # A pid that exists now is this process (alive, or a zombie the reaper will
+        # report): an exit recorded for it belongs to an earlier holder of the pid,
+        # e.g. the warm-up's orphaned init reaped while this container was created.
+        if exited is not None and exited[1] > since and not os.path.exists(f"/proc/{pid}"):
             self._finish(process, exited[0])
         else:
             self._by_pid[pid] = process
