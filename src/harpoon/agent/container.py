@@ -75,7 +75,10 @@ class Container:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Container:
-        root = (config.get("root") or {}).get("path", "")
+        root_spec = config.get("root") or {}
+        if not isinstance(root_spec, dict):
+            raise InvalidArgument("the container's OCI spec has a root that is not an object")
+        root = root_spec.get("path", "")
         if not isinstance(root, str) or not root.startswith("/"):
             raise InvalidArgument(
                 f"the container's root.path must be absolute in the guest: {root!r}"
@@ -97,6 +100,10 @@ def _json_object(oci_json: bytes, what: str) -> dict[str, Any]:
         document = json.loads(oci_json)
     except ValueError as error:
         raise InvalidArgument(f"{what} is not JSON: {error}") from None
+    except RecursionError:
+        # json's parser recurses per level: a document nested deeper than the
+        # interpreter's stack is no OCI document (they nest a few levels).
+        raise InvalidArgument(f"{what} is nested too deeply to be read as JSON") from None
     if not isinstance(document, dict):
         raise InvalidArgument(f"{what} is not a JSON object")
     return document
