@@ -2,8 +2,8 @@
 
 Without udev there are no friendly names in /dev: the port is the /dev/vportNpM whose
 /sys/class/virtio-ports entry has our name. The port reads EOF while no host is
-connected, so the caller starts connection after connection on it, each with streams
-on duplicates of one descriptor that stays open for the agent's life (`hold_port`: a
+connected, so the caller starts connection after connection on it, each with a reader
+and a writer on duplicates of one descriptor that stays open for the agent's life (`hold_port`: a
 port can only be opened once). Closing the port between connections would lose what a
 host sent meanwhile: the driver discards a closed port's unread data, and a host that
 connected between the agent's EOF and its reopening lost its Hello and waited forever.
@@ -229,9 +229,11 @@ class PortReader:
 
     async def read(self, n: int = READ_BATCH_BYTES) -> bytes | memoryview:
         """Up to n bytes (whole pages unless n or the end of what came is shorter);
-        b"" at end of file or once closed. OSError if the port fails."""
+        b"" at end of file or once closed. OSError if the port fails. n < 0: as much as
+        one read takes (READ_BATCH_BYTES), as StreamReader.read(-1) never ends early."""
+        wanted = READ_BATCH_BYTES if n < 0 else max(1, min(n, READ_BATCH_BYTES))
         while self._fd is not None:
-            data = self._read_now(max(1, min(n, READ_BATCH_BYTES)))
+            data = self._read_now(wanted)
             if data is not None:
                 return data
             self._waiter = self._loop.create_future()

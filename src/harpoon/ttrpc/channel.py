@@ -1,10 +1,11 @@
 """The asyncio pieces server and client share: the byte channel and the stream inbox.
 
-``Channel`` owns one connection's StreamReader/StreamWriter: it reads in large chunks
-and writes whole frames one at a time, waiting for the transport to drain so a slow
-peer slows us down instead of filling memory. ``MessageInbox`` queues one stream's
-incoming messages for its consumer, bounded in bytes. Neither knows the protocol; they
-must never parse frames or decide anything about streams.
+``Channel`` owns one connection's reader (a StreamReader, or any ``ByteSource``) and
+StreamWriter: it reads in large chunks and writes whole frames one at a time, waiting
+for the transport to drain so a slow peer slows us down instead of filling memory.
+``MessageInbox`` queues one stream's incoming messages for its consumer, bounded in
+bytes. Neither knows the protocol; they must never parse frames or decide anything
+about streams.
 """
 
 from __future__ import annotations
