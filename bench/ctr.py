@@ -66,6 +66,7 @@ class CtrResult:
     stdout_bytes: int
     stderr: str
     first_byte_s: float | None = None  # from launch to the first stdout byte
+    last_byte_s: float | None = None  # from launch to the last stdout byte
 
     @property
     def ok(self) -> bool:
@@ -99,12 +100,31 @@ class Ctr:
             *args,
         ]
 
-    async def run(self, *args: str, timeout_s: float, keep_stdout: bool = True) -> CtrResult:
-        """Runs `ctr ARGS`; with keep_stdout=False only counts stdout (it may be huge)."""
+    async def run(
+        self,
+        *args: str,
+        timeout_s: float,
+        keep_stdout: bool = True,
+        stdin_path: str | None = None,
+    ) -> CtrResult:
+        """Runs `ctr ARGS`; with keep_stdout=False only counts stdout (it may be huge).
+        Its stdin is the file stdin_path (read by ctr itself: feeding it costs the
+        benchmark nothing), else /dev/null."""
+        with contextlib.ExitStack() as files:
+            stdin = (
+                files.enter_context(open(stdin_path, "rb")).fileno()
+                if stdin_path is not None
+                else asyncio.subprocess.DEVNULL
+            )
+            return await self._run(args, timeout_s, keep_stdout, stdin)
+
+    async def _run(
+        self, args: tuple[str, ...], timeout_s: float, keep_stdout: bool, stdin: int
+    ) -> CtrResult:
         started = time.monotonic()
         process = await asyncio.create_subprocess_exec(
             *self.argv(*args),
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=stdin,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=self._env,
@@ -114,13 +134,15 @@ class Ctr:
         kept = bytearray()
         counted = 0
         first_byte: float | None = None
+        last_byte: float | None = None
 
         async def read_stdout() -> None:
-            nonlocal counted, first_byte
+            nonlocal counted, first_byte, last_byte
             assert process.stdout is not None
             while chunk := await process.stdout.read(COUNT_CHUNK_BYTES):
+                last_byte = time.monotonic() - started
                 if first_byte is None:
-                    first_byte = time.monotonic() - started
+                    first_byte = last_byte
                 counted += len(chunk)
                 if keep_stdout:
                     kept.extend(chunk)
@@ -141,7 +163,9 @@ class Ctr:
                 await process.wait()
         seconds = time.monotonic() - started
         stderr = _NOISE.sub("", stderr_bytes.decode(errors="replace")).strip()
-        return CtrResult(tuple(args), returncode, seconds, bytes(kept), counted, stderr, first_byte)
+        return CtrResult(
+            tuple(args), returncode, seconds, bytes(kept), counted, stderr, first_byte, last_byte
+        )
 
     async def remove_container(self, container_id: str) -> None:
         """Kills and deletes a container's task and the container, whatever state they are
@@ -160,13 +184,15 @@ class Ctr:
         timeout_s: float,
         keep_stdout: bool = True,
         detach: bool = False,
+        stdin_path: str | None = None,
     ) -> CtrResult:
-        """`ctr run [--rm | -d] --runtime R IMAGE ID CMD…`; removes the container if the
-        run failed (a `--rm` run that failed may have left it behind)."""
+        """`ctr run [--rm | -d] --runtime R IMAGE ID CMD…`, its stdin the file stdin_path
+        if given; removes the container if the run failed (a `--rm` run that failed may
+        have left it behind)."""
         mode = "-d" if detach else "--rm"
         result = await self.run(
             "run", mode, "--runtime", runtime, image, container_id, *command,
-            timeout_s=timeout_s, keep_stdout=keep_stdout,
+            timeout_s=timeout_s, keep_stdout=keep_stdout, stdin_path=stdin_path,
         )  # fmt: skip
         if not result.ok:
             await self.remove_container(container_id)

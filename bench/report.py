@@ -74,13 +74,16 @@ def ratios(figures: Figures) -> list[str]:
         a, b = by_name.get(top), by_name.get(bottom)
         if a and b and a.median is not None and b.median:
             lines.append(f"- {label}: {number(a.median / b.median)}x")
-    rates = {
-        f.name.split(":", 1)[0]: f for f in figures if f.section == "stdout" and f.unit == "MiB/s"
-    }
-    runc, harpoon = rates.get("runc"), rates.get("harpoon")
-    if runc and harpoon and runc.median and harpoon.median:
-        ratio = number(harpoon.median / runc.median)
-        lines.append(f"- stdout throughput, harpoon / runc: {ratio}x")
+    for section in ("stdout", "stdin"):
+        rates = {
+            f.name.split(":", 1)[0]: f
+            for f in figures
+            if f.section == section and f.unit == "MiB/s"
+        }
+        runc, harpoon = rates.get("runc"), rates.get("harpoon")
+        if runc and harpoon and runc.median and harpoon.median:
+            ratio = number(harpoon.median / runc.median)
+            lines.append(f"- {section} throughput, harpoon / runc: {ratio}x")
     return lines
 
 

@@ -47,11 +47,13 @@ RESULTS_DIR = REPO / "bench" / "results"
 #: harpoon.sandbox.template.TEMPLATES_ENV (kept here: a benchmark must not break when
 #: the shim's internals move).
 TEMPLATES_ENV = "HARPOON_TEMPLATES"
-SECTIONS = ("startup", "stdout", "idle", "concurrency")
+SECTIONS = ("startup", "stdout", "stdin", "idle", "concurrency")
 DEFAULT_RUNS = 10
 QUICK_RUNS = 3
 DEFAULT_STDOUT_MIB = 256
 QUICK_STDOUT_MIB = 64
+DEFAULT_STDIN_MIB = 256
+QUICK_STDIN_MIB = 64
 DEFAULT_CONTAINERS = 10
 #: Rounds of the concurrency benchmark: each is 4 x 10 containers (~3 min with harpoon
 #: under TCG), so it does not follow --runs unless asked to.
@@ -67,12 +69,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, help=f"runs per figure (default {DEFAULT_RUNS})")
     parser.add_argument(
         "--quick", action="store_true",
-        help=f"smoke test: {QUICK_RUNS} runs, {QUICK_STDOUT_MIB} MiB of stdout, "
+        help=f"smoke test: {QUICK_RUNS} runs, {QUICK_STDOUT_MIB} MiB of stdout and of stdin, "
         f"{QUICK_CONCURRENCY_RUNS} concurrency round",
     )  # fmt: skip
     parser.add_argument("--containerd", choices=sorted(FLAVOURS), default="2.3")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     parser.add_argument("--stdout-mib", type=int, help=f"default {DEFAULT_STDOUT_MIB}")
+    parser.add_argument("--stdin-mib", type=int, help=f"default {DEFAULT_STDIN_MIB}")
     parser.add_argument("--containers", type=int, default=DEFAULT_CONTAINERS,
                         help="containers per concurrency batch")  # fmt: skip
     parser.add_argument("--concurrency-runs", type=int,
@@ -94,6 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     quick = args.quick
     args.runs = args.runs or (QUICK_RUNS if quick else DEFAULT_RUNS)
     args.stdout_mib = args.stdout_mib or (QUICK_STDOUT_MIB if quick else DEFAULT_STDOUT_MIB)
+    args.stdin_mib = args.stdin_mib or (QUICK_STDIN_MIB if quick else DEFAULT_STDIN_MIB)
     if args.concurrency_runs is None:
         args.concurrency_runs = QUICK_CONCURRENCY_RUNS if quick else DEFAULT_CONCURRENCY_RUNS
     args.sections = args.only or list(SECTIONS)
@@ -143,7 +147,7 @@ async def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             daemon=daemon, ctr=Ctr(daemon), image=image, guest=guest, floor_image=floor_image,
             qemu=qemu, accelerator=host["accelerator"], figures=figures, runs=args.runs,
             console=console,
-            stdout_mib=args.stdout_mib, containers=args.containers,
+            stdout_mib=args.stdout_mib, stdin_mib=args.stdin_mib, containers=args.containers,
             concurrency_runs=args.concurrency_runs, shim_log=ShimLog(daemon.log_path),
             templates=args.templates == "default", baseline=baseline,
         )  # fmt: skip
@@ -152,6 +156,8 @@ async def run_all(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             await scenarios.startup(bench)
         if "stdout" in args.sections:
             await scenarios.stdout_throughput(bench)
+        if "stdin" in args.sections:
+            await scenarios.stdin_throughput(bench)
         if "idle" in args.sections:
             await scenarios.idle(bench)
         if "concurrency" in args.sections:

@@ -59,6 +59,7 @@ class Bench:
     console: Console
     shim_log: ShimLog
     stdout_mib: int = 256
+    stdin_mib: int = 256
     containers: int = 10
     concurrency_runs: int = 3
     templates: bool = True
@@ -269,6 +270,53 @@ async def stdout_throughput(bench: Bench) -> None:
         )
         for figure in f.matching(section, f"{name}: "):
             figure.notes.append(note)
+    for rt in bench.harpoons:
+        for figure in f.matching(section, f"{rt.name}: "):
+            await _note_modes(bench, figure, harpoon_ids[rt.name])
+
+
+async def stdin_throughput(bench: Bench) -> None:
+    """N MiB of zeros from a file through `ctr run --rm`'s stdin into `dd`, which counts
+    whole MiB (`iflag=fullblock`): "N+0 records in" proves that all of it arrived."""
+    section = "stdin"
+    mib = bench.stdin_mib
+    # The container says it is about to read, then dd says how much it read once stdin
+    # ends: the time between the two lines on ctr's stdout is the transfer (what ctr
+    # copied into the FIFO before dd started is at most the FIFO's size).
+    command = ("sh", "-c", "echo reading; dd of=/dev/null bs=1M iflag=fullblock 2>&1")
+    expected = f"reading\n{mib}+0 records in\n{mib}+0 records out\n".encode()
+    f = bench.figures
+    harpoon_ids: dict[str, list[str]] = {rt.name: [] for rt in bench.harpoons}
+    with tempfile.NamedTemporaryFile(prefix="hp-bench-stdin-") as payload:
+        payload.truncate(mib * MIB)  # zeros, read from the page cache by ctr
+        for i in range(1, bench.runs + 1):
+            line = []
+            for rt in bench.round_order(i):
+                name = rt.name
+                rate = f.get(
+                    section, f"{name}: stdin {mib} MiB, first line → last line", "MiB/s",
+                    higher_is_better=True,
+                )  # fmt: skip
+                wall = f.get(section, f"{name}: stdin {mib} MiB, whole `ctr run`", "s")
+                container_id = bench.new_id(f"stdin-{rt.id_part}")
+                if rt.harpoon:
+                    harpoon_ids[name].append(container_id)
+                result = await bench.ctr.run_container(
+                    rt.runtime, bench.image, container_id, *command,
+                    timeout_s=STDOUT_RUN_TIMEOUT_S, stdin_path=payload.name,
+                )  # fmt: skip
+                problem = _expect_output(result, expected)
+                if problem is not None:
+                    rate.fail(problem)
+                    wall.fail(problem)
+                    line.append(f"{name} failed")
+                    continue
+                assert result.first_byte_s is not None and result.last_byte_s is not None
+                streaming_s = max(result.last_byte_s - result.first_byte_s, 1e-6)
+                rate.add(mib / streaming_s)
+                wall.add(result.seconds)
+                line.append(f"{name} {rate.samples[-1]:.0f} MiB/s ({result.seconds:.1f} s)")
+            bench.say(f"stdin {i}/{bench.runs}: {', '.join(line)}")
     for rt in bench.harpoons:
         for figure in f.matching(section, f"{rt.name}: "):
             await _note_modes(bench, figure, harpoon_ids[rt.name])

@@ -9,11 +9,28 @@ from pathlib import Path
 
 import pytest
 
-from harpoon.agent.channel import _PortWriteTransport, hold_port, open_port
+from harpoon.agent.channel import (
+    PORT_BUFFER_BYTES,
+    PortReader,
+    _PortWriteTransport,
+    hold_port,
+    open_port,
+)
 
 
 def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
+
+
+async def read_exactly(reader: PortReader, size: int) -> bytes:
+    """size bytes from reader, copied out of its views as they come."""
+    received = bytearray()
+    while len(received) < size:
+        data = await reader.read(size - len(received))
+        if not data:
+            raise EOFError(f"end of file after {len(received)} of {size} bytes")
+        received += data
+    return bytes(received)
 
 
 def test_closing_the_writer_closes_both_halves_and_the_port_stays_open(tmp_path: Path) -> None:
@@ -27,7 +44,7 @@ def test_closing_the_writer_closes_both_halves_and_the_port_stays_open(tmp_path:
         reader, writer = await open_port(port)
         writer.write(b"ping")
         await writer.drain()
-        echoed = await reader.readexactly(4)
+        echoed = await read_exactly(reader, 4)
         writer.close()
         await asyncio.wait_for(writer.wait_closed(), 5)
         # The read half closes after the write half; its EOF comes as it lets go of
@@ -65,7 +82,7 @@ def test_what_the_host_sends_between_two_connections_reaches_the_next(tmp_path: 
         os.close(host)
         reader, writer = await open_port(port)
         try:
-            return await asyncio.wait_for(reader.readexactly(5), 5)
+            return await asyncio.wait_for(read_exactly(reader, 5), 5)
         finally:
             writer.close()
             await asyncio.wait_for(writer.wait_closed(), 5)
@@ -84,7 +101,7 @@ def test_pieces_larger_than_the_port_takes_arrive_whole_and_in_order(tmp_path: P
     async def main() -> bytes:
         port = hold_port(str(fifo))
         reader, writer = await open_port(port)
-        received = asyncio.ensure_future(reader.readexactly(sum(map(len, pieces))))
+        received = asyncio.ensure_future(read_exactly(reader, sum(map(len, pieces))))
         for first in range(0, len(pieces), 3):
             writer.writelines(pieces[first : first + 3])
             await asyncio.wait_for(writer.drain(), 10)
@@ -116,7 +133,7 @@ def test_close_sends_what_is_pending_first_and_a_broken_port_fails_drain() -> No
         read_half, _ = await loop.connect_read_pipe(
             lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_end, "rb", buffering=0)
         )
-        assert await asyncio.wait_for(reader.readexactly(len(payload)), 5) == payload
+        assert await asyncio.wait_for(read_exactly(reader, len(payload)), 5) == payload
         assert await asyncio.wait_for(lost, 5) is None
         with pytest.raises(OSError):
             os.fstat(write_end)  # the transport closed its descriptor
@@ -161,3 +178,54 @@ def test_output_for_a_host_that_is_gone_is_dropped_not_waited_on(
             await asyncio.wait_for(writer.drain(), 5)
 
     asyncio.run(main())
+
+
+def test_the_port_is_read_in_large_views_never_more_than_asked(tmp_path: Path) -> None:
+    """What the host sent is answered in as few reads as the port allows (the driver
+    gives one page per read(2): readv takes many at once), as views of the reader's
+    buffer, never more than asked."""
+    fifo = tmp_path / "port"
+    os.mkfifo(fifo)
+    sent = os.urandom(12 * PORT_BUFFER_BYTES + 100)  # fits a FIFO: all there at once
+
+    async def main() -> list[bytes]:
+        port = hold_port(str(fifo))
+        reader = PortReader(asyncio.get_running_loop(), os.dup(port))
+        os.write(port, sent)
+        # Each answer is used before the next read, which reuses the buffer.
+        reads = [bytes(await reader.read(50))]
+        view = await reader.read(2 * PORT_BUFFER_BYTES)
+        assert isinstance(view, memoryview)
+        reads.append(bytes(view))
+        reads.append(bytes(await reader.read()))
+        reader.close()
+        os.close(port)
+        return reads
+
+    assert asyncio.run(main()) == [
+        sent[:50],
+        sent[50 : 50 + 2 * PORT_BUFFER_BYTES],
+        sent[50 + 2 * PORT_BUFFER_BYTES :],
+    ]
+
+
+def test_a_read_waits_for_the_host_and_close_ends_it(tmp_path: Path) -> None:
+    fifo = tmp_path / "port"
+    os.mkfifo(fifo)
+
+    async def main() -> tuple[bytes, bytes]:
+        port = hold_port(str(fifo))
+        reader = PortReader(asyncio.get_running_loop(), os.dup(port))
+        waiting = asyncio.ensure_future(reader.read())
+        await asyncio.sleep(0.05)  # a window in which nothing may be answered
+        assert not waiting.done()
+        os.write(port, b"hello")
+        first = bytes(await asyncio.wait_for(waiting, 5))
+        waiting = asyncio.ensure_future(reader.read())
+        await asyncio.sleep(0)
+        reader.close()
+        closed = await asyncio.wait_for(waiting, 5)
+        os.close(port)
+        return first, bytes(closed)
+
+    assert asyncio.run(main()) == (b"hello", b"")

@@ -31,6 +31,7 @@ from harpoon.ttrpc.status import Code, TtrpcError
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 F_SETPIPE_SZ = 1031  # linux/fcntl.h
 OUTPUT_PIPE_BYTES = 1 << 20
+INPUT_PIPE_BYTES = 1 << 20
 MAX_UNCLAIMED_EXITS = 1024
 # Signals Python sets to SIG_IGN; an exec'd program would inherit the ignore.
 _SIGNALS_PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)
@@ -197,6 +198,9 @@ class ProcessTable:
         else:
             if spec.stdin:
                 read_end, write_end = os.pipe2(os.O_CLOEXEC)
+                # Bigger writes: each chunk written costs the agent a turn and a wake-up.
+                with contextlib.suppress(OSError):
+                    fcntl.fcntl(write_end, F_SETPIPE_SZ, INPUT_PIPE_BYTES)
                 process.stdin_fd = write_end
                 process.child_stdio[0] = read_end
             for index, (name, wanted) in enumerate(
@@ -416,7 +420,7 @@ async def read_output(process: Process, stream: str) -> bytes | None:
     return None
 
 
-async def write_input(process: Process, data: bytes) -> None:
+async def write_input(process: Process, data: bytes | memoryview) -> None:
     """Writes all of data to the process's stdin, waiting while the pipe is full."""
     await process.io_ready.wait()
     fd = process.stdin_fd

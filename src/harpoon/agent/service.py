@@ -21,6 +21,7 @@ from harpoon.api.agent.v1 import agent_pb2
 from harpoon.errdefs import FailedPrecondition, InvalidArgument
 from harpoon.ttrpc.codec import Parts
 from harpoon.ttrpc.server import CallContext
+from harpoon.ttrpc.service import raw_messages
 
 STREAM_NAMES = {agent_pb2.STDOUT: "stdout", agent_pb2.STDERR: "stderr"}
 _EMPTY = empty_pb2.Empty()
@@ -42,6 +43,70 @@ def output_chunk(data: bytes) -> Parts:
         length >>= 7
     prefix.append(length)
     return Parts(bytes(prefix), data)
+
+
+_STDIN_ID_FIELD = agent_pb2.StdinChunk.DESCRIPTOR.fields_by_name["id"].number
+_STDIN_DATA_FIELD = agent_pb2.StdinChunk.DESCRIPTOR.fields_by_name["data"].number
+_VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
+_MAX_VARINT_BYTES = 10
+
+
+def _varint(view: memoryview, pos: int) -> tuple[int, int]:
+    """The varint at view[pos:], and the position after it."""
+    value = shift = 0
+    for index in range(pos, min(pos + _MAX_VARINT_BYTES, len(view))):
+        byte = view[index]
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, index + 1
+        shift += 7
+    raise InvalidArgument("StdinChunk: truncated or overlong varint")
+
+
+def stdin_chunk(payload: bytes | memoryview) -> tuple[str, memoryview]:
+    """StdinChunk's id and data as protobuf would parse them from payload, the data a
+    view of payload, not a copy (see output_chunk; test_agent_stdin_chunk.py holds it
+    to protobuf's parse). InvalidArgument if payload is not a StdinChunk."""
+    view = memoryview(payload).cast("B")
+    end = len(view)
+    process_id: str = ""
+    data = view[0:0]
+    pos = 0
+    while pos < end:
+        key, pos = _varint(view, pos)
+        field, wire_type = key >> 3, key & 7
+        if field == 0:
+            raise InvalidArgument("StdinChunk: field number 0")
+        if wire_type == _LENGTH_DELIMITED:
+            length, pos = _varint(view, pos)
+            if length > end - pos:
+                raise InvalidArgument("StdinChunk: a field runs past the message's end")
+            value = view[pos : pos + length]
+            pos += length
+            if field == _STDIN_DATA_FIELD:
+                data = value
+            elif field == _STDIN_ID_FIELD:
+                try:
+                    process_id = str(value, "utf-8")
+                except UnicodeDecodeError:
+                    raise InvalidArgument("StdinChunk: id is not UTF-8") from None
+        else:
+            pos = _skip_scalar(view, pos, wire_type)
+    return process_id, data
+
+
+def _skip_scalar(view: memoryview, pos: int, wire_type: int) -> int:
+    """The position after a field that is not length-delimited (one StdinChunk does
+    not have: protobuf keeps it as unknown)."""
+    if wire_type == _VARINT:
+        return _varint(view, pos)[1]
+    if wire_type in (_FIXED64, _FIXED32):
+        pos += 8 if wire_type == _FIXED64 else 4
+        if pos > len(view):
+            raise InvalidArgument("StdinChunk: a fixed-size field runs past the end")
+        return pos
+    # Groups: no field of StdinChunk, nor anything a harpoon host sends.
+    raise InvalidArgument(f"StdinChunk: unexpected wire type {wire_type}")
 
 
 # WaitDeviceRequest.Kind -> harpoon.agent.devices' kinds (by name: devices is lazy).
@@ -211,15 +276,17 @@ class AgentService:
         while (chunk := await processes.read_output(process, stream)) is not None:
             yield output_chunk(chunk)
 
-    async def WriteStdin(
-        self, requests: AsyncIterator[agent_pb2.StdinChunk], ctx: CallContext
-    ) -> empty_pb2.Empty:
+    @raw_messages
+    async def WriteStdin(self, requests: AsyncIterator[bytes], ctx: CallContext) -> empty_pb2.Empty:
+        """StdinChunks, decoded by hand: their data goes to the process's stdin as views
+        of the messages received."""
         process = None
-        async for chunk in requests:
+        async for payload in requests:
+            process_id, data = stdin_chunk(payload)
             if process is None:
-                process = self.table.get(chunk.id)
-            if chunk.data:
-                await processes.write_input(process, chunk.data)
+                process = self.table.get(process_id)
+            if data:
+                await processes.write_input(process, data)
         return _EMPTY
 
     async def CloseStdin(

@@ -183,7 +183,10 @@ async def pump(chunks: AsyncIterator[bytes], fd: int) -> None:
 def open_stdin(path: str) -> int:
     """The stdin FIFO, opened read-write so that it never reads EOF: as under runc, a
     process's stdin closes on CloseIO, not when a client closes its end of the FIFO."""
-    return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):  # bigger reads: fewer, larger StdinChunks
+        fcntl.fcntl(fd, F_SETPIPE_SZ, FIFO_BYTES)
+    return fd
 
 
 class StdinForwarder:

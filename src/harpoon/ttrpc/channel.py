@@ -1,10 +1,11 @@
 """The asyncio pieces server and client share: the byte channel and the stream inbox.
 
-``Channel`` owns one connection's StreamReader/StreamWriter: it reads in large chunks
-and writes whole frames one at a time, waiting for the transport to drain so a slow
-peer slows us down instead of filling memory. ``MessageInbox`` queues one stream's
-incoming messages for its consumer, bounded in bytes. Neither knows the protocol; they
-must never parse frames or decide anything about streams.
+``Channel`` owns one connection's reader (a StreamReader, or any ``ByteSource``) and
+StreamWriter: it reads in large chunks and writes whole frames one at a time, waiting
+for the transport to drain so a slow peer slows us down instead of filling memory.
+``MessageInbox`` queues one stream's incoming messages for its consumer, bounded in
+bytes. Neither knows the protocol; they must never parse frames or decide anything
+about streams.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 from harpoon.ttrpc.codec import MAX_MESSAGE_BYTES, Parts, Payload
 from harpoon.ttrpc.status import TtrpcError
@@ -30,14 +32,22 @@ class ChannelClosedError(Exception):
     """The connection cannot carry more bytes."""
 
 
+class ByteSource(Protocol):
+    """Where a connection's bytes come from: an asyncio.StreamReader, or a reader that
+    answers views of its own buffer (the guest agent's port), valid until its next read."""
+
+    async def read(self, n: int = -1, /) -> bytes | memoryview: ...
+
+
 class Channel:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: ByteSource, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
         self._write_lock = asyncio.Lock()
 
-    async def read(self) -> bytes:
-        """The next bytes from the peer; b"" once it closed or the connection broke."""
+    async def read(self) -> bytes | memoryview:
+        """The next bytes from the peer, to be used before the next read (they may be a
+        view of the reader's buffer); b"" once it closed or the connection broke."""
         try:
             return await self._reader.read(READ_CHUNK_BYTES)
         except (ConnectionError, OSError):

@@ -20,6 +20,7 @@ from typing import Any
 from harpoon.ttrpc.channel import (
     READ_CHUNK_BYTES,
     STREAM_FULL_TIMEOUT_S,
+    ByteSource,
     Channel,
     ChannelClosedError,
     MessageInbox,
@@ -173,9 +174,7 @@ class Server:
             raise TtrpcError(Code.UNIMPLEMENTED, f"method {method}")
         return entry
 
-    async def serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def serve_connection(self, reader: ByteSource, writer: asyncio.StreamWriter) -> None:
         """Serves one connection until the peer closes it or the server is closed."""
         connection = _Connection(self, Channel(reader, writer))
         if self._closed:

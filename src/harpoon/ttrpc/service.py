@@ -30,6 +30,20 @@ M = TypeVar("M", bound=Message)
 _ImplMethod = Callable[..., Any]
 
 
+_RAW_MESSAGES = "_ttrpc_raw_messages"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def raw_messages(method: F) -> F:
+    """Marks a client-streaming implementation that takes its requests as they came,
+    serialized (bytes, or a view the server keeps unchanged until the next message), and
+    decodes them itself: how a stream of large messages (a container's stdin) reaches
+    the guest agent without protobuf copying each of them."""
+    setattr(method, _RAW_MESSAGES, True)
+    return method
+
+
 def register_service(
     server: Server,
     descriptor: ServiceDescriptor,
@@ -43,7 +57,8 @@ def register_service(
     async generator ``Rpc(self, request, ctx)`` yielding responses, or responses already
     encoded as ``codec.Parts`` (sent as they are: the implementation vouches for them).
     Client-streaming: ``async def Rpc(self, requests: AsyncIterator[request], ctx) ->
-    response``. RPCs that ``impl`` lacks answer UNIMPLEMENTED. ``names`` registers the
+    response``, or, marked ``@raw_messages``, requests as their serialized bytes. RPCs
+    that ``impl`` lacks answer UNIMPLEMENTED. ``names`` registers the
     same implementation under several service names (e.g. containerd.task.v2.Task and
     .v3.Task, whose messages are the same); by default the descriptor's full name.
     """
@@ -76,8 +91,11 @@ def _register_method(
 
         server.register_server_stream(name, method.name, server_stream)
     elif method.client_streaming:
+        raw = getattr(impl, _RAW_MESSAGES, False)
 
         async def client_stream(payloads: AsyncIterator[bytes], ctx: CallContext) -> bytes:
+            if raw:
+                return _serialize(await impl(payloads, ctx), response_type, where)
             requests = (_parse(request_type, payload, where) async for payload in payloads)
             return _serialize(await impl(requests, ctx), response_type, where)
 
