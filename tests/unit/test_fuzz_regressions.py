@@ -31,3 +31,23 @@ def test_the_input_atheris_found_the_root_crash_with_is_refused() -> None:
 
     # {"path": ..., "process": ...} built into {"root": "..."} by the agent target.
     targets.agent_request(b'@=\xb0\xb7""\x7f')
+
+
+def test_an_extension_whose_any_is_given_twice_reads_as_protobuf_merges_it() -> None:
+    """Found by the long run of the shim_start target: an Extension message whose `value`
+    field occurs twice is one Any, the merge of both (protobuf's reading); the hand-written
+    reader took the last occurrence alone, dropping the first one's type_url."""
+    from harpoon.api.containerd.runtime.bootstrap.v1 import bootstrap_pb2
+    from harpoon.shim import bootstrap
+
+    data = (
+        b"u\nPPPB(\x08\x08\n\x18\x08\x08\xa8\x08\x18\x18\x18\x98\x18\x18\x18\x18("
+        b"\x08\n\x08\x18\x08\x08\x08\x08\x08(\x08\n\x08\x18\x08\x08\x08\x08\x08"
+        b"\x08\x18PP\x08t"
+    )
+    ours = bootstrap.decode_params(data).extensions
+    theirs = bootstrap_pb2.BootstrapParams.FromString(data).extensions
+    assert [(e.type_url, e.value) for e in ours] == [
+        (e.value.type_url, e.value.value) for e in theirs
+    ]
+    assert ours[0].type_url == "\x18\x08\x08\x08\x08\x08(\x08"

@@ -120,12 +120,14 @@ def decode_params(data: bytes) -> BootstrapParams:
             values["log_level"] = wire.as_signed32(field)
         elif number == 8 and wire_type == wire.LENGTH_DELIMITED:
             assert isinstance(field, bytes)
-            value = AnyMessage()
-            for inner, inner_type, payload in wire.fields(field):
-                if inner == 1 and inner_type == wire.LENGTH_DELIMITED:
-                    assert isinstance(payload, bytes)
-                    value = _any(payload)
-            extensions.append(value)
+            # A message field given more than once is the merge of its occurrences, as
+            # protobuf reads it: their encodings, concatenated.
+            occurrences = [
+                payload
+                for inner, inner_type, payload in wire.fields(field)
+                if inner == 1 and inner_type == wire.LENGTH_DELIMITED
+            ]
+            extensions.append(_any(b"".join(occurrences)))  # type: ignore[arg-type]
     return BootstrapParams(**values, extensions=tuple(extensions))  # type: ignore[arg-type]
 
 
