@@ -20,7 +20,7 @@ import time
 
 from harpoon.shim import paths, wire
 from harpoon.shim.cli import Flags
-from harpoon.vmm.leftovers import SIGKILL, kill_and_wait, kill_vmm
+from harpoon.vmm.leftovers import SIGKILL, kill_recorded, kill_vmm
 
 KILLED_EXIT_STATUS = 128 + SIGKILL
 
@@ -79,17 +79,13 @@ def kill_daemon(bundle: str, container_id: str) -> None:
     """Ends the container's daemon if it still runs: containerd runs `delete` when it has
     lost the shim (it never got Shutdown), and a daemon left then would live for ever,
     its VM an unreaped zombie. Only a process whose command line is this container's
-    shim is killed (pids are reused)."""
-    try:
-        with open(os.path.join(bundle, paths.DAEMON_PID_FILE)) as recorded:
-            pid = int(recorded.read().strip())
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            argv = cmdline.read().split(b"\0")
-    except (OSError, ValueError):
-        return
-    ours = any(b"containerd-shim-harpoon" in arg for arg in argv[:2])
-    if pid != os.getpid() and ours and os.fsencode(container_id) in argv:
-        kill_and_wait(pid)  # its VM dies with it (a parent-death signal)
+    shim is killed; its VM dies with it (a parent-death signal)."""
+    task_id = os.fsencode(container_id)
+
+    def is_its_shim(argv: list[bytes]) -> bool:
+        return any(b"containerd-shim-harpoon" in arg for arg in argv[:2]) and task_id in argv
+
+    kill_recorded(os.path.join(bundle, paths.DAEMON_PID_FILE), is_its_shim)
 
 
 def delete_command(flags: Flags) -> int:

@@ -3,13 +3,17 @@
 `delete` runs in a fresh Python on the critical path of every `ctr run --rm`, and may
 run after the shim was killed: it must find the VMM from the VM's state directory
 alone. So this module imports nothing but os and time, and the pid file's name lives
-here, beside the one function that reads it (every backend writes its VMM's pid there).
+here, beside the function that reads it (every backend writes its VMM's pid there).
 """
 
 from __future__ import annotations
 
 import os
 import time
+
+TYPE_CHECKING = False  # not typing's: `delete` imports this module on its critical path
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 PID_FILE_NAME = "vmm.pid"
 SIGKILL = 9  # not signal's: importing signal costs more than this module
@@ -19,19 +23,29 @@ VMM_EXIT_POLL_S = 0.01
 
 def kill_vmm(state_dir: str) -> int:
     """Kills the VMM whose pid file is in state_dir, if it still runs and is that VM's
-    (its command line names state_dir: pids are reused); returns its pid, or 0."""
+    (its command line names state_dir); returns its pid, or 0."""
+    name = os.fsencode(state_dir)
+    return kill_recorded(
+        os.path.join(state_dir, PID_FILE_NAME), lambda argv: any(name in arg for arg in argv)
+    )
+
+
+def kill_recorded(pid_file: str, is_it: Callable[[list[bytes]], bool]) -> int:
+    """Kills (and waits for) the process whose pid pid_file records, if it still runs
+    and `is_it` says its command line is the one meant (pids are reused); never this
+    process. Returns the recorded pid, or 0 when there is none."""
     try:
-        with open(os.path.join(state_dir, PID_FILE_NAME)) as pid_file:
-            pid = int(pid_file.read().strip())
+        with open(pid_file) as recorded:
+            pid = int(recorded.read().strip())
     except (OSError, ValueError):
         return 0
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            if os.fsencode(state_dir) not in cmdline.read():
-                return pid  # the pid was reused by an unrelated process
+            argv = cmdline.read().split(b"\0")
     except OSError:
-        return pid
-    kill_and_wait(pid)
+        return pid  # gone already
+    if pid != os.getpid() and is_it(argv):
+        kill_and_wait(pid)
     return pid
 
 
