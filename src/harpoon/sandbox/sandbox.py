@@ -36,7 +36,7 @@ from harpoon.sandbox.plan import LaunchPlan
 from harpoon.sandbox.template import Template, TemplateRefused, TemplateStore
 from harpoon.ttrpc.status import TtrpcError
 from harpoon.vmm.backend import Backend
-from harpoon.vmm.base import VirtualMachine, VMError
+from harpoon.vmm.base import VirtualMachine, VMConfig, VMError
 from harpoon.vmm.process import VmmProcess
 
 if TYPE_CHECKING:
@@ -57,8 +57,6 @@ class Sandbox:
         """plan: the VM and how it starts (harpoon.sandbox.plan); backend: the VMM that
         runs it (and may hold the plan's VMM launched early)."""
         self.plan = plan
-        self.config = plan.config
-        self.rootfs_share = plan.rootfs_share
         self._backend = backend
         self._template_build: asyncio.Task[None] | None = None
         self.template_builder: VmmProcess | None = None
@@ -75,6 +73,14 @@ class Sandbox:
         answering Hello (the host then has time for other work)."""
         self._stopping = False
         """Set once stop() began: a restore failing from then on failed because of it."""
+
+    @property
+    def config(self) -> VMConfig:
+        return self.plan.config
+
+    @property
+    def rootfs_share(self) -> Path | None:
+        return self.plan.rootfs_share
 
     @property
     def pid(self) -> int:
