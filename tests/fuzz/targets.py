@@ -49,6 +49,7 @@ from harpoon.ttrpc.protocol import (
 )
 from harpoon.ttrpc.service import _parse as parse_payload
 from harpoon.ttrpc.status import Code, TtrpcError
+from tests.wire_oracle import params_read_by_protobuf
 
 #: The task id `shim start` is run with in the start target (the seeds' instance_id).
 TASK_ID = "fuzz-task"
@@ -339,19 +340,7 @@ def _same_as_generated(
         generated_any = any_pb2.Any.FromString(data)
     except DecodeError:
         return  # protobuf is stricter (field numbers over 2^29, say): nothing to compare
-    expected = bootstrap.BootstrapParams(
-        instance_id=message.instance_id,
-        namespace=message.namespace,
-        log_level=message.log_level,
-        containerd_version=message.containerd_version,
-        containerd_ttrpc_address=message.containerd_ttrpc_address,
-        containerd_grpc_address=message.containerd_grpc_address,
-        containerd_binary=message.containerd_binary,
-        extensions=tuple(
-            bootstrap.AnyMessage(e.value.type_url, e.value.value) for e in message.extensions
-        ),
-        socket_dir=message.socket_dir if message.HasField("socket_dir") else None,
-    )
+    expected = params_read_by_protobuf(message)
     _check(params == expected, f"decode_params read {params!r}, protobuf {expected!r}")
     expected_any = bootstrap.AnyMessage(generated_any.type_url, generated_any.value)
     _check(options == expected_any, f"_any read {options!r}, protobuf {expected_any!r}")

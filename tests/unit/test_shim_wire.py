@@ -14,12 +14,12 @@ from harpoon.api.containerd.task.v3 import shim_pb2 as shim_v3_pb2
 from harpoon.shim import wire
 from harpoon.shim.bootstrap import (
     AnyMessage,
-    BootstrapParams,
     decode_params,
     encode_result,
     parse_start_stdin,
 )
 from harpoon.shim.cleanup import delete_response
+from tests.wire_oracle import params_read_by_protobuf
 
 LONG = "x" * 300  # a length that needs a two-byte varint
 
@@ -65,38 +65,28 @@ PARAMS = [
 ]
 
 
-def _expected(message: bootstrap_pb2.BootstrapParams) -> BootstrapParams:
-    return BootstrapParams(
-        instance_id=message.instance_id,
-        namespace=message.namespace,
-        log_level=message.log_level,
-        containerd_version=message.containerd_version,
-        containerd_ttrpc_address=message.containerd_ttrpc_address,
-        containerd_grpc_address=message.containerd_grpc_address,
-        containerd_binary=message.containerd_binary,
-        extensions=tuple(AnyMessage(e.value.type_url, e.value.value) for e in message.extensions),
-        socket_dir=message.socket_dir if message.HasField("socket_dir") else None,
-    )
-
-
 @pytest.mark.parametrize("message", PARAMS)
 def test_bootstrap_params_read_as_the_generated_class_reads_them(
     message: bootstrap_pb2.BootstrapParams,
 ) -> None:
-    assert decode_params(message.SerializeToString()) == _expected(message)
+    assert decode_params(message.SerializeToString()) == params_read_by_protobuf(message)
 
 
 def test_unknown_fields_of_a_newer_containerd_are_skipped() -> None:
     known = PARAMS[2].SerializeToString()
     newer = known + wire.varint_field(40, 7) + wire.bytes_field(41, "later") + b"\x5d\0\0\0\0"
     parsed = bootstrap_pb2.BootstrapParams.FromString(newer)
-    assert decode_params(newer) == _expected(parsed) == _expected(PARAMS[2])
+    assert (
+        decode_params(newer)
+        == params_read_by_protobuf(parsed)
+        == params_read_by_protobuf(PARAMS[2])
+    )
 
 
 def test_start_input_tells_params_from_options_as_before() -> None:
     params = PARAMS[2].SerializeToString()
     parsed = parse_start_stdin(params, "c1")
-    assert parsed.params == _expected(PARAMS[2])
+    assert parsed.params == params_read_by_protobuf(PARAMS[2])
     assert parsed.options == AnyMessage("runtimeoptions.v1.Options", b"\x0a\x02ab")
     # An Any whose value is not text: field 2 is bytes there, not a namespace.
     options = any_pb2.Any(type_url="runtimeoptions.v1.Options", value=b"\xff\xfe")
