@@ -26,19 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf import any_pb2, empty_pb2
-from google.protobuf.message import Message
+from google.protobuf import empty_pb2
 
 from harpoon import linux
-from harpoon.api.containerd.events import task_pb2 as events
 from harpoon.api.containerd.task.v2 import shim_pb2 as task
 from harpoon.api.containerd.types import mount_pb2
 from harpoon.api.containerd.types import task_pb2 as types
 from harpoon.errdefs import FailedPrecondition, InvalidArgument, NotFound
 from harpoon.guest.cache import GuestImage
 from harpoon.sandbox.sandbox import SandboxStarter
-from harpoon.shim import paths
-from harpoon.shim.events import EventPublisher
+from harpoon.shim import paths, serve
 from harpoon.shim.serve import TASK_SERVICE_NAMES, exit_when_abandoned
 from harpoon.shim.task import TaskService
 from harpoon.shim.transform import PIPELINE
@@ -47,14 +44,12 @@ from harpoon.ttrpc.server import CallContext, Server
 from harpoon.ttrpc.service import register_service
 from harpoon.ttrpc.status import TtrpcError
 from harpoon.vmm.base import VMError
+from tests.task_driver import ID, NAMESPACE, SIGKILLED, RecordingPublisher, Shim
 from tests.unit.fake_vm import CRUN_FAIL_ENV, FakeBackend, FakeGuest
 
-NAMESPACE = "default"
-ID = "c1"
 IMAGE_TEXT = "from the image\n"
 # Host programs the container runs (no namespaces: the fake crun runs them on the host).
 IMAGE_PROGRAMS = ("sh", "sleep", "cat")
-SIGKILLED = 128 + signal.SIGKILL
 
 
 # -- the host: a temporary run directory, a fake guest, containerd's bundle ----------
@@ -125,28 +120,6 @@ def make_fifo(path: Path) -> int:
 # -- the shim: the Task service and what it publishes --------------------------------
 
 
-class RecordingPublisher(EventPublisher):
-    """containerd's side of the events: what was published, in order."""
-
-    def __init__(self) -> None:
-        super().__init__("", NAMESPACE)
-        self.events: list[tuple[str, Message]] = []
-
-    def publish(self, topic: str, event: Message) -> None:
-        self.events.append((topic, event))
-
-    @property
-    def topics(self) -> list[str]:
-        return [topic for topic, _ in self.events]
-
-    def exits(self) -> list[tuple[str, int]]:
-        return [
-            (event.id, event.exit_status)
-            for topic, event in self.events
-            if isinstance(event, events.TaskExit)
-        ]
-
-
 def guest_image() -> GuestImage:
     return GuestImage("amd64", Path("/kernel"), Path("/initrd"), "6.1.0", "fake")
 
@@ -154,72 +127,6 @@ def guest_image() -> GuestImage:
 def new_service(host: Host, on_shutdown: Callable[[], None] = lambda: None) -> TaskService:
     starter = SandboxStarter(host.backend)
     return TaskService(NAMESPACE, RecordingPublisher(), starter, guest_image, on_shutdown)
-
-
-def ctx(method: str) -> CallContext:
-    return CallContext("containerd.task.v2.Task", method, {}, None)
-
-
-class Shim:
-    """The Task service as containerd calls it, one method at a time."""
-
-    def __init__(self, service: TaskService) -> None:
-        self.service = service
-        publisher = service.publisher
-        assert isinstance(publisher, RecordingPublisher)
-        self.publisher = publisher
-
-    async def create(
-        self,
-        bundle: Path,
-        stdout: str = "",
-        stderr: str = "",
-        rootfs: list[mount_pb2.Mount] | None = None,
-    ) -> task.CreateTaskResponse:
-        request = task.CreateTaskRequest(
-            id=ID, bundle=str(bundle), stdout=stdout, stderr=stderr, rootfs=rootfs or []
-        )
-        return await self.service.Create(request, ctx("Create"))
-
-    async def start(self, exec_id: str = "") -> task.StartResponse:
-        return await self.service.Start(task.StartRequest(id=ID, exec_id=exec_id), ctx("Start"))
-
-    async def exec(self, exec_id: str, args: list[str], stdout: str = "") -> None:
-        process = {"args": args, "env": ["PATH=/bin"], "cwd": "/"}
-        spec = any_pb2.Any(
-            type_url="types.containerd.io/opencontainers/runtime-spec/1/Process",
-            value=json.dumps(process).encode(),
-        )
-        request = task.ExecProcessRequest(id=ID, exec_id=exec_id, stdout=stdout, spec=spec)
-        await self.service.Exec(request, ctx("Exec"))
-
-    async def wait(self, exec_id: str = "") -> int:
-        response = await self.service.Wait(task.WaitRequest(id=ID, exec_id=exec_id), ctx("Wait"))
-        return response.exit_status
-
-    async def kill(self, signum: int, exec_id: str = "") -> None:
-        request = task.KillRequest(id=ID, exec_id=exec_id, signal=signum)
-        await self.service.Kill(request, ctx("Kill"))
-
-    async def delete(self, exec_id: str = "") -> task.DeleteResponse:
-        request = task.DeleteRequest(id=ID, exec_id=exec_id)
-        return await self.service.Delete(request, ctx("Delete"))
-
-    async def state(self, exec_id: str = "") -> task.StateResponse:
-        return await self.service.State(task.StateRequest(id=ID, exec_id=exec_id), ctx("State"))
-
-    async def status(self, exec_id: str = "") -> tuple[int, int]:
-        """State's status and exit status."""
-        state = await self.state(exec_id)
-        return state.status, state.exit_status
-
-    async def run_to_exit(self, bundle: Path) -> int:
-        """Create, Start, Wait, Delete: the exit status."""
-        await self.create(bundle)
-        await self.start()
-        status = await self.wait()
-        assert (await self.delete()).exit_status == status
-        return status
 
 
 @contextlib.asynccontextmanager
@@ -730,5 +637,29 @@ def test_a_daemon_whose_container_is_deleted_exits_when_containerd_goes_without_
             await server.close()
             listener.close()
             await listener.wait_closed()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("created", [False, True])
+def test_a_daemon_never_sent_create_exits_on_its_own_and_one_with_a_container_stays(
+    host: Host, monkeypatch: pytest.MonkeyPatch, created: bool
+) -> None:
+    """containerd died between `start` and Create: restarted, it only reconnects, and
+    (1.6) keeps the shim as a task whose State fails; no Create ever comes."""
+    write_config(host, ["sleep", "30"])
+    monkeypatch.setattr(serve, "UNUSED_EXIT_S", 0.2)
+
+    async def scenario() -> None:
+        stopped = asyncio.Event()
+        async with shim_for(host) as shim:
+            if created:
+                await shim.create(host.bundle)
+            serve.exit_when_never_used(shim.service, stopped.set)
+            if created:
+                with pytest.raises(TimeoutError):  # a bounded window to see it stays
+                    await asyncio.wait_for(stopped.wait(), 0.6)
+            else:
+                await stopped.wait()
 
     run(scenario)

@@ -98,9 +98,11 @@ class AgentClient:
         request = agent_pb2.WaitProcessRequest(id=process_id)
         return await self._call("WaitProcess", request, agent_pb2.WaitProcessResponse, None)
 
-    async def signal_process(self, process_id: str, signal: int, all_processes: bool) -> None:
+    async def signal_process(
+        self, process_id: str, signal: int, all_processes: bool, timeout: float = CONTROL_TIMEOUT_S
+    ) -> None:
         request = agent_pb2.SignalProcessRequest(id=process_id, signal=signal, all=all_processes)
-        await self._call("SignalProcess", request, empty_pb2.Empty)
+        await self._call("SignalProcess", request, empty_pb2.Empty, timeout)
 
     async def delete_process(self, process_id: str) -> None:
         await self._call(

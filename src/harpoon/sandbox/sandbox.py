@@ -36,7 +36,7 @@ from harpoon.sandbox.plan import LaunchPlan
 from harpoon.sandbox.template import Template, TemplateRefused, TemplateStore
 from harpoon.ttrpc.status import TtrpcError
 from harpoon.vmm.backend import Backend
-from harpoon.vmm.base import VirtualMachine, VMConfig, VMError
+from harpoon.vmm.base import VirtualMachine, VMConfig, VMError, describe_exit
 from harpoon.vmm.process import VmmProcess
 
 if TYPE_CHECKING:
@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 BOOT_TIMEOUT_S = 60.0
 BOOT_ATTEMPTS = 2
 START_ERRORS = (VMError, TtrpcError, OSError, TimeoutError)
+# How long the error of a call the VM did not answer waits for the VMM's exit status.
+VMM_EXIT_WAIT_S = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,9 @@ class Sandbox:
                 await self._stop_vm()
         else:
             raise VMError(f"VM {self.config.name} did not start: {last_error}")
-        if store is not None:
+        # A template whose restore failed without its fault (its VM killed from outside)
+        # is still there: building it again would only cost a VM's worth of CPU.
+        if store is not None and (found is None or not found.directory.is_dir()):
             self._template_build = asyncio.ensure_future(self._build_template_when_running(store))
 
     def share_rootfs(self, host_rootfs: Path) -> str:
@@ -196,6 +200,24 @@ class Sandbox:
             raise VMError(f"{reason}; console:\n{vm.console_tail()}")
         self.hello = hello.result()
         self.boot_seconds = time.monotonic() - began
+
+    async def how_it_ended(self, wait_s: float = VMM_EXIT_WAIT_S) -> str:
+        """How the VM ended, in words, for the error of a call it did not live to answer:
+        its VMM's exit status (the agent's channel closes as the VMM exits, and the exit
+        status follows at once), or "is still running" if it has not ended."""
+        vm = self.vm
+        if vm is None:
+            return "was not started"
+        if vm.exit_status is None:
+            with contextlib.suppress(TimeoutError, VMError):
+                await asyncio.wait_for(vm.wait(), wait_s)
+        return describe_exit(vm.exit_status)
+
+    async def kill_vm(self) -> None:
+        """Kills the VMM at once (a guest that does not answer); stop() still releases
+        the rest."""
+        if self.vm is not None:
+            await self.vm.kill()
 
     async def stop(self) -> None:
         """Tears the VM down (and any template build it started), then releases the

@@ -13,25 +13,42 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal as signals
+from collections.abc import AsyncIterator
 
 from harpoon.api.agent.v1 import agent_pb2
 from harpoon.api.containerd.events import task_pb2 as events
-from harpoon.errdefs import AlreadyExists, FailedPrecondition, NotFound
+from harpoon.errdefs import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 from harpoon.sandbox.agent_client import AgentClient
 from harpoon.sandbox.sandbox import Sandbox
 from harpoon.shim.container_plan import ContainerPlan, encode
 from harpoon.shim.events import EventPublisher
-from harpoon.shim.process import Process, ProcessState, now
+from harpoon.shim.process import VM_DIED_EXIT_STATUS, Process, ProcessState, now
 from harpoon.shim.transform.host_policy import process_for_guest
-from harpoon.ttrpc.status import Code, TtrpcError
+from harpoon.ttrpc.status import Code, ConnectionClosedError, TtrpcError
 
 INIT_GUEST_ID = "init"
 EXEC_GUEST_PREFIX = "exec:"
 # How long the init's exit waits for its execs' exits to be published first.
 EXEC_EXIT_WAIT_S = 10.0
-VM_DIED_EXIT_STATUS = 255
+# How long a SIGKILL for the container waits for the guest to answer before the shim
+# kills the VM instead (a hung guest: its vCPUs stopped). Either way every process of
+# the container dies, so the only cost of a slow guest taken for a hung one is the
+# VM's end coming sooner.
+KILL_ANSWER_TIMEOUT_S = 5.0
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def answered_by(sandbox: Sandbox, container_id: str, doing: str) -> AsyncIterator[None]:
+    """A step that needs the guest; one the VM did not live to answer fails with how
+    the VM ended (Unavailable), not with the words of a broken connection."""
+    try:
+        yield
+    except ConnectionClosedError:
+        how = await sandbox.how_it_ended()
+        raise Unavailable(f"the VM of container {container_id!r} {how} while {doing}") from None
 
 
 class Container:
@@ -51,6 +68,9 @@ class Container:
         self.execs: dict[str, Process] = {}
         self.publisher = publisher
         self.undo = undo
+        self.killed_vm = False
+        """Set once the shim killed the VM to deliver a SIGKILL the guest did not answer:
+        every process then ended by SIGKILL."""
 
     @property
     def agent(self) -> AgentClient:
@@ -99,7 +119,8 @@ class Container:
             raise FailedPrecondition(
                 f"cannot exec in container {self.id!r}: its init process is not running"
             )
-        await process.create(self.agent, self.create_request(process))
+        async with answered_by(self.sandbox, self.id, f"creating exec {process.exec_id!r}"):
+            await process.create(self.agent, self.create_request(process))
         self.execs[process.exec_id] = process
         self.publisher.publish(
             "/tasks/exec-added",
@@ -107,7 +128,12 @@ class Container:
         )
 
     async def start(self, process: Process) -> int:
-        await process.start(self.agent)
+        try:
+            async with answered_by(self.sandbox, self.id, f"starting {self._name(process)}"):
+                await process.start(self.agent)
+        except Unavailable:
+            self.publish_exit(process)  # it is gone with its VM: nothing else will say so
+            raise
         # Published before the follower can publish the exit, however fast the process.
         if process.exec_id:
             self.publisher.publish(
@@ -125,7 +151,8 @@ class Container:
         """Follows a started process to its exit, then publishes it."""
         response = await process.wait_exit(self.agent)
         if response is None:
-            status, exited_at = VM_DIED_EXIT_STATUS, now()
+            ended_by = 128 + signals.SIGKILL if self.killed_vm else VM_DIED_EXIT_STATUS
+            status, exited_at = ended_by, now()
         else:
             status, exited_at = response.exit_status, response.exited_at
             if response.oom_killed:
@@ -161,14 +188,32 @@ class Container:
             process.stop(128 + signal, now())
             self.publish_exit(process)
             return
+        # A SIGKILL for the container is delivered whatever the guest's state: if the
+        # guest does not answer in time, the VM is killed, which kills as surely.
+        container_kill = signal == signals.SIGKILL and process is self.init
         try:
-            await self.agent.signal_process(
-                process.guest_id, signal, all_processes and not process.exec_id
-            )
+            async with answered_by(self.sandbox, self.id, f"signalling {self._name(process)}"):
+                await self.agent.signal_process(
+                    process.guest_id,
+                    signal,
+                    all_processes and not process.exec_id,
+                    **({"timeout": KILL_ANSWER_TIMEOUT_S} if container_kill else {}),
+                )
+        except Unavailable:
+            if not container_kill:
+                raise  # else the VM is gone, and the follower publishes how
         except TtrpcError as error:
             if error.code == Code.NOT_FOUND:
                 raise NotFound("process already finished") from None
-            raise
+            if not (container_kill and error.code == Code.DEADLINE_EXCEEDED):
+                raise
+            log.warning("the guest of %s did not answer a SIGKILL within %.0f s: killing its VM",
+                        self.id, KILL_ANSWER_TIMEOUT_S)  # fmt: skip
+            self.killed_vm = True
+            await self.sandbox.kill_vm()
+
+    def _name(self, process: Process) -> str:
+        return f"exec {process.exec_id!r}" if process.exec_id else "its init process"
 
     async def delete_exec(self, process: Process) -> None:
         await process.close()

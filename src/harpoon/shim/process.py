@@ -26,13 +26,16 @@ from harpoon.api.containerd.types import task_pb2 as types
 from harpoon.errdefs import FailedPrecondition
 from harpoon.sandbox.agent_client import AgentClient
 from harpoon.shim.stdio import ProcessIO, StdinForwarder, open_stdin, pump
-from harpoon.ttrpc.status import TtrpcError
+from harpoon.ttrpc.status import ConnectionClosedError, TtrpcError
 
 # How long an exit waits for its output to reach the client before it is reported.
 OUTPUT_FLUSH_WAIT_S = 2.0
 # How long CloseIO waits for buffered stdin to reach the guest before the EOF.
 STDIN_DRAIN_S = 10.0
 EXEC_FAILED_EXIT_STATUS = 127
+# A process whose VM died under it: how it ended is unknown, as containerd reports a
+# task whose shim died.
+VM_DIED_EXIT_STATUS = 255
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +129,13 @@ class Process:
             raise FailedPrecondition(f"process {self.guest_id!r} has already been started")
         try:
             await agent.start_process(self.guest_id)
-        except TtrpcError:
+        except TtrpcError as error:
             # It never ran: stopped, so that a client can delete it (runc's exit 127
-            # for a process that could not be exec'd).
+            # for a process that could not be exec'd), or gone with its VM.
             self.io.close()
             self._release_stdin()
-            self.stop(EXEC_FAILED_EXIT_STATUS, now())
+            lost = isinstance(error, ConnectionClosedError)
+            self.stop(VM_DIED_EXIT_STATUS if lost else EXEC_FAILED_EXIT_STATUS, now())
             raise
         self.state = ProcessState.RUNNING
 

@@ -111,6 +111,7 @@ async def serve(flags: Flags, early: EarlyStart) -> None:
         server, shim_pb2.DESCRIPTOR.services_by_name["Task"], impl, names=TASK_SERVICE_NAMES
     )
     exit_when_abandoned(server, service, stop.set)
+    exit_when_never_used(service, stop.set)
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     loop.add_signal_handler(signal.SIGPIPE, lambda: None)
@@ -145,6 +146,24 @@ def exit_when_abandoned(server: Server, service: TaskService, stop: Callable[[],
             stop()
 
     server.on_idle(idle)
+
+
+# containerd sends Create as soon as `start` has answered: a shim still without a
+# container this long after starting will never get one. That happens when containerd
+# dies between the two: once restarted, it reconnects to the shim (1.6 keeps it as a
+# task whose State fails), and nothing would ever end it.
+UNUSED_EXIT_S = 30.0
+
+
+def exit_when_never_used(service: TaskService, stop: Callable[[], None]) -> None:
+    """Stops the daemon if it holds no container UNUSED_EXIT_S from now."""
+
+    def check() -> None:
+        if service.unused():
+            log.info("no container created within %.0f s: exiting", UNUSED_EXIT_S)
+            stop()
+
+    asyncio.get_running_loop().call_later(UNUSED_EXIT_S, check)
 
 
 def run(flags: Flags, early: EarlyStart) -> None:

@@ -35,7 +35,7 @@ from harpoon.errdefs import (
 )
 from harpoon.sandbox.sandbox import SandboxStarter
 from harpoon.shim.bundle import Bundle
-from harpoon.shim.container import EXEC_GUEST_PREFIX, INIT_GUEST_ID, Container
+from harpoon.shim.container import EXEC_GUEST_PREFIX, INIT_GUEST_ID, Container, answered_by
 from harpoon.shim.container_plan import ContainerPlan, plan_container
 from harpoon.shim.events import EventPublisher
 from harpoon.shim.process import Process, ProcessIOPaths, ProcessState, now
@@ -81,6 +81,7 @@ class TaskService:
         self.container: Container | None = None
         self.deleted = False
         """Set once the container has been deleted: all this shim was for is done."""
+        self._creating = False
 
     # -- lookups ---------------------------------------------------------------------
 
@@ -124,6 +125,13 @@ class TaskService:
             raise AlreadyExists(f"container {self.container.id!r} already exists in this shim")
         if request.checkpoint:
             raise Unimplemented("restoring from a checkpoint is not supported by harpoon")
+        self._creating = True
+        try:
+            return await self._create(request)
+        finally:
+            self._creating = False
+
+    async def _create(self, request: task.CreateTaskRequest) -> task.CreateTaskResponse:
         plan = self._plan(request)
         async with contextlib.AsyncExitStack() as undo:
             # Last out: a VM started ahead and not taken (this Create failed first) stops,
@@ -137,13 +145,14 @@ class TaskService:
                 await transformer.before_vm(create)
             sandbox = await self.sandboxes.start(plan.launch)
             undo.push_async_callback(sandbox.stop)
-            for transformer in PIPELINE:
-                await transformer.with_vm(create, sandbox)
             paths = ProcessIOPaths(request.stdin, request.stdout, request.stderr, request.terminal)
             init = Process("", INIT_GUEST_ID, plan.bundle.process, paths, io)
             undo.push_async_callback(init.close)
             container = Container(plan, sandbox, init, self.publisher, undo)
-            await init.create(container.agent, container.create_request(init))
+            async with answered_by(sandbox, request.id, "creating the container"):
+                for transformer in PIPELINE:
+                    await transformer.with_vm(create, sandbox)
+                await init.create(container.agent, container.create_request(init))
             container.undo = undo.pop_all()
         self.container = container
         log.info("created %s: VM pid %d started in %.2f s (%s)", request.id, sandbox.pid,
@@ -348,6 +357,11 @@ class TaskService:
         """Whether this shim has nothing left to do for anyone: its container deleted
         (a client that disconnects after that sends no Shutdown any more)."""
         return self.deleted and self.container is None
+
+    def unused(self) -> bool:
+        """Whether this shim holds no container and is making none: one long started
+        and still unused was never sent its Create (containerd died in between)."""
+        return self.container is None and not self._creating
 
     async def close(self) -> None:
         """Tears down whatever is left (the daemon is exiting)."""

@@ -13,6 +13,7 @@ harpoon.sandbox.template builds VM templates on it.
 from __future__ import annotations
 
 import abc
+import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,18 @@ class VMConfig:
     def control_socket(self) -> Path:
         """The VMM's own control channel (QEMU's QMP), for pausing, saving and restoring."""
         return self.state_dir / "vmm.sock"
+
+
+def describe_exit(status: int | None) -> str:
+    """A VMM process's exit status in words, for errors that name how a VM ended."""
+    if status is None:
+        return "is still running"
+    if status < 0:
+        try:
+            return f"was killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"was killed by signal {-status}"
+    return f"exited with status {status}"
 
 
 class VirtualMachine(abc.ABC):
