@@ -19,10 +19,13 @@ from harpoon.devenv.containerd import Containerd
 from tests.e2e.test_harpoon_run import (
     HARPOON,
     RUN_TIMEOUT_S,
+    STOP_TIMEOUT_S,
     ctr_command,
     delete_once_stopped,
     leftovers,
+    remove,
     start_sleeper,
+    task_states,
     wait_until_running,
 )
 
@@ -33,25 +36,6 @@ STORM = 6
 #: starting, creating and running.
 STORM_HEAD_START_S = 2.0
 STAGGER_S = 0.5
-SETTLE_TIMEOUT_S = 120.0
-
-
-def task_states(containerd: Containerd) -> dict[str, str]:
-    lines = containerd.ctr("task", "ls", check=False).stdout.splitlines()[1:]
-    return {fields[0]: fields[-1] for fields in map(str.split, lines) if fields}
-
-
-def remove(containerd: Containerd, container_id: str) -> None:
-    """Whatever state a container was left in: killed, its task and it deleted."""
-    state = task_states(containerd).get(container_id)
-    if state is not None and state != "STOPPED":
-        containerd.ctr("task", "kill", "--signal", "SIGKILL", container_id, check=False)
-        deadline = time.monotonic() + SETTLE_TIMEOUT_S
-        while task_states(containerd).get(container_id) not in ("STOPPED", None):
-            assert time.monotonic() < deadline, f"{container_id} never stopped"
-            time.sleep(0.2)
-    containerd.ctr("task", "delete", container_id, check=False)
-    containerd.ctr("container", "delete", container_id, check=False)
 
 
 def test_containerd_killed_during_a_create_storm_loses_and_leaks_nothing(
@@ -88,7 +72,7 @@ def test_containerd_killed_during_a_create_storm_loses_and_leaks_nothing(
             assert states.get(cid) == "RUNNING", f"{cid} was created but is {states.get(cid)}"
     for cid in ids:
         remove(containerd, cid)
-    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    deadline = time.monotonic() + STOP_TIMEOUT_S * 2
     while any(leftovers(containerd, cid) for cid in ids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert {cid: leftovers(containerd, cid) for cid in ids} == {cid: [] for cid in ids}

@@ -114,6 +114,24 @@ def delete_once_stopped(
     assert leftovers(containerd, container_id) == []
 
 
+def task_states(containerd: Containerd) -> dict[str, str]:
+    lines = containerd.ctr("task", "ls", check=False).stdout.splitlines()[1:]
+    return {fields[0]: fields[-1] for fields in map(str.split, lines) if fields}
+
+
+def remove(containerd: Containerd, container_id: str) -> None:
+    """Whatever state a container was left in: killed, its task and it deleted."""
+    state = task_states(containerd).get(container_id)
+    if state is not None and state != "STOPPED":
+        containerd.ctr("task", "kill", "--signal", "SIGKILL", container_id, check=False)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        while task_states(containerd).get(container_id) not in ("STOPPED", None):
+            assert time.monotonic() < deadline, f"{container_id} never stopped"
+            time.sleep(0.2)
+    containerd.ctr("task", "delete", container_id, check=False)
+    containerd.ctr("container", "delete", container_id, check=False)
+
+
 def vm_processes(state_dir: Path) -> list[int]:
     """Host processes whose command line names the VM's state directory (its QEMU)."""
     found = []

@@ -68,6 +68,11 @@ def test_a_short_cold_container_leaves_its_template_for_the_next(
     # 64 MiB + the guest's overhead rounds up to the default VM size: the same template.
     limited = run(daemon, image, "third", "--memory-limit", str(64 << 20))
     assert "restored third from template" in limited
+    # Host paths bound in go through the share every VM has: the same template.
+    bound = run(
+        daemon, image, "fourth", "--mount", f"type=bind,src={store},dst=/s,options=rbind:ro"
+    )
+    assert "restored fourth from template" in bound
     # The builder is gone with its build: no staging directory, no VM.
     while list(store.glob(".build-*")):
         assert time.monotonic() < deadline, "the builder left its staging directory"

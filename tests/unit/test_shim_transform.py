@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from harpoon.api.names import CONTAINER_CGROUPS_PATH
-from harpoon.errdefs import Unimplemented
+from harpoon.errdefs import FailedPrecondition, InvalidArgument, Unimplemented
+from harpoon.sandbox.binds import GUEST_MOUNTS, HostBind
 from harpoon.sandbox.rootfs import GUEST_ROOTFS, SHARE_TAG
 from harpoon.shim import paths
 from harpoon.shim.container_plan import encode, plan_guest
@@ -108,19 +112,95 @@ def test_hostname_defaults_to_the_hosts_only_with_a_uts_namespace() -> None:
     assert "hostname" not in spec_for_guest(shared, host_hostname="h")
 
 
+def test_bind_mounts_become_binds_of_the_shares_mount_points_in_spec_order(
+    tmp_path: Path,
+) -> None:
+    """nerdctl's `-v` (type none, rbind), its /etc files (type bind), ctr's --mount: each
+    keeps its destination and options, its source becomes the share's mount point."""
+    directory, single = tmp_path / "app", tmp_path / "hosts"
+    directory.mkdir()
+    single.write_text("127.0.0.1 localhost\n")
+    mounts = [
+        {"destination": "/app", "type": "none", "source": str(directory),
+         "options": ["rbind", "ro", "rprivate"]},
+        {"destination": "/etc/hosts", "type": "bind", "source": str(single),
+         "options": ["bind", "rprivate"]},
+        {"destination": "/app/sub", "type": "bind", "source": str(directory)},
+    ]  # fmt: skip
+    spec = ctr_spec()
+    spec["mounts"] += mounts
+    draft = plan_guest("ns", "c1", spec, "h")
+    guest_mounts = draft.guest_spec["mounts"][-3:]
+    assert [m["destination"] for m in guest_mounts] == ["/app", "/etc/hosts", "/app/sub"]
+    assert [m["source"] for m in guest_mounts] == [f"{GUEST_MOUNTS}/{n}" for n in range(3)]
+    assert {m["type"] for m in guest_mounts} == {"bind"}
+    assert guest_mounts[0]["options"] == ["rbind", "ro", "rprivate"]
+    assert draft.binds == [
+        HostBind(0, directory, directory=True, readonly=True, recursive=True),
+        HostBind(1, single, directory=False, readonly=False, recursive=False),
+        HostBind(2, directory, directory=True, readonly=False, recursive=False),
+    ]
+    assert spec["mounts"][-3:] == mounts  # config.json as containerd wrote it
+
+
+def test_a_relative_bind_source_is_relative_to_the_bundle(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    spec = ctr_spec()
+    spec["mounts"].append({"destination": "/d", "type": "bind", "source": "data"})
+    draft = plan_guest("ns", "c1", spec, "h", bundle_dir=tmp_path)
+    assert draft.binds[0].source == tmp_path / "data"
+
+
+def test_a_device_bound_from_the_host_is_the_guests_device_of_that_path() -> None:
+    spec = ctr_spec()
+    spec["mounts"].append({"destination": "/x", "type": "bind", "source": "/dev/null"})
+    draft = plan_guest("ns", "c1", spec, "h")
+    assert draft.binds == []
+    assert draft.guest_spec["mounts"][-1]["source"] == "/dev/null"
+
+
+@pytest.fixture
+def unix_socket(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "s.sock"
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        yield path
+
+
+def test_a_socket_mount_is_refused_unless_the_workload_can_do_without_it(
+    unix_socket: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = ctr_spec()
+    mount = {"destination": "/run/x.sock", "type": "bind", "source": str(unix_socket)}
+    spec["mounts"].append(mount)
+    with pytest.raises(Unimplemented, match="a unix socket cannot cross into the VM") as refused:
+        plan_guest("ns", "c1", spec, "h")
+    assert "/run/x.sock" in str(refused.value)
+    spec["mounts"][-1]["destination"] = "/dev/otel-grpc.sock"  # BuildKit's
+    draft = plan_guest("ns", "c1", spec, "h")
+    assert "/dev/otel-grpc.sock" not in [m["destination"] for m in draft.guest_spec["mounts"]]
+    assert draft.binds == []
+    assert "leaving out the mount" in caplog.text
+
+
 @pytest.mark.parametrize(
-    "mount",
+    ("mount", "error", "words"),
     [
-        {"destination": "/data", "type": "bind", "source": "/srv/data", "options": ["rbind"]},
-        {"destination": "/etc/hosts", "type": "none", "source": "/x/hosts", "options": ["bind"]},
-        {"destination": "/cache", "source": "/var/cache"},
-        {"destination": "/proc2", "type": "proc", "source": "/proc", "options": ["rbind"]},
+        ({"destination": "/data", "type": "bind", "source": "/no/such/dir", "options": ["rbind"]},
+         FailedPrecondition, "the source does not exist"),
+        ({"destination": "/etc/hosts", "type": "none", "source": "/no/hosts", "options": ["bind"]},
+         FailedPrecondition, "the source does not exist"),
+        ({"destination": "/nfs", "type": "nfs", "source": "server:/export"},
+         Unimplemented, "harpoon cannot serve the mount"),
+        ({"destination": "/b", "type": "bind"}, InvalidArgument, "needs a source path"),
     ],
-)
-def test_host_paths_fail_clearly(mount: dict[str, Any]) -> None:
+)  # fmt: skip
+def test_a_mount_harpoon_cannot_serve_fails_clearly_naming_it(
+    mount: dict[str, Any], error: type[Exception], words: str
+) -> None:
     spec = ctr_spec()
     spec["mounts"].append(mount)
-    with pytest.raises(Unimplemented, match="cannot share host paths into the VM") as raised:
+    with pytest.raises(error, match=words) as raised:
         spec_for_guest(spec, host_hostname="h")
     assert mount["destination"] in str(raised.value)
 
@@ -170,6 +250,6 @@ def test_the_plan_gives_the_vm_its_rootfs_share_and_size() -> None:
 
 def test_a_refused_spec_is_refused_by_the_plan_before_any_device_is_made() -> None:
     spec = ctr_spec()
-    spec["mounts"].append({"destination": "/data", "type": "bind", "source": "/srv"})
+    spec["mounts"].append({"destination": "/data", "type": "nfs", "source": "srv:/x"})
     with pytest.raises(Unimplemented):
         plan_guest("ns", "c1", spec, "h")

@@ -231,14 +231,15 @@ def test_a_restore_hands_qemu_the_state_file_as_an_inherited_fd(
 
 
 def test_a_bundle_the_plan_refuses_launches_no_vm(tmp_path: Path) -> None:
-    """A Create that config.json already shows must fail (here: a host bind mount) fails
-    before any VM: the daemon's early step plans, is refused, and launches nothing."""
+    """A Create that config.json already shows must fail (here: a bind mount of a host
+    path that does not exist) fails before any VM: the daemon's early step plans, is
+    refused, and launches nothing."""
     from harpoon.shim import prestart
 
     bin_dir, _ = fake_qemu_and_guest(tmp_path)
     bundle = tmp_path / "bundle"
     bundle.mkdir()
-    mount = {"destination": "/data", "type": "bind", "source": str(tmp_path)}
+    mount = {"destination": "/data", "type": "bind", "source": str(tmp_path / "missing")}
     spec = {"process": {"args": ["true"]}, "mounts": [mount]}
     (bundle / "config.json").write_text(json.dumps(spec))
     environment = {

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     # before it imports what it needs to talk to it.
     from harpoon.api.agent.v1 import agent_pb2
     from harpoon.sandbox.agent_client import AgentClient
+    from harpoon.sandbox.binds import HostBind
 
 BOOT_TIMEOUT_S = 60.0
 BOOT_ATTEMPTS = 2
@@ -123,6 +124,16 @@ class Sandbox:
             raise VMError(f"sandbox {self.config.name} has no rootfs share to put a rootfs in")
         rootfs.attach(self.rootfs_share, host_rootfs)
         return rootfs.GUEST_ROOTFS
+
+    def share_binds(self, binds: tuple[HostBind, ...]) -> None:
+        """Binds host paths into the VM's share (harpoon.sandbox.binds)."""
+        if not binds:
+            return
+        if self.rootfs_share is None or self.agent is None:
+            raise VMError(f"sandbox {self.config.name} has no share to bind host paths into")
+        from harpoon.sandbox import binds as host_binds
+
+        host_binds.attach(self.rootfs_share, binds)
 
     async def _restore(self, store: TemplateStore, found: Template) -> bool:
         began = time.monotonic()

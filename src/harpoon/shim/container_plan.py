@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harpoon.sandbox.binds import HostBind
 from harpoon.sandbox.plan import LaunchPlan, Templates, plan_launch
 from harpoon.shim import paths
 from harpoon.shim.bundle import Bundle
@@ -33,14 +35,21 @@ class ContainerPlan:
     guest_spec: bytes
     """config.json as crun runs it in the guest (JSON)."""
     launch: LaunchPlan
+    binds: tuple[HostBind, ...] = ()
+    """Host paths bound into the VM's share at Create."""
 
 
 def plan_guest(
-    namespace: str, container_id: str, spec: dict[str, Any], host_hostname: str | None = None
+    namespace: str,
+    container_id: str,
+    spec: dict[str, Any],
+    host_hostname: str | None = None,
+    bundle_dir: Path | None = None,
 ) -> Draft:
-    """Every transformer's plan for spec, in the pipeline's order (pure)."""
+    """Every transformer's plan for spec, in the pipeline's order (reads nothing but the
+    types of bind mounts' sources)."""
     hostname = host_hostname if host_hostname is not None else os.uname().nodename
-    draft = Draft(namespace, container_id, spec, hostname)
+    draft = Draft(namespace, container_id, spec, hostname, bundle_dir=bundle_dir)
     for transformer in PIPELINE:
         transformer.plan(draft)
     return draft
@@ -55,7 +64,7 @@ def plan_container(
     templates: Templates = None,
 ) -> ContainerPlan:
     """The container's plan; an errdefs error for a spec harpoon cannot run."""
-    draft = plan_guest(namespace, container_id, bundle.spec)
+    draft = plan_guest(namespace, container_id, bundle.spec, bundle_dir=bundle.path)
     config = VMConfig(
         name=container_id,
         arch=image.arch,
@@ -69,7 +78,7 @@ def plan_container(
         nics=tuple(draft.nics),
     )
     launch = plan_launch(config, backend, templates, draft.rootfs_share)
-    return ContainerPlan(container_id, bundle, encode(draft.guest_spec), launch)
+    return ContainerPlan(container_id, bundle, encode(draft.guest_spec), launch, tuple(draft.binds))
 
 
 def encode(document: dict[str, Any]) -> bytes:

@@ -140,7 +140,7 @@ class TaskService:
             undo.callback(shutil.rmtree, plan.launch.config.state_dir, ignore_errors=True)
             io = self._open_io(request)
             undo.callback(io.close)
-            create = CreateContext(request, plan.bundle, undo, rootfs=Path())
+            create = CreateContext(request, plan.bundle, undo, rootfs=Path(), binds=plan.binds)
             for transformer in PIPELINE:
                 await transformer.before_vm(create)
             sandbox = await self.sandboxes.start(plan.launch)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harpoon.sandbox.binds import HostBind
 from harpoon.vmm.devices import NIC, Disk, Share
 
 if TYPE_CHECKING:
@@ -35,6 +36,10 @@ class Draft:
     nics: list[NIC] = field(default_factory=list)
     rootfs_share: Path | None = None
     """The host directory of the rootfs share, which the sandbox prepares and releases."""
+    binds: list[HostBind] = field(default_factory=list)
+    """Host paths bound into the share at Create (harpoon.sandbox.binds)."""
+    bundle_dir: Path | None = None
+    """The bundle's directory, which relative bind sources are relative to."""
 
     def __post_init__(self) -> None:
         if not self.guest_spec:
@@ -50,6 +55,8 @@ class CreateContext:
     undo: contextlib.AsyncExitStack
     rootfs: Path
     """The host directory that is the container's root (mounted by the rootfs step)."""
+    binds: tuple[HostBind, ...] = ()
+    """The plan's host binds."""
 
 
 class Transformer:

@@ -1,0 +1,169 @@
+"""Host paths in the container through `ctr run --mount` (containerd 1.6 and 2.3): bind
+mounts of directories and single files, read-write and read-only, a file the host
+rewrites while the container runs, tmpfs mounts, and mounts harpoon must refuse.
+
+A bind mount is served through the VM's share (harpoon.sandbox.binds): the guest sees
+the export's `mounts/<n>`, so what the export holds is what the guest can reach.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harpoon.devenv.containerd import Containerd
+from harpoon.sandbox.binds import MOUNTS_NAME
+from harpoon.shim import paths
+from tests.e2e.test_harpoon_run import (
+    HARPOON,
+    RUN_TIMEOUT_S,
+    leftovers,
+    remove,
+    run,
+    start_sleeper,
+)
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture
+def host_dir(tmp_path: Path) -> Iterator[Path]:
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    (directory / "in.txt").write_text("from the host\n")
+    yield directory
+
+
+def bind(source: Path, destination: str, *options: str) -> list[str]:
+    return ["--mount", f"type=bind,src={source},dst={destination},options={':'.join(options)}"]
+
+
+def run_with(
+    containerd: Containerd, image: str, container_id: str, mounts: list[str], script: str
+) -> tuple[int, str, str]:
+    result = containerd.ctr(
+        "run", "--rm", "--runtime", HARPOON, *mounts, image, container_id, "sh", "-c", script,
+        timeout=RUN_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_a_read_write_bind_reads_host_files_and_writes_through_at_once(
+    containerd: Containerd, busybox_image: str, container_id: str, host_dir: Path
+) -> None:
+    status, out, _ = run_with(
+        containerd, busybox_image, container_id, bind(host_dir, "/data", "rbind", "rw"),
+        "cat /data/in.txt; echo written > /data/out.txt; mkdir /data/d; "
+        "touch /data/owned; chown 1000:1001 /data/owned; chmod 640 /data/owned",
+    )  # fmt: skip
+    assert (status, out) == (0, "from the host\n")
+    assert (host_dir / "out.txt").read_text() == "written\n"
+    # Owned as a runc container leaves them on the host: root's, or as chowned.
+    made = os.stat(host_dir / "out.txt")
+    assert (made.st_uid, made.st_gid) == (0, 0)
+    owned = os.stat(host_dir / "owned")
+    assert (owned.st_uid, owned.st_gid, stat.S_IMODE(owned.st_mode)) == (1000, 1001, 0o640)
+    assert (host_dir / "d").is_dir()
+    assert leftovers(containerd, container_id) == []
+
+
+def test_a_read_only_bind_refuses_writes_with_erofs(
+    containerd: Containerd, busybox_image: str, container_id: str, host_dir: Path
+) -> None:
+    status, out, err = run_with(
+        containerd, busybox_image, container_id, bind(host_dir, "/data", "rbind", "ro"),
+        "cat /data/in.txt; echo x > /data/in.txt; touch /data/new",
+    )  # fmt: skip
+    assert status == 1 and out == "from the host\n"
+    assert err.count("Read-only file system") == 2, err
+    assert sorted(os.listdir(host_dir)) == ["in.txt"]
+    assert (host_dir / "in.txt").read_text() == "from the host\n"
+
+
+def test_a_single_file_is_shared_alone_and_its_changes_reach_a_running_container(
+    containerd: Containerd, busybox_image: str, container_id: str, host_dir: Path
+) -> None:
+    """As nerdctl binds /etc/hosts, and rewrites it (in place) when its network grows."""
+    hosts = host_dir / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n")
+    (host_dir / "secret").write_text("a sibling the guest must not see\n")
+    containerd.ctr(
+        "run", "-d", "--runtime", HARPOON, *bind(hosts, "/etc/hosts", "bind", "ro"),
+        busybox_image, container_id, "sleep", "1000", timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    try:
+        # The guest's view of the share is the export: the rootfs and the file alone.
+        export = paths.share_dir(containerd.namespace, container_id)
+        assert sorted(os.listdir(export / MOUNTS_NAME)) == ["0"]
+        assert (export / MOUNTS_NAME / "0").read_text() == "127.0.0.1 localhost\n"
+        assert stat.S_ISREG(os.stat(export / MOUNTS_NAME / "0").st_mode)
+
+        def cat_hosts(exec_id: str) -> str:
+            return containerd.ctr(
+                "task", "exec", "--exec-id", exec_id, container_id, "cat", "/etc/hosts"
+            ).stdout
+
+        assert cat_hosts("before") == "127.0.0.1 localhost\n"
+        hosts.write_text("127.0.0.1 localhost\n10.4.0.7 web\n")  # in place: same inode
+        assert cat_hosts("after") == "127.0.0.1 localhost\n10.4.0.7 web\n"
+    finally:
+        remove(containerd, container_id)
+    assert leftovers(containerd, container_id) == []
+
+
+def test_nested_binds_apply_in_spec_order_onto_paths_the_image_lacks(
+    containerd: Containerd, busybox_image: str, container_id: str, host_dir: Path, tmp_path: Path
+) -> None:
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    (inner / "deep.txt").write_text("inner\n")
+    mounts = bind(host_dir, "/new/outer", "rbind", "rw") + bind(inner, "/new/outer/in", "rbind")
+    status, out, _ = run_with(
+        containerd, busybox_image, container_id, mounts,
+        "cat /new/outer/in.txt /new/outer/in/deep.txt",
+    )  # fmt: skip
+    assert (status, out) == (0, "from the host\ninner\n")
+
+
+def test_a_tmpfs_mount_has_the_size_asked_for(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    mount = ["--mount", "type=tmpfs,src=tmpfs,dst=/scratch,options=size=16m"]
+    status, out, _ = run_with(
+        containerd, busybox_image, container_id, mount, "df -k /scratch | tail -1"
+    )
+    assert status == 0
+    assert out.split()[1] == str(16 * 1024), out
+
+
+@pytest.mark.parametrize(
+    ("source", "words"),
+    [("/no/such/dir", "the source does not exist")],
+)
+def test_a_mount_that_cannot_be_served_fails_create_naming_it_and_leaves_nothing(
+    containerd: Containerd, busybox_image: str, container_id: str, source: str, words: str
+) -> None:
+    status, _, err = run_with(
+        containerd, busybox_image, container_id, bind(Path(source), "/data", "rbind"), "true"
+    )
+    assert status != 0
+    assert words in err and "/data" in err, err
+    containerd.ctr("container", "delete", container_id, check=False)
+    assert leftovers(containerd, container_id) == []
+
+
+def test_a_container_without_binds_is_unaffected(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    """Its export has no mounts/ at all."""
+    start_sleeper(containerd, busybox_image, container_id)
+    try:
+        export = paths.share_dir(containerd.namespace, container_id)
+        assert not (export / MOUNTS_NAME).exists()
+    finally:
+        remove(containerd, container_id)
+    assert run(containerd, busybox_image, f"{container_id}-2", "true") == (0, "")
