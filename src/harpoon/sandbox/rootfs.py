@@ -24,6 +24,8 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harpoon import private
+
 if TYPE_CHECKING:
     from harpoon.sandbox.agent_client import AgentClient
 
@@ -49,8 +51,12 @@ def prepare(share: Path) -> None:
         return
     if os.path.lexists(share):
         release(share)
-    share.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
-    share.mkdir(mode=0o700, exist_ok=True)
+    # Root's alone, as everything of harpoon's on the host: the directory of every
+    # container's share (it lists them) and the export (it holds the container's
+    # rootfs). QEMU reads the export as root, and the guest checks the modes it shows
+    # itself: the container's root is the rootfs mounted under them, never these.
+    private.directory(share.parent)
+    private.directory(share)
     (share / ROOTFS_NAME).mkdir(mode=0o755, exist_ok=True)
 
 

@@ -48,6 +48,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harpoon import private
 from harpoon.vmm.base import VirtualMachine, VMConfig, VMError
 
 if TYPE_CHECKING:
@@ -78,7 +79,9 @@ RESTORE_HELLO_TIMEOUT_S = 5.0  # from the state's load starting; a cold boot tak
 RESTORE_CALL_TIMEOUT_S = 120.0  # Hello is queued before the guest runs: the above bounds it
 LOCK_POLL_S = 0.1
 BUILD_LOCK_NAME = "build.lock"
-PRIVATE_MODE = 0o700  # a state file is guest memory: the guest's secrets are in it
+# The store is root's alone (harpoon.private): a state or memory file is guest memory,
+# with the guest's secrets in it.
+PRIVATE_MODE = private.DIR_MODE
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,9 @@ class TemplateStore:
 
     def find(self, key: str) -> Template | None:
         """The published template for key if it looks whole (two stats and a small read)."""
+        # One stat more: a store an older harpoon made looser is tightened when used.
+        with contextlib.suppress(OSError):
+            private.tighten(self.root)
         directory = self.root / key
         try:
             meta = json.loads((directory / META_NAME).read_text())
@@ -161,7 +167,7 @@ class TemplateStore:
     def _staging(self) -> Iterator[Path]:
         """A private build directory, removed whatever happens (and, if this process is
         killed, by the next build: its name carries our pid)."""
-        self.root.mkdir(mode=PRIVATE_MODE, parents=True, exist_ok=True)
+        private.directory(self.root)
         self._remove_dead_builds()
         staging = self.root / f".build-{os.getpid()}-{secrets.token_hex(4)}"
         staging.mkdir(mode=PRIVATE_MODE)
@@ -218,7 +224,8 @@ class TemplateStore:
     def building(self) -> bool:
         """Whether a process holds the build lock now (it is building a template)."""
         try:
-            with open(self.root / BUILD_LOCK_NAME, "a") as lock:
+            lock_fd = private.open_file(self.root / BUILD_LOCK_NAME, os.O_WRONLY | os.O_APPEND)
+            with open(lock_fd, "a") as lock:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -233,8 +240,8 @@ class TemplateStore:
         """Holds the build lock, once any other process has let it go."""
         import asyncio
 
-        self.root.mkdir(mode=PRIVATE_MODE, parents=True, exist_ok=True)
-        with open(self.root / BUILD_LOCK_NAME, "w") as lock:
+        private.directory(self.root)
+        with open(private.open_file(self.root / BUILD_LOCK_NAME, os.O_WRONLY), "w") as lock:
             while True:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -274,7 +281,8 @@ class TemplateStore:
                     identity=identity,
                     image=str(config.initrd.parent),
                 )
-                (staging / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+                document = json.dumps(meta, indent=1) + "\n"
+                private.write_file(staging / META_NAME, document.encode())
                 template = self._publish(staging, key)
         log.info("built VM template %s in %s", key, template.directory)
         return template
@@ -321,7 +329,7 @@ def template_config(config: VMConfig, staging: Path, state_dir: Path) -> VMConfi
     """config with its own paths replaced: private state in state_dir, shares on an
     empty directory."""
     placeholder = staging / "share"
-    placeholder.mkdir(exist_ok=True)
+    placeholder.mkdir(mode=PRIVATE_MODE, exist_ok=True)
     return replace(
         config,
         name=f"template-{staging.name}",

@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harpoon import private
 from harpoon.vmm.base import LOWEST_PRIORITY_NICE, VMConfig
 from harpoon.vmm.devices import NIC, Disk, NicBackend, Share, StreamBackend, TapBackend, Vsock
 from harpoon.vmm.process import VmmProcess
@@ -85,15 +86,16 @@ def _nic(fields: dict[str, Any]) -> NIC:
 def spawn(config: VMConfig, backend: str, store_root: Path) -> VmmProcess:
     """Starts the detached builder of config's template in store_root. Whoever holds
     the process may wait for it (and so reap it); once the caller exits, init does."""
-    store_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private.directory(store_root)
     log_path = store_root / BUILD_LOG_NAME
     try:
         # Appended to, so a failure stays next to the builds before it; started afresh
         # once it is large, so it never grows without end.
-        mode = "wb" if log_path.stat().st_size > MAX_BUILD_LOG_BYTES else "ab"
+        mode = os.O_TRUNC if log_path.stat().st_size > MAX_BUILD_LOG_BYTES else os.O_APPEND
     except FileNotFoundError:
-        mode = "ab"
-    with open(log_path, mode) as build_log:
+        mode = os.O_APPEND
+    # Root's alone, as the store is (harpoon.private): it quotes the guest's console.
+    with open(private.open_file(log_path, os.O_WRONLY | mode), "ab") as build_log:
         popen = subprocess.Popen(
             [sys.executable, "-m", __name__, str(store_root), config_to_json(config, backend)],
             stdin=subprocess.DEVNULL,

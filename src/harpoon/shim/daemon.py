@@ -13,7 +13,11 @@ import logging
 import os
 import sys
 
+from harpoon import private
+from harpoon.shim import paths
 from harpoon.shim.cli import Flags
+
+log = logging.getLogger(__name__)
 
 
 def _log_to_fifo(debug: bool) -> None:
@@ -35,6 +39,12 @@ def run_daemon(flags: Flags) -> int:
     # Not a child subreaper (runc's shim is one for its runc init): our only children
     # are VMMs we wait for, and orphans of theirs are better left to init to reap.
     _log_to_fifo(flags.debug)
+    try:
+        # Root's alone, and tightened here if an older harpoon made it looser (its
+        # vm/ and share/ are where they are used): every container's daemon begins here.
+        private.directory(paths.RUN_DIR)
+    except OSError as error:  # the VM's launch will fail and say why
+        log.warning("cannot make harpoon's run directory %s private: %s", paths.RUN_DIR, error)
     from harpoon.shim import prestart
 
     early = prestart.launch(flags.namespace, flags.id, flags.bundle or os.getcwd())

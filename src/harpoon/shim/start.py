@@ -21,6 +21,7 @@ import time
 from _socket import AF_UNIX, SOCK_STREAM
 from _socket import socket as Socket
 
+from harpoon import private
 from harpoon.shim import paths
 from harpoon.shim.bootstrap import BootstrapParams, parse_start_stdin, start_output
 from harpoon.shim.cli import Flags
@@ -30,11 +31,13 @@ LISTENER_FD = 3
 
 def _bind(path: str) -> Socket | None:
     """A listening socket at path, or None if a live shim already serves it."""
-    os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
+    # The socket is the container's whole Task API: root's alone, in a directory that
+    # is too (runc's shim makes it 0600 and its sockets 0600).
+    private.directory(os.path.dirname(path))
     for _ in range(2):
         listener = Socket(AF_UNIX, SOCK_STREAM)
         try:
-            listener.bind(path)
+            private.bind(listener, path)
         except OSError as error:
             listener.close()
             if error.errno != errno.EADDRINUSE:
@@ -51,7 +54,6 @@ def _bind(path: str) -> Socket | None:
             finally:
                 probe.close()
             continue
-        os.chmod(path, 0o600)
         listener.listen(128)
         return listener
     raise OSError(errno.EADDRINUSE, f"cannot bind shim socket {path}")
@@ -107,8 +109,7 @@ def start(flags: Flags) -> int:
     address = f"unix://{path}"
     listener = _bind(path)
     if listener is not None:
-        with open("address", "w") as recorded:
-            recorded.write(address)
+        private.write_file("address", address.encode())
         sys.stdout.flush()
         daemon_flags = _daemon_flags(flags, namespace, task_id, grpc_address)
         daemon_flags.forked_at = time.time()
@@ -122,8 +123,7 @@ def start(flags: Flags) -> int:
             _become_daemon(listener, daemon_flags, ttrpc_address)
         listener.close()
         # As runc's shim does: `delete` ends a daemon that containerd lost (harpoon.shim.cleanup).
-        with open(paths.DAEMON_PID_FILE, "w") as recorded:
-            recorded.write(str(child))
+        private.write_file(paths.DAEMON_PID_FILE, str(child).encode())
     sys.stdout.buffer.write(start_output(address, params))
     sys.stdout.flush()
     return 0

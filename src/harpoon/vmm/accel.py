@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from harpoon import private
+
 PROBE_TIMEOUT_S = 5.0
 PROBE_RUN_S = 0.5
 ACCEL_ENV = "HARPOON_ACCEL"
@@ -87,15 +89,15 @@ def choose(qemu: str) -> str:
     key = hashlib.sha256(f"{qemu}:{_boot_id()}".encode()).hexdigest()[:16]
     cache = CACHE_DIR / f"accel-{key}"
     try:
-        return cache.read_text().strip()
+        return private.read_file(cache).decode().strip()
     except OSError:
         pass
     hardware = hardware_accelerator()
     verdict = hardware if probe(qemu, hardware) else "tcg"
     try:
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        private.directory(CACHE_DIR)
         tmp = cache.with_suffix(f".{os.getpid()}")
-        tmp.write_text(verdict)
+        private.write_file(tmp, verdict.encode())
         tmp.replace(cache)
     except OSError:
         pass

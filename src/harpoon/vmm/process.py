@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harpoon import private
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -36,8 +38,8 @@ class VmmProcess:
     ) -> VmmProcess:
         """Starts argv with no stdin or stdout, its stderr in stderr_path and pass_fds
         open at the same numbers; `preexec` runs in the child before exec (and must
-        import nothing: see subprocess)."""
-        with open(stderr_path, "wb") as stderr:
+        import nothing: see subprocess). The log is root's alone, as the VM's state is."""
+        with open(private.open_file(stderr_path, os.O_WRONLY | os.O_TRUNC), "wb") as stderr:
             popen = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,

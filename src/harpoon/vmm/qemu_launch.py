@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harpoon import linux
+from harpoon import linux, private
 from harpoon.vmm import accel
 from harpoon.vmm.backend import host_arch
 from harpoon.vmm.base import (
@@ -126,7 +126,7 @@ def supported_machines(binary: str) -> frozenset[str]:
         info = os.stat(binary)
         key = hashlib.sha256(f"{binary}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}".encode())
         cache = accel.CACHE_DIR / f"machines-{key.hexdigest()[:16]}"
-        return frozenset(cache.read_text().split())
+        return frozenset(private.read_file(cache).decode().split())
     except OSError:
         pass
     try:
@@ -138,9 +138,9 @@ def supported_machines(binary: str) -> frozenset[str]:
     machines = frozenset(line.split()[0] for line in listing.splitlines()[1:] if line.strip())
     if cache is not None and machines:
         with contextlib.suppress(OSError):
-            cache.parent.mkdir(parents=True, exist_ok=True)
+            private.directory(cache.parent)
             temporary = cache.with_suffix(f".{os.getpid()}")
-            temporary.write_text("\n".join(sorted(machines)))
+            private.write_file(temporary, "\n".join(sorted(machines)).encode())
             temporary.replace(cache)
     return machines
 
@@ -310,13 +310,13 @@ def _option(path: Path) -> str:
 
 def _listen(path: Path) -> int:
     """A unix socket listening at path (what a dead VM left there goes first), as a
-    descriptor for QEMU to inherit."""
+    descriptor for QEMU to inherit; root's alone (whoever connects drives the VM)."""
     import socket
 
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        listener.bind(str(path))
+        private.bind(listener, path)
         listener.listen(LISTEN_BACKLOG)
     except BaseException:
         listener.close()
@@ -335,6 +335,10 @@ def _die_with_parent() -> None:
     # imports here: another thread of the shim may hold an import's lock.
     linux.set_parent_death_signal(signal.SIGKILL)
     os.setsid()
+    # What QEMU creates (console log, pid file, a template's memory file, the saved
+    # state its `cat` writes) holds the guest's data: root's alone. Files the guest
+    # creates in a 9p share are not cut by it: QEMU sets their modes as the guest asks.
+    os.umask(private.UMASK)
 
 
 def _die_with_parent_at_lowest_priority() -> None:
@@ -398,7 +402,10 @@ def launch(config: VMConfig, restoring: Path | None = None) -> QemuLaunch:
     accepts it, or is refused once QEMU is gone)."""
     binary = find_binary(config)
     resolved = with_available_machine(config, binary)
-    resolved.state_dir.mkdir(parents=True, exist_ok=True)
+    # The VM's sockets, console log and pid file: root's alone. So is the directory of
+    # every VM's (RUN_DIR/vm, a template build's scratch), which lists the containers.
+    private.directory(resolved.state_dir.parent)
+    private.directory(resolved.state_dir)
     inherited: list[int] = []
     try:
         listeners = {
