@@ -97,6 +97,7 @@ def test_what_it_accepts_protobuf_accepts_alike(payload: bytes) -> None:
         b"\x00\x01",  # field number 0
         b"\x19\x01\x02",  # a fixed64 cut short
         b"\x18" + b"\xff" * 11,  # a varint of more than ten bytes
+        b"\x80\x80\x80\x80\x10\x00",  # a key past 32 bits (found by hypothesis)
     ],
 )
 def test_malformed_messages_are_refused_as_protobuf_refuses_them(payload: bytes) -> None:

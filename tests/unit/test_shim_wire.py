@@ -95,7 +95,10 @@ def test_start_input_tells_params_from_options_as_before() -> None:
     assert parsed.options == AnyMessage("runtimeoptions.v1.Options", b"\xff\xfe")
 
 
-@pytest.mark.parametrize("data", [b"\xff", b"\x0a\x05ab", b"\x00", b"\x0f", b"\x0a\x02\xff\xfe"])
+@pytest.mark.parametrize(
+    "data",
+    [b"\xff", b"\x0a\x05ab", b"\x00", b"\x0f", b"\x0a\x02\xff\xfe", b"\x80\x80\x80\x80\x10\x00"],
+)
 def test_broken_input_is_no_input(data: bytes) -> None:
     assert parse_start_stdin(data, "c1") == (None, None)
 

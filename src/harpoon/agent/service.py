@@ -51,6 +51,9 @@ _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 _MAX_VARINT_BYTES = 10
 
 
+_MAX_KEY = 0xFFFF_FFFF
+
+
 def _varint(view: memoryview, pos: int) -> tuple[int, int]:
     """The varint at view[pos:], and the position after it."""
     value = shift = 0
@@ -75,8 +78,8 @@ def stdin_chunk(payload: bytes | memoryview) -> tuple[str, memoryview]:
     while pos < end:
         key, pos = _varint(view, pos)
         field, wire_type = key >> 3, key & 7
-        if field == 0:
-            raise InvalidArgument("StdinChunk: field number 0")
+        if field == 0 or key > _MAX_KEY:  # a key is a uint32, as protobuf reads it
+            raise InvalidArgument(f"StdinChunk: bad field number {field}")
         if wire_type == _LENGTH_DELIMITED:
             length, pos = _varint(view, pos)
             if length > end - pos:

@@ -76,8 +76,8 @@ def fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
     while pos < len(data):
         key, pos = _varint(data, pos)
         number, wire_type = key >> 3, key & 7
-        if number == 0:
-            raise WireError("field number 0")
+        if number == 0 or key > 0xFFFF_FFFF:  # a key is a uint32, as protobuf reads it
+            raise WireError(f"bad field number {number}")
         value: int | bytes
         if wire_type == VARINT:
             value, pos = _varint(data, pos)
