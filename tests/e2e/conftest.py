@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -19,7 +21,8 @@ import pytest
 
 from harpoon.devenv.containerd import Containerd
 from harpoon.devenv.images import BUSYBOX_REF, build_busybox_image, default_cache_dir
-from harpoon.devenv.tools import Flavour, flavour, scripts_dir
+from harpoon.devenv.tools import NERDCTL, Flavour, flavour, scripts_dir
+from tests.e2e.nerdctl import MINIMUM_CONTAINERD, Nerdctl, version_tuple
 from tests.prerequisites import unavailable
 
 #: How long shims get to exit after their last task is deleted.
@@ -74,6 +77,38 @@ def busybox_image_tar() -> Path:
 def busybox_image(containerd_session: Containerd, busybox_image_tar: Path) -> str:
     """The reference of the busybox image, imported into the session's containerd."""
     return containerd_session.import_image(busybox_image_tar)
+
+
+@pytest.fixture(scope="session")
+def nerdctl_session(usable_flavour: Flavour, request: pytest.FixtureRequest) -> Iterator[Nerdctl]:
+    """nerdctl for the session's containerd (tests/e2e/nerdctl.py says how it is set up),
+    its state in a temporary directory removed at the end; skipped on containerd < 1.7."""
+    if version_tuple(usable_flavour.version) < MINIMUM_CONTAINERD:
+        minimum = ".".join(map(str, MINIMUM_CONTAINERD))
+        pytest.skip(
+            f"nerdctl {NERDCTL.version} supports containerd {minimum} and later, "
+            f"not {usable_flavour.version}"
+        )
+    if NERDCTL.missing_binaries():
+        unavailable(f"nerdctl is not built: {NERDCTL.install_hint()}")
+    image: str = request.getfixturevalue("busybox_image")
+    daemon: Containerd = request.getfixturevalue("containerd_session")
+    nerdctl = Nerdctl(NERDCTL.binary, daemon, Path(tempfile.mkdtemp(prefix="hp-nerdctl-")), image)
+    try:
+        yield nerdctl
+    finally:
+        try:
+            nerdctl.remove_all()
+        finally:
+            shutil.rmtree(nerdctl.base, ignore_errors=True)
+
+
+@pytest.fixture
+def nerdctl(nerdctl_session: Nerdctl, containerd: Containerd) -> Iterator[Nerdctl]:
+    """The session's nerdctl; the containers and volumes a test leaves are removed
+    (`nerdctl rm -f`, `nerdctl volume rm`) before the `containerd` fixture's leak check."""
+    yield nerdctl_session
+    nerdctl_session.remove_all()
 
 
 @pytest.fixture

@@ -6,13 +6,16 @@ pinned version and a directory holding `containerd`, `ctr` and the runc shim. De
 directory once per machine (`python -m harpoon.devenv.tools install`, run by
 scripts/install-deps). Adding a release line is one entry in `FLAVOURS`.
 
-containerd's shim conformance suite (`SHIMTEST`) is built the same way, once per
-machine, but from the source tarballs kept in `../shared/third_party` beside the
-repository (the Go module proxy refuses it): pinned by their sha256, built in a scratch
-directory (that one is read-only), cached under a name made of those hashes.
+containerd's shim conformance suite (`SHIMTEST`) and nerdctl (`NERDCTL`) are built the
+same way, once per machine, but from the source tarballs kept in `../shared/third_party`
+beside the repository (the Go module proxy refuses them; their Go dependencies come from
+it): pinned by their sha256, built in a scratch directory (that one is read-only),
+cached under a name made of those hashes (`SourceBuild`). Adding such a tool is a
+`SourceBuild` subclass (its commands and the files it keeps) and one entry in
+`SOURCE_BUILDS`.
 
 This module never starts a daemon or a test; `harpoon.devenv.containerd` starts
-containerd, tests/conformance runs shimtest.
+containerd, tests/conformance runs shimtest, tests/e2e/nerdctl.py runs nerdctl.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -109,8 +113,9 @@ THIRD_PARTY_DIR = Path(
 #: Go's names of the machines `platform.machine()` names differently.
 GO_ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64"}
 
-#: A `go test -c` build and its Go dependencies, on 2 cores (~30 s measured).
-SHIMTEST_BUILD_TIMEOUT_S = 900.0
+#: One step of a source build (a `make build`, a `go build` and its Go dependencies);
+#: on 2 cores: shimtest ~30 s, nerdctl ~110 s cold. This only catches a hung step.
+SOURCE_BUILD_STEP_TIMEOUT_S = 1800.0
 
 
 @dataclass(frozen=True)
@@ -140,19 +145,54 @@ class SourceTarball:
 
 
 @dataclass(frozen=True)
-class Shimtest:
-    """containerd/shimtest's test binary and the test binary it puts in its rootfs,
-    built with `make build` from its tarball and the ttrpc commit its go.mod pins
-    (which the module proxy refuses: `go mod edit -replace` points it at the tarball)."""
+class SourceBuild:
+    """A tool built from tarballs of `THIRD_PARTY_DIR` (`build_source`): `source` and any
+    `beside` it unpacked side by side in a scratch directory, `commands` run in `source`'s
+    tree, and the files named by `outputs` copied into a cache directory named after the
+    tarballs' hashes. A subclass says which commands and files."""
 
+    #: The tool's name on install-deps' command line and in `list`.
+    name: str
+    #: The tarball whose tree is built.
     source: SourceTarball
-    ttrpc: SourceTarball
+    #: Other tarballs the build needs, unpacked beside `source`'s directory.
+    beside: tuple[SourceTarball, ...] = ()
 
     @property
     def cache_dir(self) -> Path:
         """Named after the tarballs' hashes: another pin is another directory."""
-        key = hashlib.sha256(f"{self.source.sha256} {self.ttrpc.sha256}".encode()).hexdigest()
-        return TOOLS_CACHE_DIR / f"shimtest-{key[:16]}"
+        hashes = " ".join(tarball.sha256 for tarball in (self.source, *self.beside))
+        return TOOLS_CACHE_DIR / f"{self.name}-{hashlib.sha256(hashes.encode()).hexdigest()[:16]}"
+
+    def outputs(self) -> dict[str, str]:
+        """Each file the build leaves in the cache directory -> its path in the tree."""
+        raise NotImplementedError
+
+    def commands(self, go: Path) -> list[list[str]]:
+        """The build, run in `source`'s unpacked tree with `go`'s directory on PATH."""
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        """Variables the build's commands need besides the caller's environment."""
+        return {}
+
+    def missing_binaries(self) -> list[Path]:
+        """The files of this tool that are not in its cache directory as executables."""
+        return [
+            path
+            for path in (self.cache_dir / name for name in self.outputs())
+            if not os.access(path, os.X_OK)
+        ]
+
+    def install_hint(self) -> str:
+        return f"run scripts/install-deps (builds {self.name} from {self.source.file_name})"
+
+
+@dataclass(frozen=True)
+class Shimtest(SourceBuild):
+    """containerd/shimtest's test binary and the test binary it puts in its rootfs,
+    built with `make build` from its tarball and the ttrpc commit its go.mod pins
+    (which the module proxy refuses: `go mod edit -replace` points it at the tarball)."""
 
     @property
     def binary(self) -> Path:
@@ -165,25 +205,72 @@ class Shimtest:
         it, and not run from its source tree, shimtest tries to download one."""
         return self.cache_dir / "testbin"
 
-    def missing_binaries(self) -> list[Path]:
-        return [path for path in (self.binary, self.testbin) if not os.access(path, os.X_OK)]
+    def outputs(self) -> dict[str, str]:
+        return {self.binary.name: "_output/shimtest.test", self.testbin.name: "testdata/testbin"}
 
-    def install_hint(self) -> str:
-        return f"run scripts/install-deps (builds shimtest from {self.source.file_name})"
+    def commands(self, go: Path) -> list[list[str]]:
+        (ttrpc,) = self.beside
+        replace = f"github.com/containerd/ttrpc=../{ttrpc.directory_name}"
+        # testbin runs in the container: the host's architecture (the Makefile says amd64).
+        goarch = GO_ARCHITECTURES.get(platform.machine(), platform.machine())
+        return [
+            [str(go), "mod", "edit", "-replace", replace],
+            ["make", "build", f"GO={go}", f"TESTBIN_GOARCH={goarch}"],
+        ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Nerdctl(SourceBuild):
+    """containerd/nerdctl, a static binary built with `go build` as its release is (the
+    version stamped in by -ldflags); its Go dependencies come from the Go module proxy."""
+
+    #: The version nerdctl reports (`nerdctl version`), as its release build stamps it.
+    version: str
+
+    @property
+    def binary(self) -> Path:
+        return self.cache_dir / "nerdctl"
+
+    def outputs(self) -> dict[str, str]:
+        return {self.binary.name: "_output/nerdctl"}
+
+    def commands(self, go: Path) -> list[list[str]]:
+        stamp = f"-X github.com/containerd/nerdctl/v2/pkg/version.Version=v{self.version}"
+        return [[str(go), "build", "-ldflags", stamp, "-o", "_output/nerdctl", "./cmd/nerdctl"]]
+
+    def environment(self) -> dict[str, str]:
+        return {"CGO_ENABLED": "0"}
 
 
 SHIMTEST = Shimtest(
+    name="shimtest",
     source=SourceTarball(
         "shimtest-f2937b6.tar.gz",
         "fa32ffbfffc36fe9aa35b454786e8e6afda7effa07137382ba1952d1bed4f5d9",
         "shimtest",
     ),
-    ttrpc=SourceTarball(
-        "ttrpc-6c2eed2.tar.gz",
-        "ee2584fa81239f633125cc3561de66c6808e36e07ab9e1f2543930a514b264da",
-        "ttrpc",
+    beside=(
+        SourceTarball(
+            "ttrpc-6c2eed2.tar.gz",
+            "ee2584fa81239f633125cc3561de66c6808e36e07ab9e1f2543930a514b264da",
+            "ttrpc",
+        ),
     ),
 )
+
+#: nerdctl 2.3 talks to containerd 1.7 and later only.
+NERDCTL = Nerdctl(
+    name="nerdctl",
+    source=SourceTarball(
+        "nerdctl-v2.3.5.tar.gz",
+        "f633227c934b5e45aecb8333e611dfbaaeb48f1e51e4ab4fe3817ef735bf3f7e",
+        "nerdctl-v2.3.5",
+    ),
+    version="2.3.5",
+)
+
+#: The tools built from THIRD_PARTY_DIR, by name.
+SOURCE_BUILDS: dict[str, SourceBuild] = {tool.name: tool for tool in (SHIMTEST, NERDCTL)}
 
 #: The flavours the e2e tests run against by default.
 DEFAULT_FLAVOURS = ("1.6", "2.3")
@@ -247,54 +334,58 @@ def build_flavour(f: Flavour) -> None:
     subprocess.run([str(go), "install", "-tags", GO_BUILD_TAGS, *targets], env=env, check=True)
 
 
-def build_shimtest(tool: Shimtest, third_party: Path) -> None:
-    """Builds shimtest from the verified tarballs in a scratch directory, then moves the
-    two binaries into its cache directory in one rename (a half-built cache cannot be
-    mistaken for a built one)."""
+def build_source(tool: SourceBuild, third_party: Path) -> None:
+    """Builds `tool` from its verified tarballs in a scratch directory (the tarballs'
+    directory is read-only), then moves its files into its cache directory in one rename
+    (a half-built cache cannot be mistaken for a built one)."""
     go = go_binary()
     if go is None:
-        raise RuntimeError("building shimtest needs Go: install it to /usr/local/go or PATH")
-    tarballs = [tool.source.verified(third_party), tool.ttrpc.verified(third_party)]
-    env = dict(os.environ, PATH=f"{go.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+        raise RuntimeError(f"building {tool.name} needs Go: install it to /usr/local/go or PATH")
+    tarballs = [tarball.verified(third_party) for tarball in (tool.source, *tool.beside)]
+    env = dict(
+        os.environ,
+        PATH=f"{go.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        **tool.environment(),
+    )
     TOOLS_CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="harpoon-shimtest-build-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=f"harpoon-{tool.name}-build-") as scratch:
         work = Path(scratch)
         for tarball in tarballs:
             _run_step(["tar", "xzf", str(tarball), "-C", str(work)], work, env)
         tree = work / tool.source.directory_name
-        replace = f"github.com/containerd/ttrpc=../{tool.ttrpc.directory_name}"
-        _run_step([str(go), "mod", "edit", "-replace", replace], tree, env)
-        # testbin runs in the container: the host's architecture (the Makefile says amd64).
-        goarch = GO_ARCHITECTURES.get(platform.machine(), platform.machine())
-        _run_step(["make", "build", f"GO={go}", f"TESTBIN_GOARCH={goarch}"], tree, env)
-        staged = Path(tempfile.mkdtemp(prefix=".shimtest-", dir=TOOLS_CACHE_DIR))
-        shutil.copy2(tree / "_output" / "shimtest.test", staged / tool.binary.name)
-        shutil.copy2(tree / "testdata" / "testbin", staged / tool.testbin.name)
+        for command in tool.commands(go):
+            _run_step(command, tree, env, tool.environment())
+        staged = Path(tempfile.mkdtemp(prefix=f".{tool.name}-", dir=TOOLS_CACHE_DIR))
+        for name, built in tool.outputs().items():
+            shutil.copy2(tree / built, staged / name)
         staged.chmod(0o755)
         # A directory missing a binary is an interrupted copy of an older layout: replace it.
         shutil.rmtree(tool.cache_dir, ignore_errors=True)
         staged.rename(tool.cache_dir)
 
 
-def _run_step(argv: list[str], cwd: Path, env: dict[str, str]) -> None:
+def _run_step(
+    argv: list[str], cwd: Path, env: dict[str, str], shown: dict[str, str] | None = None
+) -> None:
+    assignments = "".join(f"{name}={value} " for name, value in (shown or {}).items())
     # flush: the step's own output goes straight to the shared stdout and would overtake ours.
-    print(f"+ (cd {cwd} && {' '.join(argv)})", flush=True)
-    subprocess.run(argv, cwd=cwd, env=env, check=True, timeout=SHIMTEST_BUILD_TIMEOUT_S)
+    print(f"+ (cd {cwd} && {assignments}{shlex.join(argv)})", flush=True)
+    subprocess.run(argv, cwd=cwd, env=env, check=True, timeout=SOURCE_BUILD_STEP_TIMEOUT_S)
 
 
-def install_shimtest(third_party: Path) -> int:
-    """Builds shimtest unless its cache directory holds it; returns an exit code."""
-    if not SHIMTEST.missing_binaries():
-        print(f"shimtest: present in {SHIMTEST.cache_dir}")
+def install_source_build(tool: SourceBuild, third_party: Path) -> int:
+    """Builds `tool` unless its cache directory holds it; returns an exit code."""
+    if not tool.missing_binaries():
+        print(f"{tool.name}: present in {tool.cache_dir}")
         return 0
     started = time.monotonic()
     try:
-        build_shimtest(SHIMTEST, third_party)
+        build_source(tool, third_party)
     except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as error:
-        print(f"shimtest: not built: {error}")
+        print(f"{tool.name}: not built: {error}")
         return 1
     took_s = time.monotonic() - started
-    print(f"shimtest: built {SHIMTEST.source.file_name} in {took_s:.0f} s: {SHIMTEST.cache_dir}")
+    print(f"{tool.name}: built {tool.source.file_name} in {took_s:.0f} s: {tool.cache_dir}")
     return 0
 
 
@@ -321,18 +412,19 @@ def install_missing(names: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harpoon.devenv.tools", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    built = " and ".join(SOURCE_BUILDS)
     install = sub.add_parser(
-        "install", help="build what is missing of the source-built containerd flavours and shimtest"
+        "install", help=f"build what is missing of the source-built containerd flavours, {built}"
     )
-    known = [*FLAVOURS, "shimtest"]
+    known = [*FLAVOURS, *SOURCE_BUILDS]
     install.add_argument("tools", nargs="*", help=f"any of {' '.join(known)} (default: all)")
     install.add_argument(
         "--third-party",
         type=Path,
         default=THIRD_PARTY_DIR,
-        help=f"directory of the source tarballs shimtest is built from (default {THIRD_PARTY_DIR})",
+        help=f"directory of the source tarballs {built} are built from (default {THIRD_PARTY_DIR})",
     )
-    sub.add_parser("list", help="print each flavour and shimtest, its version and directory")
+    sub.add_parser("list", help=f"print each flavour, {built}: version and directory")
     args = parser.parse_args(argv)
     if args.command == "install":
         unknown = sorted(set(args.tools) - set(known))
@@ -340,14 +432,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown tools {unknown}; known: {known}")
         args.tools = args.tools or known
         status = install_missing([name for name in args.tools if name in FLAVOURS])
-        if "shimtest" in args.tools:
-            status = install_shimtest(args.third_party) or status
+        for name in args.tools:
+            if name in SOURCE_BUILDS:
+                status = install_source_build(SOURCE_BUILDS[name], args.third_party) or status
         return status
     for f in FLAVOURS.values():
         state = "missing" if f.missing_binaries() else "ok"
         print(f"{f.name}\tv{f.version}\t{f.bin_dir}\t{state}")
-    state = "missing" if SHIMTEST.missing_binaries() else "ok"
-    print(f"shimtest\t{SHIMTEST.source.file_name}\t{SHIMTEST.cache_dir}\t{state}")
+    for tool in SOURCE_BUILDS.values():
+        state = "missing" if tool.missing_binaries() else "ok"
+        print(f"{tool.name}\t{tool.source.file_name}\t{tool.cache_dir}\t{state}")
     return 0
 
 

@@ -1,0 +1,109 @@
+"""The source builds of harpoon.devenv.tools (shimtest, nerdctl): pins, cache names and
+the build's steps, with a fake tool built from a tarball made here (no Go involved)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harpoon.devenv import tools
+from harpoon.devenv.tools import (
+    NERDCTL,
+    SHIMTEST,
+    SOURCE_BUILDS,
+    SourceBuild,
+    SourceTarball,
+    build_source,
+    install_source_build,
+)
+
+
+@dataclass(frozen=True)
+class FakeTool(SourceBuild):
+    """Its "build" writes an executable script from the unpacked tree's one file."""
+
+    def outputs(self) -> dict[str, str]:
+        return {"fake": "out/fake"}
+
+    def commands(self, go: Path) -> list[list[str]]:
+        script = "mkdir out && cp src.sh out/fake && chmod +x out/fake && test $FAKE_FLAG = on"
+        return [["sh", "-c", script]]
+
+    def environment(self) -> dict[str, str]:
+        return {"FAKE_FLAG": "on"}
+
+
+def fake_tarball(third_party: Path, content: bytes = b"#!/bin/sh\necho fake\n") -> SourceTarball:
+    third_party.mkdir(exist_ok=True)
+    path = third_party / "fake-v1.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        info = tarfile.TarInfo("fake-v1/src.sh")
+        info.size = len(content)
+        archive.addfile(info, io.BytesIO(content))
+    return SourceTarball(path.name, hashlib.sha256(path.read_bytes()).hexdigest(), "fake-v1")
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """TOOLS_CACHE_DIR in tmp_path, and a `go` that is never run (the fake needs none)."""
+    monkeypatch.setattr(tools, "TOOLS_CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(tools, "go_binary", lambda: Path("/nonexistent/go"))
+    return tmp_path / "cache"
+
+
+def test_shimtest_keeps_its_cache_directory_name() -> None:
+    # The name machines already have: generalising the build must not rebuild it.
+    assert SHIMTEST.cache_dir.name == "shimtest-acf07ce30612e96f"
+
+
+def test_each_pin_has_its_own_cache_directory() -> None:
+    other = SourceTarball(NERDCTL.source.file_name, "0" * 64, NERDCTL.source.directory_name)
+    moved = type(NERDCTL)(name=NERDCTL.name, source=other, version=NERDCTL.version)
+    assert moved.cache_dir != NERDCTL.cache_dir
+    assert NERDCTL.cache_dir.name.startswith("nerdctl-")
+    assert set(SOURCE_BUILDS) == {"shimtest", "nerdctl"}
+
+
+def test_nerdctl_is_built_static_with_its_version_stamped() -> None:
+    (command,) = NERDCTL.commands(Path("/usr/local/go/bin/go"))
+    assert command[:2] == ["/usr/local/go/bin/go", "build"]
+    assert "-X github.com/containerd/nerdctl/v2/pkg/version.Version=v2.3.5" in command
+    assert command[-1] == "./cmd/nerdctl"
+    assert NERDCTL.environment() == {"CGO_ENABLED": "0"}
+
+
+def test_a_build_leaves_its_outputs_in_the_cache_directory(cache: Path, tmp_path: Path) -> None:
+    tool = FakeTool(name="fake", source=fake_tarball(tmp_path / "third_party"))
+    assert tool.missing_binaries() == [tool.cache_dir / "fake"]
+    build_source(tool, tmp_path / "third_party")
+    assert tool.missing_binaries() == []
+    assert tool.cache_dir.parent == cache
+    assert subprocess.run([tool.cache_dir / "fake"], capture_output=True).stdout == b"fake\n"
+    assert [p.name for p in cache.iterdir()] == [tool.cache_dir.name]  # no staging left
+    assert install_source_build(tool, tmp_path / "third_party") == 0  # present: no build
+
+
+def test_a_tarball_that_is_not_the_pinned_one_is_refused(cache: Path, tmp_path: Path) -> None:
+    pinned = fake_tarball(tmp_path / "third_party")
+    fake_tarball(tmp_path / "third_party", b"#!/bin/sh\necho changed\n")
+    tool = FakeTool(name="fake", source=pinned)
+    with pytest.raises(ValueError, match="not the pinned"):
+        build_source(tool, tmp_path / "third_party")
+    assert install_source_build(tool, tmp_path / "third_party") == 1
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_a_failed_step_leaves_no_cache_directory(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tool = FakeTool(name="fake", source=fake_tarball(tmp_path / "third_party"))
+    monkeypatch.setattr(FakeTool, "environment", lambda self: {"FAKE_FLAG": "off"})
+    assert install_source_build(tool, tmp_path / "third_party") == 1
+    assert tool.missing_binaries() == [tool.cache_dir / "fake"]
+    assert list(cache.iterdir()) == []
