@@ -51,6 +51,10 @@ async def answered_by(sandbox: Sandbox, container_id: str, doing: str) -> AsyncI
         raise Unavailable(f"the VM of container {container_id!r} {how} while {doing}") from None
 
 
+def _finished(process: Process) -> bool:
+    return process.state in (ProcessState.STOPPED, ProcessState.DELETED)
+
+
 class Container:
     def __init__(
         self,
@@ -178,7 +182,7 @@ class Container:
         )
 
     async def kill(self, process: Process, signal: int, all_processes: bool) -> None:
-        if process.state is ProcessState.STOPPED:
+        if _finished(process):
             raise NotFound("process already finished")  # runc's words
         if self.init.state is ProcessState.PAUSED:
             # The guest's vCPUs are stopped: the agent could not deliver it until then.
@@ -199,8 +203,12 @@ class Container:
                     all_processes and not process.exec_id,
                     **({"timeout": KILL_ANSWER_TIMEOUT_S} if container_kill else {}),
                 )
-        except Unavailable:
-            if not container_kill:
+        except (Unavailable, FailedPrecondition) as error:
+            # The process ended and its container was deleted while the signal was on its
+            # way (nerdctl forwards signals until its task is gone): runc's answer.
+            if _finished(process):
+                raise NotFound("process already finished") from None
+            if not (container_kill and isinstance(error, Unavailable)):
                 raise  # else the VM is gone, and the follower publishes how
         except TtrpcError as error:
             if error.code == Code.NOT_FOUND:
