@@ -167,6 +167,15 @@ async def in_flight(call: Awaitable[object]) -> asyncio.Future[object]:
     return future
 
 
+async def killed_in_flight(vmm: int, call: Awaitable[object], doing: str) -> None:
+    """call, made once the VM is stopped, fails naming the VM's end once it is killed."""
+    os.kill(vmm, signal.SIGSTOP)
+    future = await in_flight(call)
+    os.kill(vmm, signal.SIGKILL)
+    with pytest.raises(Unavailable, match=KILLED_WHILE + doing):
+        await future
+
+
 async def the_vm_was_lost(shim: Shim, host: Host) -> None:
     """The VM is gone: the init's exit is published as VM_LOST; Delete then works and
     leaves nothing."""
@@ -243,11 +252,7 @@ def test_the_vm_killed_during_start_fails_the_start_and_ends_the_task(host: Host
     async def scenario() -> None:
         async with shim_for(host) as shim:
             vmm = (await shim.create(host.bundle)).pid
-            os.kill(vmm, signal.SIGSTOP)
-            start = await in_flight(shim.start())
-            os.kill(vmm, signal.SIGKILL)
-            with pytest.raises(Unavailable, match=KILLED_WHILE + "starting its init process"):
-                await start
+            await killed_in_flight(vmm, shim.start(), "starting its init process")
             await the_vm_was_lost(shim, host)
 
     run(scenario)
@@ -260,11 +265,7 @@ def test_the_vm_killed_during_exec_fails_the_exec_and_ends_the_task(host: Host) 
         async with shim_for(host) as shim:
             vmm = (await shim.create(host.bundle)).pid
             await shim.start()
-            os.kill(vmm, signal.SIGSTOP)
-            exec_call = await in_flight(shim.exec("e1", ["true"]))
-            os.kill(vmm, signal.SIGKILL)
-            with pytest.raises(Unavailable, match=KILLED_WHILE + "creating exec 'e1'"):
-                await exec_call
+            await killed_in_flight(vmm, shim.exec("e1", ["true"]), "creating exec 'e1'")
             await the_vm_was_lost(shim, host)
 
     run(scenario)
