@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,3 +185,30 @@ def test_fifos_and_device_nodes_can_be_made_on_a_bind_as_under_runc(
     )  # fmt: skip
     assert (status, out) == (0, "made\n"), err
     assert stat.S_ISFIFO(os.lstat(host_dir / "fifo").st_mode)
+
+
+@pytest.mark.parametrize("snapshotter", ["overlayfs", "native"])
+def test_a_file_written_in_the_rootfs_lands_in_the_snapshot_on_the_host(
+    containerd: Containerd, busybox_image: str, container_id: str, snapshotter: str
+) -> None:
+    """The rootfs is containerd's snapshot, mounted on the host and shared into the VM:
+    what the container writes is in the snapshot's directory (overlayfs: its upper)."""
+    name = f"written-{container_id}.txt"
+    containerd.ctr(
+        "run", "-d", "--snapshotter", snapshotter, "--runtime", HARPOON, busybox_image,
+        container_id, "sh", "-c", f"echo in the rootfs > /{name}; sleep 1000",
+        timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    try:
+        snapshots = containerd.root_dir / f"io.containerd.snapshotter.v1.{snapshotter}"
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        # overlayfs keeps a snapshot's files in snapshots/<n>/fs, native in snapshots/<n>.
+        inside = "*/fs" if snapshotter == "overlayfs" else "*"
+        while not (found := list(snapshots.glob(f"snapshots/{inside}/{name}"))):
+            assert time.monotonic() < deadline, f"{name} never reached {snapshots}"
+            time.sleep(0.2)
+        [written] = found
+        assert written.read_text() == "in the rootfs\n"
+    finally:
+        remove(containerd, container_id)
+    assert leftovers(containerd, container_id) == []
