@@ -16,9 +16,9 @@ Measured per container, after its exec:
   runs `sleep`), so it stands in for it.
 
 Sizes: HARPOON_LOAD_CONTAINERS and HARPOON_LOAD_ROUNDS (at least 3: the restart is in
-the middle one). The issue's size, 20 containers for 10 rounds, takes ~7 minutes per
-containerd flavour under TCG on 2 cores (~40 s a round): the defaults are what CI
-affords, 10 containers for 3 rounds (~1 minute per flavour), and `scripts/soak` runs
+the middle one). The issue's size, 20 containers for 10 rounds, takes 7-8 minutes per
+containerd flavour under TCG on 2 shared cores (35-55 s a round): the defaults are what
+CI affords, 10 containers for 3 rounds (~1 minute per flavour), and `scripts/soak` runs
 the issue's size.
 """
 
