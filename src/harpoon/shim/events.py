@@ -21,7 +21,11 @@ from harpoon.ttrpc.status import TtrpcError
 
 EVENTS_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 PUBLISH_TIMEOUT_S = 5.0
+# containerd's own shim publisher's schedule: 5 attempts, waiting 1, 2, 3, 4 s between
+# them, so an event outlives a containerd restart of ~10 s (its exits are what CRI and
+# `ctr events` subscribers wait for).
 PUBLISH_ATTEMPTS = 5
+RETRY_STEP_S = 1.0
 QUEUE_LIMIT = 2048
 
 log = logging.getLogger(__name__)
@@ -74,7 +78,8 @@ class EventPublisher:
                     with contextlib.suppress(Exception):
                         await self._client.close()
                     self._client = None
-                await asyncio.sleep(attempt * 0.2)
+                if attempt < PUBLISH_ATTEMPTS:
+                    await asyncio.sleep(attempt * RETRY_STEP_S)
         log.error("dropped event %s after %d attempts", item.topic, PUBLISH_ATTEMPTS)
 
     async def flush(self, timeout: float = PUBLISH_TIMEOUT_S * 2) -> None:
