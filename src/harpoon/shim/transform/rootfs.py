@@ -10,6 +10,8 @@ the VM's share. The block path (erofs layers as disks) plugs in here.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from harpoon.errdefs import FailedPrecondition
@@ -20,7 +22,15 @@ from harpoon.shim.transform.draft import CreateContext, Draft, Transformer
 from harpoon.vmm.devices import Share
 
 if TYPE_CHECKING:
+    from harpoon.api.containerd.types import mount_pb2
     from harpoon.sandbox.sandbox import Sandbox
+
+log = logging.getLogger(__name__)
+
+
+def describe(mounts: Iterable[mount_pb2.Mount]) -> str:
+    """containerd's rootfs mounts, one `type source [options]` each, for the log."""
+    return "; ".join(f"{m.type} {m.source} {list(m.options)}" for m in mounts) or "none"
 
 
 class Rootfs(Transformer):
@@ -31,6 +41,7 @@ class Rootfs(Transformer):
         draft.rootfs_share = share
 
     async def before_vm(self, create: CreateContext) -> None:
+        log.info("rootfs mounts of %s: %s", create.request.id, describe(create.request.rootfs))
         if create.request.rootfs:
             create.rootfs = create.bundle.path / "rootfs"
             mount_rootfs(create.rootfs, list(create.request.rootfs))
