@@ -86,15 +86,20 @@ async def assemble(guest: GuestRootfs, sandbox: Sandbox) -> None:
     if agent is None:
         raise VMError(f"sandbox {sandbox.config.name} has no agent to assemble its rootfs")
     started = time.monotonic()
+    steps = []
     for mount in guest.mounts:
-        source = mount.source
+        began, source = time.monotonic(), mount.source
         if mount.disk is not None:
             source = await agent.wait_device(
                 agent_pb2.WaitDeviceRequest.BLOCK, mount.disk, DISK_TIMEOUT_S
             )
+            steps.append(f"found {mount.disk} {time.monotonic() - began:.2f} s")
+            began = time.monotonic()
         await agent.mount(source, mount.target, mount.fstype, list(mount.options))
-    log.info("assembled the rootfs of %s from %d disks in the guest in %.2f s",
-             sandbox.config.name, len(guest.disks), time.monotonic() - started)  # fmt: skip
+        steps.append(f"{mount.fstype} {time.monotonic() - began:.2f} s")
+    log.info("assembled the rootfs of %s from %d disks in the guest in %.2f s (%s)",
+             sandbox.config.name, len(guest.disks), time.monotonic() - started,
+             ", ".join(steps))  # fmt: skip
 
 
 async def disassemble(guest: GuestRootfs, sandbox: Sandbox) -> None:
