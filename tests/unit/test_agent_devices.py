@@ -147,3 +147,14 @@ def test_a_module_is_loaded_with_its_dependencies_once(
     (tmp_path / "module" / "ext4").mkdir(parents=True)
     modules.load("ext4", module_map, sys_root=str(tmp_path))  # the kernel has it now
     assert loaded == ["/m/crc16.ko", "/m/jbd2.ko", "/m/ext4.ko"]
+
+
+def test_a_vm_with_a_virtio_disk_is_told_by_its_device_id(tmp_path: Path) -> None:
+    from harpoon.agent import boot
+
+    for name, device in (("virtio0", "0x0003"), ("virtio1", "0x0002")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "device").write_text(device + "\n")
+    assert boot.has_virtio_disks(str(tmp_path))
+    (tmp_path / "virtio1" / "device").write_text("0x0009\n")
+    assert not boot.has_virtio_disks(str(tmp_path))

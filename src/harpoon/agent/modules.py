@@ -13,6 +13,7 @@ import os
 from functools import cache
 
 from harpoon import linux
+from harpoon.agent.boot import module_name
 
 MODULES_MAP = "/etc/harpoon/modules.json"
 
@@ -44,7 +45,8 @@ def load(name: str, module_map: dict[str, list[str]] | None = None, sys_root: st
     if not paths or os.path.exists(f"{sys_root}/module/{name}"):
         return
     for path in paths:
-        linux.load_module(path)  # False (not an error) when it was loaded already
+        if not os.path.exists(f"{sys_root}/module/{module_name(path)}"):
+            linux.load_module(path)  # False (not an error) when it was loaded already
 
 
 def load_filesystem(fstype: str) -> None:
