@@ -7,8 +7,10 @@ nothing is mounted on the host)."""
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import subprocess
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 
 from harpoon.devenv.containerd import EROFS_SNAPSHOTTER, Containerd
 from harpoon.devenv.host import mount_points
+from harpoon.devenv.images import build_layered_busybox_image
 from harpoon.devenv.tools import EROFS_UTILS, scripts_dir
 from harpoon.shim import paths
 from tests.prerequisites import unavailable
@@ -154,3 +157,41 @@ def _shims_left(daemon: Containerd) -> bool:
 @pytest.fixture
 def busybox_tar(busybox_image_tar: Path) -> Path:
     return busybox_image_tar
+
+
+def layer(*files: tuple[str, bytes]) -> bytes:
+    """An uncompressed layer tar: `etc/` and the files given (a `.wh.` name deletes)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        directory = tarfile.TarInfo("etc")
+        directory.type, directory.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(directory)
+        for name, data in files:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_layers_of_an_erofs_image_stack_in_order_with_whiteouts(
+    erofs_daemon: Containerd, container_id: str, tmp_path: Path
+) -> None:
+    daemon = erofs_daemon
+    tar = build_layered_busybox_image(
+        tmp_path / "layered.oci.tar",
+        "docker.io/library/busybox:layered",
+        [
+            layer(("etc/motd", b"middle\n"), ("etc/.wh.group", b"")),
+            layer(("etc/motd", b"top\n")),
+        ],
+    )
+    image = daemon.import_image(tar)
+    result = daemon.ctr(
+        "run", "--rm", "--runtime", HARPOON, image, container_id,
+        "sh", "-c", "cat /etc/motd; test -e /etc/group || echo no-group; ls /bin/busybox",
+        timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    assert result.stdout == "top\nno-group\n/bin/busybox\n"
+    log = daemon.log_path.read_text(errors="replace")
+    assert f"assembled the rootfs of {container_id} from 4 disks" in log
+    daemon.ctr("image", "rm", image)
