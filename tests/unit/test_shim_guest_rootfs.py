@@ -96,3 +96,13 @@ def test_multi_device_erofs_and_odd_shapes_are_refused_naming_the_mount() -> Non
 def test_a_single_erofs_view_is_the_root_itself() -> None:
     (only,) = plan_guest_rootfs([mount("erofs", f"{SNAP}/1/layer.erofs", "ro", "loop")]).mounts
     assert (only.target, only.fstype, only.disk) == (GUEST_ROOT, "erofs", "rootfs0")
+
+
+def test_the_erofs_snapshotters_directory_mode_is_refused_for_block_mode() -> None:
+    directory_mode = [
+        mount("erofs", f"{SNAP}/1/layer.erofs", "ro", "loop"),
+        mount("format/mkdir/overlay", "overlay", f"workdir={SNAP}/2/work",
+              f"upperdir={SNAP}/2/fs", "lowerdir={{ mount 0 }}"),
+    ]  # fmt: skip
+    with pytest.raises(InvalidArgument, match=r"directory mode.*default_size"):
+        plan_guest_rootfs(directory_mode)

@@ -118,6 +118,14 @@ def plan_guest_rootfs(mounts: Sequence[MountLike]) -> GuestRootfs:
                 "erofs rootfs as disks and one overlay on them, last"
             )
         filled = tuple(_fill(option, targets, index) for option in options)
+        for option in filled:
+            key, _, value = option.partition("=")
+            if key in ("upperdir", "workdir") and not value.startswith(f"{MOUNT_ROOT}/"):
+                raise InvalidArgument(
+                    f"rootfs mount {index} ({mount.type}): its {key} {value} is a host "
+                    "directory (the erofs snapshotter in directory mode), which the VM cannot "
+                    "reach: configure the snapshotter's block mode (its default_size)"
+                )
         guest.append(GuestMount("overlay", GUEST_ROOT, "overlay", filled))
     if guest[-1].target != GUEST_ROOT:
         # A committed view of one layer, or the writable image alone: its mount is the root.
