@@ -143,7 +143,13 @@ class TaskService:
             self._creating = False
 
     async def _create(self, request: task.CreateTaskRequest) -> task.CreateTaskResponse:
-        plan = self._plan(request)
+        try:
+            plan = self._plan(request)
+        except BaseException:
+            # Planned again at Create (an erofs rootfs) and refused: the VM started
+            # ahead is of no use.
+            await self.sandboxes.close()
+            raise
         async with contextlib.AsyncExitStack() as undo:
             # Last out: a VM started ahead and not taken (this Create failed first) stops,
             # and its template stays; the VM's state directory goes.
