@@ -120,3 +120,41 @@ def test_a_device_that_comes_later_is_found_on_its_uevent(sys_root: Path) -> Non
         pytest.skip(f"no kernel uevents here: {error}")
     assert found == "eth1"
     assert elapsed < 5
+
+
+def test_mkdir_options_are_split_from_a_mounts_own() -> None:
+    from harpoon.agent.rootfs import split_mkdirs
+
+    mkdirs, rest = split_mkdirs(
+        ["X-containerd.mkdir.path=/d/0/upper:0755", "X-containerd.mkdir.path=/d/0/w:0700:1:2",
+         "upperdir=/d/0/upper", "ro"]
+    )  # fmt: skip
+    assert mkdirs == [("/d/0/upper", 0o755, -1, -1), ("/d/0/w", 0o700, 1, 2)]
+    assert rest == ["upperdir=/d/0/upper", "ro"]
+
+
+def test_a_module_is_loaded_with_its_dependencies_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from harpoon import linux
+    from harpoon.agent import modules
+
+    loaded: list[str] = []
+    monkeypatch.setattr(linux, "load_module", lambda path: loaded.append(path) or True)
+    module_map = {"ext4": ["/m/crc16.ko", "/m/jbd2.ko", "/m/ext4.ko"]}
+    modules.load("ext4", module_map, sys_root=str(tmp_path))
+    modules.load("not-shipped", module_map, sys_root=str(tmp_path))
+    (tmp_path / "module" / "ext4").mkdir(parents=True)
+    modules.load("ext4", module_map, sys_root=str(tmp_path))  # the kernel has it now
+    assert loaded == ["/m/crc16.ko", "/m/jbd2.ko", "/m/ext4.ko"]
+
+
+def test_a_vm_with_a_virtio_disk_is_told_by_its_device_id(tmp_path: Path) -> None:
+    from harpoon.agent import boot
+
+    for name, device in (("virtio0", "0x0003"), ("virtio1", "0x0002")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "device").write_text(device + "\n")
+    assert boot.has_virtio_disks(str(tmp_path))
+    (tmp_path / "virtio1" / "device").write_text("0x0009\n")
+    assert not boot.has_virtio_disks(str(tmp_path))

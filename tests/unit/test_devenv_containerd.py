@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -10,13 +11,16 @@ import pytest
 from harpoon.devenv.containerd import (
     CRI_PLUGINS_V1,
     CRI_PLUGINS_V2,
+    EROFS_SNAPSHOTTER,
+    EROFS_WRITABLE_SIZE,
+    Containerd,
     ContainerdError,
     ContainerdPaths,
     parse_server_version,
     render_config,
 )
 from harpoon.devenv.host import ShimProcess
-from harpoon.devenv.tools import FLAVOURS, flavour
+from harpoon.devenv.tools import EROFS_UTILS, FLAVOURS, flavour
 
 PATHS = ContainerdPaths.under(Path("/tmp/hp-abcdefgh"))
 
@@ -78,3 +82,26 @@ def test_shim_flags_are_read_in_both_go_flag_spellings() -> None:
     assert shim.flag("namespace") == "default"
     assert shim.flag("address") == "/s"
     assert shim.flag("id") is None
+
+
+def test_erofs_config_is_block_mode_with_the_erofs_differ_first() -> None:
+    config = tomllib.loads(render_config(flavour("2.3"), PATHS, snapshotter=EROFS_SNAPSHOTTER))
+    plugins = config["plugins"]
+    assert plugins["io.containerd.snapshotter.v1.erofs"]["default_size"] == EROFS_WRITABLE_SIZE
+    assert plugins["io.containerd.service.v1.diff-service"]["default"] == ["erofs", "walking"]
+    assert (
+        "io.containerd.snapshotter.v1.erofs"
+        not in tomllib.loads(render_config(flavour("2.3"), PATHS))["plugins"]
+    )
+
+
+def test_erofs_config_is_refused_for_1_6_which_has_no_erofs_snapshotter() -> None:
+    with pytest.raises(ValueError, match="no erofs snapshotter"):
+        render_config(flavour("1.6"), PATHS, snapshotter=EROFS_SNAPSHOTTER)
+
+
+def test_an_erofs_containerd_finds_the_built_mkfs_erofs_on_its_path() -> None:
+    daemon = Containerd("2.3", snapshotter=EROFS_SNAPSHOTTER)
+    entries = daemon._environment()["PATH"].split(os.pathsep)
+    assert str(EROFS_UTILS.cache_dir) in entries
+    assert daemon._environment()["CONTAINERD_SNAPSHOTTER"] == EROFS_SNAPSHOTTER

@@ -107,3 +107,30 @@ def test_a_failed_step_leaves_no_cache_directory(
     assert install_source_build(tool, tmp_path / "third_party") == 1
     assert tool.missing_binaries() == [tool.cache_dir / "fake"]
     assert list(cache.iterdir()) == []
+
+
+def test_the_debian_mirror_is_the_one_of_the_machines_release(tmp_path: Path) -> None:
+    (tmp_path / "sources.list").write_text(
+        "# deb http://old.example/debian bookworm main\n"
+        "deb [arch=amd64] https://packages.example.com/apt cloud-sdk-bookworm main\n"
+    )
+    parts = tmp_path / "sources.list.d"
+    parts.mkdir()
+    (parts / "debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n"
+        "Components: main\n\n"
+        "Types: deb deb-src\n# a comment\nURIs: http://mirror.example/debian/\n"
+        "Suites: bookworm bookworm-updates\nComponents: main\n"
+    )
+    (parts / "other.list").write_text("deb https://deb.nodesource.com/node_20.x nodistro main\n")
+    sources = (tmp_path / "sources.list", parts)
+    assert tools.debian_mirror(sources, "bookworm") == "http://mirror.example/debian"
+    assert tools.debian_mirror(sources, "trixie") == tools.DEFAULT_DEBIAN_MIRROR
+
+
+def test_erofs_utils_is_pinned_by_version_and_dsc_hash() -> None:
+    erofs = tools.EROFS_UTILS
+    assert erofs.suite == "trixie" and erofs.version.startswith("1.8.")
+    assert erofs.cache_dir.name == f"erofs-utils-{erofs.version}-{erofs.dsc_sha256[:16]}"
+    assert "mkfs.erofs" in dict(erofs.outputs)
+    assert ("./configure", "--disable-fuse") in erofs.commands

@@ -77,6 +77,29 @@ def test_root_path_becomes_the_guest_share_and_keeps_readonly() -> None:
     assert guest["root"] == {"path": GUEST_ROOT, "readonly": True}
 
 
+def test_an_erofs_rootfs_adds_its_disks_and_the_guest_overlay_is_the_root() -> None:
+    from harpoon.api.containerd.types import mount_pb2
+    from harpoon.shim.transform import guest_rootfs
+
+    snapshot = "/c/root/io.containerd.snapshotter.v1.erofs/snapshots"
+    mounts = (
+        mount_pb2.Mount(type="ext4", source=f"{snapshot}/2/rwlayer.img", options=["rw", "loop"]),
+        mount_pb2.Mount(type="erofs", source=f"{snapshot}/1/layer.erofs", options=["ro", "loop"]),
+        mount_pb2.Mount(
+            type="format/mkdir/overlay",
+            source="overlay",
+            options=["upperdir={{ mount 0 }}/upper", "workdir={{ mount 0 }}/work",
+                     "lowerdir={{ mount 1 }}"],
+        ),
+    )  # fmt: skip
+    draft = plan_guest("ns", "c1", ctr_spec(), "h", rootfs_mounts=mounts)
+    assert [(d.id, d.read_only) for d in draft.disks] == [("rootfs0", False), ("rootfs1", True)]
+    assert draft.guest_spec["root"] == {"path": guest_rootfs.GUEST_ROOT, "readonly": True}
+    assert draft.guest_rootfs is not None and draft.rootfs_share is not None  # binds need it
+    # Without them (overlayfs: mounted on the host at Create) the VM has no disk.
+    assert plan_guest("ns", "c1", ctr_spec(), "h").disks == []
+
+
 def test_host_only_parts_are_dropped_and_the_rest_kept() -> None:
     spec = ctr_spec()
     original = copy.deepcopy(spec)

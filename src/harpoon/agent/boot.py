@@ -29,6 +29,9 @@ SELFTEST_ARG = "harpoon.selftest=1"
 SELFTEST_MARKER = "HARPOON-SELFTEST-OK"
 SELFTEST_FAILED_MARKER = "HARPOON-SELFTEST-FAILED"
 PCI_DEVICES_DIR = "/sys/bus/pci/devices"
+VIRTIO_DEVICES_DIR = "/sys/bus/virtio/devices"
+#: A virtio device's `device` attribute for a block device (the virtio spec's id 2).
+VIRTIO_ID_BLOCK = "0x0002"
 # What the shell /init used to export; children of the agent inherit it.
 GUEST_ENVIRONMENT = {
     "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
@@ -98,6 +101,38 @@ def load_boot_modules(listing: str = BOOT_MODULES_PATH) -> None:
             log(f"insmod {path} failed: {error}")
 
 
+def has_virtio_disks(devices_dir: str = VIRTIO_DEVICES_DIR) -> bool:
+    """Whether the VM has a virtio-blk device (its driver need not be loaded)."""
+    try:
+        names = os.listdir(devices_dir)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            with open(f"{devices_dir}/{name}/device") as device:
+                if device.read().strip() == VIRTIO_ID_BLOCK:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def load_filesystems_for_disks() -> None:
+    """A VM with disks (an erofs rootfs) gets its filesystems' modules at boot, so that a
+    template of its layout holds them loaded (under TCG, loading ext4 and its
+    dependencies takes ~1 s of a restored VM's Create). Not the disks' driver: a template
+    must not have probed its placeholder disks (harpoon.agent.modules loads it)."""
+    if not has_virtio_disks():
+        return
+    from harpoon.agent import modules
+
+    for fstype in modules.FILESYSTEM_MODULES:
+        try:
+            modules.load_filesystem(fstype)
+        except OSError as error:
+            log(f"loading the modules of {fstype} failed: {error}")
+
+
 def selftest_requested() -> bool:
     try:
         with open("/proc/cmdline") as cmdline:
@@ -158,6 +193,7 @@ def start() -> None:
         os.environ.pop(name, None)
     mount_base_filesystems()
     load_boot_modules()
+    load_filesystems_for_disks()
     bring_up_loopback()
     if selftest_requested():
         selftest()

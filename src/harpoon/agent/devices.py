@@ -78,8 +78,14 @@ def find_device(kind: str, device_id: str, sys_root: str = SYS_ROOT) -> str | No
                 found = f.read()
         except OSError:
             continue  # a device without the attribute, or one going away
-        if _normalized(kind, found) == wanted:
-            return os.path.join(DEV_ROOT, name) if where.in_dev else name
+        if _normalized(kind, found) != wanted:
+            continue
+        if not where.in_dev:
+            return name
+        # sysfs shows a disk a moment before devtmpfs has its node (made before the
+        # uevent, which the caller then waits for). A test's sysfs tree has no /dev.
+        path = os.path.join(DEV_ROOT, name)
+        return path if sys_root != SYS_ROOT or os.path.exists(path) else None
     return None
 
 
@@ -129,6 +135,10 @@ async def wait_for_device(
     if not 0 < timeout_s <= MAX_TIMEOUT_S:
         raise InvalidArgument(f"a device wait's timeout must be in (0, {MAX_TIMEOUT_S}] s")
     subsystem = KINDS[kind].subsystem
+    if kind == BLOCK:
+        from harpoon.agent import modules
+
+        modules.load(modules.BLOCK_MODULE)  # its disks appear once their driver is there
     loop = asyncio.get_running_loop()
     with open_uevent_socket() as uevents:  # before the first look: nothing is missed
         try:

@@ -42,7 +42,7 @@ from harpoon.devenv.host import (
     unmount_under,
 )
 from harpoon.devenv.images import ANNOTATION_CONTAINERD_NAME
-from harpoon.devenv.tools import Flavour, flavour
+from harpoon.devenv.tools import EROFS_UTILS, Flavour, flavour
 
 T = TypeVar("T")
 
@@ -76,6 +76,15 @@ CRI_PLUGINS_V2 = (
 
 #: The snapshotter ctr uses (its default on Linux, made explicit for every `ctr` we run).
 SNAPSHOTTER = "overlayfs"
+
+#: The erofs snapshotter (containerd >= 2.2; darwin's default): each layer an erofs image
+#: made by the erofs differ (`mkfs.erofs --tar`), no unpacked tree.
+EROFS_SNAPSHOTTER = "erofs"
+
+#: Size of an erofs snapshot's writable layer in block mode: an ext4 image containerd's
+#: mount manager formats with mkfs.ext4 (darwin's default is 64 MiB; set here, because
+#: on Linux the snapshotter defaults to directory mode).
+EROFS_WRITABLE_SIZE = "64MiB"
 
 #: Plugins to disable, by config schema version.
 CRI_PLUGINS = {2: CRI_PLUGINS_V1, 3: CRI_PLUGINS_V2}
@@ -128,15 +137,30 @@ def _toml_list(values: Sequence[str]) -> str:
     return "[" + ", ".join(_toml_str(v) for v in values) + "]"
 
 
-def render_config(f: Flavour, paths: ContainerdPaths, *, log_level: str = "info") -> str:
+def render_config(
+    f: Flavour,
+    paths: ContainerdPaths,
+    *,
+    log_level: str = "info",
+    snapshotter: str = SNAPSHOTTER,
+) -> str:
     """The containerd config.toml for flavour `f` with all state under `paths`.
 
     1.x reads schema version 2; 2.x reads version 3 (2.3 migrates it to its own version 4
     at start-up with a warning, which keeps one rendering valid for 2.0 through 2.3).
     The top-level `[grpc]`/`[ttrpc]` sections exist in both schemas.
+
+    With the erofs `snapshotter` (2.x only): the erofs snapshotter in block mode (its
+    `default_size`: every active snapshot gets a writable ext4 image of that size, as on
+    darwin) and the erofs differ first in the diff service, so that layers are unpacked
+    with `mkfs.erofs --tar` (found on containerd's PATH) and nothing is mounted to unpack.
     """
     if f.config_version not in CRI_PLUGINS:
         raise ValueError(f"containerd {f.name}: no config renderer for version {f.config_version}")
+    if snapshotter not in (SNAPSHOTTER, EROFS_SNAPSHOTTER):
+        raise ValueError(f"no config renderer for the {snapshotter!r} snapshotter")
+    if snapshotter == EROFS_SNAPSHOTTER and f.config_version < 3:
+        raise ValueError(f"containerd {f.name} has no erofs snapshotter (2.2 and later)")
     lines = [
         f"version = {f.config_version}",
         f"root = {_toml_str(paths.root)}",
@@ -157,6 +181,15 @@ def render_config(f: Flavour, paths: ContainerdPaths, *, log_level: str = "info"
         f"  path = {_toml_str(paths.opt)}",
         "",
     ]
+    if snapshotter == EROFS_SNAPSHOTTER:
+        lines += [
+            '[plugins."io.containerd.snapshotter.v1.erofs"]',
+            f"  default_size = {_toml_str(EROFS_WRITABLE_SIZE)}",
+            "",
+            '[plugins."io.containerd.service.v1.diff-service"]',
+            f"  default = {_toml_list(['erofs', 'walking'])}",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -214,9 +247,14 @@ class Containerd:
         log_dir: Path | None = None,
         log_level: str = "info",
         start_timeout_s: float = START_TIMEOUT_S,
+        snapshotter: str = SNAPSHOTTER,
     ) -> None:
         self.flavour = flavour(flavour_name) if isinstance(flavour_name, str) else flavour_name
+        self.snapshotter = snapshotter
         self.path_prepend = [Path(p) for p in path_prepend]
+        if snapshotter == EROFS_SNAPSHOTTER:
+            # The erofs differ runs `mkfs.erofs --tar`: the one built from trixie's source.
+            self.path_prepend.append(EROFS_UTILS.cache_dir)
         self.namespace = namespace
         self.log_level = log_level
         self.start_timeout_s = start_timeout_s
@@ -277,10 +315,13 @@ class Containerd:
                 f"containerd {self.flavour.name} already started at {self.address}"
             )
         missing = self.flavour.missing_binaries()
+        if self.snapshotter == EROFS_SNAPSHOTTER:
+            missing += EROFS_UTILS.missing_binaries()
         if missing:
             raise ContainerdError(
                 f"containerd {self.flavour.name} binaries missing: "
                 f"{', '.join(map(str, missing))}; {self.flavour.install_hint()}"
+                + (f"; {EROFS_UTILS.install_hint()}" if EROFS_UTILS.missing_binaries() else "")
             )
         # mkdtemp in /tmp, not $TMPDIR: socket paths must stay well under 108 bytes.
         paths = ContainerdPaths.under(Path(tempfile.mkdtemp(prefix="hp-", dir="/tmp")))
@@ -289,7 +330,11 @@ class Containerd:
         atexit.register(self.stop)
         try:
             paths.check_socket_lengths()
-            paths.config.write_text(render_config(self.flavour, paths, log_level=self.log_level))
+            paths.config.write_text(
+                render_config(
+                    self.flavour, paths, log_level=self.log_level, snapshotter=self.snapshotter
+                )
+            )
             if self._log_dir is not None:
                 self._log_dir.mkdir(parents=True, exist_ok=True)
                 name = f"containerd-{self.flavour.name}-{paths.base.name}.log"
@@ -370,7 +415,7 @@ class Containerd:
         # point them at another daemon.
         for name in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE"):
             env.pop(name, None)
-        env["CONTAINERD_SNAPSHOTTER"] = SNAPSHOTTER
+        env["CONTAINERD_SNAPSHOTTER"] = self.snapshotter
         return env
 
     def _spawn(self) -> None:

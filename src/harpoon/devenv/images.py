@@ -19,6 +19,7 @@ import os
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,14 +149,21 @@ class ImageLayout:
     config: Blob
     manifest: Blob
     index: bytes
+    #: Layers above `layer`, bottom first (a multi-layer image).
+    upper_layers: tuple[Blob, ...] = ()
 
     def blobs(self) -> list[Blob]:
-        return [self.layer, self.config, self.manifest]
+        return [self.layer, *self.upper_layers, self.config, self.manifest]
 
 
-def build_layout(layer_tar: bytes, ref: str, arch: str) -> ImageLayout:
-    """Config, manifest and index.json around one uncompressed layer."""
+def build_layout(
+    layer_tar: bytes, ref: str, arch: str, upper_layer_tars: Sequence[bytes] = ()
+) -> ImageLayout:
+    """Config, manifest and index.json around one uncompressed layer (and any
+    `upper_layer_tars` above it, bottom first)."""
     layer = Blob(layer_tar, MEDIA_TYPE_LAYER)
+    uppers = tuple(Blob(tar, MEDIA_TYPE_LAYER) for tar in upper_layer_tars)
+    layers = (layer, *uppers)
     config = _json_blob(
         {
             "architecture": arch,
@@ -163,8 +171,10 @@ def build_layout(layer_tar: bytes, ref: str, arch: str) -> ImageLayout:
             "created": EPOCH_RFC3339,
             "config": {"Env": [f"PATH={IMAGE_PATH}"], "Cmd": ["sh"]},
             # Uncompressed layer: its diff ID is its own digest.
-            "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
-            "history": [{"created": EPOCH_RFC3339, "created_by": "harpoon.devenv.images"}],
+            "rootfs": {"type": "layers", "diff_ids": [blob.digest for blob in layers]},
+            "history": [
+                {"created": EPOCH_RFC3339, "created_by": "harpoon.devenv.images"} for _ in layers
+            ],
         },
         MEDIA_TYPE_CONFIG,
     )
@@ -173,7 +183,7 @@ def build_layout(layer_tar: bytes, ref: str, arch: str) -> ImageLayout:
             "schemaVersion": 2,
             "mediaType": MEDIA_TYPE_MANIFEST,
             "config": config.descriptor(),
-            "layers": [layer.descriptor()],
+            "layers": [blob.descriptor() for blob in layers],
         },
         MEDIA_TYPE_MANIFEST,
     )
@@ -190,7 +200,8 @@ def build_layout(layer_tar: bytes, ref: str, arch: str) -> ImageLayout:
             )
         ],
     }
-    return ImageLayout(layer, config, manifest, _json_blob(index, MEDIA_TYPE_INDEX).data)
+    index_data = _json_blob(index, MEDIA_TYPE_INDEX).data
+    return ImageLayout(layer, config, manifest, index_data, uppers)
 
 
 def write_layout_tar(layout: ImageLayout, out: Path) -> None:
@@ -262,6 +273,15 @@ def build_busybox_image(
         return out
     layout = build_layout(build_layer(busybox_bytes, applets), ref, arch)
     write_layout_tar(layout, out)
+    return out
+
+
+def build_layered_busybox_image(out: Path, ref: str, upper_layer_tars: Sequence[bytes]) -> Path:
+    """The host's busybox image with more layers above it (uncompressed tars, bottom
+    first), written to `out` (not cached): for tests of multi-layer rootfs paths."""
+    busybox_bytes = DEFAULT_BUSYBOX.read_bytes()
+    layer = build_layer(busybox_bytes, busybox_applets(DEFAULT_BUSYBOX))
+    write_layout_tar(build_layout(layer, ref, elf_arch(busybox_bytes), upper_layer_tars), out)
     return out
 
 

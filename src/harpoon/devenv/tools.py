@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -269,6 +270,167 @@ NERDCTL = Nerdctl(
     version="2.3.5",
 )
 
+#: Where the machine's apt sources are: a Debian source package is fetched from the
+#: mirror they name (`debian_mirror`).
+APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
+
+#: The mirror used when the machine's apt sources name no Debian archive.
+DEFAULT_DEBIAN_MIRROR = "http://deb.debian.org/debian"
+
+
+def debian_mirror(sources: tuple[Path, ...] = APT_SOURCES, codename: str | None = None) -> str:
+    """The Debian archive the machine's apt sources use (one-line `deb URI SUITE …` lists
+    or deb822 `.sources` files): the first URI of a `deb` entry for the machine's own
+    release (`codename`, from /etc/os-release), else `DEFAULT_DEBIAN_MIRROR`."""
+    codename = codename or _os_codename()
+    files: list[Path] = []
+    for source in sources:
+        if source.is_dir():
+            files += sorted(p for p in source.iterdir() if p.suffix in (".list", ".sources"))
+        elif source.is_file():
+            files.append(source)
+    for path in files:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for uri, suites in _apt_entries(text, deb822=path.suffix == ".sources"):
+            if codename in suites:
+                return uri.rstrip("/")
+    return DEFAULT_DEBIAN_MIRROR
+
+
+def _os_codename() -> str:
+    try:
+        text = Path("/etc/os-release").read_text()
+    except OSError:
+        return "bookworm"
+    match = re.search(r"^VERSION_CODENAME=\"?([\w-]+)", text, re.MULTILINE)
+    return match.group(1) if match else "bookworm"
+
+
+def _apt_entries(text: str, *, deb822: bool) -> list[tuple[str, list[str]]]:
+    """(URI, suites) of each binary `deb` entry of an apt sources file."""
+    entries = []
+    if deb822:
+        for stanza in re.split(r"\n\s*\n", text):
+            fields: dict[str, str] = {}
+            for line in stanza.splitlines():
+                if line.startswith("#") or ":" not in line or line[:1].isspace():
+                    continue
+                key, _, value = line.partition(":")
+                fields[key.strip().lower()] = value.strip()
+            if "deb" in fields.get("types", "").split():
+                suites = fields.get("suites", "").split()
+                entries += [(uri, suites) for uri in fields.get("uris", "").split()]
+        return entries
+    for line in text.splitlines():
+        words = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
+        if len(words) >= 3 and words[0] == "deb":
+            entries.append((words[1], [words[2]]))
+    return entries
+
+
+@dataclass(frozen=True)
+class DebianSourceBuild:
+    """A tool built from a Debian source package of a newer release than the machine's
+    (`suite`), pinned by version and by its .dsc's sha256: `apt-get source` with a
+    private apt configuration (a `deb-src` entry on the machine's own mirror, its own
+    lists directory: the machine's apt sources are not changed, and no binary package
+    of that release is ever installed), `commands` run in the unpacked tree, `outputs`
+    copied into a cache directory named after the version and that hash. The build's
+    dependencies are the machine's own packages (scripts/install-deps installs them)."""
+
+    name: str
+    #: The source package, its Debian version and the sha256 of its .dsc.
+    package: str
+    version: str
+    dsc_sha256: str
+    suite: str
+    #: Each file the build leaves in the cache directory -> its path in the tree.
+    outputs: tuple[tuple[str, str], ...]
+    commands: tuple[tuple[str, ...], ...]
+
+    @property
+    def cache_dir(self) -> Path:
+        return TOOLS_CACHE_DIR / f"{self.name}-{self.version}-{self.dsc_sha256[:16]}"
+
+    def binary(self, name: str) -> Path:
+        return self.cache_dir / name
+
+    def missing_binaries(self) -> list[Path]:
+        return [
+            path
+            for path in (self.cache_dir / name for name, _ in self.outputs)
+            if not os.access(path, os.X_OK)
+        ]
+
+    def install_hint(self) -> str:
+        return f"run scripts/install-deps (builds {self.package} {self.version} from source)"
+
+    def build(self) -> None:
+        """Fetches, checks and builds the source package in a scratch directory, then moves
+        the outputs into the cache directory in one rename."""
+        TOOLS_CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"harpoon-{self.name}-build-") as scratch:
+            work = Path(scratch)
+            lists = work / "lists"
+            (lists / "partial").mkdir(parents=True)
+            sources = work / "sources.list"
+            sources.write_text(f"deb-src {debian_mirror()} {self.suite} main\n")
+            apt = [
+                "apt-get", "-q",
+                "-o", f"Dir::Etc::SourceList={sources}",
+                "-o", "Dir::Etc::SourceParts=/dev/null",
+                "-o", f"Dir::State::Lists={lists}",
+                # The scratch directory is root's: _apt could not write into it.
+                "-o", "APT::Sandbox::User=root",
+            ]  # fmt: skip
+            env = dict(os.environ)
+            _run_step([*apt, "update"], work, env)
+            wanted = f"{self.package}={self.version}"
+            uris = subprocess.run(
+                [*apt, "source", "--print-uris", wanted],
+                cwd=work, env=env, check=True, capture_output=True, text=True,
+                timeout=SOURCE_BUILD_STEP_TIMEOUT_S,
+            ).stdout  # fmt: skip
+            dsc = f"{self.package}_{self.version.split(':')[-1]}.dsc"
+            if f" {dsc} " not in uris or f"SHA256:{self.dsc_sha256}" not in uris:
+                raise ValueError(
+                    f"{self.suite}'s {dsc} is not the pinned one (sha256 {self.dsc_sha256}); "
+                    f"apt offers:\n{uris}update the pin in harpoon.devenv.tools"
+                )
+            _run_step([*apt, "source", wanted], work, env)
+            (tree,) = [p for p in work.iterdir() if p.is_dir() and p.name != "lists"]
+            for command in self.commands:
+                _run_step(list(command), tree, env)
+            staged = Path(tempfile.mkdtemp(prefix=f".{self.name}-", dir=TOOLS_CACHE_DIR))
+            for name, built in self.outputs:
+                shutil.copy2(tree / built, staged / name)
+            staged.chmod(0o755)
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
+            staged.rename(self.cache_dir)
+
+
+#: erofs-utils with `mkfs.erofs --tar`, which containerd's erofs differ needs (bookworm's
+#: 1.5 lacks it): trixie's source package, built against bookworm's libraries.
+EROFS_UTILS = DebianSourceBuild(
+    name="erofs-utils",
+    package="erofs-utils",
+    version="1.8.6-1",
+    dsc_sha256="283a75530916f03fb443a7d7f80f9c3487647f070c071ff10a8187448b17af55",
+    suite="trixie",
+    outputs=(("mkfs.erofs", "mkfs/mkfs.erofs"), ("fsck.erofs", "fsck/fsck.erofs")),
+    commands=(
+        ("./autogen.sh",),
+        ("./configure", "--disable-fuse"),
+        ("make", f"-j{os.cpu_count() or 1}"),
+    ),
+)
+
+#: The tools built from Debian source packages, by name.
+DEBIAN_SOURCE_BUILDS: dict[str, DebianSourceBuild] = {EROFS_UTILS.name: EROFS_UTILS}
+
 #: The tools built from THIRD_PARTY_DIR, by name.
 SOURCE_BUILDS: dict[str, SourceBuild] = {tool.name: tool for tool in (SHIMTEST, NERDCTL)}
 
@@ -409,6 +571,22 @@ def install_missing(names: list[str]) -> int:
     return 1 if failed else 0
 
 
+def install_debian_source_build(tool: DebianSourceBuild) -> int:
+    """Builds `tool` unless its cache directory holds it; returns an exit code."""
+    if not tool.missing_binaries():
+        print(f"{tool.name}: present in {tool.cache_dir}")
+        return 0
+    started = time.monotonic()
+    try:
+        tool.build()
+    except (OSError, ValueError, subprocess.SubprocessError) as error:
+        print(f"{tool.name}: not built: {error}")
+        return 1
+    took_s = time.monotonic() - started
+    print(f"{tool.name}: built {tool.package} {tool.version} in {took_s:.0f} s: {tool.cache_dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harpoon.devenv.tools", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -416,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     install = sub.add_parser(
         "install", help=f"build what is missing of the source-built containerd flavours, {built}"
     )
-    known = [*FLAVOURS, *SOURCE_BUILDS]
+    known = [*FLAVOURS, *SOURCE_BUILDS, *DEBIAN_SOURCE_BUILDS]
     install.add_argument("tools", nargs="*", help=f"any of {' '.join(known)} (default: all)")
     install.add_argument(
         "--third-party",
@@ -435,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.tools:
             if name in SOURCE_BUILDS:
                 status = install_source_build(SOURCE_BUILDS[name], args.third_party) or status
+            if name in DEBIAN_SOURCE_BUILDS:
+                status = install_debian_source_build(DEBIAN_SOURCE_BUILDS[name]) or status
         return status
     for f in FLAVOURS.values():
         state = "missing" if f.missing_binaries() else "ok"
@@ -442,6 +622,9 @@ def main(argv: list[str] | None = None) -> int:
     for tool in SOURCE_BUILDS.values():
         state = "missing" if tool.missing_binaries() else "ok"
         print(f"{tool.name}\t{tool.source.file_name}\t{tool.cache_dir}\t{state}")
+    for debian in DEBIAN_SOURCE_BUILDS.values():
+        state = "missing" if debian.missing_binaries() else "ok"
+        print(f"{debian.name}\t{debian.package} {debian.version}\t{debian.cache_dir}\t{state}")
     return 0
 
 

@@ -52,6 +52,7 @@ EXTRA_MODULES: tuple[str, ...] = (
     "traceback",
     # The agent's own lazily imported modules: measured so that their stdlib ships.
     "harpoon.agent.devices",
+    "harpoon.agent.modules",
 )
 
 # Never shipped, and made unimportable while measuring the closure, so the measured set

@@ -85,6 +85,9 @@ class AgentClient:
         )
         await self._call("Mount", request, empty_pb2.Empty)
 
+    async def unmount(self, target: str) -> None:
+        await self._call("Unmount", agent_pb2.UnmountRequest(target=target), empty_pb2.Empty)
+
     async def create_process(self, request: agent_pb2.CreateProcessRequest) -> None:
         await self._call("CreateProcess", request, empty_pb2.Empty)
 

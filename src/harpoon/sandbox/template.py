@@ -327,14 +327,23 @@ def _vm_scratch() -> Iterator[Path]:
 
 def template_config(config: VMConfig, staging: Path, state_dir: Path) -> VMConfig:
     """config with its own paths replaced: private state in state_dir, shares on an
-    empty directory."""
+    empty directory, disks on empty files of their own (never a container's image: a
+    writable one is locked by the container's VMM, and the builder outlives it). The
+    guest loads no disk driver before it is saved, so a restored VM sees only the disks
+    it is given."""
     placeholder = staging / "share"
     placeholder.mkdir(mode=PRIVATE_MODE, exist_ok=True)
+    disks = []
+    for disk in config.disks:
+        image = staging / "share" / f".disk-{disk.id}"
+        image.touch(mode=0o600)
+        disks.append(replace(disk, image=image))
     return replace(
         config,
         name=f"template-{staging.name}",
         state_dir=state_dir,
         shares=tuple(replace(share, host_path=placeholder) for share in config.shares),
+        disks=tuple(disks),
         memory_file=staging / MEMORY_NAME,
     )
 

@@ -21,6 +21,7 @@ from harpoon.sandbox.plan import LaunchPlan, Templates, plan_launch
 from harpoon.shim import paths
 from harpoon.shim.bundle import Bundle
 from harpoon.shim.transform import PIPELINE, Draft
+from harpoon.shim.transform.guest_rootfs import GuestRootfs, MountLike
 from harpoon.vmm.backend import Backend
 from harpoon.vmm.base import VMConfig
 
@@ -37,6 +38,8 @@ class ContainerPlan:
     launch: LaunchPlan
     binds: tuple[HostBind, ...] = ()
     """Host paths bound into the VM's share at Create."""
+    guest_rootfs: GuestRootfs | None = None
+    """The rootfs the guest assembles from disks (an erofs snapshot), if it is one."""
 
 
 def plan_guest(
@@ -45,11 +48,14 @@ def plan_guest(
     spec: dict[str, Any],
     host_hostname: str | None = None,
     bundle_dir: Path | None = None,
+    rootfs_mounts: tuple[MountLike, ...] = (),
 ) -> Draft:
     """Every transformer's plan for spec, in the pipeline's order (reads nothing but the
     types of bind mounts' sources)."""
     hostname = host_hostname if host_hostname is not None else os.uname().nodename
-    draft = Draft(namespace, container_id, spec, hostname, bundle_dir=bundle_dir)
+    draft = Draft(
+        namespace, container_id, spec, hostname, bundle_dir=bundle_dir, rootfs_mounts=rootfs_mounts
+    )
     for transformer in PIPELINE:
         transformer.plan(draft)
     return draft
@@ -62,9 +68,13 @@ def plan_container(
     image: GuestImage,
     backend: Backend,
     templates: Templates = None,
+    rootfs_mounts: tuple[MountLike, ...] = (),
 ) -> ContainerPlan:
-    """The container's plan; an errdefs error for a spec harpoon cannot run."""
-    draft = plan_guest(namespace, container_id, bundle.spec, bundle_dir=bundle.path)
+    """The container's plan; an errdefs error for a spec harpoon cannot run.
+    `rootfs_mounts`: containerd's, when the guest assembles them (known at Create only)."""
+    draft = plan_guest(
+        namespace, container_id, bundle.spec, bundle_dir=bundle.path, rootfs_mounts=rootfs_mounts
+    )
     config = VMConfig(
         name=container_id,
         arch=image.arch,
@@ -78,7 +88,14 @@ def plan_container(
         nics=tuple(draft.nics),
     )
     launch = plan_launch(config, backend, templates, draft.rootfs_share)
-    return ContainerPlan(container_id, bundle, encode(draft.guest_spec), launch, tuple(draft.binds))
+    return ContainerPlan(
+        container_id,
+        bundle,
+        encode(draft.guest_spec),
+        launch,
+        tuple(draft.binds),
+        draft.guest_rootfs,
+    )
 
 
 def encode(document: dict[str, Any]) -> bytes:

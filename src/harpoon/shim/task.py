@@ -43,6 +43,7 @@ from harpoon.shim.resources import cgroup_limits
 from harpoon.shim.stdio import ProcessIO
 from harpoon.shim.transform import PIPELINE
 from harpoon.shim.transform.draft import CreateContext
+from harpoon.shim.transform.guest_rootfs import needs_guest
 from harpoon.ttrpc.server import CallContext
 from harpoon.ttrpc.status import TtrpcError
 from harpoon.vmm.base import VMError
@@ -105,16 +106,26 @@ class TaskService:
 
     def _plan(self, request: task.CreateTaskRequest) -> ContainerPlan:
         """The daemon's plan if it was made for this bundle, else a new one; raises (and
-        launches nothing) for a spec harpoon cannot run."""
+        launches nothing) for a spec harpoon cannot run. A rootfs the guest assembles
+        (erofs layers as disks) is known only now: its VM is another than the one started
+        ahead, which SandboxStarter then stops."""
         early, self._early_plan = self._early_plan, None
-        if early is not None and _same_bundle(early, request):
+        guest_mounts = tuple(request.rootfs) if needs_guest(request.rootfs) else ()
+        if early is not None and _same_bundle(early, request) and not guest_mounts:
             return early
         bundle = Bundle.load(request.bundle)
         try:
             image = self.find_image()
         except Exception as error:
             raise FailedPrecondition(f"no guest image: {error}") from None
-        return plan_container(self.namespace, request.id, bundle, image, self.sandboxes.backend)
+        return plan_container(
+            self.namespace,
+            request.id,
+            bundle,
+            image,
+            self.sandboxes.backend,
+            rootfs_mounts=guest_mounts,
+        )
 
     # -- Task methods ----------------------------------------------------------------
 
@@ -132,7 +143,13 @@ class TaskService:
             self._creating = False
 
     async def _create(self, request: task.CreateTaskRequest) -> task.CreateTaskResponse:
-        plan = self._plan(request)
+        try:
+            plan = self._plan(request)
+        except BaseException:
+            # Planned again at Create (an erofs rootfs) and refused: the VM started
+            # ahead is of no use.
+            await self.sandboxes.close()
+            raise
         async with contextlib.AsyncExitStack() as undo:
             # Last out: a VM started ahead and not taken (this Create failed first) stops,
             # and its template stays; the VM's state directory goes.
@@ -140,7 +157,14 @@ class TaskService:
             undo.callback(shutil.rmtree, plan.launch.config.state_dir, ignore_errors=True)
             io = self._open_io(request)
             undo.callback(io.close)
-            create = CreateContext(request, plan.bundle, undo, rootfs=Path(), binds=plan.binds)
+            create = CreateContext(
+                request,
+                plan.bundle,
+                undo,
+                rootfs=Path(),
+                binds=plan.binds,
+                guest_rootfs=plan.guest_rootfs,
+            )
             for transformer in PIPELINE:
                 await transformer.before_vm(create)
             sandbox = await self.sandboxes.start(plan.launch)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harpoon.sandbox.binds import HostBind
+from harpoon.shim.transform.guest_rootfs import GuestRootfs, MountLike
 from harpoon.vmm.devices import NIC, Disk, Share
 
 if TYPE_CHECKING:
@@ -40,6 +41,11 @@ class Draft:
     """Host paths bound into the share at Create (harpoon.sandbox.binds)."""
     bundle_dir: Path | None = None
     """The bundle's directory, which relative bind sources are relative to."""
+    rootfs_mounts: tuple[MountLike, ...] = ()
+    """containerd's rootfs mounts when the guest assembles them (an erofs snapshot); else
+    empty, and the rootfs is mounted on the host at Create (not known at plan time)."""
+    guest_rootfs: GuestRootfs | None = None
+    """The disks and guest mounts of such a rootfs (the rootfs transformer's plan)."""
 
     def __post_init__(self) -> None:
         if not self.guest_spec:
@@ -57,6 +63,8 @@ class CreateContext:
     """The host directory that is the container's root (mounted by the rootfs step)."""
     binds: tuple[HostBind, ...] = ()
     """The plan's host binds."""
+    guest_rootfs: GuestRootfs | None = None
+    """The plan's rootfs assembled in the guest from disks, if it is one."""
 
 
 class Transformer:
