@@ -170,7 +170,12 @@ class Sandbox:
             return  # that build makes the same template, or the next cold boot asks again
         try:
             builder = template_builder.spawn(
-                replace(self.config, low_priority=True), self._backend.name, store.root
+                # Neutral: the builder names nothing of this container (its own paths
+                # replace every per-instance one), so nothing outlives the container
+                # that names it.
+                replace(self.config.neutral(), low_priority=True),
+                self._backend.name,
+                store.root,
             )
         except OSError as error:
             log.warning("building a VM template for %s failed: %s", self.config.name, error)
