@@ -339,8 +339,12 @@ class SandboxStarter:
         if early is None or starting is None:
             return None
         if early.config != plan.config or early.rootfs_share != plan.rootfs_share:
-            log.warning("the VM started ahead for %s does not fit its Create: starting another",
-                        plan.config.name)  # fmt: skip
+            # Expected when only the disks differ: a rootfs of disks (the erofs path) is
+            # known at Create alone; anything else says the two plans disagree.
+            expected = replace(early.config, disks=()) == replace(plan.config, disks=())
+            log.log(logging.INFO if expected else logging.WARNING,
+                    "the VM started ahead for %s does not fit its Create: starting another",
+                    plan.config.name)  # fmt: skip
             await self.close()
             return None
         # Create has come: however long the start takes now, it is Create's to wait for
