@@ -95,9 +95,10 @@ BOOT_MODULES: tuple[str, ...] = (
 )
 # Shipped for the agent to load when a container needs them (see modules.json). Only
 # what something loads: every MB of initramfs costs ~15 ms of every cold boot under TCG
-# (the kernel unpacks it before /init runs). Networking, block and virtio-fs shares add
-# theirs (virtio_net, virtio_blk + erofs/ext4, virtiofs, vsock) when they land.
-ON_DEMAND_MODULES: tuple[str, ...] = ()
+# (the kernel unpacks it before /init runs). virtiofs (and fuse under it) is loaded by the
+# agent when a virtiofs share is mounted (harpoon.agent.rootfs). Networking and block
+# add theirs (virtio_net, virtio_blk + erofs/ext4, vsock) when they land.
+ON_DEMAND_MODULES: tuple[str, ...] = ("virtiofs",)
 
 BUSYBOX_APPLETS: tuple[str, ...] = (
     "sh", "ash", "mount", "umount", "insmod", "rmmod", "lsmod", "poweroff", "reboot",
