@@ -110,3 +110,11 @@ def test_delete_kills_a_recorded_virtiofsd_and_nothing_else(tmp_path: Path) -> N
             process.kill()
             process.wait()
     assert os.path.exists(tmp_path / "virtiofsd-rootfs.pid")
+
+
+def test_the_vmm_finds_virtiofsd_where_install_deps_builds_it() -> None:
+    from harpoon.devenv import tools
+    from harpoon.vmm import virtiofsd
+
+    assert tools.VIRTIOFSD.binary == virtiofsd.TOOLS_BINARY
+    assert tools.VIRTIOFSD.version == virtiofsd.VERSION
