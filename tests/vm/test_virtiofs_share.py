@@ -117,3 +117,59 @@ def test_zz_nothing_is_left_once_the_vm_is_stopped(
     started_sandbox.loop.run_until_complete(sandbox.stop())
     assert pids_of_virtiofsd_serving(share) == []
     assert [path for path in left if path.exists()] == []
+
+
+LAUNCH_AND_WAIT = r"""
+import sys, time
+from pathlib import Path
+from harpoon.guest import find_guest
+from harpoon.vmm.backend import host_arch
+from harpoon.vmm.base import VMConfig
+from harpoon.vmm.devices import Share
+from harpoon.vmm.qemu_launch import launch
+guest = find_guest(host_arch())
+config = VMConfig(
+    name="vfs-killed", arch=host_arch(), kernel=guest.kernel, initrd=guest.initrd,
+    state_dir=Path(sys.argv[1]), shares=(Share("rootfs", Path(sys.argv[2]), fs="virtiofs"),),
+)
+launched = launch(config)
+print(launched.process.pid, *(helper.pid for helper in launched.helpers), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_shims_virtiofsd_dies_and_delete_finds_nothing_left(tmp_path: Path) -> None:
+    """A shim killed with SIGKILL takes its QEMU and virtiofsd along (parent-death
+    signal); `delete` (harpoon.vmm.leftovers.kill_vmm) then kills whatever is left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from harpoon.vmm import leftovers
+
+    if virtiofsd.find() is None:
+        pytest.skip("no virtiofsd")
+    state_dir, export = tmp_path / "vm", tmp_path / "export"
+    export.mkdir()
+    shim = subprocess.Popen(
+        [sys.executable, "-c", LAUNCH_AND_WAIT, str(state_dir), str(export)],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert shim.stdout is not None
+        pids = [int(pid) for pid in shim.stdout.readline().split()]
+        assert len(pids) == 2, pids  # QEMU, virtiofsd
+        assert pids_of_virtiofsd_serving(export) == [pids[1]]
+    finally:
+        shim.send_signal(signal.SIGKILL)
+        shim.wait()
+    leftovers.kill_vmm(str(state_dir))
+    deadline = time.monotonic() + 10
+    while pids_of_virtiofsd_serving(export) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pids_of_virtiofsd_serving(export) == []
+    assert (
+        not Path(f"/proc/{pids[0]}").exists()
+        or b"qemu" not in Path(f"/proc/{pids[0]}/cmdline").read_bytes()
+    )
