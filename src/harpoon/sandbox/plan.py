@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 #: without one (templates off), if the backend can serve it.
 SHARE_FS_ENV = "HARPOON_SHARE_FS"
 SHARE_FS_SETTINGS = ("9p", "virtiofs", "auto")
-#: The rule chosen by measurement (bench/share.py; the table in bench/README.md).
+#: The rule chosen by measurement (bench/share.py; the table in bench/README.md): 9p.
+#: virtiofs is not faster across the board here (faster sequential I/O and untar, a
+#: `find` up to 5x slower: with --cache=never every lookup is a round trip), costs the
+#: template (a cold boot every time) and, uncached on the 6.1 guest, refuses writable
+#: MAP_SHARED mappings (ENODEV), which 9p's cache=mmap serves.
 AUTO_COLD_SHARE_FS: ShareFs = "9p"
 
 Templates = TemplateStore | Literal[False] | None
