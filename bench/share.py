@@ -47,7 +47,14 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 WORKLOADS = ("write", "read", "untar", "find")
 PLACES = ("rootfs", "bind")
-HARPOON_VARIANTS = {"harpoon-9p": "9p", "harpoon-virtiofs": "virtiofs"}
+#: variant: (HARPOON_SHARE_FS, HARPOON_VIRTIOFS_CACHE)
+HARPOON_VARIANTS = {
+    "harpoon-9p": ("9p", ""),
+    "harpoon-virtiofs": ("virtiofs", ""),
+    # virtiofsd --cache=auto (names and attributes cached 1 s): only with --only.
+    "harpoon-virtiofs-auto": ("virtiofs", "auto"),
+}
+DEFAULT_RUNTIMES = ["host", "runc", "harpoon-9p", "harpoon-virtiofs"]
 RUN_TIMEOUT_S = 3600.0
 UPTIME_RESOLUTION_S = 0.01
 
@@ -100,12 +107,13 @@ def wrapper_shims(directory: Path) -> dict[str, str]:
     """A shim per harpoon variant (HARPOON_SHARE_FS set), running this checkout's
     harpoon; returns runtime names by variant."""
     runtimes = {}
-    for variant, fs in HARPOON_VARIANTS.items():
+    for variant, (fs, cache) in HARPOON_VARIANTS.items():
         name = variant.replace("-", "")
         script = directory / f"containerd-shim-{name}-v1"
         script.write_text(
             "#!/bin/sh\n"
             f"export PYTHONPATH={REPO / 'src'} HARPOON_SHARE_FS={fs} HARPOON_TEMPLATES=off\n"
+            f"export HARPOON_VIRTIOFS_CACHE={cache}\n"
             f"exec {sys.executable} -c 'from harpoon.shim.cli import main; main()' \"$@\"\n"
         )
         script.chmod(0o755)
@@ -142,7 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=1, help="rounds (all runtimes each)")
     parser.add_argument("--containerd", default="2.3")
     parser.add_argument(
-        "--only", nargs="*", default=["host", "runc", *HARPOON_VARIANTS], help="runtimes"
+        "--only",
+        nargs="*",
+        default=DEFAULT_RUNTIMES,
+        choices=["host", "runc", *HARPOON_VARIANTS],
+        help="runtimes",
     )
     parser.add_argument("--table", type=Path, help="print the table of a results JSON and exit")
     args = parser.parse_args(argv)

@@ -38,7 +38,10 @@ TOOLS_BINARY = (
 SYSTEM_BINARIES = (Path("/usr/libexec/virtiofsd"), Path("/usr/lib/qemu/virtiofsd"))
 BINARY_ENV = "HARPOON_VIRTIOFSD"
 PID_PREFIX = HELPER_PID_PREFIX
-CACHE_POLICY = "never"
+#: --cache: "never" unless HARPOON_VIRTIOFS_CACHE says (for measuring: "auto" caches
+#: names and attributes for 1 s, so a host change may be seen that much later).
+CACHE_ENV = "HARPOON_VIRTIOFS_CACHE"
+CACHE_POLICY = os.environ.get(CACHE_ENV) or "never"
 
 
 def find() -> str | None:
