@@ -118,3 +118,31 @@ def test_the_vmm_finds_virtiofsd_where_install_deps_builds_it() -> None:
 
     assert tools.VIRTIOFSD.binary == virtiofsd.TOOLS_BINARY
     assert tools.VIRTIOFSD.version == virtiofsd.VERSION
+
+
+def test_install_crate_runs_cargo_install_locked_and_caches_the_binary(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from harpoon.devenv import tools
+
+    calls = tmp_path / "calls"
+    cargo = tmp_path / "cargo"
+    # A stand-in cargo: records its arguments and "installs" into --root.
+    cargo.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {calls}\n'
+        'while [ "$1" != --root ]; do shift; done\n'
+        'mkdir -p "$2/bin" && printf "#!/bin/sh\\n" > "$2/bin/virtiofsd"\n'
+        'chmod 755 "$2/bin/virtiofsd"\n'
+    )
+    cargo.chmod(0o755)
+    monkeypatch.setattr(tools, "TOOLS_CACHE_DIR", tmp_path / "tools")
+    monkeypatch.setattr(tools, "cargo_binary", lambda: cargo)
+    crate = tools.CrateBuild("virtiofsd", "1.14.0")
+    assert crate.missing_binaries() == [tmp_path / "tools/virtiofsd-v1.14.0/virtiofsd"]
+    assert tools.install_crate(crate) == 0
+    assert crate.missing_binaries() == []
+    assert calls.read_text().startswith("install virtiofsd --version 1.14.0 --locked --root ")
+    # Cached: a second install runs no cargo.
+    assert tools.install_crate(crate) == 0
+    assert len(calls.read_text().splitlines()) == 1
