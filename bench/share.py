@@ -224,11 +224,14 @@ def table(
     samples: dict[str, dict[str, list[float]]], mib: int, files: int, runs: int, took: float
 ) -> str:
     names = list(samples)
+    # Time ratio of the two shares in each round (interleaved: the same machine load).
+    compared = "harpoon-virtiofs" in samples and "harpoon-9p" in samples
+    extra = " virtiofs ÷ 9p time, per round |" if compared else ""
     lines = [
         f"{mib} MiB sequential, {files} files; median of {runs} run(s); whole run {took:.0f} s",
         "",
-        "| where | workload | " + " | ".join(names) + " |",
-        "|---|---|" + "---:|" * len(names),
+        "| where | workload | " + " | ".join(names) + " |" + extra,
+        "|---|---|" + "---:|" * len(names) + ("---|" if compared else ""),
     ]
     for place in PLACES:
         for work in WORKLOADS:
@@ -245,6 +248,16 @@ def table(
                     cells.append(f"{rate:.0f} MiB/s" if seconds > 0 else f"> {rate:.0f} MiB/s")
                 else:
                     cells.append(f"{seconds:.2f} s" if seconds > 0 else "< 0.01 s")
+            if compared:
+                pairs = zip(
+                    samples["harpoon-virtiofs"].get(f"{place}.{work}", []),
+                    samples["harpoon-9p"].get(f"{place}.{work}", []),
+                    strict=False,
+                )
+                ratios = sorted(
+                    max(v, UPTIME_RESOLUTION_S) / max(n, UPTIME_RESOLUTION_S) for v, n in pairs
+                )
+                cells.append(" ".join(f"{r:.2f}" for r in ratios) or "n/a")
             lines.append(f"| {place} | {work} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
