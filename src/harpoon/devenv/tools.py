@@ -16,8 +16,8 @@ cached under a name made of those hashes (`SourceBuild`). Adding such a tool is 
 
 virtiofsd (`CRATES`), the host side of virtiofs shares, is a Rust crate: `cargo install
 --locked` of a pinned version from crates.io with the machine's Rust, into the same cache
-(`CrateBuild`; ~4 min on 2 cores; it links libseccomp and libcap-ng, Debian packages
-that install-deps installs).
+(`CrateBuild`; ~7 min on 2 shared cores, measured; it links libseccomp and libcap-ng,
+Debian packages that install-deps installs).
 
 This module never starts a daemon or a test; `harpoon.devenv.containerd` starts
 containerd, tests/conformance runs shimtest, tests/e2e/nerdctl.py runs nerdctl.
