@@ -331,3 +331,18 @@ def test_per_key_lock_files_of_older_versions_are_removed(tmp_path: Path) -> Non
 
     asyncio.run(scenario())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build.lock"]
+
+
+def test_harpoon_template_build_plans_9p_shares_whatever_cold_boots_use(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A template cannot hold a virtiofs device (QEMU 7.2): HARPOON_SHARE_FS=virtiofs
+    for the shims' cold boots leaves `harpoon template build` on 9p."""
+    from harpoon.guest.cache import GuestImage
+    from harpoon.shim.template_cli import container_config
+
+    monkeypatch.setenv("HARPOON_SHARE_FS", "virtiofs")
+    base = config(tmp_path)
+    image = GuestImage("amd64", base.kernel, base.initrd, "6.1.0-test", "digest")
+    shares = container_config(image, QemuBackend()).shares
+    assert shares and {share.fs for share in shares} == {"9p"}

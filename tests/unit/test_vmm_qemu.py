@@ -129,9 +129,58 @@ def test_disks_nics_and_vsock_on_the_command_line_by_id() -> None:
     assert "vhost-vsock-device,guest-cid=9" in line
 
 
-def test_a_virtiofs_share_is_refused_by_qemu_here_naming_it() -> None:
-    with pytest.raises(VMError, match=r"share data: .*9p shares only"):
-        command_line(config(shares=(Share("data", Path("/d"), fs="virtiofs"),)), "tcg")
+def test_a_virtiofs_share_is_a_vhost_user_fs_device_on_shared_memory() -> None:
+    shares = (Share("rootfs", Path("/b/rootfs")), Share("data", Path("/d"), fs="virtiofs"))
+    argv = command_line(config(shares=shares, memory_mib=512), "tcg")
+    line = " ".join(argv)
+    # vhost-user: virtiofsd maps the guest's RAM, so the RAM is a shared memfd.
+    assert "-M microvm,rtc=on,x-option-roms=off,memory-backend=ram " in line
+    assert "-object memory-backend-memfd,id=ram,size=512M,share=on" in line
+    assert "-chardev socket,id=vfs1,path=/run/harpoon/vm/x/vfs-data.sock -device" in line
+    assert "-device vhost-user-fs-device,chardev=vfs1,tag=data" in line
+    # The 9p share beside it is as before.
+    assert "virtio-9p-device,fsdev=fs0,mount_tag=rootfs" in line
+
+
+def test_a_virtiofs_share_on_q35_is_pci() -> None:
+    shares = (Share("rootfs", Path("/b"), fs="virtiofs"),)
+    line = " ".join(command_line(config(shares=shares, machine="q35"), "tcg"))
+    assert "-M q35,memory-backend=ram" in line
+    assert "vhost-user-fs-pci,chardev=vfs0,tag=rootfs" in line
+
+
+def test_a_vm_without_virtiofs_has_no_shared_memory() -> None:
+    line = " ".join(command_line(config(), "tcg"))
+    assert "memory-backend" not in line and "vhost-user" not in line
+
+
+def test_a_virtiofs_share_cannot_be_restored() -> None:
+    shares = (Share("data", Path("/d"), fs="virtiofs"),)
+    with pytest.raises(VMError, match="virtiofs share cannot be restored"):
+        command_line(config(shares=shares), "tcg", restoring=True)
+
+
+def test_a_virtiofs_vm_has_no_template_identity() -> None:
+    from harpoon.vmm.qemu_launch import template_identity
+
+    shares = (Share("data", Path("/d"), fs="virtiofs"),)
+    assert template_identity(config(shares=shares)) is None
+
+
+def test_virtiofsd_serves_the_inherited_socket_chrooted_and_uncached() -> None:
+    from harpoon.vmm import virtiofsd
+
+    argv = virtiofsd.command_line("/t/virtiofsd", Share("data", Path("/d"), read_only=True), 7)
+    assert argv == [
+        "/t/virtiofsd",
+        "--fd=7",
+        "--shared-dir=/d",
+        "--sandbox=chroot",
+        "--cache=never",
+        "--announce-submounts",
+        "--log-level=warn",
+        "--readonly",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -126,7 +126,7 @@ def load_filesystems_for_disks() -> None:
         return
     from harpoon.agent import modules
 
-    for fstype in modules.FILESYSTEM_MODULES:
+    for fstype in modules.DISK_FILESYSTEMS:
         try:
             modules.load_filesystem(fstype)
         except OSError as error:

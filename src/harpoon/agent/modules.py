@@ -23,7 +23,11 @@ FILESYSTEM_MODULES: dict[str, tuple[str, ...]] = {
     "erofs": ("erofs",),
     "ext4": ("crc32c_generic", "ext4"),  # metadata checksums
     "overlay": ("overlay",),
+    "virtiofs": ("virtiofs",),  # and fuse under it, its dependency
 }
+
+#: The filesystems of an erofs rootfs's disks (and the overlay over them).
+DISK_FILESYSTEMS = ("erofs", "ext4", "overlay")
 
 #: The driver of virtio-blk disks (harpoon.agent.devices' BLOCK kind).
 BLOCK_MODULE = "virtio_blk"

@@ -32,7 +32,7 @@ def split_mkdirs(options: list[str]) -> tuple[list[tuple[str, int, int, int]], l
 def mount_filesystem(source: str, target: str, fstype: str, options: list[str]) -> None:
     """Mounts source on target, creating the target (a file for a bind of a file), and
     first the directories an `X-containerd.mkdir.path` option names; loads the module of
-    a filesystem the guest loads on demand (erofs, ext4, overlay)."""
+    a filesystem the guest loads on demand (erofs, ext4, overlay, virtiofs)."""
     from harpoon.agent import modules
 
     mkdirs, options = split_mkdirs(options)

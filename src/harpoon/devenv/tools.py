@@ -14,6 +14,11 @@ cached under a name made of those hashes (`SourceBuild`). Adding such a tool is 
 `SourceBuild` subclass (its commands and the files it keeps) and one entry in
 `SOURCE_BUILDS`.
 
+virtiofsd (`CRATES`), the host side of virtiofs shares, is a Rust crate: `cargo install
+--locked` of a pinned version from crates.io with the machine's Rust, into the same cache
+(`CrateBuild`; ~7 min on 2 shared cores, measured; it links libseccomp and libcap-ng,
+Debian packages that install-deps installs).
+
 This module never starts a daemon or a test; `harpoon.devenv.containerd` starts
 containerd, tests/conformance runs shimtest, tests/e2e/nerdctl.py runs nerdctl.
 """
@@ -34,6 +39,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from harpoon.vmm import virtiofsd
 
 #: Root of the per-machine cache of source-built tools (overridable for unprivileged use).
 TOOLS_CACHE_DIR = Path(os.environ.get("HARPOON_TOOLS_DIR", "/var/cache/harpoon/tools"))
@@ -434,6 +441,70 @@ DEBIAN_SOURCE_BUILDS: dict[str, DebianSourceBuild] = {EROFS_UTILS.name: EROFS_UT
 #: The tools built from THIRD_PARTY_DIR, by name.
 SOURCE_BUILDS: dict[str, SourceBuild] = {tool.name: tool for tool in (SHIMTEST, NERDCTL)}
 
+
+@dataclass(frozen=True)
+class CrateBuild:
+    """A binary of a crates.io crate at a pinned version, `cargo install --locked` into
+    a scratch root and moved into TOOLS_CACHE_DIR/<name>-v<version>/ in one rename."""
+
+    name: str
+    version: str
+
+    @property
+    def cache_dir(self) -> Path:
+        return TOOLS_CACHE_DIR / f"{self.name}-v{self.version}"
+
+    @property
+    def binary(self) -> Path:
+        return self.cache_dir / self.name
+
+    def missing_binaries(self) -> list[Path]:
+        return [] if os.access(self.binary, os.X_OK) else [self.binary]
+
+
+#: virtiofsd's pin lives beside its use (harpoon.vmm.virtiofsd), which finds it here.
+VIRTIOFSD = CrateBuild("virtiofsd", virtiofsd.VERSION)
+CRATES: dict[str, CrateBuild] = {VIRTIOFSD.name: VIRTIOFSD}
+
+
+def cargo_binary() -> Path | None:
+    """`cargo`: on PATH, else rustup's default place for root."""
+    found = shutil.which("cargo")
+    if found:
+        return Path(found)
+    fallback = Path.home() / ".cargo/bin/cargo"  # HOME, else the password database's
+    return fallback if os.access(fallback, os.X_OK) else None
+
+
+def install_crate(tool: CrateBuild) -> int:
+    """Builds `tool` unless its cache directory holds it; returns an exit code."""
+    if not tool.missing_binaries():
+        print(f"{tool.name}: v{tool.version} present in {tool.cache_dir}")
+        return 0
+    cargo = cargo_binary()
+    if cargo is None:
+        print(f"{tool.name}: not built: no cargo on PATH (install Rust)")
+        return 1
+    started = time.monotonic()
+    TOOLS_CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"harpoon-{tool.name}-build-") as scratch:
+            root = Path(scratch) / "root"
+            env = dict(os.environ, CARGO_TARGET_DIR=str(Path(scratch) / "target"))
+            argv = [str(cargo), "install", tool.name, "--version", tool.version, "--locked"]
+            _run_step([*argv, "--root", str(root)], Path(scratch), env)
+            staged = Path(tempfile.mkdtemp(prefix=f".{tool.name}-", dir=TOOLS_CACHE_DIR))
+            shutil.copy2(root / "bin" / tool.name, staged / tool.name)
+            staged.chmod(0o755)
+            shutil.rmtree(tool.cache_dir, ignore_errors=True)
+            staged.rename(tool.cache_dir)
+    except (OSError, subprocess.SubprocessError) as error:
+        print(f"{tool.name}: not built: {error}")
+        return 1
+    print(f"{tool.name}: built v{tool.version} in {time.monotonic() - started:.0f} s")
+    return 0
+
+
 #: The flavours the e2e tests run against by default.
 DEFAULT_FLAVOURS = ("1.6", "2.3")
 
@@ -587,6 +658,19 @@ def install_debian_source_build(tool: DebianSourceBuild) -> int:
     return 0
 
 
+def install_tools(names: list[str], third_party: Path) -> int:
+    """Builds what is missing of the named tools: non-zero if any build failed."""
+    status = install_missing([name for name in names if name in FLAVOURS])
+    for name in names:
+        if name in SOURCE_BUILDS:
+            status = install_source_build(SOURCE_BUILDS[name], third_party) or status
+        if name in DEBIAN_SOURCE_BUILDS:
+            status = install_debian_source_build(DEBIAN_SOURCE_BUILDS[name]) or status
+        if name in CRATES:
+            status = install_crate(CRATES[name]) or status
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harpoon.devenv.tools", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -594,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
     install = sub.add_parser(
         "install", help=f"build what is missing of the source-built containerd flavours, {built}"
     )
-    known = [*FLAVOURS, *SOURCE_BUILDS, *DEBIAN_SOURCE_BUILDS]
+    known = [*FLAVOURS, *SOURCE_BUILDS, *DEBIAN_SOURCE_BUILDS, *CRATES]
     install.add_argument("tools", nargs="*", help=f"any of {' '.join(known)} (default: all)")
     install.add_argument(
         "--third-party",
@@ -608,14 +692,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(args.tools) - set(known))
         if unknown:
             parser.error(f"unknown tools {unknown}; known: {known}")
-        args.tools = args.tools or known
-        status = install_missing([name for name in args.tools if name in FLAVOURS])
-        for name in args.tools:
-            if name in SOURCE_BUILDS:
-                status = install_source_build(SOURCE_BUILDS[name], args.third_party) or status
-            if name in DEBIAN_SOURCE_BUILDS:
-                status = install_debian_source_build(DEBIAN_SOURCE_BUILDS[name]) or status
-        return status
+        return install_tools(args.tools or known, args.third_party)
     for f in FLAVOURS.values():
         state = "missing" if f.missing_binaries() else "ok"
         print(f"{f.name}\tv{f.version}\t{f.bin_dir}\t{state}")
@@ -625,6 +702,9 @@ def main(argv: list[str] | None = None) -> int:
     for debian in DEBIAN_SOURCE_BUILDS.values():
         state = "missing" if debian.missing_binaries() else "ok"
         print(f"{debian.name}\t{debian.package} {debian.version}\t{debian.cache_dir}\t{state}")
+    for crate in CRATES.values():
+        state = "missing" if crate.missing_binaries() else "ok"
+        print(f"{crate.name}\tv{crate.version}\t{crate.cache_dir}\t{state}")
     return 0
 
 

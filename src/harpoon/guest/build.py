@@ -95,10 +95,11 @@ BOOT_MODULES: tuple[str, ...] = (
 )
 # Shipped for the agent to load when a container needs them (see modules.json). Only
 # what something loads: every MB of initramfs costs ~15 ms of every cold boot under TCG
-# (the kernel unpacks it before /init runs). Networking and virtio-fs shares add theirs
-# (virtio_net, virtiofs, vsock) when they land. The erofs rootfs (harpoon.agent.modules):
-# its disks' driver, the layers' and the writable image's filesystems, the overlay.
-ON_DEMAND_MODULES: tuple[str, ...] = ("virtio_blk", "erofs", "ext4", "overlay")
+# (the kernel unpacks it before /init runs). Networking adds its own (virtio_net, vsock)
+# when it lands. harpoon.agent.modules loads them: the erofs rootfs's disks' driver, the
+# layers' and the writable image's filesystems, the overlay; virtiofs (and fuse under
+# it) at a virtiofs share's mount.
+ON_DEMAND_MODULES: tuple[str, ...] = ("virtio_blk", "erofs", "ext4", "overlay", "virtiofs")
 
 BUSYBOX_APPLETS: tuple[str, ...] = (
     "sh", "ash", "mount", "umount", "insmod", "rmmod", "lsmod", "poweroff", "reboot",

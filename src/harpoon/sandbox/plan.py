@@ -14,7 +14,8 @@ This module must import nothing that loads asyncio or protobuf.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -22,8 +23,22 @@ from harpoon.sandbox import rootfs, template
 from harpoon.sandbox.template import Template, TemplateStore
 from harpoon.vmm.backend import Backend
 from harpoon.vmm.base import VMConfig
+from harpoon.vmm.devices import ShareFs
 
 log = logging.getLogger(__name__)
+
+#: Which filesystem the VM's shares use: "9p", "virtiofs" (a VM that never has a
+#: template: virtiofs cannot be saved by QEMU 7.2), or "auto" (the default): 9p
+#: wherever a template is or will be used, AUTO_COLD_SHARE_FS for a VM that boots cold
+#: without one (templates off), if the backend can serve it.
+SHARE_FS_ENV = "HARPOON_SHARE_FS"
+SHARE_FS_SETTINGS = ("9p", "virtiofs", "auto")
+#: The rule chosen by measurement (bench/share.py; the table in bench/README.md): 9p.
+#: virtiofs is not faster across the board here (faster sequential I/O and untar, a
+#: `find` up to 5x slower: with --cache=never every lookup is a round trip), costs the
+#: template (a cold boot every time) and, uncached on the 6.1 guest, refuses writable
+#: MAP_SHARED mappings (ENODEV), which 9p's cache=mmap serves.
+AUTO_COLD_SHARE_FS: ShareFs = "9p"
 
 Templates = TemplateStore | Literal[False] | None
 """Where VM templates live: a store; None for the one the environment names
@@ -56,6 +71,12 @@ def plan_launch(
     """The plan for a VM of config: restore its template if the store has it, else boot
     (and have the template built once the container runs). Cheap: a few stats."""
     store = TemplateStore.from_environment() if templates is None else templates
+    setting = share_fs_setting()
+    if setting == "virtiofs" or (
+        setting == "auto" and not store and AUTO_COLD_SHARE_FS != "9p" and backend.serves_virtiofs()
+    ):
+        log.info("%s: virtiofs shares (%s=%s): booting cold", config.name, SHARE_FS_ENV, setting)
+        return LaunchPlan(with_share_fs(config, "virtiofs"), rootfs_share)
     if not store:
         return LaunchPlan(config, rootfs_share)
     identity = backend.template_identity(config)
@@ -67,6 +88,19 @@ def plan_launch(
     if found is None:
         log.info("%s: no VM template %s in %s: booting cold", config.name, key, store.root)
     return LaunchPlan(config, rootfs_share, store, found)
+
+
+def share_fs_setting() -> str:
+    """HARPOON_SHARE_FS, checked ("auto" when unset)."""
+    setting = os.environ.get(SHARE_FS_ENV) or "auto"
+    if setting not in SHARE_FS_SETTINGS:
+        raise ValueError(f"{SHARE_FS_ENV}={setting!r}: use one of {', '.join(SHARE_FS_SETTINGS)}")
+    return setting
+
+
+def with_share_fs(config: VMConfig, fs: ShareFs) -> VMConfig:
+    """config with every share served as fs."""
+    return replace(config, shares=tuple(replace(share, fs=fs) for share in config.shares))
 
 
 def launch_early(plan: LaunchPlan, backend: Backend) -> None:

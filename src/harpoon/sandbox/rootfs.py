@@ -27,7 +27,10 @@ from typing import TYPE_CHECKING
 from harpoon import private
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from harpoon.sandbox.agent_client import AgentClient
+    from harpoon.vmm.devices import Share, ShareFs
 
 SHARE_TAG = "rootfs"
 ROOTFS_NAME = "rootfs"
@@ -118,6 +121,16 @@ def _mounted_under(path: Path) -> bool:
     return False
 
 
-async def mount_share(agent: AgentClient) -> None:
-    """Mounts the export in the guest (once, as soon as the guest is up)."""
-    await agent.mount(SHARE_TAG, GUEST_SHARE, "9p", NINEP_OPTIONS)
+def share_fs(shares: Iterable[Share]) -> ShareFs:
+    """How the VM serves its rootfs share (9p when it has none)."""
+    for share in shares:
+        if share.tag == SHARE_TAG:
+            return share.fs
+    return "9p"
+
+
+async def mount_share(agent: AgentClient, fs: ShareFs = "9p") -> None:
+    """Mounts the export in the guest (once, as soon as the guest is up), as the VM
+    serves it: 9p, or virtiofs (which caches nothing either: harpoon.vmm.virtiofsd)."""
+    options = NINEP_OPTIONS if fs == "9p" else []
+    await agent.mount(SHARE_TAG, GUEST_SHARE, fs, options)

@@ -95,7 +95,7 @@ class Sandbox:
         await self._start_vm()
         if self.rootfs_share is not None:
             assert self.agent is not None
-            await rootfs.mount_share(self.agent)
+            await rootfs.mount_share(self.agent, rootfs.share_fs(self.config.shares))
 
     async def _start_vm(self) -> None:
         store, found = self.plan.store, self.plan.template

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from harpoon.guest import cache
+from harpoon.sandbox.plan import with_share_fs
 from harpoon.sandbox.template import META_NAME, TEMPLATE_DIR_ENV, TemplateStore
 from harpoon.shim.bundle import Bundle
 from harpoon.shim.container_plan import plan_container
@@ -28,7 +29,9 @@ def container_config(image: cache.GuestImage, backend: Backend) -> VMConfig:
     containers restore."""
     bundle = Bundle(Path("/nonexistent"), _PLAIN_SPEC)
     plan = plan_container("template", "template", bundle, image, backend, templates=False)
-    return plan.launch.config
+    # A template's shares are 9p whatever HARPOON_SHARE_FS says for cold boots (QEMU
+    # cannot save a virtiofs device).
+    return with_share_fs(plan.launch.config, "9p")
 
 
 def _store(template_dir: Path | None) -> TemplateStore:

@@ -52,6 +52,10 @@ class Backend(abc.ABC):
         started."""
         return None
 
+    def serves_virtiofs(self) -> bool:
+        """Whether this backend can give a VM virtiofs shares (cheap: no VM started)."""
+        return False
+
     @abc.abstractmethod
     def launch_early(self, config: VMConfig, restoring: Path | None) -> None:
         """Launches the VMM for config now, without an event loop (booting, or waiting
@@ -80,6 +84,11 @@ class QemuBackend(Backend):
         from harpoon.vmm import qemu_launch
 
         return qemu_launch.template_identity(config)
+
+    def serves_virtiofs(self) -> bool:
+        from harpoon.vmm import virtiofsd
+
+        return virtiofsd.find() is not None
 
     def launch_early(self, config: VMConfig, restoring: Path | None) -> None:
         from harpoon.vmm import qemu_launch

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 PID_FILE_NAME = "vmm.pid"
+# harpoon.vmm.virtiofsd.PID_PREFIX (not imported: see above).
+HELPER_PID_PREFIX = "virtiofsd-"
 SIGKILL = 9  # not signal's: importing signal costs more than this module
 VMM_EXIT_WAIT_S = 2.0
 VMM_EXIT_POLL_S = 0.01
@@ -25,9 +27,28 @@ def kill_vmm(state_dir: str) -> int:
     """Kills the VMM whose pid file is in state_dir, if it still runs and is that VM's
     (its command line names state_dir); returns its pid, or 0."""
     name = os.fsencode(state_dir)
-    return kill_recorded(
+    pid = kill_recorded(
         os.path.join(state_dir, PID_FILE_NAME), lambda argv: any(name in arg for arg in argv)
     )
+    kill_helpers(state_dir)
+    return pid
+
+
+def kill_helpers(state_dir: str) -> None:
+    """Kills the VMM's helpers recorded in state_dir (a virtiofsd per virtiofs share:
+    harpoon.vmm.virtiofsd), after the VMM: with QEMU gone they exit by themselves, but
+    one whose QEMU never connected would wait forever."""
+    try:
+        names = os.listdir(state_dir)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(HELPER_PID_PREFIX) and name.endswith(".pid"):
+            kill_recorded(os.path.join(state_dir, name), _is_virtiofsd)
+
+
+def _is_virtiofsd(argv: list[bytes]) -> bool:
+    return bool(argv) and os.path.basename(argv[0]).startswith(b"virtiofsd")
 
 
 def kill_recorded(pid_file: str, is_it: Callable[[list[bytes]], bool]) -> int:

@@ -33,7 +33,14 @@ from typing import Any
 
 from harpoon.vmm.base import VirtualMachine, VMConfig, VMError
 from harpoon.vmm.process import VmmProcess
-from harpoon.vmm.qemu_launch import AGENT_DEVICE_ID, STDIO_DEVICE_ID, Prelaunched, launch
+from harpoon.vmm.qemu_launch import (
+    AGENT_DEVICE_ID,
+    STDIO_DEVICE_ID,
+    Prelaunched,
+    QemuLaunch,
+    end_helpers,
+    launch,
+)
 from harpoon.vmm.qmp import EventListener, QmpClient, QmpError
 
 log = logging.getLogger(__name__)
@@ -61,6 +68,7 @@ class QemuVM(VirtualMachine):
         super().__init__(config)
         self._prelaunched = prelaunched
         self._process: VmmProcess | None = None
+        self._launched: QemuLaunch | None = None
         self._qmp_client: QmpClient | None = None
         self._incoming: str | None = None  # migrate-incoming's URI, when restoring
         self._emulated = False
@@ -85,6 +93,7 @@ class QemuVM(VirtualMachine):
         if launched is None:
             launched = launch(self.config, restoring)
         self.config, self._process = launched.resolved, launched.process
+        self._launched = launched
         self._emulated = launched.emulated
         self._incoming = launched.incoming
         # Its sockets listen already (the launcher bound them; QEMU inherited them).
@@ -139,6 +148,13 @@ class QemuVM(VirtualMachine):
         if self._qmp_client is not None:
             await self._qmp_client.close()
             self._qmp_client = None
+        try:
+            await self._end_qemu(grace_s)
+        finally:
+            if self._launched is not None:
+                await end_helpers(self._launched)
+
+    async def _end_qemu(self, grace_s: float) -> None:
         process = self._process
         if process is None or process.returncode is not None:
             return

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from harpoon import linux, private
-from harpoon.vmm import accel
+from harpoon.vmm import accel, virtiofsd
 from harpoon.vmm.backend import host_arch
 from harpoon.vmm.base import (
     AGENT_PORT_NAME,
@@ -173,7 +173,10 @@ def command_line(
     if config.arch != host_arch():
         accelerator = "tcg"
     machine = profile.machine
-    if config.memory_file is not None:
+    virtiofs = any(share.fs == "virtiofs" for share in config.shares)
+    if virtiofs and restoring:
+        raise VMError(f"VM {config.name}: a virtiofs share cannot be restored (QEMU 7.2)")
+    if config.memory_file is not None or virtiofs:
         machine += f",memory-backend={MEMORY_BACKEND_ID}"
     args = [
         profile.binary,
@@ -235,6 +238,12 @@ def command_line(
             f"memory-backend-file,id={MEMORY_BACKEND_ID},size={config.memory_mib}M,"
             f"mem-path={config.memory_file},share={mapping}",
         ]
+    elif virtiofs:
+        # vhost-user: virtiofsd maps the guest's RAM, so it must be shared memory.
+        args += [
+            "-object",
+            f"memory-backend-memfd,id={MEMORY_BACKEND_ID},size={config.memory_mib}M,share=on",
+        ]
     return args + _device_args(config, profile)
 
 
@@ -247,7 +256,10 @@ def _device_args(config: VMConfig, profile: MachineProfile) -> list[str]:
     """The flags of config's typed devices (harpoon.vmm.devices)."""
     args: list[str] = []
     for index, share in enumerate(config.shares):
-        args += _share_args(share, index, profile)
+        if share.fs == "virtiofs":
+            args += _virtiofs_args(share, index, config.state_dir, profile)
+        else:
+            args += _share_args(share, index, profile)
     for disk in config.disks:
         args += _disk_args(disk, profile)
     for nic in config.nics:
@@ -257,11 +269,18 @@ def _device_args(config: VMConfig, profile: MachineProfile) -> list[str]:
     return args
 
 
+def _virtiofs_args(share: Share, index: int, state_dir: Path, profile: MachineProfile) -> list[str]:
+    # Served by a virtiofsd of its own (launch); QEMU 7.2 cannot migrate this device, so
+    # no VM template holds one (harpoon.sandbox.plan boots such VMs cold).
+    return [
+        "-chardev",
+        f"socket,id=vfs{index},path={_option(virtiofsd.socket_path(state_dir, share))}",
+        "-device",
+        f"vhost-user-fs-{profile.device_suffix},chardev=vfs{index},tag={share.tag}",
+    ]
+
+
 def _share_args(share: Share, index: int, profile: MachineProfile) -> list[str]:
-    if share.fs != "9p":
-        # vhost-user-fs needs a virtiofsd per share and cannot be migrated by QEMU 7.2
-        # (no VM template could hold one).
-        raise VMError(f"share {share.tag}: QEMU here serves 9p shares only, not {share.fs}")
     readonly = ",readonly=on" if share.read_only else ""
     return [
         "-fsdev",
@@ -382,6 +401,7 @@ class QemuLaunch:
         process: VmmProcess,
         emulated: bool,
         incoming: str | None = None,
+        helpers: tuple[VmmProcess, ...] = (),
     ) -> None:
         self.config = config
         self.restoring = restoring
@@ -392,6 +412,9 @@ class QemuLaunch:
         """The guest's code runs under TCG (see VirtualMachine.emulated)."""
         self.incoming = incoming
         """The `migrate-incoming` URI of the saved state QEMU holds open, if restoring."""
+        self.helpers = helpers
+        """The processes serving QEMU's vhost-user devices (a virtiofsd per virtiofs
+        share), ended with it (end_helpers)."""
 
 
 def launch(config: VMConfig, restoring: Path | None = None) -> QemuLaunch:
@@ -407,6 +430,7 @@ def launch(config: VMConfig, restoring: Path | None = None) -> QemuLaunch:
     private.directory(resolved.state_dir.parent)
     private.directory(resolved.state_dir)
     inherited: list[int] = []
+    helpers = _start_virtiofsd(resolved) if restoring is None else ()
     try:
         listeners = {
             chardev: _listen(path)
@@ -437,13 +461,69 @@ def launch(config: VMConfig, restoring: Path | None = None) -> QemuLaunch:
             ),
             pass_fds=tuple(inherited),
         )
+    except BaseException:
+        for helper in helpers:
+            helper.kill()
+        raise
     finally:
         for fd in inherited:
             os.close(fd)
     log.debug("QEMU %d launched for %s", process.pid, resolved.name)
     emulated = argv[argv.index("-accel") + 1].startswith("tcg")
     incoming = None if state_fd is None else f"fd:{state_fd}"
-    return QemuLaunch(config, restoring, resolved, process, emulated, incoming)
+    return QemuLaunch(config, restoring, resolved, process, emulated, incoming, helpers)
+
+
+def _start_virtiofsd(config: VMConfig) -> tuple[VmmProcess, ...]:
+    """A virtiofsd for each virtiofs share of config, serving a socket bound here (QEMU
+    connects to it as it starts), its pid recorded in the state directory for `delete`
+    (harpoon.vmm.leftovers)."""
+    shares = [share for share in config.shares if share.fs == "virtiofs"]
+    if not shares:
+        return ()
+    binary = virtiofsd.find()
+    if binary is None:
+        raise VMError(
+            f"VM {config.name}: virtiofsd not found (scripts/install-deps builds it; "
+            f"or set {virtiofsd.BINARY_ENV})"
+        )
+    started: list[VmmProcess] = []
+    try:
+        for share in shares:
+            fd = _listen(virtiofsd.socket_path(config.state_dir, share))
+            try:
+                process = VmmProcess.spawn(
+                    virtiofsd.command_line(binary, share, fd),
+                    stderr_path=virtiofsd.log_file(config.state_dir, share),
+                    preexec=_die_with_parent,
+                    pass_fds=(fd,),
+                )
+            finally:
+                os.close(fd)
+            started.append(process)
+            private.write_file(
+                virtiofsd.pid_file(config.state_dir, share), f"{process.pid}\n".encode()
+            )
+    except BaseException:
+        for process in started:
+            process.kill()
+        raise
+    return tuple(started)
+
+
+async def end_helpers(launched: QemuLaunch) -> None:
+    """Ends the launch's helper processes (once QEMU is gone they exit by themselves;
+    this makes sure, and waits) and removes their sockets."""
+    for helper in launched.helpers:
+        helper.kill()
+        await helper.wait()
+    for share in launched.resolved.shares:
+        if share.fs == "virtiofs":
+            for path in (
+                virtiofsd.socket_path(launched.resolved.state_dir, share),
+                virtiofsd.pid_file(launched.resolved.state_dir, share),
+            ):
+                path.unlink(missing_ok=True)
 
 
 class Prelaunched:
@@ -463,17 +543,18 @@ class Prelaunched:
             return launched
         log.info("the QEMU launched ahead for %s does not fit its VM: stopping it",
                  launched.config.name)  # fmt: skip
-        await _end(launched.process)
+        await _end(launched)
         return None
 
     async def discard(self) -> None:
         """Ends the QEMU unless it was taken; idempotent."""
         launched, self._launched = self._launched, None
         if launched is not None:
-            await _end(launched.process)
+            await _end(launched)
 
 
-async def _end(process: VmmProcess) -> None:
+async def _end(launched: QemuLaunch) -> None:
     # Killed, not shut down: it never ran a guest anyone used.
-    process.kill()
-    await process.wait()
+    launched.process.kill()
+    await launched.process.wait()
+    await end_helpers(launched)
