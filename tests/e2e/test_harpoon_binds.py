@@ -212,3 +212,16 @@ def test_a_file_written_in_the_rootfs_lands_in_the_snapshot_on_the_host(
     finally:
         remove(containerd, container_id)
     assert leftovers(containerd, container_id) == []
+
+
+def test_an_init_whose_executable_is_bound_in_runs_as_under_runc(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    """The executable exists only once the bind is mounted (shimtest's testbin, a tool
+    from the host): found by exec, not refused before."""
+    tool = bind(Path("/bin/busybox"), "/opt/echo", "rbind", "ro")  # busybox: by its name
+    result = containerd.ctr(
+        "run", "--rm", "--runtime", HARPOON, *tool, busybox_image, container_id,
+        "/opt/echo", "bound", timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    assert result.stdout == "bound\n"

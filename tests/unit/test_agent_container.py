@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +54,30 @@ def test_a_bad_spec_is_an_invalid_argument_that_says_why(oci_json: bytes, messag
 def test_a_bad_exec_process_is_an_invalid_argument() -> None:
     with pytest.raises(InvalidArgument, match="the exec's OCI process is not a JSON object"):
         OciProcess.parse(b'"ls"')
+
+
+def test_an_executable_bound_into_the_container_is_left_to_exec_to_find(
+    tmp_path: Path,
+) -> None:
+    """A bind mount is there only once crun has mounted it: the agent's runc-worded
+    check must not refuse an init whose executable the spec binds in."""
+    from harpoon.agent.processes import find_executable
+
+    container = Container.from_config(
+        {
+            "root": {"path": str(tmp_path)},
+            "process": {"args": ["/bin/forever"], "cwd": "/"},
+            "mounts": [
+                {"destination": "/bin/forever", "type": "bind", "source": "/x/0"},
+                {"destination": "/opt", "type": "none", "source": "/x/1", "options": ["rbind"]},
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+            ],
+        }
+    )
+    assert container.bind_destinations() == ("/bin/forever", "/opt")
+    mounted = container.bind_destinations()
+    assert find_executable("/bin/forever", [], "/", str(tmp_path), mounted) == "/bin/forever"
+    found = find_executable("tool", ["PATH=/opt/bin"], "/", str(tmp_path), mounted)
+    assert found == "/opt/bin/tool"
+    assert find_executable("/bin/other", [], "/", str(tmp_path), mounted) is None
+    assert find_executable("/proc/x", [], "/", str(tmp_path), mounted) is None

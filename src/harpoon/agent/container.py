@@ -68,6 +68,22 @@ class Container:
     def __repr__(self) -> str:
         return f"Container(root={self.root!r}, process={self.process!r})"
 
+    def bind_destinations(self) -> tuple[str, ...]:
+        """Where the spec binds something into the container (a host file through the
+        share, for one): paths that exist only once crun has mounted them."""
+        found = []
+        for mount in self.config.get("mounts") or []:
+            if not isinstance(mount, dict):
+                continue
+            options = mount.get("options") or []
+            bind = mount.get("type") in ("bind", "rbind") or any(
+                o in ("bind", "rbind") for o in options if isinstance(o, str)
+            )
+            destination = mount.get("destination")
+            if bind and isinstance(destination, str) and destination.startswith("/"):
+                found.append(destination)
+        return tuple(found)
+
     @classmethod
     def parse(cls, oci_json: bytes) -> Container:
         """A container's init, from the whole spec's JSON."""

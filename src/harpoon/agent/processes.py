@@ -135,11 +135,15 @@ class Process:
         return f"Process(id={self.id!r}, pid={self.pid}, exit_status={self.exit_status})"
 
 
-def find_executable(command: str, env: list[str], cwd: str, root: str) -> str | None:
+def find_executable(
+    command: str, env: list[str], cwd: str, root: str, mounted: tuple[str, ...] = ()
+) -> str | None:
     """Where command is under root (as execvpe would search it there), or None.
 
     Symlinks are not followed (an absolute link points into the root, not ours), so a
-    dangling link passes here and fails at exec instead.
+    dangling link passes here and fails at exec instead. A candidate at or under one of
+    `mounted` (the container's bind mounts, not there before crun mounts them) is taken
+    as found: exec decides.
     """
     if "/" in command:
         candidates = [os.path.join(cwd or "/", command)]
@@ -147,6 +151,8 @@ def find_executable(command: str, env: list[str], cwd: str, root: str) -> str | 
         path = _env_dict(env).get("PATH", DEFAULT_PATH)
         candidates = [os.path.join(d or ".", command) for d in path.split(":")]
     for candidate in candidates:
+        if any(candidate == m or candidate.startswith(m.rstrip("/") + "/") for m in mounted):
+            return candidate
         inside = os.path.join(root, candidate.lstrip("/"))
         if os.path.islink(inside) or (os.path.isfile(inside) and os.access(inside, os.X_OK)):
             return candidate

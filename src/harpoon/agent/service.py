@@ -131,9 +131,12 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
 
 def _check_executable(spec: ProcessSpec) -> None:
     """runc's own check and words, before crun's (which differ) can be reached."""
-    process = spec.process
+    process, container = spec.process, spec.container
+    mounted = container.bind_destinations()
     if (
-        processes.find_executable(process.args[0], process.env, process.cwd, spec.container.root)
+        processes.find_executable(
+            process.args[0], process.env, process.cwd, container.root, mounted
+        )
         is None
     ):
         raise processes.executable_not_found(process.args[0])
