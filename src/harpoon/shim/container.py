@@ -167,6 +167,9 @@ class Container:
             if followers:
                 await asyncio.wait(followers, timeout=EXEC_EXIT_WAIT_S)
         process.stop(status, exited_at)
+        # How each process ended, for a shim log read after a failure (an exit status
+        # of 0 or 128+n tells a process that ended itself from one killed).
+        log.debug("%s of %s exited with status %d", self._name(process), self.id, status)
         self.publish_exit(process)
 
     def publish_exit(self, process: Process) -> None:
