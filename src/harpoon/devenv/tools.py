@@ -37,6 +37,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +195,11 @@ class SourceBuild:
 
     def install_hint(self) -> str:
         return f"run scripts/install-deps (builds {self.name} from {self.source.file_name})"
+
+    @property
+    def pin(self) -> str:
+        """What is built, in words (install's messages, `list`)."""
+        return self.source.file_name
 
 
 @dataclass(frozen=True)
@@ -375,6 +381,10 @@ class DebianSourceBuild:
     def install_hint(self) -> str:
         return f"run scripts/install-deps (builds {self.package} {self.version} from source)"
 
+    @property
+    def pin(self) -> str:
+        return f"{self.package} {self.version}"
+
     def build(self) -> None:
         """Fetches, checks and builds the source package in a scratch directory, then moves
         the outputs into the cache directory in one rename."""
@@ -461,6 +471,10 @@ class CrateBuild:
     def missing_binaries(self) -> list[Path]:
         return [] if os.access(self.binary, os.X_OK) else [self.binary]
 
+    @property
+    def pin(self) -> str:
+        return f"v{self.version}"
+
 
 #: virtiofsd's pin lives beside its use (harpoon.vmm.virtiofsd), which finds it here.
 VIRTIOFSD = CrateBuild("virtiofsd", virtiofsd.VERSION)
@@ -478,30 +492,39 @@ def cargo_binary() -> Path | None:
 
 def install_crate(tool: CrateBuild) -> int:
     """Builds `tool` unless its cache directory holds it; returns an exit code."""
-    if not tool.missing_binaries():
-        print(f"{tool.name}: v{tool.version} present in {tool.cache_dir}")
-        return 0
+    return _install(tool, lambda: _cargo_install(tool))
+
+
+def _cargo_install(tool: CrateBuild) -> None:
     cargo = cargo_binary()
     if cargo is None:
-        print(f"{tool.name}: not built: no cargo on PATH (install Rust)")
-        return 1
-    started = time.monotonic()
+        raise RuntimeError("no cargo on PATH (install Rust)")
     TOOLS_CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"harpoon-{tool.name}-build-") as scratch:
+        root = Path(scratch) / "root"
+        env = dict(os.environ, CARGO_TARGET_DIR=str(Path(scratch) / "target"))
+        argv = [str(cargo), "install", tool.name, "--version", tool.version, "--locked"]
+        _run_step([*argv, "--root", str(root)], Path(scratch), env)
+        staged = Path(tempfile.mkdtemp(prefix=f".{tool.name}-", dir=TOOLS_CACHE_DIR))
+        shutil.copy2(root / "bin" / tool.name, staged / tool.name)
+        staged.chmod(0o755)
+        shutil.rmtree(tool.cache_dir, ignore_errors=True)
+        staged.rename(tool.cache_dir)
+
+
+def _install(tool: SourceBuild | DebianSourceBuild | CrateBuild, build: Callable[[], None]) -> int:
+    """Runs `build` unless the tool's cache directory holds it; returns an exit code."""
+    if not tool.missing_binaries():
+        print(f"{tool.name}: {tool.pin} present in {tool.cache_dir}")
+        return 0
+    started = time.monotonic()
     try:
-        with tempfile.TemporaryDirectory(prefix=f"harpoon-{tool.name}-build-") as scratch:
-            root = Path(scratch) / "root"
-            env = dict(os.environ, CARGO_TARGET_DIR=str(Path(scratch) / "target"))
-            argv = [str(cargo), "install", tool.name, "--version", tool.version, "--locked"]
-            _run_step([*argv, "--root", str(root)], Path(scratch), env)
-            staged = Path(tempfile.mkdtemp(prefix=f".{tool.name}-", dir=TOOLS_CACHE_DIR))
-            shutil.copy2(root / "bin" / tool.name, staged / tool.name)
-            staged.chmod(0o755)
-            shutil.rmtree(tool.cache_dir, ignore_errors=True)
-            staged.rename(tool.cache_dir)
-    except (OSError, subprocess.SubprocessError) as error:
+        build()
+    except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as error:
         print(f"{tool.name}: not built: {error}")
         return 1
-    print(f"{tool.name}: built v{tool.version} in {time.monotonic() - started:.0f} s")
+    took_s = time.monotonic() - started
+    print(f"{tool.name}: built {tool.pin} in {took_s:.0f} s: {tool.cache_dir}")
     return 0
 
 
@@ -608,18 +631,7 @@ def _run_step(
 
 def install_source_build(tool: SourceBuild, third_party: Path) -> int:
     """Builds `tool` unless its cache directory holds it; returns an exit code."""
-    if not tool.missing_binaries():
-        print(f"{tool.name}: present in {tool.cache_dir}")
-        return 0
-    started = time.monotonic()
-    try:
-        build_source(tool, third_party)
-    except (OSError, ValueError, RuntimeError, subprocess.SubprocessError) as error:
-        print(f"{tool.name}: not built: {error}")
-        return 1
-    took_s = time.monotonic() - started
-    print(f"{tool.name}: built {tool.source.file_name} in {took_s:.0f} s: {tool.cache_dir}")
-    return 0
+    return _install(tool, lambda: build_source(tool, third_party))
 
 
 def install_missing(names: list[str]) -> int:
@@ -644,18 +656,7 @@ def install_missing(names: list[str]) -> int:
 
 def install_debian_source_build(tool: DebianSourceBuild) -> int:
     """Builds `tool` unless its cache directory holds it; returns an exit code."""
-    if not tool.missing_binaries():
-        print(f"{tool.name}: present in {tool.cache_dir}")
-        return 0
-    started = time.monotonic()
-    try:
-        tool.build()
-    except (OSError, ValueError, subprocess.SubprocessError) as error:
-        print(f"{tool.name}: not built: {error}")
-        return 1
-    took_s = time.monotonic() - started
-    print(f"{tool.name}: built {tool.package} {tool.version} in {took_s:.0f} s: {tool.cache_dir}")
-    return 0
+    return _install(tool, tool.build)
 
 
 def install_tools(names: list[str], third_party: Path) -> int:
@@ -696,15 +697,14 @@ def main(argv: list[str] | None = None) -> int:
     for f in FLAVOURS.values():
         state = "missing" if f.missing_binaries() else "ok"
         print(f"{f.name}\tv{f.version}\t{f.bin_dir}\t{state}")
-    for tool in SOURCE_BUILDS.values():
+    built_tools: list[SourceBuild | DebianSourceBuild | CrateBuild] = [
+        *SOURCE_BUILDS.values(),
+        *DEBIAN_SOURCE_BUILDS.values(),
+        *CRATES.values(),
+    ]
+    for tool in built_tools:
         state = "missing" if tool.missing_binaries() else "ok"
-        print(f"{tool.name}\t{tool.source.file_name}\t{tool.cache_dir}\t{state}")
-    for debian in DEBIAN_SOURCE_BUILDS.values():
-        state = "missing" if debian.missing_binaries() else "ok"
-        print(f"{debian.name}\t{debian.package} {debian.version}\t{debian.cache_dir}\t{state}")
-    for crate in CRATES.values():
-        state = "missing" if crate.missing_binaries() else "ok"
-        print(f"{crate.name}\tv{crate.version}\t{crate.cache_dir}\t{state}")
+        print(f"{tool.name}\t{tool.pin}\t{tool.cache_dir}\t{state}")
     return 0
 
 
