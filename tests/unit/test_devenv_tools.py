@@ -57,9 +57,22 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "cache"
 
 
-def test_shimtest_keeps_its_cache_directory_name() -> None:
-    # The name machines already have: generalising the build must not rebuild it.
-    assert SHIMTEST.cache_dir.name == "shimtest-acf07ce30612e96f"
+def test_another_recipe_is_another_cache_directory() -> None:
+    # A cached build of the old recipe must not pass for the new one.
+    class Rebuilt(type(SHIMTEST)):  # type: ignore[misc]
+        def commands(self, go: Path) -> list[list[str]]:
+            return [*super().commands(go), ["true"]]
+
+    rebuilt = Rebuilt(name=SHIMTEST.name, source=SHIMTEST.source, beside=SHIMTEST.beside)
+    assert rebuilt.cache_dir != SHIMTEST.cache_dir
+    assert rebuilt.cache_dir.name.startswith("shimtest-")
+
+
+def test_shimtest_testbin_is_built_without_preemption_signals() -> None:
+    # The container init `forever` exits on any signal, the Go runtime's SIGURG too.
+    last = SHIMTEST.commands(Path("/usr/local/go/bin/go"))[-1]
+    assert last[last.index("-o") + 1] == SHIMTEST.outputs()[SHIMTEST.testbin.name]
+    assert "-X=runtime.godebugDefault=asyncpreemptoff=1" in last[last.index("-ldflags") + 1]
 
 
 def test_each_pin_has_its_own_cache_directory() -> None:

@@ -169,9 +169,15 @@ class SourceBuild:
 
     @property
     def cache_dir(self) -> Path:
-        """Named after the tarballs' hashes: another pin is another directory."""
-        hashes = " ".join(tarball.sha256 for tarball in (self.source, *self.beside))
-        return TOOLS_CACHE_DIR / f"{self.name}-{hashlib.sha256(hashes.encode()).hexdigest()[:16]}"
+        """Named after the tarballs' hashes and the recipe (commands, environment):
+        another pin or another way of building it is another directory."""
+        recipe = [
+            *(tarball.sha256 for tarball in (self.source, *self.beside)),
+            repr(self.commands(Path("go"))),
+            repr(sorted(self.environment().items())),
+        ]
+        digest = hashlib.sha256("\n".join(recipe).encode()).hexdigest()[:16]
+        return TOOLS_CACHE_DIR / f"{self.name}-{digest}"
 
     def outputs(self) -> dict[str, str]:
         """Each file the build leaves in the cache directory -> its path in the tree."""
@@ -227,10 +233,26 @@ class Shimtest(SourceBuild):
         replace = f"github.com/containerd/ttrpc=../{ttrpc.directory_name}"
         # testbin runs in the container: the host's architecture (the Makefile says amd64).
         goarch = GO_ARCHITECTURES.get(platform.machine(), platform.machine())
+        # testbin's `forever`, the init of most cases, exits on *any* signal it is sent
+        # (signal.Notify with no list), and that includes the SIGURG the Go runtime sends
+        # its own threads to preempt a goroutine (golang/go#37942: Notify cannot tell
+        # them apart). A goroutine is preempted after 10 ms on CPU, and a VM's vCPU
+        # descheduled by a busy host makes any instant look that long to the guest: ~1
+        # exec in 60 saw its container's init "exit 0" in CI. Seen in the guest as
+        # "ended by urgent I/O condition" (a testbin that names the signal, its VM
+        # stopped for 10-40 ms at random); so testbin is built with asynchronous
+        # preemption off (runtime.godebugDefault, as `//go:debug` would set it), for
+        # both profiles. A signal anyone else sends still ends `forever`.
+        no_preemption_signals = "-s -w -X=runtime.godebugDefault=asyncpreemptoff=1"
         return [
             [str(go), "mod", "edit", "-replace", replace],
             ["make", "build", f"GO={go}", f"TESTBIN_GOARCH={goarch}"],
-        ]
+            [
+                "env", "CGO_ENABLED=0", "GOOS=linux", f"GOARCH={goarch}",
+                str(go), "build", "-ldflags", no_preemption_signals,
+                "-o", "testdata/testbin", "./cmd/testbin",
+            ],
+        ]  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
