@@ -205,6 +205,7 @@ def load_module(path: str) -> bool:
 
 
 CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
 
 
 def unshare(flags: int) -> None:

@@ -337,6 +337,14 @@ class AgentService:
         path = await devices.wait_for_device(kind, request.id, timeout_s)
         return agent_pb2.WaitDeviceResponse(path=path)
 
+    async def ConfigureNetwork(
+        self, request: agent_pb2.ConfigureNetworkRequest, ctx: CallContext
+    ) -> empty_pb2.Empty:
+        from harpoon.agent import network  # lazily: most VMs have no network to configure
+
+        await network.configure(self.table, request)
+        return _EMPTY
+
     async def Shutdown(self, request: empty_pb2.Empty, ctx: CallContext) -> empty_pb2.Empty:
         # The host waits for this answer: the guest goes only once it has been sent.
         ctx.after_reply(power_off)

@@ -95,18 +95,25 @@ BOOT_MODULES: tuple[str, ...] = (
 )
 # Shipped for the agent to load when a container needs them (see modules.json). Only
 # what something loads: every MB of initramfs costs ~15 ms of every cold boot under TCG
-# (the kernel unpacks it before /init runs). Networking adds its own (virtio_net, vsock)
-# when it lands. harpoon.agent.modules loads them: the erofs rootfs's disks' driver, the
-# layers' and the writable image's filesystems, the overlay; virtiofs (and fuse under
-# it) at a virtiofs share's mount.
-ON_DEMAND_MODULES: tuple[str, ...] = ("virtio_blk", "erofs", "ext4", "overlay", "virtiofs")
+# (the kernel unpacks it before /init runs). harpoon.agent.modules loads them: the erofs
+# rootfs's disks' driver, the layers' and the writable image's filesystems, the overlay;
+# virtiofs (and fuse under it) at a virtiofs share's mount; the NIC's driver when a
+# container gets a network.
+ON_DEMAND_MODULES: tuple[str, ...] = (
+    "virtio_blk",
+    "erofs",
+    "ext4",
+    "overlay",
+    "virtiofs",
+    "virtio_net",  # and failover, net_failover under it (harpoon.agent.network)
+)
 
 BUSYBOX_APPLETS: tuple[str, ...] = (
     "sh", "ash", "mount", "umount", "insmod", "rmmod", "lsmod", "poweroff", "reboot",
     "halt", "cat", "ls", "echo", "sleep", "mkdir", "rm", "cp", "mv", "ln", "ps", "kill",
     "dmesg", "ip", "ifconfig", "route", "udhcpc", "grep", "sed", "head", "tail", "wc",
     "stat", "uname", "env", "find", "df", "free", "top", "mknod", "chmod", "hostname",
-    "sync", "true", "false", "test", "[", "vi", "less", "hexdump", "nc", "wget",
+    "sync", "true", "false", "test", "[", "vi", "less", "hexdump", "nc", "wget", "nsenter",
 )  # fmt: skip
 
 BOOT_MODULES_PATH = boot.BOOT_MODULES_PATH.lstrip("/")

@@ -159,6 +159,10 @@ class AgentClient:
         )
         return response.path
 
+    async def configure_network(self, request: agent_pb2.ConfigureNetworkRequest) -> None:
+        # Loads the NIC's driver and waits for the NIC first: more than a control call.
+        await self._call("ConfigureNetwork", request, empty_pb2.Empty, 2 * CONTROL_TIMEOUT_S)
+
     async def resize_terminal(self, process_id: str, width: int, height: int) -> None:
         request = agent_pb2.ResizeTerminalRequest(id=process_id, width=width, height=height)
         await self._call("ResizeTerminal", request, empty_pb2.Empty)

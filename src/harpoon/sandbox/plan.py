@@ -56,6 +56,9 @@ class LaunchPlan:
     (templates off, or a backend that cannot save guests)."""
     template: Template | None = None
     """The template to restore; None to boot cold."""
+    netns_owned: bool = False
+    """config.netns is harpoon's (created for this VM, removed with it), not a namespace
+    someone else made and named (a CRI pod's)."""
 
     @property
     def restores(self) -> bool:
@@ -67,9 +70,20 @@ def plan_launch(
     backend: Backend,
     templates: Templates = None,
     rootfs_share: Path | None = None,
+    netns_owned: bool = False,
 ) -> LaunchPlan:
     """The plan for a VM of config: restore its template if the store has it, else boot
     (and have the template built once the container runs). Cheap: a few stats."""
+    plan = _plan_launch(config, backend, templates, rootfs_share)
+    return replace(plan, netns_owned=netns_owned) if netns_owned else plan
+
+
+def _plan_launch(
+    config: VMConfig,
+    backend: Backend,
+    templates: Templates,
+    rootfs_share: Path | None,
+) -> LaunchPlan:
     store = TemplateStore.from_environment() if templates is None else templates
     setting = share_fs_setting()
     if setting == "virtiofs" or (
@@ -109,8 +123,25 @@ def launch_early(plan: LaunchPlan, backend: Backend) -> None:
     or OSError when it cannot be launched (the sandbox's start will say so again)."""
     if plan.rootfs_share is not None:
         rootfs.prepare(plan.rootfs_share)  # the VMM opens its exports as it starts
+    prepare_network(plan)
     if plan.template is None:
         backend.launch_early(plan.config, None)
     else:
         restoring = template.restore_config(plan.config, plan.template)
         backend.launch_early(restoring, plan.template.state)
+
+
+def prepare_network(plan: LaunchPlan) -> None:
+    """The VM's network namespace and its tap, before its VMM launches (idempotent)."""
+    if plan.config.netns is not None:
+        from harpoon.net import wire
+
+        wire.prepare(plan.config.netns, plan.netns_owned)
+
+
+def release_network(plan: LaunchPlan) -> None:
+    """Undoes prepare_network (and the redirects made since), once the VMM is gone."""
+    if plan.config.netns is not None:
+        from harpoon.net import wire
+
+        wire.release(plan.config.netns, plan.netns_owned)

@@ -31,8 +31,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harpoon.net.netns import NetnsError
 from harpoon.sandbox import rootfs, template, template_builder
-from harpoon.sandbox.plan import LaunchPlan
+from harpoon.sandbox.plan import LaunchPlan, prepare_network, release_network
 from harpoon.sandbox.template import Template, TemplateRefused, TemplateStore
 from harpoon.ttrpc.status import TtrpcError
 from harpoon.vmm.backend import Backend
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     # Loaded once the VMM is launching (template.restore, _boot): a shim starts its VM
     # before it imports what it needs to talk to it.
     from harpoon.api.agent.v1 import agent_pb2
+    from harpoon.net.wire import Network
     from harpoon.sandbox.agent_client import AgentClient
     from harpoon.sandbox.binds import HostBind
 
@@ -92,6 +94,7 @@ class Sandbox:
     async def start(self) -> None:
         if self.rootfs_share is not None:
             rootfs.prepare(self.rootfs_share)
+        prepare_network(self.plan)
         await self._start_vm()
         if self.rootfs_share is not None:
             assert self.agent is not None
@@ -124,6 +127,33 @@ class Sandbox:
             raise VMError(f"sandbox {self.config.name} has no rootfs share to put a rootfs in")
         rootfs.attach(self.rootfs_share, host_rootfs)
         return rootfs.GUEST_ROOTFS
+
+    async def configure_network(self, process_id: str, network: Network) -> None:
+        """Gives the container of process_id (its created init) the VM's NIC, configured
+        as `network` says (what CNI configured on the host: harpoon.net.wire)."""
+        from harpoon.api.agent.v1 import agent_pb2
+
+        if not self.config.nics or self.agent is None:
+            raise VMError(f"sandbox {self.config.name} has no NIC to configure")
+        (interface,) = network.interfaces
+        nic = self.config.nics[0]
+        # A restored guest's NIC has its template's MAC, until the agent sets this one.
+        device_mac = nic.neutral(0).mac if self.restored else nic.mac
+        request = agent_pb2.ConfigureNetworkRequest(
+            process_id=process_id,
+            device_mac=device_mac,
+            interface=agent_pb2.NetworkInterface(
+                name=interface.name,
+                mac=interface.mac,
+                mtu=interface.mtu,
+                addresses=list(interface.addresses),
+            ),
+            routes=[
+                agent_pb2.NetworkRoute(destination=route.destination, gateway=route.gateway)
+                for route in network.routes
+            ],
+        )
+        await self.agent.configure_network(request)
 
     def share_binds(self, binds: tuple[HostBind, ...]) -> None:
         """Binds host paths into the VM's share (harpoon.sandbox.binds)."""
@@ -242,6 +272,10 @@ class Sandbox:
         try:
             await self._stop_vm()
         finally:
+            try:
+                release_network(self.plan)
+            except NetnsError as error:  # `shim delete` removes harpoon's namespace
+                log.warning("releasing the network of %s: %s", self.config.name, error)
             if self.rootfs_share is not None:
                 try:
                     rootfs.release(self.rootfs_share)

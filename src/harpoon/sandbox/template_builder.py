@@ -16,12 +16,14 @@ no shim is left to log it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +57,7 @@ def config_from_json(text: str) -> tuple[VMConfig, str]:
     try:
         document = json.loads(text)
         fields = dict(document["config"])
-        paths = {"kernel", "initrd", "state_dir", "memory_file"}
+        paths = {"kernel", "initrd", "state_dir", "memory_file", "netns"}
         for name in paths & fields.keys():
             fields[name] = None if fields[name] is None else Path(fields[name])
         fields["shares"] = tuple(
@@ -113,13 +115,16 @@ def build(config: VMConfig, backend: str, store_root: Path) -> int:
     the build failed."""
     import asyncio
 
+    from harpoon.net.netns import NetnsError
     from harpoon.sandbox.template import TemplateStore
     from harpoon.vmm.backend import backend_named
     from harpoon.vmm.base import VMError
 
     try:
-        built = asyncio.run(TemplateStore(store_root).build(config, backend_named(backend)))
-    except (VMError, OSError, TimeoutError, ValueError) as error:
+        with _scratch_netns(config) as built_in:
+            store = TemplateStore(store_root)
+            built = asyncio.run(store.build(built_in, backend_named(backend)))
+    except (VMError, OSError, TimeoutError, ValueError, NetnsError) as error:
         log.warning("building a VM template for %s failed: %s", config.name, error)
         return 1
     if built is None:
@@ -127,6 +132,25 @@ def build(config: VMConfig, backend: str, store_root: Path) -> int:
                     "files are gone (see above)", config.name, backend)  # fmt: skip
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _scratch_netns(config: VMConfig) -> Iterator[VMConfig]:
+    """config, run in a network namespace of the build's own with its taps: the
+    container's namespace, where its VM's taps are, may be gone before the build ends,
+    and the template VM must never share a tap with a running one."""
+    if not any(isinstance(nic.backend, TapBackend) for nic in config.nics):
+        yield config
+        return
+    from harpoon.net import netns, wire
+
+    scratch = config.state_dir.parent.parent / "netns" / f"template-{os.getpid()}"
+    netns.create(scratch)
+    try:
+        wire.make_tap(scratch)
+        yield dataclasses.replace(config, netns=scratch)
+    finally:
+        netns.remove(scratch)
 
 
 def main(argv: list[str]) -> int:

@@ -40,8 +40,8 @@ def _mounted_under(paths_: tuple[str, ...]) -> bool:
 
 
 def release_host_resources(namespace: str, container_id: str, bundle: str) -> int:
-    """Kills the VM, unmounts the rootfs, removes the state and share directories;
-    returns the VM pid."""
+    """Kills the VM, unmounts the rootfs, removes the network namespace harpoon made and
+    the state and share directories; returns the VM pid."""
     state_dir = paths.vm_state_dir_str(namespace, container_id)
     share = paths.share_dir_str(namespace, container_id)
     rootfs = os.path.join(bundle, "rootfs")
@@ -59,6 +59,13 @@ def release_host_resources(namespace: str, container_id: str, bundle: str) -> in
         from harpoon.shim.bundle import unmount_rootfs
 
         unmount_rootfs(Path(rootfs))
+    netns = paths.netns_path_str(namespace, container_id)
+    if os.path.lexists(netns):
+        from pathlib import Path
+
+        from harpoon.net import netns as namespaces
+
+        namespaces.remove(Path(netns))
     if os.path.lexists(state_dir):
         import shutil
 

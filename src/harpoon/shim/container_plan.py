@@ -86,8 +86,9 @@ def plan_container(
         shares=tuple(draft.shares),
         disks=tuple(draft.disks),
         nics=tuple(draft.nics),
+        netns=draft.netns,
     )
-    launch = plan_launch(config, backend, templates, draft.rootfs_share)
+    launch = plan_launch(config, backend, templates, draft.rootfs_share, draft.netns_owned)
     return ContainerPlan(
         container_id,
         bundle,

@@ -70,3 +70,13 @@ def share_dir_str(namespace: str, container_id: str) -> str:
 
 def share_dir(namespace: str, container_id: str) -> Path:
     return _path(share_dir_str(namespace, container_id))
+
+
+def netns_path_str(namespace: str, container_id: str) -> str:
+    """The network namespace harpoon makes for a container whose spec asks for a new one
+    (harpoon.net.netns): its VM runs there, and CNI's hooks configure it."""
+    return os.path.join(RUN_DIR, "netns", _container_digest(namespace, container_id))
+
+
+def netns_path(namespace: str, container_id: str) -> Path:
+    return _path(netns_path_str(namespace, container_id))

@@ -177,6 +177,8 @@ class TaskService:
                 for transformer in PIPELINE:
                     await transformer.with_vm(create, sandbox)
                 await init.create(container.agent, container.create_request(init))
+                for transformer in PIPELINE:
+                    await transformer.with_init(create, sandbox)
             container.undo = undo.pop_all()
         self.container = container
         log.info("created %s: VM pid %d started in %.2f s (%s)", request.id, sandbox.pid,

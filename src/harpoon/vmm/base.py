@@ -70,6 +70,10 @@ class VMConfig:
     """The backend's machine type, when not its default for the architecture."""
     low_priority: bool = False
     """Run the VMM at the lowest CPU priority (background work: building a template)."""
+    netns: Path | None = None
+    """The network namespace the VMM runs in (a file pinning it: /run/netns/*, or
+    /proc/<pid>/ns/net), where its tap NICs are; None: the caller's. A host path, so it
+    is no part of the layout: a template built in one namespace restores in another."""
     memory_file: Path | None = None
     """Guest RAM backed by this file. A VM started with `start()` maps it shared: its RAM
     lives in the file, so `save_state()` leaves memory out of the saved state. A VM started
@@ -108,6 +112,7 @@ class VMConfig:
             nics=tuple(nic.neutral(i) for i, nic in enumerate(self.nics)),
             vsock=None if self.vsock is None else self.vsock.neutral(0),
             low_priority=False,
+            netns=None,
             memory_file=None if self.memory_file is None else Path("/memory"),
         )
 

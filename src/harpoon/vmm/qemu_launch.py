@@ -23,6 +23,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -365,6 +366,11 @@ def _die_with_parent_at_lowest_priority() -> None:
     os.nice(LOWEST_PRIORITY_NICE)
 
 
+def _in_netns(netns_fd: int, then: Callable[[], None]) -> None:
+    linux.setns(netns_fd, linux.CLONE_NEWNET)
+    then()
+
+
 def find_binary(config: VMConfig) -> str:
     profile = profile_for(config)
     binary = shutil.which(profile.binary)
@@ -453,12 +459,16 @@ def launch(config: VMConfig, restoring: Path | None = None) -> QemuLaunch:
             state_fd = os.open(restoring, os.O_RDONLY | os.O_CLOEXEC)
             inherited.append(state_fd)
             argv += RESTORE_ARGS
+        preexec = _die_with_parent_at_lowest_priority if resolved.low_priority else _die_with_parent
+        if resolved.netns is not None:
+            # QEMU opens its taps by name: in the namespace they were made in.
+            netns_fd = os.open(resolved.netns, os.O_RDONLY | os.O_CLOEXEC)
+            inherited.append(netns_fd)
+            preexec = functools.partial(_in_netns, netns_fd, preexec)
         process = VmmProcess.spawn(
             argv,
             stderr_path=resolved.state_dir / "vmm.log",
-            preexec=(
-                _die_with_parent_at_lowest_priority if resolved.low_priority else _die_with_parent
-            ),
+            preexec=preexec,
             pass_fds=tuple(inherited),
         )
     except BaseException:

@@ -11,8 +11,7 @@ in three steps (harpoon.shim.transform.draft.Transformer):
   rootfs, sharing it into the VM, ...), each undo pushed onto Create's AsyncExitStack,
   so that a failure at any step leaves nothing behind.
 
-The order is PIPELINE's. Network transformers (CNI's netns → a tap NIC) and host bind
-mounts (a share per mount) plug in here.
+The order is PIPELINE's.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from harpoon.shim.transform.draft import Draft, Transformer
 from harpoon.shim.transform.guest_runtime import GuestRuntime
 from harpoon.shim.transform.host_policy import HostPolicy
 from harpoon.shim.transform.mounts import Mounts
+from harpoon.shim.transform.network import Network
 from harpoon.shim.transform.resources import Resources
 from harpoon.shim.transform.rootfs import Rootfs
 
@@ -28,6 +28,7 @@ PIPELINE: tuple[Transformer, ...] = (
     HostPolicy(),
     Rootfs(),
     Mounts(),
+    Network(),
     Resources(),
     GuestRuntime(),
 )

@@ -15,6 +15,7 @@ from harpoon.vmm.devices import NIC, Disk, Share
 
 if TYPE_CHECKING:
     from harpoon.api.containerd.task.v2 import shim_pb2
+    from harpoon.net.wire import Network
     from harpoon.sandbox.sandbox import Sandbox
     from harpoon.shim.bundle import Bundle
 
@@ -37,6 +38,10 @@ class Draft:
     nics: list[NIC] = field(default_factory=list)
     rootfs_share: Path | None = None
     """The host directory of the rootfs share, which the sandbox prepares and releases."""
+    netns: Path | None = None
+    """The network namespace the VM runs in (harpoon.shim.transform.network)."""
+    netns_owned: bool = False
+    """netns is harpoon's own, made for this container and removed with it."""
     binds: list[HostBind] = field(default_factory=list)
     """Host paths bound into the share at Create (harpoon.sandbox.binds)."""
     bundle_dir: Path | None = None
@@ -65,6 +70,8 @@ class CreateContext:
     """The plan's host binds."""
     guest_rootfs: GuestRootfs | None = None
     """The plan's rootfs assembled in the guest from disks, if it is one."""
+    network: Network | None = None
+    """What CNI configured in the VM's namespace, for the guest (the network step)."""
 
 
 class Transformer:
@@ -79,3 +86,7 @@ class Transformer:
 
     async def with_vm(self, create: CreateContext, sandbox: Sandbox) -> None:
         """Host or guest work once the VM runs; pushes its undo onto create.undo."""
+
+    async def with_init(self, create: CreateContext, sandbox: Sandbox) -> None:
+        """Work once the container's init is created in the guest (its namespaces exist,
+        it has not started); pushes its undo onto create.undo."""

@@ -204,3 +204,35 @@ class WaitDeviceResponse(_message.Message):
     PATH_FIELD_NUMBER: _ClassVar[int]
     path: str
     def __init__(self, path: _Optional[str] = ...) -> None: ...
+
+class ConfigureNetworkRequest(_message.Message):
+    __slots__ = ("process_id", "device_mac", "interface", "routes")
+    PROCESS_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MAC_FIELD_NUMBER: _ClassVar[int]
+    INTERFACE_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    process_id: str
+    device_mac: str
+    interface: NetworkInterface
+    routes: _containers.RepeatedCompositeFieldContainer[NetworkRoute]
+    def __init__(self, process_id: _Optional[str] = ..., device_mac: _Optional[str] = ..., interface: _Optional[_Union[NetworkInterface, _Mapping]] = ..., routes: _Optional[_Iterable[_Union[NetworkRoute, _Mapping]]] = ...) -> None: ...
+
+class NetworkInterface(_message.Message):
+    __slots__ = ("name", "mac", "mtu", "addresses")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    MTU_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    mac: str
+    mtu: int
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., mac: _Optional[str] = ..., mtu: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class NetworkRoute(_message.Message):
+    __slots__ = ("destination", "gateway")
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    destination: str
+    gateway: str
+    def __init__(self, destination: _Optional[str] = ..., gateway: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,135 @@
+"""The VM's NIC given to a container: moved into the container's network namespace (a
+netlink RTM_NEWLINK naming the init's pid, as `ip link set … netns PID` does; busybox's
+`ip` cannot) and configured there with busybox's `ip`, as the host's CNI configured the
+container's namespace on the host (harpoon.net.wire). A container whose host namespace
+nothing configured never gets the NIC: it sees its loopback alone, as under runc.
+
+Loaded lazily: most VMs never configure a network.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import struct
+
+from harpoon.agent import devices, modules
+from harpoon.agent.processes import Process, ProcessTable
+from harpoon.api.agent.v1 import agent_pb2
+from harpoon.errdefs import FailedPrecondition, InvalidArgument
+
+NIC_MODULE = "virtio_net"
+NSENTER = "/bin/nsenter"
+SHELL = "/bin/sh"
+NIC_TIMEOUT_S = 10.0
+# linux/rtnetlink.h, linux/netlink.h, linux/if_link.h
+RTM_NEWLINK = 16
+NLM_F_REQUEST = 0x1
+NLM_F_ACK = 0x4
+NLMSG_ERROR = 2
+IFLA_NET_NS_PID = 19
+_INTERFACE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+_MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
+
+
+def move_request(ifindex: int, pid: int, sequence: int = 1) -> bytes:
+    """The RTM_NEWLINK message moving interface `ifindex` into pid's network namespace."""
+    info = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, ifindex, 0, 0)
+    attribute = struct.pack("=HHI", 8, IFLA_NET_NS_PID, pid)
+    body = info + attribute
+    flags = NLM_F_REQUEST | NLM_F_ACK
+    return struct.pack("=IHHII", 16 + len(body), RTM_NEWLINK, flags, sequence, 0) + body
+
+
+def ack_error(reply: bytes) -> int:
+    """The errno of a netlink ACK (0: success)."""
+    length, kind = struct.unpack_from("=IH", reply)
+    if kind != NLMSG_ERROR or length < 20:
+        raise OSError(f"unexpected netlink reply of type {kind}")
+    error: int = struct.unpack_from("=i", reply, 16)[0]
+    return -error
+
+
+def move_to_namespace_of(name: str, pid: int) -> None:
+    with open(f"/sys/class/net/{name}/ifindex") as file:
+        ifindex = int(file.read())
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.sendall(move_request(ifindex, pid))
+        error = ack_error(sock.recv(4096))
+    if error:
+        raise OSError(error, f"moving {name} to the namespace of pid {pid}: {os.strerror(error)}")
+
+
+def script(current: str, request: agent_pb2.ConfigureNetworkRequest) -> str:
+    """The shell commands configuring the NIC (named `current` now) in the namespace;
+    every value checked first, so nothing in them is shell syntax."""
+    interface = request.interface
+    name = interface.name or current
+    if not _INTERFACE_NAME.fullmatch(name):
+        raise InvalidArgument(f"network interface name {name!r} is not valid")
+    mac = interface.mac.lower()
+    if not _MAC.fullmatch(mac):
+        raise InvalidArgument(f"network interface {name}: MAC {interface.mac!r} is not valid")
+    lines = ["set -e"]
+    if name != current:
+        lines.append(f"ip link set dev {current} name {name}")
+    settings = f" address {mac}" + (f" mtu {int(interface.mtu)}" if interface.mtu else "")
+    lines.append(f"ip link set dev {name}{settings}")
+    for address in interface.addresses:
+        lines.append(f"ip addr add {_cidr(address)} dev {name}")
+    lines.append(f"ip link set dev {name} up")
+    for route in request.routes:
+        destination = "default" if route.destination == "default" else _cidr(route.destination)
+        family = "-6 " if ":" in route.destination or ":" in route.gateway else ""
+        via = f" via {_address(route.gateway)}" if route.gateway else ""
+        lines.append(f"ip {family}route add {destination}{via} dev {name}")
+    return "\n".join(lines) + "\n"
+
+
+def _address(value: str) -> str:
+    """value if it is an IPv4 or IPv6 address (socket's check: the guest's Python has no
+    ipaddress module)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, value)
+            return value
+        except OSError:
+            continue
+    raise InvalidArgument(f"{value!r} is not an IP address")
+
+
+def _cidr(value: str) -> str:
+    address, _, prefix = value.partition("/")
+    _address(address)
+    limit = 128 if ":" in address else 32
+    if not prefix.isdigit() or int(prefix) > limit:
+        raise InvalidArgument(f"{value!r} is not an address/prefix")
+    return f"{address}/{int(prefix)}"
+
+
+async def configure(table: ProcessTable, request: agent_pb2.ConfigureNetworkRequest) -> None:
+    init: Process = table.get(request.process_id)
+    if not init.spec.container_init or init.pid == 0:
+        raise FailedPrecondition(f"process {request.process_id!r} is not a created container init")
+    if init.exit_status is not None:
+        raise FailedPrecondition(f"container {request.process_id!r} has exited")
+    modules.load(NIC_MODULE)
+    current = await devices.wait_for_device(devices.NIC, request.device_mac, NIC_TIMEOUT_S)
+    commands = script(current, request)
+    move_to_namespace_of(current, init.pid)
+    read_end, write_end = os.pipe()
+    try:
+        status = table.run_helper(
+            [NSENTER, f"--net=/proc/{init.pid}/ns/net", SHELL, "-c", commands],
+            (None, write_end, write_end),
+        )
+    finally:
+        os.close(write_end)
+    try:
+        code = await status
+        output = os.read(read_end, 4096).decode(errors="replace").strip()
+    finally:
+        os.close(read_end)
+    if code != 0:
+        raise FailedPrecondition(f"configuring the container's {request.interface.name}: {output}")

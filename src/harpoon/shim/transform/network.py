@@ -1,0 +1,94 @@
+"""Which network a container's VM gets, from config.json (the rule the README states):
+
+- **A network namespace** in `linux.namespaces` → the VM runs in it, with a virtio-net
+  NIC on a tap there (harpoon.net.wire). A namespace given by `path` (a CRI pod's,
+  `nerdctl --net ns:…`) is used as it is; one without a path is harpoon's own, made
+  before the VM launches and removed with it (harpoon.net.netns). Either way the pid
+  harpoon reports for the task (the VMM's) lives in it, so `/proc/<pid>/ns/net` is
+  the container's namespace, as nerdctl's `createRuntime` hook and CNI expect. Once
+  the hooks ran (harpoon.shim.transform.hooks), what they configured there — a veth,
+  its addresses, routes — is joined to the tap and given to the guest: the NIC moves
+  into the container's own namespace in the guest, with the veth's MAC, addresses,
+  MTU and routes. A namespace nothing configured leaves the container its loopback
+  alone, as under runc.
+- **No network namespace** (the host's network: `nerdctl --net host`, BuildKit) → for
+  now the guest's own network, loopback only (user-mode networking through gvproxy is
+  to come: issue 15).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from harpoon.errdefs import FailedPrecondition, InvalidArgument
+from harpoon.net import wire
+from harpoon.shim import paths
+from harpoon.shim.transform.draft import CreateContext, Draft, Transformer
+from harpoon.vmm.devices import NIC, TapBackend
+
+if TYPE_CHECKING:
+    from harpoon.sandbox.sandbox import Sandbox
+
+NIC_ID = "eth0"
+#: The annotation nerdctl's hook reads for the namespace to configure (before it falls
+#: back to /proc/<pid>/ns/net), set as Kata sets it.
+NETNS_ANNOTATION = "nerdctl/network-namespace"
+
+
+def network_namespace(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The spec's network namespace entry; None when the container shares the host's."""
+    linux = spec.get("linux")
+    namespaces = linux.get("namespaces") if isinstance(linux, dict) else None
+    for entry in namespaces or []:
+        if isinstance(entry, dict) and entry.get("type") == "network":
+            return entry
+    return None
+
+
+def nic_mac(namespace: str, container_id: str) -> str:
+    """A locally administered unicast MAC of the container's own (the guest takes CNI's
+    veth's once configured; this one only tells two cold-booted VMs' NICs apart)."""
+    digest = paths.netns_path_str(namespace, container_id).rsplit("/", 1)[-1]
+    return "02:" + ":".join(digest[i : i + 2] for i in range(0, 10, 2))
+
+
+class Network(Transformer):
+    def plan(self, draft: Draft) -> None:
+        entry = network_namespace(draft.spec)
+        if entry is None:
+            return
+        path = entry.get("path") or ""
+        if path:
+            if not isinstance(path, str) or not path.startswith("/"):
+                raise InvalidArgument(f"network namespace path {path!r} is not absolute")
+            draft.netns, draft.netns_owned = Path(path), False
+        else:
+            draft.netns = paths.netns_path(draft.namespace, draft.container_id)
+            draft.netns_owned = True
+        mac = nic_mac(draft.namespace, draft.container_id)
+        draft.nics.append(NIC(NIC_ID, mac, TapBackend(wire.TAP_NAME)))
+
+    async def with_vm(self, create: CreateContext, sandbox: Sandbox) -> None:
+        import asyncio  # not at import: the daemon plans before it loads asyncio
+
+        namespace = sandbox.config.netns
+        if namespace is None:
+            return
+        network = await asyncio.to_thread(wire.scan, namespace)
+        if not network.interfaces:
+            return
+        if len(network.interfaces) > 1:
+            names = ", ".join(interface.name for interface in network.interfaces)
+            raise FailedPrecondition(
+                f"the container's network namespace {namespace} has {len(network.interfaces)} "
+                f"interfaces ({names}): harpoon gives a VM one"
+            )
+        await asyncio.to_thread(wire.redirect, namespace, network.interfaces[0])
+        create.network = network
+
+    async def with_init(self, create: CreateContext, sandbox: Sandbox) -> None:
+        if create.network is not None:
+            from harpoon.shim.container import INIT_GUEST_ID
+
+            await sandbox.configure_network(INIT_GUEST_ID, create.network)
