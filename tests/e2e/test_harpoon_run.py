@@ -157,7 +157,10 @@ def leftovers(containerd: Containerd, container_id: str) -> list[str]:
     socket = paths.socket_path(containerd.address, containerd.namespace, container_id)
     if socket.exists():
         found.append(f"shim socket {socket}")
-    found += [f"mount {m}" for m in containerd.mounts() if container_id in m]
+    netns = paths.netns_path(containerd.namespace, container_id)
+    if netns.exists():
+        found.append(f"network namespace {netns}")
+    found += [f"mount {m}" for m in containerd.mounts() if container_id in m or str(netns) in m]
     return found
 
 

@@ -1,0 +1,111 @@
+"""A container's network under harpoon, with ctr (nerdctl and CNI: test_nerdctl_network).
+
+A network namespace named by path in config.json (as CRI and `--with-ns` name one) is
+the VM's: what its owner configured there (here the test: a veth pair, one end in the
+namespace, the other on the host, on a subnet the test picks) is what the container
+sees, and traffic flows between it and the host. A new namespace with nothing in it
+gives the container its loopback alone, up, as under runc. Every address a test sends
+to is one it put on a veth of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from harpoon.devenv.containerd import Containerd
+from harpoon.shim import paths
+from tests.e2e.test_harpoon_run import HARPOON, RUN_TIMEOUT_S, ctr_command, leftovers
+
+pytestmark = pytest.mark.vm
+
+HOST_ADDRESS = "10.231.7.1"
+CONTAINER_ADDRESS = "10.231.7.2"
+PREFIX = 24
+
+
+@dataclass
+class Veth:
+    netns: str
+    """Its name under /run/netns (`ip netns`)."""
+    host_end: str
+    mac: str
+    """The MAC of its end in the namespace (eth0)."""
+
+    @property
+    def path(self) -> str:
+        return f"/run/netns/{self.netns}"
+
+
+def ip(*args: str) -> str:
+    return subprocess.run(["ip", *args], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def veth(container_id: str) -> Iterator[Veth]:
+    """A namespace with eth0 at CONTAINER_ADDRESS, its peer on the host at HOST_ADDRESS."""
+    netns, host_end = f"hp-{container_id[-8:]}", f"hpv{container_id[-8:]}"
+    ip("netns", "add", netns)
+    try:
+        ip("link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        ip("address", "add", f"{HOST_ADDRESS}/{PREFIX}", "dev", host_end)
+        ip("link", "set", host_end, "up")
+        ip("-n", netns, "address", "add", f"{CONTAINER_ADDRESS}/{PREFIX}", "dev", "eth0")
+        ip("-n", netns, "link", "set", "eth0", "up")
+        ip("-n", netns, "route", "add", "default", "via", HOST_ADDRESS)
+        (link,) = json.loads(ip("-n", netns, "-j", "link", "show", "eth0"))
+        # Only ever our own: the addresses the test sends to are on these two ends.
+        assert HOST_ADDRESS in ip("address", "show", "dev", host_end)
+        yield Veth(netns, host_end, link["address"])
+        links = {link["ifname"] for link in json.loads(ip("-n", netns, "-j", "link", "show"))}
+        assert links == {"lo", "eth0"}, "the VM's tap outlived its container"
+        qdiscs = json.loads(ip_netns_tc(netns, "-j", "qdisc", "show", "dev", "eth0"))
+        assert not [q for q in qdiscs if q.get("kind") == "ingress"], "a redirect outlived it"
+    finally:
+        subprocess.run(["ip", "link", "delete", host_end], capture_output=True, check=False)
+        ip("netns", "delete", netns)
+
+
+def ip_netns_tc(netns: str, *args: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, "tc", *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def run(containerd: Containerd, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ctr_command(containerd, "run", "--rm", "--runtime", HARPOON, *args),
+        capture_output=True, text=True, timeout=RUN_TIMEOUT_S, stdin=subprocess.DEVNULL,
+        check=False,
+    )  # fmt: skip
+
+
+def test_a_network_namespace_named_by_path_is_the_containers_and_reaches_the_host(
+    containerd: Containerd, busybox_image: str, container_id: str, veth: Veth
+) -> None:
+    script = "ip -o address show eth0; ip link show eth0; ip route; ping -c 2 -W 5 " + HOST_ADDRESS
+    result = run(containerd, "--with-ns", f"network:{veth.path}", busybox_image, container_id,
+                 "sh", "-c", script)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"inet {CONTAINER_ADDRESS}/{PREFIX}" in result.stdout
+    assert f"link/ether {veth.mac}" in result.stdout  # the veth's: the bridge knows it
+    assert f"default via {HOST_ADDRESS} dev eth0" in result.stdout
+    assert "2 packets received" in result.stdout
+    assert leftovers(containerd, container_id) == []
+
+
+def test_a_new_network_namespace_alone_gives_the_container_its_loopback_up(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    result = run(containerd, busybox_image, container_id, "sh", "-c",
+                 "ip -o link show; ping -c 1 -W 5 127.0.0.1")  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    links = [line.split(":")[1].strip() for line in result.stdout.splitlines() if ": <" in line]
+    assert links == ["lo"]
+    assert "LOWER_UP" in result.stdout and "1 packets received" in result.stdout
+    assert leftovers(containerd, container_id) == []
+    assert not paths.netns_path(containerd.namespace, container_id).exists()
