@@ -1,4 +1,5 @@
-"""Asyncio reads and writes on raw non-blocking file descriptors (pipes, FIFOs).
+"""Asyncio reads and writes on raw non-blocking file descriptors (pipes, FIFOs), and
+the wait for a child's exit through its pidfd.
 
 asyncio's pipe transports misjudge a FIFO the shim holds open for reading and writing
 (they take readable data for a hang-up), and the agent wants plain fds around fork,
@@ -10,6 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import subprocess
 
 READ_CHUNK_BYTES = 256 * 1024
 
@@ -59,3 +64,22 @@ async def write_all(fd: int, data: bytes | memoryview) -> None:
             await _ready(fd, for_write=True)
             continue
         view = view[written:]
+
+
+async def process_exit(popen: subprocess.Popen[bytes]) -> int:
+    """popen's exit status once it has exited, reaped by popen itself: through a pidfd
+    where Linux has them (no thread, no SIGCHLD handler), else a thread blocked in
+    waitpid (as asyncio's own default child watcher does). Cancelled, it leaves the
+    process as it was: running, or exited and not yet reaped."""
+    if popen.returncode is not None:
+        return popen.returncode
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except (AttributeError, OSError):  # not Linux ≥ 5.3
+        return await asyncio.to_thread(popen.wait)
+    try:
+        await wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+    # Readable means exited: this reaps it without blocking.
+    return popen.wait()

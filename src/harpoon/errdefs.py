@@ -62,3 +62,11 @@ class DeadlineExceeded(ErrdefsError):
 class Internal(ErrdefsError):
     code_class = Code.INTERNAL
     suffix = "internal"
+
+
+class Unknown(ErrdefsError):
+    """What runc's shim answers when a runtime command fails (its error is a plain one,
+    which errdefs sends as Unknown): a failing OCI hook, for one."""
+
+    code_class = Code.UNKNOWN
+    suffix = "unknown"

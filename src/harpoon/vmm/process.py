@@ -79,24 +79,6 @@ class VmmProcess:
         return await asyncio.shield(self._exited)
 
     async def _reap(self) -> int:
-        import asyncio
+        from harpoon import aio  # loads asyncio: not when the VMM is spawned
 
-        try:
-            pidfd = os.pidfd_open(self._popen.pid)
-        except (AttributeError, OSError):  # not Linux ≥ 5.3
-            return await asyncio.to_thread(self._popen.wait)
-        loop = asyncio.get_running_loop()
-        exited: asyncio.Future[None] = loop.create_future()
-
-        def readable() -> None:
-            if not exited.done():
-                exited.set_result(None)
-
-        loop.add_reader(pidfd, readable)
-        try:
-            await exited
-        finally:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-        # Readable means exited: this reaps it without blocking.
-        return self._popen.wait()
+        return await aio.process_exit(self._popen)
