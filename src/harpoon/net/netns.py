@@ -36,7 +36,7 @@ def create(path: Path) -> None:
         raise NetnsError(f"network namespace {path} exists already") from None
     os.close(fd)
     try:
-        _run([UNSHARE, f"--net={path}", "true"], f"creating network namespace {path}")
+        run([UNSHARE, f"--net={path}", "true"], f"creating network namespace {path}")
     except BaseException:
         path.unlink(missing_ok=True)
         raise
@@ -57,10 +57,10 @@ def is_pinned(path: Path) -> bool:
 
 def run_in(path: Path, argv: Sequence[str], what: str, stdin: bytes | None = None) -> str:
     """argv run in the namespace at path, its output; NetnsError naming `what` if fails."""
-    return _run([NSENTER, f"--net={path}", "--", *argv], what, stdin)
+    return run([NSENTER, f"--net={path}", "--", *argv], what, stdin)
 
 
-def _run(argv: list[str], what: str, stdin: bytes | None = None) -> str:
+def run(argv: list[str], what: str, stdin: bytes | None = None) -> str:
     try:
         done = subprocess.run(
             argv,

@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,25 @@ def parse_routes(document: list[dict[str, Any]]) -> list[Route]:
                 continue
         routes.append(Route(destination, entry.get("gateway", ""), entry.get("dev", "")))
     return routes
+
+
+def after_cni(namespace: Path, vmm_pid: int) -> None:
+    """Moves the tap after what CNI made in the namespace's interface order: out to
+    this process's namespace and back into the VMM's (its QEMU keeps it open through
+    both moves). Tools that read the namespace take its first interface that is up for
+    the container's (nerdctl inspect's IPAddress); made before the VM, the tap had the
+    lower index. Moved back, it keeps the index it got outside, above CNI's."""
+    what = f"moving {TAP_NAME} after the interfaces of {namespace}"
+    outside = f"hp{os.getpid() % 100000}t{vmm_pid % 100000}"[:15]
+    move_out = ["ip", "link", "set", "dev", TAP_NAME, "netns", str(os.getpid()), "name", outside]
+    netns.run_in(namespace, move_out, what)
+    move_in = ["ip", "link", "set", "dev", outside, "netns", str(vmm_pid), "name", TAP_NAME]
+    try:
+        netns.run(move_in, what)
+    except BaseException:
+        subprocess.run(["ip", "link", "delete", outside], capture_output=True, check=False)
+        raise
+    netns.run_in(namespace, ["ip", "link", "set", "dev", TAP_NAME, "up"], what)
 
 
 def redirect(namespace: Path, interface: Interface) -> None:

@@ -23,7 +23,9 @@ from harpoon.sandbox.agent_client import AgentClient
 from harpoon.sandbox.sandbox import Sandbox
 from harpoon.shim.container_plan import ContainerPlan, encode
 from harpoon.shim.events import EventPublisher
+from harpoon.shim.hooks import HookFailed, HookPhase
 from harpoon.shim.process import VM_DIED_EXIT_STATUS, Process, ProcessState, now
+from harpoon.shim.transform import oci_hooks
 from harpoon.shim.transform.host_policy import process_for_guest
 from harpoon.ttrpc.status import Code, ConnectionClosedError, TtrpcError
 
@@ -138,6 +140,8 @@ class Container:
         except Unavailable:
             self.publish_exit(process)  # it is gone with its VM: nothing else will say so
             raise
+        if process is self.init:
+            await self._poststart()
         # Published before the follower can publish the exit, however fast the process.
         if process.exec_id:
             self.publisher.publish(
@@ -150,6 +154,19 @@ class Container:
             )
         process.follow(self._follow(process))
         return self.pid
+
+    async def _poststart(self) -> None:
+        """The spec's poststart hooks, once the init runs; if one fails the container is
+        killed (its exit published as any) and Start fails, as under runc."""
+        try:
+            await oci_hooks.run_phase(
+                self.id, self.bundle, self.pid, self.sandbox.config.netns, HookPhase.POSTSTART
+            )
+        except HookFailed:
+            self.init.follow(self._follow(self.init))
+            with contextlib.suppress(Exception):
+                await self.agent.signal_process(self.init.guest_id, signals.SIGKILL, True)
+            raise
 
     async def _follow(self, process: Process) -> None:
         """Follows a started process to its exit, then publishes it."""

@@ -78,7 +78,6 @@ path after runc's prefix and carries the end of its output even on a timeout.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
 import json
@@ -89,7 +88,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from harpoon import aio
 from harpoon.errdefs import InvalidArgument, Unknown
 
 # The runtime-spec version the State says it follows (runc v1.3 to v1.5 report this).
@@ -268,6 +266,8 @@ class _Tail:
 
 async def _run(hook: Hook, state: bytes, cwd: str | os.PathLike[str]) -> str | None:
     """Why hook failed, None when it succeeded."""
+    import asyncio  # not at import: the daemon plans before it loads asyncio
+
     fds = _Descriptors()
     try:
         stdin_r, stdin_w = fds.pipe()
@@ -352,6 +352,10 @@ def _environ(env: tuple[str, ...]) -> dict[str, str]:
 async def _exit_status(popen: subprocess.Popen[bytes], timeout_s: int | None) -> int | None:
     """The hook's exit status, None when it ran out of time; reaped either way, and
     cancelled or out of time, killed with its process group first."""
+    import asyncio  # not at import: the daemon plans before it loads asyncio
+
+    from harpoon import aio
+
     try:
         async with asyncio.timeout(timeout_s):
             return await aio.process_exit(popen)
@@ -368,6 +372,8 @@ async def _exit_status(popen: subprocess.Popen[bytes], timeout_s: int | None) ->
 
 
 async def _feed(fd: int, state: bytes, fds: _Descriptors) -> None:
+    from harpoon import aio
+
     try:
         await aio.write_all(fd, state)
     except BrokenPipeError:
@@ -377,11 +383,15 @@ async def _feed(fd: int, state: bytes, fds: _Descriptors) -> None:
 
 
 async def _collect(fd: int, tail: _Tail) -> None:
+    from harpoon import aio
+
     while chunk := await aio.read_some(fd):
         tail.add(chunk)
 
 
 def _drain(fd: int, tail: _Tail) -> None:
+    from harpoon import aio
+
     drained = 0
     while drained < MAX_DRAIN_BYTES:
         try:

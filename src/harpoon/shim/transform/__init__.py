@@ -21,6 +21,7 @@ from harpoon.shim.transform.guest_runtime import GuestRuntime
 from harpoon.shim.transform.host_policy import HostPolicy
 from harpoon.shim.transform.mounts import Mounts
 from harpoon.shim.transform.network import Network
+from harpoon.shim.transform.oci_hooks import HostHooks
 from harpoon.shim.transform.resources import Resources
 from harpoon.shim.transform.rootfs import Rootfs
 
@@ -28,6 +29,7 @@ PIPELINE: tuple[Transformer, ...] = (
     HostPolicy(),
     Rootfs(),
     Mounts(),
+    HostHooks(),
     Network(),
     Resources(),
     GuestRuntime(),

@@ -72,6 +72,10 @@ class CreateContext:
     """The plan's rootfs assembled in the guest from disks, if it is one."""
     network: Network | None = None
     """What CNI configured in the VM's namespace, for the guest (the network step)."""
+    netns: Path | None = None
+    """The VM's network namespace, once it runs (None: the host's)."""
+    hooks_began: bool = False
+    """Create's OCI hooks began: undoing Create runs the poststop ones."""
 
 
 class Transformer:

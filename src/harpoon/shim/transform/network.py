@@ -6,7 +6,7 @@
   before the VM launches and removed with it (harpoon.net.netns). Either way the pid
   harpoon reports for the task (the VMM's) lives in it, so `/proc/<pid>/ns/net` is
   the container's namespace, as nerdctl's `createRuntime` hook and CNI expect. Once
-  the hooks ran (harpoon.shim.transform.hooks), what they configured there — a veth,
+  the hooks ran (harpoon.shim.transform.oci_hooks), what they configured there — a veth,
   its addresses, routes — is joined to the tap and given to the guest: the NIC moves
   into the container's own namespace in the guest, with the veth's MAC, addresses,
   MTU and routes. A namespace nothing configured leaves the container its loopback
@@ -31,9 +31,6 @@ if TYPE_CHECKING:
     from harpoon.sandbox.sandbox import Sandbox
 
 NIC_ID = "eth0"
-#: The annotation nerdctl's hook reads for the namespace to configure (before it falls
-#: back to /proc/<pid>/ns/net), set as Kata sets it.
-NETNS_ANNOTATION = "nerdctl/network-namespace"
 
 
 def network_namespace(spec: dict[str, Any]) -> dict[str, Any] | None:
@@ -84,6 +81,7 @@ class Network(Transformer):
                 f"the container's network namespace {namespace} has {len(network.interfaces)} "
                 f"interfaces ({names}): harpoon gives a VM one"
             )
+        await asyncio.to_thread(wire.after_cni, namespace, sandbox.pid)
         await asyncio.to_thread(wire.redirect, namespace, network.interfaces[0])
         create.network = network
 
