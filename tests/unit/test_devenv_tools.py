@@ -23,6 +23,7 @@ from harpoon.devenv.tools import (
     build_source,
     install_source_build,
 )
+from harpoon.net import gvproxy
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,8 @@ def test_gvproxy_is_built_static_from_its_vendored_modules() -> None:
     assert command[-1] == "./cmd/gvproxy"
     assert GVPROXY.outputs() == {"gvproxy": command[command.index("-o") + 1]}
     assert GVPROXY.environment() == {"CGO_ENABLED": "0"}
-    assert GVPROXY.source.file_name == "gvisor-tap-vsock-v0.8.9.tar.gz"
+    # The version harpoon.net.gvproxy names is the one built.
+    assert GVPROXY.source.file_name == f"gvisor-tap-vsock-v{gvproxy.VERSION}.tar.gz"
     assert GVPROXY.binary == GVPROXY.cache_dir / "gvproxy"
 
 
