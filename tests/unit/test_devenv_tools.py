@@ -1,4 +1,4 @@
-"""The source builds of harpoon.devenv.tools (shimtest, nerdctl): pins, cache names and
+"""The source builds of harpoon.devenv.tools (shimtest, nerdctl, gvproxy): pins, cache names and
 the build's steps, with a fake tool built from a tarball made here (no Go involved)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 
 from harpoon.devenv import tools
 from harpoon.devenv.tools import (
+    GVPROXY,
     NERDCTL,
     SHIMTEST,
     SOURCE_BUILDS,
@@ -22,6 +23,7 @@ from harpoon.devenv.tools import (
     build_source,
     install_source_build,
 )
+from harpoon.net import gvproxy
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ def test_each_pin_has_its_own_cache_directory() -> None:
     moved = type(NERDCTL)(name=NERDCTL.name, source=other, version=NERDCTL.version)
     assert moved.cache_dir != NERDCTL.cache_dir
     assert NERDCTL.cache_dir.name.startswith("nerdctl-")
-    assert set(SOURCE_BUILDS) == {"shimtest", "nerdctl"}
+    assert set(SOURCE_BUILDS) == {"shimtest", "nerdctl", "gvproxy"}
 
 
 def test_nerdctl_is_built_static_with_its_version_stamped() -> None:
@@ -89,6 +91,17 @@ def test_nerdctl_is_built_static_with_its_version_stamped() -> None:
     assert "-X github.com/containerd/nerdctl/v2/pkg/version.Version=v2.3.5" in command
     assert command[-1] == "./cmd/nerdctl"
     assert NERDCTL.environment() == {"CGO_ENABLED": "0"}
+
+
+def test_gvproxy_is_built_static_from_its_vendored_modules() -> None:
+    (command,) = GVPROXY.commands(Path("/usr/local/go/bin/go"))
+    assert command[:3] == ["/usr/local/go/bin/go", "build", "-mod=vendor"]
+    assert command[-1] == "./cmd/gvproxy"
+    assert GVPROXY.outputs() == {"gvproxy": command[command.index("-o") + 1]}
+    assert GVPROXY.environment() == {"CGO_ENABLED": "0"}
+    # The version harpoon.net.gvproxy names is the one built.
+    assert GVPROXY.source.file_name == f"gvisor-tap-vsock-v{gvproxy.VERSION}.tar.gz"
+    assert GVPROXY.binary == GVPROXY.cache_dir / "gvproxy"
 
 
 def test_a_build_leaves_its_outputs_in_the_cache_directory(cache: Path, tmp_path: Path) -> None:

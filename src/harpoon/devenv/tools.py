@@ -6,13 +6,14 @@ pinned version and a directory holding `containerd`, `ctr` and the runc shim. De
 directory once per machine (`python -m harpoon.devenv.tools install`, run by
 scripts/install-deps). Adding a release line is one entry in `FLAVOURS`.
 
-containerd's shim conformance suite (`SHIMTEST`) and nerdctl (`NERDCTL`) are built the
-same way, once per machine, but from the source tarballs kept in `../shared/third_party`
-beside the repository (the Go module proxy refuses them; their Go dependencies come from
-it): pinned by their sha256, built in a scratch directory (that one is read-only),
-cached under a name made of those hashes (`SourceBuild`). Adding such a tool is a
-`SourceBuild` subclass (its commands and the files it keeps) and one entry in
-`SOURCE_BUILDS`.
+containerd's shim conformance suite (`SHIMTEST`), nerdctl (`NERDCTL`) and gvproxy
+(`GVPROXY`, the user-mode network of harpoon.net.gvproxy) are built the same way, once
+per machine, but from the source tarballs kept in `../shared/third_party` beside the
+repository (the Go module proxy refuses the first two; their Go dependencies come from
+it, gvproxy's are vendored in its tarball): pinned by their sha256, built in a scratch
+directory (that one is read-only), cached under a name made of those hashes
+(`SourceBuild`). Adding such a tool is a `SourceBuild` subclass (its commands and the
+files it keeps) and one entry in `SOURCE_BUILDS`.
 
 virtiofsd (`CRATES`), the host side of virtiofs shares, is a Rust crate: `cargo install
 --locked` of a pinned version from crates.io with the machine's Rust, into the same cache
@@ -255,27 +256,48 @@ class Shimtest(SourceBuild):
         ]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class StaticGoBinary(SourceBuild):
+    """A tool that is one static binary, `go build ./cmd/<name>` with cgo off, as its
+    release is built."""
+
+    @property
+    def binary(self) -> Path:
+        return self.cache_dir / self.name
+
+    def outputs(self) -> dict[str, str]:
+        return {self.name: f"_output/{self.name}"}
+
+    def go_build(self, go: Path, *flags: str) -> list[str]:
+        return [str(go), "build", *flags, "-o", f"_output/{self.name}", f"./cmd/{self.name}"]
+
+    def environment(self) -> dict[str, str]:
+        return {"CGO_ENABLED": "0"}
+
+
 @dataclass(frozen=True, kw_only=True)
-class Nerdctl(SourceBuild):
-    """containerd/nerdctl, a static binary built with `go build` as its release is (the
-    version stamped in by -ldflags); its Go dependencies come from the Go module proxy."""
+class Nerdctl(StaticGoBinary):
+    """containerd/nerdctl, its version stamped in by -ldflags as its release's is; its Go
+    dependencies come from the Go module proxy."""
 
     #: The version nerdctl reports (`nerdctl version`), as its release build stamps it.
     version: str
 
-    @property
-    def binary(self) -> Path:
-        return self.cache_dir / "nerdctl"
-
-    def outputs(self) -> dict[str, str]:
-        return {self.binary.name: "_output/nerdctl"}
-
     def commands(self, go: Path) -> list[list[str]]:
         stamp = f"-X github.com/containerd/nerdctl/v2/pkg/version.Version=v{self.version}"
-        return [[str(go), "build", "-ldflags", stamp, "-o", "_output/nerdctl", "./cmd/nerdctl"]]
+        return [self.go_build(go, "-ldflags", stamp)]
 
-    def environment(self) -> dict[str, str]:
-        return {"CGO_ENABLED": "0"}
+
+@dataclass(frozen=True)
+class Gvproxy(StaticGoBinary):
+    """containers/gvisor-tap-vsock's gvproxy, the user-mode network a VM's virtio-net
+    NIC plugs into (harpoon.net.gvproxy), built from the tarball's vendored modules (no
+    module proxy). It reports the version `git archive` stamped into the tarball."""
+
+    def commands(self, go: Path) -> list[list[str]]:
+        # -mod=vendor is go's default when there is a vendor directory; said here, a
+        # vendor tree that does not match go.mod fails the build instead of a download.
+        return [self.go_build(go, "-mod=vendor")]
 
 
 SHIMTEST = Shimtest(
@@ -303,6 +325,16 @@ NERDCTL = Nerdctl(
         "nerdctl-v2.3.5",
     ),
     version="2.3.5",
+)
+
+#: gvproxy v0.8.9 serves one VM per process (`-listen-qemu` accepts once): one per VM.
+GVPROXY = Gvproxy(
+    name="gvproxy",
+    source=SourceTarball(
+        "gvisor-tap-vsock-v0.8.9.tar.gz",
+        "67ca338beaa79ac7c3658dd70c29bc15e800c69d6eeb32f35889d2f200c4b696",
+        "gvisor-tap-vsock-v0.8.9",
+    ),
 )
 
 #: Where the machine's apt sources are: a Debian source package is fetched from the
@@ -471,7 +503,7 @@ EROFS_UTILS = DebianSourceBuild(
 DEBIAN_SOURCE_BUILDS: dict[str, DebianSourceBuild] = {EROFS_UTILS.name: EROFS_UTILS}
 
 #: The tools built from THIRD_PARTY_DIR, by name.
-SOURCE_BUILDS: dict[str, SourceBuild] = {tool.name: tool for tool in (SHIMTEST, NERDCTL)}
+SOURCE_BUILDS: dict[str, SourceBuild] = {tool.name: tool for tool in (SHIMTEST, NERDCTL, GVPROXY)}
 
 
 @dataclass(frozen=True)
