@@ -14,7 +14,8 @@ on directories of the host's, so that nothing of the host is touched:
 - the rootfs share's 9p mount (the agent's Mount): a symlink from the guest's mount
   point to the VM's share directory on the host, which the sandbox really bind-mounts
   the rootfs into;
-- the agent's host-wide acts: `sethostname` is recorded, not done; Hello's entropy and
+- the agent's host-wide acts: `sethostname` and the network's configuration
+  (ConfigureNetwork) are recorded, not done; ListeningPorts lists nothing; Hello's entropy and
   clock are not applied (a real Hello would set the host's clock); the warm-up is off
   (the fake guest has one vCPU); crun is not copied into a sealed memfd (a script
   cannot be run from a close-on-exec one).
@@ -95,6 +96,7 @@ class FakeGuest:
         monkeypatch.setattr(cgroups, "CONTAINER_GROUP", str(self.container_group))
         monkeypatch.setattr(cgroups, "kill_container_group", self.kill_container_group)
         monkeypatch.setattr(linux, "sethostname", self.hostnames.append)
+        self.networks: list[agent_pb2.ConfigureNetworkRequest] = []
         monkeypatch.setattr(warm_up, "spare_vcpu", lambda: False)
         monkeypatch.setattr(rootfs, "GUEST_SHARE", str(self.share_mount))
         monkeypatch.setattr(rootfs, "GUEST_ROOTFS", str(self.share_mount / rootfs.ROOTFS_NAME))
@@ -161,6 +163,19 @@ class GuestAgentService(AgentService):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(shares[request.source])
         return empty_pb2.Empty()
+
+    async def ConfigureNetwork(
+        self, request: agent_pb2.ConfigureNetworkRequest, ctx: CallContext
+    ) -> empty_pb2.Empty:
+        # No NIC, no network namespace of a guest's: recorded, as sethostname is.
+        self.guest.networks.append(request)
+        return empty_pb2.Empty()
+
+    async def ListeningPorts(
+        self, request: empty_pb2.Empty, ctx: CallContext
+    ) -> agent_pb2.ListeningPortsResponse:
+        # The host's /proc/net would list the host's own listeners.
+        return agent_pb2.ListeningPortsResponse()
 
 
 class FakeVM(VirtualMachine):

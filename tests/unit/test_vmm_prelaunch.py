@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable
@@ -138,7 +140,9 @@ def fake_qemu_and_guest(tmp_path: Path) -> tuple[Path, Path]:
     return bin_dir, guest
 
 
-def test_the_daemon_launches_the_vm_before_it_loads_asyncio(tmp_path: Path) -> None:
+def test_the_daemon_launches_the_vm_before_it_loads_asyncio(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """The bundle's VM is launched (here without a template: a boot) by a process that
     has not imported asyncio or protobuf, with the rootfs export ready for QEMU."""
     bin_dir, guest = fake_qemu_and_guest(tmp_path)
@@ -161,7 +165,9 @@ def test_the_daemon_launches_the_vm_before_it_loads_asyncio(tmp_path: Path) -> N
         launched.process.kill()
         launched.process._popen.wait()
     """)
-    run_dir = tmp_path / "run"
+    # Short: the VM's unix sockets (a host-network VM's gvproxy's too) live under it.
+    run_dir = Path(tempfile.mkdtemp(prefix="hp-run-"))
+    request.addfinalizer(lambda: shutil.rmtree(run_dir, ignore_errors=True))
     env = dict(
         os.environ,
         PYTHONPATH=str(SRC),

@@ -125,7 +125,7 @@ def test_disks_nics_and_vsock_on_the_command_line_by_id() -> None:
     assert "driver=file,node-name=disk-rw,filename=/l/rw -device" in line
     assert "tap,id=net-eth0,ifname=tap7,script=no,downscript=no" in line
     assert "virtio-net-device,netdev=net-eth0,mac=02:00:00:00:00:01" in line
-    assert "stream,id=net-eth1,server=off,reconnect=1,addr.type=unix,addr.path=/run/gv.sock" in line
+    assert "stream,id=net-eth1,server=off,addr.type=unix,addr.path=/run/gv.sock" in line
     assert "vhost-vsock-device,guest-cid=9" in line
 
 

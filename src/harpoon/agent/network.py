@@ -109,21 +109,25 @@ def _cidr(value: str) -> str:
 
 
 async def configure(table: ProcessTable, request: agent_pb2.ConfigureNetworkRequest) -> None:
-    init: Process = table.get(request.process_id)
-    if not init.spec.container_init or init.pid == 0:
-        raise FailedPrecondition(f"process {request.process_id!r} is not a created container init")
-    if init.exit_status is not None:
-        raise FailedPrecondition(f"container {request.process_id!r} has exited")
+    init: Process | None = None
+    if request.process_id:
+        init = table.get(request.process_id)
+        if not init.spec.container_init or init.pid == 0:
+            raise FailedPrecondition(
+                f"process {request.process_id!r} is not a created container init"
+            )
+        if init.exit_status is not None:
+            raise FailedPrecondition(f"container {request.process_id!r} has exited")
     modules.load(NIC_MODULE)
     current = await devices.wait_for_device(devices.NIC, request.device_mac, NIC_TIMEOUT_S)
     commands = script(current, request)
-    move_to_namespace_of(current, init.pid)
+    argv = [SHELL, "-c", commands]
+    if init is not None:
+        move_to_namespace_of(current, init.pid)
+        argv = [NSENTER, f"--net=/proc/{init.pid}/ns/net", *argv]
     read_end, write_end = os.pipe()
     try:
-        status = table.run_helper(
-            [NSENTER, f"--net=/proc/{init.pid}/ns/net", SHELL, "-c", commands],
-            (None, write_end, write_end),
-        )
+        status = table.run_helper(argv, (None, write_end, write_end))
     finally:
         os.close(write_end)
     try:
@@ -133,3 +137,51 @@ async def configure(table: ProcessTable, request: agent_pb2.ConfigureNetworkRequ
         os.close(read_end)
     if code != 0:
         raise FailedPrecondition(f"configuring the container's {request.interface.name}: {output}")
+
+
+#: /proc/net tables of the guest's own namespace, and their protocol.
+SOCKET_TABLES = (
+    ("/proc/net/tcp", "tcp"),
+    ("/proc/net/tcp6", "tcp"),
+    ("/proc/net/udp", "udp"),
+    ("/proc/net/udp6", "udp"),
+)
+TCP_LISTEN = "0A"
+UDP_UNCONNECTED = "07"
+_WILDCARDS = ("00000000", "00000000000000000000000000000000")
+
+
+def listening_ports(tables: tuple[tuple[str, str], ...] = SOCKET_TABLES) -> set[tuple[str, int]]:
+    """(protocol, port) of each TCP listener and unconnected UDP socket bound to a
+    wildcard address below the ephemeral range (a client's own sockets are not
+    services), from /proc/net/{tcp,udp}{,6}."""
+    ephemeral = _ephemeral_start()
+    found: set[tuple[str, int]] = set()
+    for path, protocol in tables:
+        try:
+            with open(path) as table:
+                next(table, None)  # the header
+                rows = [line.split() for line in table]
+        except OSError:
+            continue
+        for row in rows:
+            if len(row) < 4:
+                continue
+            address, _, port_hex = row[1].partition(":")
+            state = row[3]
+            if address not in _WILDCARDS:
+                continue
+            port = int(port_hex, 16)
+            if (protocol == "tcp" and state == TCP_LISTEN) or (
+                protocol == "udp" and state == UDP_UNCONNECTED and 0 < port < ephemeral
+            ):
+                found.add((protocol, port))
+    return found
+
+
+def _ephemeral_start(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    try:
+        with open(path) as file:
+            return int(file.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768

@@ -345,6 +345,16 @@ class AgentService:
         await network.configure(self.table, request)
         return _EMPTY
 
+    async def ListeningPorts(
+        self, request: empty_pb2.Empty, ctx: CallContext
+    ) -> agent_pb2.ListeningPortsResponse:
+        from harpoon.agent import network
+
+        ports = sorted(network.listening_ports())
+        return agent_pb2.ListeningPortsResponse(
+            ports=[agent_pb2.ListeningPort(protocol=p, port=n) for p, n in ports]
+        )
+
     async def Shutdown(self, request: empty_pb2.Empty, ctx: CallContext) -> empty_pb2.Empty:
         # The host waits for this answer: the guest goes only once it has been sent.
         ctx.after_reply(power_off)

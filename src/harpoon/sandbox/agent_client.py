@@ -163,6 +163,12 @@ class AgentClient:
         # Loads the NIC's driver and waits for the NIC first: more than a control call.
         await self._call("ConfigureNetwork", request, empty_pb2.Empty, 2 * CONTROL_TIMEOUT_S)
 
+    async def listening_ports(self) -> set[tuple[str, int]]:
+        response = await self._call(
+            "ListeningPorts", empty_pb2.Empty(), agent_pb2.ListeningPortsResponse
+        )
+        return {(port.protocol, port.port) for port in response.ports}
+
     async def resize_terminal(self, process_id: str, width: int, height: int) -> None:
         request = agent_pb2.ResizeTerminalRequest(id=process_id, width=width, height=height)
         await self._call("ResizeTerminal", request, empty_pb2.Empty)

@@ -64,6 +64,7 @@ class Sandbox:
         self.plan = plan
         self._backend = backend
         self._template_build: asyncio.Task[None] | None = None
+        self._listeners: asyncio.Task[None] | None = None
         self.template_builder: VmmProcess | None = None
         """The process building this VM's missing template, once started (it outlives
         the sandbox)."""
@@ -154,6 +155,22 @@ class Sandbox:
             ],
         )
         await self.agent.configure_network(request)
+
+    def forward_listeners(self) -> None:
+        """Publishes what listens in the guest's own namespace on the host's loopback,
+        through the VM's gvproxy, from now until the sandbox stops
+        (harpoon.sandbox.listeners)."""
+        from harpoon.net.gvproxy import GvproxyConfig
+        from harpoon.net.gvproxy_api import GvproxyApi
+        from harpoon.sandbox import listeners
+
+        if self.agent is None or self._listeners is not None:
+            return
+        config = GvproxyConfig(self.config.state_dir)
+        api = GvproxyApi(config.api_socket, config.guest)
+        self._listeners = asyncio.ensure_future(
+            listeners.forward(self.agent, api, self.config.name)
+        )
 
     def share_binds(self, binds: tuple[HostBind, ...]) -> None:
         """Binds host paths into the VM's share (harpoon.sandbox.binds)."""
@@ -285,6 +302,10 @@ class Sandbox:
     async def _stop_vm(self) -> None:
         # A template builder already running goes on without this sandbox; one not yet
         # started never starts.
+        forwarding, self._listeners = self._listeners, None
+        if forwarding is not None:
+            forwarding.cancel()
+            await asyncio.wait({forwarding})
         building, self._template_build = self._template_build, None
         if building is not None:
             building.cancel()

@@ -88,6 +88,9 @@ class StreamBackend:
     user-mode network (the host's network, as a process on the host sees it)."""
 
     socket: Path
+    gvproxy: bool = False
+    """The VM's launch starts a gvproxy of its own listening at `socket` (which must be
+    harpoon.net.gvproxy's for the VM's state directory); else another process does."""
     kind: ClassVar[NicBackendKind] = "stream"
     PER_INSTANCE: ClassVar[tuple[str, ...]] = ("socket",)
 
@@ -117,7 +120,7 @@ class NIC:
         backend: NicBackend = (
             TapBackend(f"tap{index}")
             if isinstance(self.backend, TapBackend)
-            else StreamBackend(Path(f"/nic{index}.sock"))
+            else replace(self.backend, socket=Path(f"/nic{index}.sock"))
         )
         return replace(self, mac=f"02:00:00:00:00:{index:02x}", backend=backend)
 

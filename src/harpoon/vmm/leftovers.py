@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 PID_FILE_NAME = "vmm.pid"
 # harpoon.vmm.virtiofsd.PID_PREFIX (not imported: see above).
 HELPER_PID_PREFIX = "virtiofsd-"
+# harpoon.net.gvproxy.GvproxyConfig.pid_file's name (gvproxy writes it itself).
+GVPROXY_PID_FILE = "gvproxy.pid"
 SIGKILL = 9  # not signal's: importing signal costs more than this module
 VMM_EXIT_WAIT_S = 2.0
 VMM_EXIT_POLL_S = 0.01
@@ -36,8 +38,8 @@ def kill_vmm(state_dir: str) -> int:
 
 def kill_helpers(state_dir: str) -> None:
     """Kills the VMM's helpers recorded in state_dir (a virtiofsd per virtiofs share:
-    harpoon.vmm.virtiofsd), after the VMM: with QEMU gone they exit by themselves, but
-    one whose QEMU never connected would wait forever."""
+    harpoon.vmm.virtiofsd; a gvproxy per user-mode NIC), after the VMM: with QEMU gone
+    they exit by themselves, but one whose QEMU never connected would wait forever."""
     try:
         names = os.listdir(state_dir)
     except OSError:
@@ -45,6 +47,12 @@ def kill_helpers(state_dir: str) -> None:
     for name in names:
         if name.startswith(HELPER_PID_PREFIX) and name.endswith(".pid"):
             kill_recorded(os.path.join(state_dir, name), _is_virtiofsd)
+        elif name == GVPROXY_PID_FILE:
+            kill_recorded(os.path.join(state_dir, name), _is_gvproxy)
+
+
+def _is_gvproxy(argv: list[bytes]) -> bool:
+    return bool(argv) and os.path.basename(argv[0]).startswith(b"gvproxy")
 
 
 def _is_virtiofsd(argv: list[bytes]) -> bool:

@@ -26,7 +26,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harpoon import linux, private
 from harpoon.vmm import accel, virtiofsd
@@ -40,6 +40,9 @@ from harpoon.vmm.base import (
 )
 from harpoon.vmm.devices import NIC, Disk, Share, StreamBackend, TapBackend
 from harpoon.vmm.process import VmmProcess
+
+if TYPE_CHECKING:
+    from harpoon.net.gvproxy import GvproxyConfig
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +267,7 @@ def _device_args(config: VMConfig, profile: MachineProfile) -> list[str]:
     for disk in config.disks:
         args += _disk_args(disk, profile)
     for nic in config.nics:
-        args += _nic_args(nic, profile)
+        args += _nic_args(nic, profile, config.state_dir)
     if config.vsock is not None:
         args += ["-device", f"vhost-vsock-{profile.device_suffix},guest-cid={config.vsock.cid}"]
     return args
@@ -305,15 +308,21 @@ def _disk_args(disk: Disk, profile: MachineProfile) -> list[str]:
     ]
 
 
-def _nic_args(nic: NIC, profile: MachineProfile) -> list[str]:
+def _nic_args(nic: NIC, profile: MachineProfile, state_dir: Path) -> list[str]:
     backend = nic.backend
     if isinstance(backend, TapBackend):
         netdev = f"tap,id=net-{nic.id},ifname={backend.ifname},script=no,downscript=no"
     elif isinstance(backend, StreamBackend):
-        # QEMU connects to the socket (gvproxy listens), and reconnects if it restarts.
+        # A gvproxy of the VM's own listens in its state directory, wherever that is (a
+        # template's build has its own).
+        socket = (
+            gvproxy_config_for(state_dir, nic).net_socket if backend.gvproxy else backend.socket
+        )
+        # QEMU connects to the socket (gvproxy listens) as it starts; 7.2 has no
+        # `reconnect` (8.0 has): a gvproxy that dies is the VM's network gone.
         netdev = (
-            f"stream,id=net-{nic.id},server=off,reconnect=1,addr.type=unix,"
-            f"addr.path={_option(backend.socket)}"
+            f"stream,id=net-{nic.id},server=off,addr.type=unix,"
+            f"addr.path={_option(socket)}"
         )
     return [
         "-netdev",
@@ -438,6 +447,7 @@ def launch(config: VMConfig, restoring: Path | None = None) -> QemuLaunch:
     inherited: list[int] = []
     helpers = _start_virtiofsd(resolved) if restoring is None else ()
     try:
+        helpers += _start_gvproxies(resolved)
         listeners = {
             chardev: _listen(path)
             for chardev, path in zip(
@@ -521,12 +531,58 @@ def _start_virtiofsd(config: VMConfig) -> tuple[VmmProcess, ...]:
     return tuple(started)
 
 
+def gvproxy_config(config: VMConfig, nic: NIC) -> GvproxyConfig:
+    """The gvproxy of a NIC whose backend asks for one (StreamBackend.gvproxy): its files
+    in the VM's state directory, the NIC's MAC as the guest's."""
+    return gvproxy_config_for(config.state_dir, nic)
+
+
+def gvproxy_config_for(state_dir: Path, nic: NIC) -> GvproxyConfig:
+    from harpoon.net.gvproxy import GvproxyConfig
+
+    return GvproxyConfig(state_dir, guest_mac=nic.mac)
+
+
+def _gvproxy_nics(config: VMConfig) -> list[NIC]:
+    return [
+        nic for nic in config.nics if isinstance(nic.backend, StreamBackend) and nic.backend.gvproxy
+    ]
+
+
+def _start_gvproxies(config: VMConfig) -> tuple[VmmProcess, ...]:
+    """A gvproxy for each NIC that asks for one, listening before QEMU connects (QEMU's
+    stream netdev connects once as it starts, and retries every second after)."""
+    nics = _gvproxy_nics(config)
+    if not nics:
+        return ()
+    from harpoon.net.gvproxy import start_gvproxy
+    from harpoon.net.gvproxy_api import GvproxyError
+
+    started: list[VmmProcess] = []
+    try:
+        for nic in nics:
+            try:
+                started.append(VmmProcess(start_gvproxy(gvproxy_config(config, nic)).process))
+            except GvproxyError as error:
+                raise VMError(f"VM {config.name}: {error}") from None
+    except BaseException:
+        for process in started:
+            process.kill()
+        raise
+    return tuple(started)
+
+
 async def end_helpers(launched: QemuLaunch) -> None:
     """Ends the launch's helper processes (once QEMU is gone they exit by themselves;
     this makes sure, and waits) and removes their sockets."""
     for helper in launched.helpers:
         helper.kill()
         await helper.wait()
+    if _gvproxy_nics(launched.resolved):
+        from harpoon.net.gvproxy import remove_files
+
+        for nic in _gvproxy_nics(launched.resolved):
+            remove_files(gvproxy_config(launched.resolved, nic))
     for share in launched.resolved.shares:
         if share.fs == "virtiofs":
             for path in (

@@ -11,9 +11,12 @@
   into the container's own namespace in the guest, with the veth's MAC, addresses,
   MTU and routes. A namespace nothing configured leaves the container its loopback
   alone, as under runc.
-- **No network namespace** (the host's network: `nerdctl --net host`, BuildKit) → for
-  now the guest's own network, loopback only (user-mode networking through gvproxy is
-  to come: issue 15).
+- **No network namespace** (the host's network: `nerdctl --net host`, BuildKit,
+  shimtest) → user-mode networking: the NIC's frames go to a gvproxy of the VM's own
+  (harpoon.net.gvproxy, started with the VMM), which sends what the guest sends from
+  the host, as a host process would; the guest's own namespace (the container's) gets
+  gvproxy's address, and every TCP or UDP port something listens on there at a
+  wildcard address is published on the host's 127.0.0.1 (Sandbox.forward_listeners).
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harpoon.errdefs import FailedPrecondition, InvalidArgument
-from harpoon.net import wire
+from harpoon.net import gvproxy, wire
 from harpoon.shim import paths
 from harpoon.shim.transform.draft import CreateContext, Draft, Transformer
-from harpoon.vmm.devices import NIC, TapBackend
+from harpoon.vmm.devices import NIC, StreamBackend, TapBackend
 
 if TYPE_CHECKING:
     from harpoon.sandbox.sandbox import Sandbox
@@ -53,7 +56,12 @@ def nic_mac(namespace: str, container_id: str) -> str:
 class Network(Transformer):
     def plan(self, draft: Draft) -> None:
         entry = network_namespace(draft.spec)
+        mac = nic_mac(draft.namespace, draft.container_id)
         if entry is None:
+            # The VM's state directory holds its gvproxy's socket (harpoon.vmm).
+            state_dir = paths.vm_state_dir(draft.namespace, draft.container_id)
+            socket = gvproxy.GvproxyConfig(state_dir).net_socket
+            draft.nics.append(NIC(NIC_ID, mac, StreamBackend(socket, gvproxy=True)))
             return
         path = entry.get("path") or ""
         if path:
@@ -63,7 +71,6 @@ class Network(Transformer):
         else:
             draft.netns = paths.netns_path(draft.namespace, draft.container_id)
             draft.netns_owned = True
-        mac = nic_mac(draft.namespace, draft.container_id)
         draft.nics.append(NIC(NIC_ID, mac, TapBackend(wire.TAP_NAME)))
 
     async def with_vm(self, create: CreateContext, sandbox: Sandbox) -> None:
@@ -90,3 +97,20 @@ class Network(Transformer):
             from harpoon.shim.container import INIT_GUEST_ID
 
             await sandbox.configure_network(INIT_GUEST_ID, create.network)
+        elif sandbox.config.nics and sandbox.config.netns is None:
+            # The host's network, through gvproxy: the guest's own namespace, which the
+            # container shares, gets the NIC; what listens there is published on the
+            # host's loopback.
+            nic = sandbox.config.nics[0]
+            await sandbox.configure_network("", user_network(nic.mac))
+            sandbox.forward_listeners()
+
+
+def user_network(mac: str) -> wire.Network:
+    """The guest's side of gvproxy's network (harpoon.net.gvproxy's defaults)."""
+    subnet = gvproxy.DEFAULT_SUBNET
+    address = f"{gvproxy.DEFAULT_GUEST}/{subnet.prefixlen}"
+    interface = wire.Interface(NIC_ID, mac, gvproxy.DEFAULT_MTU, (address,))
+    return wire.Network(
+        (interface,), (wire.Route("default", str(gvproxy.DEFAULT_GATEWAY), NIC_ID),)
+    )

@@ -236,3 +236,17 @@ class NetworkRoute(_message.Message):
     destination: str
     gateway: str
     def __init__(self, destination: _Optional[str] = ..., gateway: _Optional[str] = ...) -> None: ...
+
+class ListeningPort(_message.Message):
+    __slots__ = ("protocol", "port")
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    protocol: str
+    port: int
+    def __init__(self, protocol: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class ListeningPortsResponse(_message.Message):
+    __slots__ = ("ports",)
+    PORTS_FIELD_NUMBER: _ClassVar[int]
+    ports: _containers.RepeatedCompositeFieldContainer[ListeningPort]
+    def __init__(self, ports: _Optional[_Iterable[_Union[ListeningPort, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,65 @@
+"""A user-mode VM's listeners published on the host's loopback, as Lima and Docker
+Desktop publish a guest's: what listens in the guest's own network namespace (the
+agent's ListeningPorts) is exposed by the VM's gvproxy on 127.0.0.1 at the same port,
+and unexposed once it stops listening. Polled every POLL_S: the guest has no way to
+announce a new listener, and an RPC a second is little beside a container's work.
+
+A host port something else holds is not published; the next poll tries again (it
+may have been freed), logging once per port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from harpoon.net.gvproxy_api import GvproxyApi, GvproxyError
+
+if TYPE_CHECKING:
+    from harpoon.sandbox.agent_client import AgentClient
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5
+HOST_ADDRESS = "127.0.0.1"
+
+Port = tuple[str, int]
+
+
+def changes(published: set[Port], listening: set[Port]) -> tuple[set[Port], set[Port]]:
+    """What to expose and what to unexpose, to make published equal listening."""
+    return listening - published, published - listening
+
+
+async def forward(agent: AgentClient, api: GvproxyApi, name: str) -> None:
+    """Keeps the guest's listeners published until cancelled; leaves them published
+    (the VM's gvproxy, and every port it holds, go with the VM)."""
+    published: set[Port] = set()
+    refused: set[Port] = set()
+    while True:
+        try:
+            listening = await agent.listening_ports()
+        except Exception as error:  # the VM is going: its gvproxy goes with it
+            log.debug("%s: no listeners to publish: %s", name, error)
+            return
+        expose, unexpose = changes(published, listening)
+        for protocol, port in sorted(unexpose):
+            try:
+                await asyncio.to_thread(api.unexpose, protocol, HOST_ADDRESS, port)
+            except GvproxyError as error:
+                log.warning("%s: unpublishing %s port %d: %s", name, protocol, port, error)
+            published.discard((protocol, port))
+        for protocol, port in sorted(expose):
+            try:
+                await asyncio.to_thread(api.expose, protocol, HOST_ADDRESS, port, port)
+            except GvproxyError as error:
+                if (protocol, port) not in refused:
+                    log.warning("%s: publishing %s port %d on %s: %s",
+                                name, protocol, port, HOST_ADDRESS, error)  # fmt: skip
+                    refused.add((protocol, port))
+                continue
+            published.add((protocol, port))
+            log.info("%s: %s port %d published on %s", name, protocol, port, HOST_ADDRESS)
+        refused &= listening
+        await asyncio.sleep(POLL_S)
