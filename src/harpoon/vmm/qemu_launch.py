@@ -320,10 +320,7 @@ def _nic_args(nic: NIC, profile: MachineProfile, state_dir: Path) -> list[str]:
         )
         # QEMU connects to the socket (gvproxy listens) as it starts; 7.2 has no
         # `reconnect` (8.0 has): a gvproxy that dies is the VM's network gone.
-        netdev = (
-            f"stream,id=net-{nic.id},server=off,addr.type=unix,"
-            f"addr.path={_option(socket)}"
-        )
+        netdev = f"stream,id=net-{nic.id},server=off,addr.type=unix,addr.path={_option(socket)}"
     return [
         "-netdev",
         netdev,
