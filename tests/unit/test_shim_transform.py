@@ -14,11 +14,13 @@ import pytest
 
 from harpoon.api.names import CONTAINER_CGROUPS_PATH
 from harpoon.errdefs import FailedPrecondition, InvalidArgument, Unimplemented
+from harpoon.net.wire import TAP_NAME
 from harpoon.sandbox.binds import GUEST_MOUNTS, HostBind
 from harpoon.sandbox.rootfs import GUEST_ROOTFS, SHARE_TAG
 from harpoon.shim import paths
 from harpoon.shim.container_plan import encode, plan_guest
 from harpoon.shim.transform.host_policy import process_for_guest
+from harpoon.vmm.devices import StreamBackend, TapBackend
 
 GUEST_ROOT = GUEST_ROOTFS
 
@@ -276,3 +278,52 @@ def test_a_refused_spec_is_refused_by_the_plan_before_any_device_is_made() -> No
     spec["mounts"].append({"destination": "/data", "type": "nfs", "source": "srv:/x"})
     with pytest.raises(Unimplemented):
         plan_guest("ns", "c1", spec, "h")
+
+
+def test_a_new_network_namespace_is_harpoons_own_with_a_tap_nic() -> None:
+    spec = ctr_spec()
+    spec["linux"]["namespaces"] = [{"type": "pid"}, {"type": "network"}]
+    draft = plan_guest("ns", "c1", spec, "h")
+    assert draft.netns == paths.netns_path("ns", "c1") and draft.netns_owned
+    (nic,) = draft.nics
+    assert isinstance(nic.backend, TapBackend) and nic.backend.ifname == TAP_NAME
+    # The guest keeps its own network namespace, which gets the NIC once configured.
+    guest_types = [ns["type"] for ns in draft.guest_spec["linux"]["namespaces"]]
+    assert "network" in guest_types
+
+
+def test_a_network_namespace_named_by_path_is_used_and_not_owned() -> None:
+    spec = ctr_spec()
+    spec["linux"]["namespaces"] = [{"type": "network", "path": "/var/run/netns/cni-1"}]
+    draft = plan_guest("ns", "c1", spec, "h")
+    assert (draft.netns, draft.netns_owned) == (Path("/var/run/netns/cni-1"), False)
+    spec["linux"]["namespaces"] = [{"type": "network", "path": "netns/cni-1"}]
+    with pytest.raises(InvalidArgument, match="not absolute"):
+        plan_guest("ns", "c1", spec, "h")
+
+
+def test_the_hosts_network_is_a_gvproxy_nic_in_the_vms_state_directory() -> None:
+    spec = ctr_spec()
+    spec["linux"]["namespaces"] = [{"type": "pid"}, {"type": "mount"}]
+    draft = plan_guest("ns", "c1", spec, "h")
+    assert draft.netns is None
+    (nic,) = draft.nics
+    assert isinstance(nic.backend, StreamBackend) and nic.backend.gvproxy
+    assert nic.backend.socket.parent == paths.vm_state_dir("ns", "c1")
+
+
+@pytest.mark.parametrize("phase", ["createContainer", "startContainer"])
+def test_hooks_that_would_run_in_the_guest_are_refused(phase: str) -> None:
+    spec = ctr_spec()
+    spec["hooks"] = {phase: [{"path": "/usr/bin/true"}]}
+    with pytest.raises(Unimplemented, match=phase):
+        plan_guest("ns", "c1", spec, "h")
+
+
+def test_an_invalid_host_hook_is_refused_before_any_vm() -> None:
+    spec = ctr_spec()
+    spec["hooks"] = {"createRuntime": [{"path": "relative/hook"}]}
+    with pytest.raises(InvalidArgument, match="createRuntime"):
+        plan_guest("ns", "c1", spec, "h")
+    spec["hooks"] = {"createRuntime": [{"path": "/usr/bin/true"}], "poststop": []}
+    assert plan_guest("ns", "c1", spec, "h").guest_spec.get("hooks") is None
