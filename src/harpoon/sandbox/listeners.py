@@ -1,4 +1,6 @@
-"""A user-mode VM's listeners published on the host's loopback, as Lima and Docker
+"""Ports of a user-mode VM (gvproxy) published on the host: the ones asked for
+(`publish`), or, for a container sharing the host's network, its listeners
+(`forward`): published on the host's loopback, as Lima and Docker
 Desktop publish a guest's: what listens in the guest's own network namespace (the
 agent's ListeningPorts) is exposed by the VM's gvproxy on 127.0.0.1 at the same port,
 and unexposed once it stops listening. Polled every POLL_S: the guest has no way to
@@ -14,7 +16,9 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from harpoon.errdefs import FailedPrecondition
 from harpoon.net.gvproxy_api import GvproxyApi, GvproxyError
+from harpoon.net.ports import PublishedPort
 
 if TYPE_CHECKING:
     from harpoon.sandbox.agent_client import AgentClient
@@ -25,6 +29,18 @@ POLL_S = 0.5
 HOST_ADDRESS = "127.0.0.1"
 
 Port = tuple[str, int]
+
+
+async def publish(api: GvproxyApi, ports: tuple[PublishedPort, ...]) -> None:
+    """Publishes each port; FailedPrecondition naming the first that cannot be (its
+    host port in use), the others published before it left to go with the VM."""
+    for port in ports:
+        try:
+            await asyncio.to_thread(
+                api.expose, port.protocol, port.host_address, port.host_port, port.container_port
+            )
+        except GvproxyError as error:
+            raise FailedPrecondition(f"cannot publish {port}: {error}") from None
 
 
 def changes(published: set[Port], listening: set[Port]) -> tuple[set[Port], set[Port]]:

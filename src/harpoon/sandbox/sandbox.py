@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     # Loaded once the VMM is launching (template.restore, _boot): a shim starts its VM
     # before it imports what it needs to talk to it.
     from harpoon.api.agent.v1 import agent_pb2
+    from harpoon.net.ports import PublishedPort
     from harpoon.net.wire import Network
     from harpoon.sandbox.agent_client import AgentClient
     from harpoon.sandbox.binds import HostBind
@@ -155,6 +156,16 @@ class Sandbox:
             ],
         )
         await self.agent.configure_network(request)
+
+    async def publish_ports(self, ports: tuple[PublishedPort, ...]) -> None:
+        """Publishes ports of the guest on the host through the VM's gvproxy; they go
+        with the VM (FailedPrecondition naming a port that cannot be published)."""
+        from harpoon.net.gvproxy import GvproxyConfig
+        from harpoon.net.gvproxy_api import GvproxyApi
+        from harpoon.sandbox import listeners
+
+        config = GvproxyConfig(self.config.state_dir)
+        await listeners.publish(GvproxyApi(config.api_socket, config.guest), ports)
 
     def forward_listeners(self) -> None:
         """Publishes what listens in the guest's own namespace on the host's loopback,

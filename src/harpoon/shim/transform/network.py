@@ -21,11 +21,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harpoon.errdefs import FailedPrecondition, InvalidArgument
 from harpoon.net import gvproxy, wire
+from harpoon.net.ports import PublishedPort
 from harpoon.shim import paths
 from harpoon.shim.transform.draft import CreateContext, Draft, Transformer
 from harpoon.vmm.devices import NIC, StreamBackend, TapBackend
@@ -34,6 +36,10 @@ if TYPE_CHECKING:
     from harpoon.sandbox.sandbox import Sandbox
 
 NIC_ID = "eth0"
+#: Publishes ports of a container with a network namespace of its own through harpoon's
+#: user-mode network (gvproxy), for clients without CNI (`ctr run --annotation …`):
+#: comma-separated `[HOST_ADDRESS:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]`, as `-p` takes.
+PORTS_ANNOTATION = "io.harpoon.network.ports"
 
 
 def network_namespace(spec: dict[str, Any]) -> dict[str, Any] | None:
@@ -57,7 +63,13 @@ class Network(Transformer):
     def plan(self, draft: Draft) -> None:
         entry = network_namespace(draft.spec)
         mac = nic_mac(draft.namespace, draft.container_id)
-        if entry is None:
+        published = published_ports(draft.spec)
+        if entry is not None and entry.get("path") and published is not None:
+            raise InvalidArgument(
+                f"annotation {PORTS_ANNOTATION} asks for harpoon's user-mode network, but "
+                f"the spec names a network namespace ({entry['path']}): it is its owner's"
+            )
+        if entry is None or published is not None:
             # The VM's state directory holds its gvproxy's socket (harpoon.vmm).
             state_dir = paths.vm_state_dir(draft.namespace, draft.container_id)
             socket = gvproxy.GvproxyConfig(state_dir).net_socket
@@ -98,12 +110,59 @@ class Network(Transformer):
 
             await sandbox.configure_network(INIT_GUEST_ID, create.network)
         elif sandbox.config.nics and sandbox.config.netns is None:
-            # The host's network, through gvproxy: the guest's own namespace, which the
-            # container shares, gets the NIC; what listens there is published on the
-            # host's loopback.
             nic = sandbox.config.nics[0]
-            await sandbox.configure_network("", user_network(nic.mac))
-            sandbox.forward_listeners()
+            published = published_ports(create.bundle.spec)
+            if published is None:
+                # The host's network, through gvproxy: the guest's own namespace, which
+                # the container shares, gets the NIC; what listens there is published on
+                # the host's loopback.
+                await sandbox.configure_network("", user_network(nic.mac))
+                sandbox.forward_listeners()
+                return
+            # Its own network namespace, with the ports the annotation publishes.
+            from harpoon.shim.container import INIT_GUEST_ID
+
+            await sandbox.configure_network(INIT_GUEST_ID, user_network(nic.mac))
+            await sandbox.publish_ports(published)
+
+
+def published_ports(spec: dict[str, Any]) -> tuple[PublishedPort, ...] | None:
+    """The ports PORTS_ANNOTATION publishes; None without the annotation."""
+    annotations = spec.get("annotations")
+    value = annotations.get(PORTS_ANNOTATION) if isinstance(annotations, dict) else None
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgument(f"annotation {PORTS_ANNOTATION} must be a string")
+    ports = [parse_port(item.strip()) for item in value.split(",") if item.strip()]
+    seen: set[tuple[str, str, int]] = set()
+    for port in ports:
+        key = (port.protocol, port.host_address, port.host_port)
+        if key in seen:
+            raise InvalidArgument(f"annotation {PORTS_ANNOTATION}: {port} is published twice")
+        seen.add(key)
+    return tuple(ports)
+
+
+def parse_port(item: str) -> PublishedPort:
+    """`[HOST_ADDRESS:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]`, as `-p` takes it."""
+    body, _, protocol = item.partition("/")
+    protocol = protocol or "tcp"
+    parts = body.rsplit(":", 2)
+    if protocol not in ("tcp", "udp") or len(parts) < 2:
+        raise InvalidArgument(
+            f"annotation {PORTS_ANNOTATION}: {item!r} is not "
+            "[HOST_ADDRESS:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]"
+        )
+    address = parts[0] if len(parts) == 3 else "0.0.0.0"
+    try:
+        ipaddress.IPv4Address(address)
+        host_port, container_port = (int(number) for number in parts[-2:])
+    except ValueError:
+        raise InvalidArgument(f"annotation {PORTS_ANNOTATION}: {item!r} is not valid") from None
+    if not (0 < host_port < 65536 and 0 < container_port < 65536):
+        raise InvalidArgument(f"annotation {PORTS_ANNOTATION}: {item!r}: ports are 1 to 65535")
+    return PublishedPort(protocol, address, host_port, container_port)
 
 
 def user_network(mac: str) -> wire.Network:
