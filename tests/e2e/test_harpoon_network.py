@@ -1,5 +1,9 @@
 """A container's network under harpoon, with ctr (nerdctl and CNI: test_nerdctl_network).
 
+The host's network (`--net-host`) and the ports annotation go through a gvproxy of the
+VM's own: the host's 127.0.0.1 is reached at 192.168.127.254, what listens is published
+on the host's 127.0.0.1; every address used is the host's loopback.
+
 A network namespace named by path in config.json (as CRI and `--with-ns` name one) is
 the VM's: what its owner configured there (here the test: a veth pair, one end in the
 namespace, the other on the host, on a subnet the test picks) is what the container
@@ -11,7 +15,11 @@ to is one it put on a veth of its own.
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+import threading
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,6 +27,7 @@ import pytest
 
 from harpoon.devenv.containerd import Containerd
 from harpoon.shim import paths
+from harpoon.shim.transform.network import PORTS_ANNOTATION
 from tests.e2e.test_harpoon_run import HARPOON, RUN_TIMEOUT_S, ctr_command, leftovers
 
 pytestmark = pytest.mark.vm
@@ -109,3 +118,132 @@ def test_a_new_network_namespace_alone_gives_the_container_its_loopback_up(
     assert "LOWER_UP" in result.stdout and "1 packets received" in result.stdout
     assert leftovers(containerd, container_id) == []
     assert not paths.netns_path(containerd.namespace, container_id).exists()
+
+
+@pytest.fixture
+def host_server() -> Iterator[tuple[int, list[bytes]]]:
+    """A TCP server on the host's 127.0.0.1 that answers each connection with a line."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    server.settimeout(0.2)
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = server.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.sendall(b"hello from the host\n")
+                seen.append(b"connected")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1], seen
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+def fetch(port: int, deadline_s: float) -> str:
+    """GET / from 127.0.0.1:port, retried until it answers or the deadline passes."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
+                return response.read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+HTTPD = "mkdir -p /www && echo {text} > /www/index.html && exec httpd -f -p {port} -h /www"
+
+
+def test_the_hosts_network_reaches_the_host_and_publishes_what_listens(
+    containerd: Containerd, busybox_image: str, container_id: str,
+    host_server: tuple[int, list[bytes]],
+) -> None:  # fmt: skip
+    """`--net-host`: gvproxy's network. The host's 127.0.0.1 is reached at gvproxy's
+    address for it; a port the container listens on is published on the host's."""
+    host_port, seen = host_server
+    port = free_port()
+    script = f"nc 192.168.127.254 {host_port} && " + HTTPD.format(text="guest-httpd", port=port)
+    ctr = subprocess.Popen(
+        ctr_command(containerd, "run", "--rm", "--net-host", "--runtime", HARPOON,
+                    busybox_image, container_id, "sh", "-c", script),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert fetch(port, RUN_TIMEOUT_S) == "guest-httpd\n"
+        assert seen == [b"connected"]
+    finally:
+        containerd.ctr("task", "kill", "-s", "SIGKILL", container_id, check=False)
+        out, err = ctr.communicate(timeout=RUN_TIMEOUT_S)
+    assert "hello from the host" in out, out + err
+    assert not listening(port)
+    assert leftovers(containerd, container_id) == []
+
+
+def test_the_ports_annotation_publishes_a_containers_ports_through_gvproxy(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    port = free_port()
+    annotation = f"{PORTS_ANNOTATION}=127.0.0.1:{port}:80"
+    ctr = subprocess.Popen(
+        ctr_command(containerd, "run", "--rm", "--runtime", HARPOON, "--annotation", annotation,
+                    busybox_image, container_id, "sh", "-c",
+                    "ip -o link show; " + HTTPD.format(text="published", port=80)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert fetch(port, RUN_TIMEOUT_S) == "published\n"
+    finally:
+        containerd.ctr("task", "kill", "-s", "SIGKILL", container_id, check=False)
+        out, err = ctr.communicate(timeout=RUN_TIMEOUT_S)
+    # Its own namespace: loopback and the VM's NIC, nothing of the host's.
+    links = [line.split(":")[1].strip() for line in out.splitlines() if ": <" in line]
+    assert links == ["lo", "eth0"], out + err
+    assert not listening(port)
+    assert leftovers(containerd, container_id) == []
+
+
+def test_a_published_port_in_use_fails_create_naming_it_and_leaves_nothing(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        result = run(containerd, "--annotation", f"{PORTS_ANNOTATION}=127.0.0.1:{port}:80",
+                     busybox_image, container_id, "true")  # fmt: skip
+    assert result.returncode != 0
+    assert f"cannot publish 127.0.0.1:{port}:80/tcp" in result.stderr
+    assert "in use" in result.stderr
+    assert leftovers(containerd, container_id) == []
+
+
+def test_a_bad_ports_annotation_is_refused_before_any_vm(
+    containerd: Containerd, busybox_image: str, container_id: str
+) -> None:
+    result = run(containerd, "--annotation", f"{PORTS_ANNOTATION}=80:eighty",
+                 busybox_image, container_id, "true")  # fmt: skip
+    assert result.returncode != 0 and PORTS_ANNOTATION in result.stderr
+    assert leftovers(containerd, container_id) == []
