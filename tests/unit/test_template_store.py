@@ -165,6 +165,10 @@ def test_harpoon_template_build_makes_the_template_a_container_without_limits_re
     assert template == key_of(planned("c1", {}))
     limited = {"linux": {"resources": {"memory": {"limit": 1 << 30}}}}
     assert template != key_of(planned("c2", limited))
+    # `ctr run`'s containers, in a network namespace of their own: a tap NIC, not gvproxy's.
+    netns = {"linux": {"namespaces": [{"type": "network"}]}}
+    own = key_of(container_config(image, backend, netns))
+    assert own == key_of(planned("c3", netns)) != template
 
 
 def test_a_whole_template_is_found(tmp_path: Path) -> None:

@@ -121,7 +121,7 @@ def build(config: VMConfig, backend: str, store_root: Path) -> int:
     from harpoon.vmm.base import VMError
 
     try:
-        with _scratch_netns(config) as built_in:
+        with scratch_netns(config) as built_in:
             store = TemplateStore(store_root)
             built = asyncio.run(store.build(built_in, backend_named(backend)))
     except (VMError, OSError, TimeoutError, ValueError, NetnsError) as error:
@@ -135,7 +135,7 @@ def build(config: VMConfig, backend: str, store_root: Path) -> int:
 
 
 @contextlib.contextmanager
-def _scratch_netns(config: VMConfig) -> Iterator[VMConfig]:
+def scratch_netns(config: VMConfig) -> Iterator[VMConfig]:
     """config, run in a network namespace of the build's own with its taps: the
     container's namespace, where its VM's taps are, may be gone before the build ends,
     and the template VM must never share a tap with a running one."""

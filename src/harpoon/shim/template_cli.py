@@ -8,26 +8,37 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
 from harpoon.guest import cache
 from harpoon.sandbox.plan import with_share_fs
 from harpoon.sandbox.template import META_NAME, TEMPLATE_DIR_ENV, TemplateStore
+from harpoon.sandbox.template_builder import scratch_netns
 from harpoon.shim.bundle import Bundle
 from harpoon.shim.container_plan import plan_container
 from harpoon.vmm.backend import Backend, default_backend
 from harpoon.vmm.base import VMConfig, VMError
 
-# The smallest spec a container can have: no limits, no mounts.
-_PLAIN_SPEC = {"process": {"args": ["sh"]}}
+# The smallest specs a container can have: no limits, no mounts; the host's network
+# (a gvproxy NIC) or a network namespace of its own (a tap NIC: `ctr run`, nerdctl).
+_PLAIN_SPECS: dict[str, dict[str, Any]] = {
+    "the host's network": {"process": {"args": ["sh"]}},
+    "a network namespace": {
+        "process": {"args": ["sh"]},
+        "linux": {"namespaces": [{"type": "network"}]},
+    },
+}
 
 
-def container_config(image: cache.GuestImage, backend: Backend) -> VMConfig:
-    """The VM the shim's plan gives a container without resource limits (its paths are
-    replaced when the template is made): a template made from it is the one those
-    containers restore."""
-    bundle = Bundle(Path("/nonexistent"), _PLAIN_SPEC)
+def container_config(
+    image: cache.GuestImage, backend: Backend, spec: dict[str, Any] | None = None
+) -> VMConfig:
+    """The VM the shim's plan gives a container of spec (default: the first of
+    _PLAIN_SPECS) without resource limits (its paths are replaced when the template is
+    made): a template made from it is the one those containers restore."""
+    bundle = Bundle(Path("/nonexistent"), spec or next(iter(_PLAIN_SPECS.values())))
     plan = plan_container("template", "template", bundle, image, backend, templates=False)
     # A template's shares are 9p whatever HARPOON_SHARE_FS says for cold boots (QEMU
     # cannot save a virtiofs device).
@@ -67,20 +78,22 @@ def build(arch: str | None, guest_dir: Path | None, template_dir: Path | None) -
     except cache.GuestNotBuiltError as error:
         raise click.ClickException(str(error)) from error
     store = _store(template_dir)
-    try:
-        backend = default_backend()
-        built = asyncio.run(store.build(container_config(image, backend), backend))
-    except (VMError, OSError, TimeoutError) as error:
-        message = f"building the {image.arch} VM template failed: {error}"
-        raise click.ClickException(message) from error
-    if built is None:
-        raise click.ClickException("this VMM cannot save guests: no template")
-    meta = json.loads((built.directory / META_NAME).read_text())
-    click.echo(
-        f"template {built.directory}\n"
-        f"state {meta['state_bytes'] / 1e6:.0f} MB, boot {meta['boot_s']} s, "
-        f"save {meta['save_s']} s, restore {meta['verify_restore_s']} s"
-    )
+    backend = default_backend()
+    for network, spec in _PLAIN_SPECS.items():
+        try:
+            with scratch_netns(container_config(image, backend, spec)) as config:
+                built = asyncio.run(store.build(config, backend))
+        except (VMError, OSError, TimeoutError) as error:
+            message = f"building the {image.arch} VM template ({network}) failed: {error}"
+            raise click.ClickException(message) from error
+        if built is None:
+            raise click.ClickException("this VMM cannot save guests: no template")
+        meta = json.loads((built.directory / META_NAME).read_text())
+        click.echo(
+            f"template {built.directory} ({network})\n"
+            f"state {meta['state_bytes'] / 1e6:.0f} MB, boot {meta['boot_s']} s, "
+            f"save {meta['save_s']} s, restore {meta['verify_restore_s']} s"
+        )
 
 
 @template.command(name="list")
