@@ -251,7 +251,8 @@ def test_a_vm_killed_from_outside_while_it_restores_leaves_its_template(
         sandbox = Sandbox(plan_launch(config, BACKEND, store), BACKEND)
         starting = asyncio.ensure_future(sandbox.start())
         await sandbox.guest_running.wait()  # resumed: loading, its Hello not yet answered
-        [qemu] = processes_under(config.state_dir)
+        # The VM's QEMU (not its gvproxy, which names the directory too).
+        [qemu] = [line for line in processes_under(config.state_dir) if "qemu-system" in line]
         os.kill(int(qemu.split(":")[0]), signal.SIGKILL)
         try:
             await starting

@@ -139,8 +139,9 @@ class Sandbox:
             raise VMError(f"sandbox {self.config.name} has no NIC to configure")
         (interface,) = network.interfaces
         nic = self.config.nics[0]
-        # A restored guest's NIC has its template's MAC, until the agent sets this one.
-        device_mac = nic.neutral(0).mac if self.restored else nic.mac
+        # Every VM's NIC starts with the MAC the plan gives it (harpoon.shim.transform.
+        # network), its template's too.
+        device_mac = nic.mac
         request = agent_pb2.ConfigureNetworkRequest(
             process_id=process_id,
             device_mac=device_mac,

@@ -80,7 +80,7 @@ def _nic(fields: dict[str, Any]) -> NIC:
     kind: NicBackend = (
         TapBackend(backend["ifname"])
         if "ifname" in backend
-        else StreamBackend(Path(backend["socket"]))
+        else StreamBackend(Path(backend["socket"]), bool(backend.get("gvproxy", False)))
     )
     return NIC(fields["id"], fields["mac"], kind)
 

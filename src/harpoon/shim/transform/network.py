@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from harpoon.sandbox.sandbox import Sandbox
 
 NIC_ID = "eth0"
+#: The MAC every VM's NIC starts with, its template's too (a restored guest keeps it),
+#: by which the agent finds the NIC; the agent gives it the container's own (CNI's
+#: veth's, or gvproxy's guest's) before it carries a frame.
+NIC_MAC = "02:00:00:00:00:00"
 #: Publishes ports of a container with a network namespace of its own through harpoon's
 #: user-mode network (gvproxy), for clients without CNI (`ctr run --annotation …`):
 #: comma-separated `[HOST_ADDRESS:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]`, as `-p` takes.
@@ -52,17 +56,10 @@ def network_namespace(spec: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def nic_mac(namespace: str, container_id: str) -> str:
-    """A locally administered unicast MAC of the container's own (the guest takes CNI's
-    veth's once configured; this one only tells two cold-booted VMs' NICs apart)."""
-    digest = paths.netns_path_str(namespace, container_id).rsplit("/", 1)[-1]
-    return "02:" + ":".join(digest[i : i + 2] for i in range(0, 10, 2))
-
-
 class Network(Transformer):
     def plan(self, draft: Draft) -> None:
         entry = network_namespace(draft.spec)
-        mac = nic_mac(draft.namespace, draft.container_id)
+        mac = NIC_MAC
         published = published_ports(draft.spec)
         if entry is not None and entry.get("path") and published is not None:
             raise InvalidArgument(
