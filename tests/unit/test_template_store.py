@@ -87,15 +87,22 @@ def devices(tmp_path: Path, name: str, mac: str) -> dict[str, object]:
     }
 
 
-def test_key_ignores_disk_files_nic_addresses_and_vsock_cids(tmp_path: Path) -> None:
+def test_key_ignores_disk_files_tap_names_and_vsock_cids(tmp_path: Path) -> None:
     one = config(tmp_path, **devices(tmp_path, "a", "02:00:00:00:00:0a"))
     other = config(
         tmp_path,
         name="c2",
         shares=(Share("rootfs", tmp_path / "b"),),
-        **devices(tmp_path, "bb", "02:00:00:00:00:0b"),
+        **devices(tmp_path, "bb", "02:00:00:00:00:0a"),
     )
     assert key_of(one) == key_of(other)
+
+
+def test_a_nics_mac_is_part_of_the_key(tmp_path: Path) -> None:
+    # A restored guest's NIC keeps its template's MAC: another MAC is another template.
+    one = config(tmp_path, **devices(tmp_path, "a", "02:00:00:00:00:0a"))
+    other = config(tmp_path, **devices(tmp_path, "a", "02:00:00:00:00:0b"))
+    assert key_of(one) != key_of(other)
 
 
 @pytest.mark.parametrize(

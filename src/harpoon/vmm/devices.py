@@ -100,13 +100,14 @@ NicBackend = TapBackend | StreamBackend
 
 @dataclass(frozen=True)
 class NIC:
-    """A virtio-net card; the guest finds it by MAC, which a restored guest is given at
-    start (the template's own MAC is in its saved state)."""
+    """A virtio-net card; the guest finds it by MAC. A restored guest keeps its
+    template's (the virtio device's MAC is in the saved state): the MAC is part of the
+    layout, and the guest gives the card the address it needs once it runs."""
 
     id: str
     mac: str
     backend: NicBackend
-    PER_INSTANCE: ClassVar[tuple[str, ...]] = ("mac",)
+    PER_INSTANCE: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
         check_id("nic", self.id)
@@ -122,7 +123,7 @@ class NIC:
             if isinstance(self.backend, TapBackend)
             else replace(self.backend, socket=Path(f"/nic{index}.sock"))
         )
-        return replace(self, mac=f"02:00:00:00:00:{index:02x}", backend=backend)
+        return replace(self, backend=backend)
 
 
 @dataclass(frozen=True)
