@@ -9,6 +9,7 @@ Loaded lazily: most VMs never configure a network.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -137,6 +138,18 @@ async def configure(table: ProcessTable, request: agent_pb2.ConfigureNetworkRequ
         os.close(read_end)
     if code != 0:
         raise FailedPrecondition(f"configuring the container's {request.interface.name}: {output}")
+    if request.host_loopback:
+        if init is not None:
+            raise InvalidArgument("the host's loopback is NATed in the guest's own namespace only")
+        from harpoon.agent import loopback
+
+        host = _address(request.host_loopback)
+        listening = await loopback.set_up(table, request.interface.name or current, host)
+        _background.add(asyncio.ensure_future(loopback.keep_current(table, host, listening)))
+
+
+# Tasks that run as long as the guest: kept referenced here.
+_background: set[asyncio.Future[None]] = set()
 
 
 #: /proc/net tables of the guest's own namespace, and their protocol.
@@ -149,13 +162,18 @@ SOCKET_TABLES = (
 TCP_LISTEN = "0A"
 UDP_UNCONNECTED = "07"
 _WILDCARDS = ("00000000", "00000000000000000000000000000000")
+# 127.0.0.1 and ::1 as /proc/net writes them (each 32-bit word in host byte order).
+_LOOPBACKS = ("0100007F", "00000000000000000000000001000000")
 
 
-def listening_ports(tables: tuple[tuple[str, str], ...] = SOCKET_TABLES) -> set[tuple[str, int]]:
+def listening_ports(
+    tables: tuple[tuple[str, str], ...] = SOCKET_TABLES, local: bool = False
+) -> set[tuple[str, int]]:
     """(protocol, port) of each TCP listener and unconnected UDP socket bound to a
-    wildcard address below the ephemeral range (a client's own sockets are not
-    services), from /proc/net/{tcp,udp}{,6}."""
+    wildcard address (with `local`, to 127.0.0.1 or ::1 too), UDP's below the ephemeral
+    range (a client's own sockets are not services), from /proc/net/{tcp,udp}{,6}."""
     ephemeral = _ephemeral_start()
+    addresses = (*_WILDCARDS, *_LOOPBACKS) if local else _WILDCARDS
     found: set[tuple[str, int]] = set()
     for path, protocol in tables:
         try:
@@ -169,7 +187,7 @@ def listening_ports(tables: tuple[tuple[str, str], ...] = SOCKET_TABLES) -> set[
                 continue
             address, _, port_hex = row[1].partition(":")
             state = row[3]
-            if address not in _WILDCARDS:
+            if address not in addresses:
                 continue
             port = int(port_hex, 16)
             if (protocol == "tcp" and state == TCP_LISTEN) or (

@@ -81,6 +81,14 @@ OCI_RUNTIME_PACKAGES: tuple[str, ...] = (
     "liblz4-1",
 )
 CRUN_PATH = "usr/bin/crun"
+# Netfilter's userspace for the agent's NAT of the host's loopback (harpoon.agent.
+# loopback): iptables' legacy multi-call binary, run as `iptables-restore`, and the
+# extensions its rules load (dlopen()ed from the xtables directory, so named here).
+NETFILTER_PACKAGES: tuple[str, ...] = ("iptables", "libxtables12", "libip4tc2", "libip6tc2")
+IPTABLES_BINARY = "usr/sbin/xtables-legacy-multi"
+IPTABLES_COMMANDS = ("iptables", "iptables-restore", "iptables-save")
+XTABLES_EXTENSIONS = ("libxt_standard.so", "libxt_tcp.so", "libxt_udp.so", "libxt_NAT.so")
+XTABLES_EXTENSION_LINKS = {"libxt_DNAT.so": "libxt_NAT.so", "libxt_MASQUERADE.so": "libxt_NAT.so"}
 # The shared libraries of protobuf's upb extension beyond libc and libm.
 UPB_PACKAGES: tuple[str, ...] = ("libstdc++6", "libgcc-s1")
 
@@ -106,6 +114,11 @@ ON_DEMAND_MODULES: tuple[str, ...] = (
     "overlay",
     "virtiofs",
     "virtio_net",  # and failover, net_failover under it (harpoon.agent.network)
+    # NAT of the host's loopback (harpoon.agent.loopback), with nf_nat, nf_conntrack...
+    "iptable_nat",
+    "xt_nat",
+    "xt_MASQUERADE",
+    "xt_tcpudp",
 )
 
 BUSYBOX_APPLETS: tuple[str, ...] = (
@@ -194,7 +207,13 @@ def ensure_protobuf_wheel(cache_dir: Path, arch: str, report: Report) -> tuple[P
 
 def requested_packages(arch: str) -> list[str]:
     """What the lock file is resolved from: the kernel's metapackage, then the packages."""
-    return [KERNEL_METAPACKAGE[arch], *BASE_PACKAGES, *UPB_PACKAGES, *OCI_RUNTIME_PACKAGES]
+    return [
+        KERNEL_METAPACKAGE[arch],
+        *BASE_PACKAGES,
+        *UPB_PACKAGES,
+        *OCI_RUNTIME_PACKAGES,
+        *NETFILTER_PACKAGES,
+    ]
 
 
 def resolve_packages(
@@ -360,6 +379,29 @@ def _native_entries(
     return entries, sorted([*libraries, *links])
 
 
+def _xtables_dir(arch: str) -> str:
+    return f"usr/lib/{python_runtime.MULTIARCH_TRIPLET[arch]}/xtables"
+
+
+def _netfilter_entries(root: Path, arch: str) -> tuple[list[initramfs.Entry], list[str]]:
+    """iptables (legacy) and the extensions the agent's rules use; and the ELF files
+    among them, whose libraries the image must ship."""
+    shipped = [IPTABLES_BINARY, *(f"{_xtables_dir(arch)}/{name}" for name in XTABLES_EXTENSIONS)]
+    entries = [
+        initramfs.file(guest, python_runtime.resolve_in_root(root, guest).read_bytes(), 0o755)
+        for guest in shipped
+    ]
+    entries += [
+        initramfs.symlink(f"usr/sbin/{command}", "xtables-legacy-multi")
+        for command in IPTABLES_COMMANDS
+    ]
+    entries += [
+        initramfs.symlink(f"{_xtables_dir(arch)}/{link}", target)
+        for link, target in XTABLES_EXTENSION_LINKS.items()
+    ]
+    return entries, shipped
+
+
 def _crun_entry(root: Path) -> initramfs.Entry:
     crun = python_runtime.resolve_in_root(root, CRUN_PATH)
     if not crun.is_file():
@@ -477,8 +519,11 @@ def _build_into(out: Path, root: Path, plan: BuildPlan, report: Report) -> None:
     report("selecting kernel modules")
     module_entries, module_summary = _module_entries(root, release)
     python_entries, python_binaries, python_summary = _python_entries(root, plan, report)
-    report("resolving shared libraries (python, upb, crun)")
-    native_entries, libraries = _native_entries(root, arch, [*python_binaries, CRUN_PATH])
+    netfilter_entries, netfilter_binaries = _netfilter_entries(root, arch)
+    report("resolving shared libraries (python, upb, crun, iptables)")
+    native_entries, libraries = _native_entries(
+        root, arch, [*python_binaries, CRUN_PATH, *netfilter_binaries]
+    )
     info = {"arch": arch, "digest": plan.digest, "kernel_release": release}
     entries = [
         *base,
@@ -486,6 +531,7 @@ def _build_into(out: Path, root: Path, plan: BuildPlan, report: Report) -> None:
         *module_entries,
         *python_entries,
         _crun_entry(root),
+        *netfilter_entries,
         *native_entries,
         initramfs.file(IMAGE_INFO_PATH, (json.dumps(info) + "\n").encode()),
     ]

@@ -130,9 +130,13 @@ class Sandbox:
         rootfs.attach(self.rootfs_share, host_rootfs)
         return rootfs.GUEST_ROOTFS
 
-    async def configure_network(self, process_id: str, network: Network) -> None:
-        """Gives the container of process_id (its created init) the VM's NIC, configured
-        as `network` says (what CNI configured on the host: harpoon.net.wire)."""
+    async def configure_network(
+        self, process_id: str, network: Network, host_loopback: str = ""
+    ) -> None:
+        """Gives the container of process_id (its created init; "": the guest's own
+        namespace) the VM's NIC, configured as `network` says (what CNI configured on
+        the host: harpoon.net.wire); with host_loopback, connections to 127.0.0.1 that
+        nothing in the guest answers go there (harpoon.agent.loopback)."""
         from harpoon.api.agent.v1 import agent_pb2
 
         if not self.config.nics or self.agent is None:
@@ -155,6 +159,7 @@ class Sandbox:
                 agent_pb2.NetworkRoute(destination=route.destination, gateway=route.gateway)
                 for route in network.routes
             ],
+            host_loopback=host_loopback,
         )
         await self.agent.configure_network(request)
 

@@ -206,16 +206,18 @@ class WaitDeviceResponse(_message.Message):
     def __init__(self, path: _Optional[str] = ...) -> None: ...
 
 class ConfigureNetworkRequest(_message.Message):
-    __slots__ = ("process_id", "device_mac", "interface", "routes")
+    __slots__ = ("process_id", "device_mac", "interface", "routes", "host_loopback")
     PROCESS_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_MAC_FIELD_NUMBER: _ClassVar[int]
     INTERFACE_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_LOOPBACK_FIELD_NUMBER: _ClassVar[int]
     process_id: str
     device_mac: str
     interface: NetworkInterface
     routes: _containers.RepeatedCompositeFieldContainer[NetworkRoute]
-    def __init__(self, process_id: _Optional[str] = ..., device_mac: _Optional[str] = ..., interface: _Optional[_Union[NetworkInterface, _Mapping]] = ..., routes: _Optional[_Iterable[_Union[NetworkRoute, _Mapping]]] = ...) -> None: ...
+    host_loopback: str
+    def __init__(self, process_id: _Optional[str] = ..., device_mac: _Optional[str] = ..., interface: _Optional[_Union[NetworkInterface, _Mapping]] = ..., routes: _Optional[_Iterable[_Union[NetworkRoute, _Mapping]]] = ..., host_loopback: _Optional[str] = ...) -> None: ...
 
 class NetworkInterface(_message.Message):
     __slots__ = ("name", "mac", "mtu", "addresses")
