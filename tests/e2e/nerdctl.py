@@ -12,9 +12,11 @@ by trying it, 2026-12-06, on this Debian 12 host: cgroup v1, no systemd, no AppA
   named volumes (`volumes/<namespace>/<name>/_data`). Its default is /var/lib/nerdctl.
 - `--cni-netconfpath` in that directory: even `--net none` takes a lock file
   (`.cni-concurrency.lock`) in the CNI config directory, creating /etc/cni/net.d
-  otherwise. `--cni-path` is not needed: with `--net none` no CNI plugin runs (nor
-  iptables), and nerdctl's createRuntime/postStop OCI hooks (`nerdctl internal
-  oci-hook`, run by runc on the host; harpoon drops OCI hooks) have nothing to set up.
+  otherwise; the networks a test creates (`nerdctl network create`) are written there.
+- `--cni-path /usr/lib/cni`, where Debian's containernetworking-plugins are (nerdctl's
+  default is /opt/cni/bin): `run --net NETWORK` runs them from nerdctl's createRuntime
+  and postStop OCI hooks (`nerdctl internal oci-hook`, run on the host by runc and by
+  harpoon alike). With `--net none` (`run_args`' default) no plugin runs.
 - `NERDCTL_TOML` naming a file that does not exist: the machine's
   /etc/nerdctl/nerdctl.toml, if any, is not read.
 - `--snapshotter overlayfs` (nerdctl's default too, and where `ctr image import`
@@ -47,6 +49,8 @@ from tests.e2e.differential import CTR_RUN_TIMEOUT_S, Result, normalised
 MINIMUM_CONTAINERD = (1, 7)
 #: How long a nerdctl command that does not start a container may take.
 COMMAND_TIMEOUT_S = 120.0
+#: Where the CNI plugins are (Debian's containernetworking-plugins).
+CNI_PLUGIN_DIR = Path("/usr/lib/cni")
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -72,13 +76,18 @@ class Nerdctl:
     def data_root(self) -> Path:
         return self.base / "data-root"
 
+    @property
+    def cni_config_dir(self) -> Path:
+        return self.base / "cni-net.d"
+
     def command(self, *args: str) -> list[str]:
         return [
             str(self.binary),
             "--address", self.containerd.address,
             "--namespace", self.containerd.namespace,
             "--data-root", str(self.data_root),
-            "--cni-netconfpath", str(self.base / "cni-net.d"),
+            "--cni-netconfpath", str(self.cni_config_dir),
+            "--cni-path", str(CNI_PLUGIN_DIR),
             "--snapshotter", SNAPSHOTTER,
             "--cgroup-manager", "cgroupfs",
             *args,
@@ -86,7 +95,7 @@ class Nerdctl:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ, NERDCTL_TOML=str(self.base / "nerdctl.toml"))
-        # Defaults of flags we pass anyway, and of ones we do not want (CNI_PATH).
+        # Defaults of flags we pass anyway.
         for name in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "CONTAINERD_SNAPSHOTTER",
                      "CNI_PATH", "NETCONFPATH"):  # fmt: skip
             env.pop(name, None)
@@ -109,20 +118,22 @@ class Nerdctl:
         assert done.status == 0, f"nerdctl {' '.join(args)}: status {done.status}: {done.err}"
         return done.out
 
-    def run_args(self, runtime: str, *args: str) -> tuple[str, ...]:
-        """`run --runtime RUNTIME --net none --pull never ARGS` (ARGS ends with the
+    def run_args(self, runtime: str, *args: str, net: str = "none") -> tuple[str, ...]:
+        """`run --runtime RUNTIME --net NET --pull never ARGS` (ARGS ends with the
         command; the image is `self.image`)."""
-        return ("run", "--runtime", runtime, "--net", "none", "--pull", "never", *args)
+        return ("run", "--runtime", runtime, "--net", net, "--pull", "never", *args)
 
-    def run(self, runtime: str, *args: str, input: bytes | None = None) -> Result:
-        """`nerdctl run` (`run_args`) to its end."""
-        return self(*self.run_args(runtime, *args), input=input, timeout=CTR_RUN_TIMEOUT_S)
+    def run(
+        self, runtime: str, *args: str, input: bytes | None = None, net: str = "none"
+    ) -> Result:
+        """`nerdctl run` (`run_args`) to its end (for `-d`, until the container runs)."""
+        return self(*self.run_args(runtime, *args, net=net), input=input, timeout=CTR_RUN_TIMEOUT_S)
 
-    def start(self, runtime: str, *args: str) -> subprocess.Popen[bytes]:
+    def start(self, runtime: str, *args: str, net: str = "none") -> subprocess.Popen[bytes]:
         """`nerdctl run` (`run_args`) in the background, its output in pipes; pass what
         it gave to `result`."""
         return subprocess.Popen(
-            self.command(*self.run_args(runtime, *args)), stdin=subprocess.DEVNULL,
+            self.command(*self.run_args(runtime, *args, net=net)), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.environment(),
         )  # fmt: skip
 

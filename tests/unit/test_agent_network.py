@@ -1,12 +1,23 @@
 """The agent's side of a container's network (harpoon.agent.network): the netlink
 message that moves the NIC, the shell commands that configure it, and the listening
-ports it reports, checked against what the kernel's formats say."""
+ports it reports, checked against what the kernel's formats say. The commands give the
+interface the shape CNI gave the veth on the host, down to the broadcast address CNI's
+plugins give an IPv4 address, and return once the link is operational (RUNNING): run
+with busybox's `ip` and `ifconfig` (the guest's) in a scratch network namespace when
+root."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import socket
 import struct
+import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,13 +45,22 @@ def test_the_script_sets_the_mac_mtu_addresses_and_routes_in_order() -> None:
         "set -e",
         "ip link set dev eth1 name eth0",
         "ip link set dev eth0 address 7e:56:ff:b5:38:d0 mtu 1450",
-        "ip addr add 10.231.8.6/24 dev eth0",
+        "ip addr add 10.231.8.6/24 broadcast + dev eth0",
         "ip addr add fd00::6/64 dev eth0",
         "ip link set dev eth0 up",
         "ip route add default via 10.231.8.1 dev eth0",
         "ip route add 10.99.0.0/16 via 10.231.8.254 dev eth0",
         "ip -6 route add fd01::/64 via fd00::1 dev eth0",
+        "i=0; while [ $i -lt 500 ] && ! ifconfig eth0 | grep -q RUNNING;"
+        " do sleep 0.01; i=$((i+1)); done",
     ]
+
+
+def test_point_to_point_and_ipv6_addresses_get_no_broadcast_address() -> None:
+    script = network.script("eth1", request(addresses=["10.0.0.1/31", "10.0.0.9/32"]))
+    assert "ip addr add 10.0.0.1/31 dev eth0\n" in script
+    assert "ip addr add 10.0.0.9/32 dev eth0\n" in script
+    assert "broadcast" not in script
 
 
 @pytest.mark.parametrize(
@@ -92,3 +112,69 @@ def test_listening_ports_are_wildcard_listeners_and_unconnected_udp_services(
     tables = ((str(tcp), "tcp"), (str(udp), "udp"), (str(tmp_path / "gone"), "tcp"))
     # 5353/udp is a service; 40000/udp is a client's ephemeral port.
     assert network.listening_ports(tables) == {("tcp", 8080), ("udp", 5353)}
+
+
+BUSYBOX = Path("/bin/busybox")
+
+
+@pytest.fixture
+def scratch_namespace() -> Iterator[str]:
+    """A network namespace of this test's with a veth end named v0 in it (its peer v1
+    too: nothing of it is on the host's network)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None or not BUSYBOX.exists():
+        pytest.skip("needs root, iproute2 and busybox-static")
+    name = f"hp-unit-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "add", "v0", "type", "veth", "peer", "name",
+                        "v1"], check=True)  # fmt: skip
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=True)
+
+
+def run_script(namespace: str, script: str, tmp_path: Path) -> dict[str, Any]:
+    """Runs the script with busybox's applets in the namespace; eth0 as `ip -j` shows it."""
+    iproute2 = shutil.which("ip")
+    assert iproute2 is not None
+    for applet in ("ip", "ifconfig"):  # the guest's are busybox's
+        (tmp_path / applet).symlink_to(BUSYBOX)
+    done = subprocess.run(
+        [iproute2, "netns", "exec", namespace, str(BUSYBOX), "sh", "-c", script],
+        env=dict(os.environ, PATH=f"{tmp_path}:/usr/sbin:/usr/bin:/sbin:/bin"),
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    shown = subprocess.run(
+        [iproute2, "-n", namespace, "-j", "address", "show", "dev", "eth0"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    (link,) = json.loads(shown)
+    result: dict[str, Any] = link
+    return result
+
+
+def test_busybox_ip_gives_the_interface_the_hosts_shape(
+    scratch_namespace: str, tmp_path: Path
+) -> None:
+    # Its peer up: v0 gets a carrier once the script sets it up, as a NIC does.
+    subprocess.run(["ip", "-n", scratch_namespace, "link", "set", "v1", "up"], check=True)
+    script = network.script("v0", request(addresses=["10.231.8.6/24", "fd00::6/64", "10.0.0.9/32"]))
+    link = run_script(scratch_namespace, script, tmp_path)
+    addresses = {
+        f"{info['local']}/{info['prefixlen']}": info.get("broadcast")
+        for info in link["addr_info"]
+        if info["family"] == "inet"
+    }
+    assert addresses == {"10.231.8.6/24": "10.231.8.255", "10.0.0.9/32": None}
+    assert link["address"] == "7e:56:ff:b5:38:d0"
+    assert link["operstate"] == "UP"
+
+
+def test_a_link_that_never_runs_lets_the_container_start_with_it_down(
+    scratch_namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(network, "LINK_RUNNING_TIMEOUT_S", 0.2)
+    # v1 stays down: v0 never gets a carrier.
+    link = run_script(scratch_namespace, network.script("v0", request()), tmp_path)
+    assert "NO-CARRIER" in link["flags"] and link["operstate"] == "LOWERLAYERDOWN"

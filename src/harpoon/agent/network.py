@@ -1,8 +1,9 @@
 """The VM's NIC given to a container: moved into the container's network namespace (a
 netlink RTM_NEWLINK naming the init's pid, as `ip link set … netns PID` does; busybox's
 `ip` cannot) and configured there with busybox's `ip`, as the host's CNI configured the
-container's namespace on the host (harpoon.net.wire). A container whose host namespace
-nothing configured never gets the NIC: it sees its loopback alone, as under runc.
+container's namespace on the host (harpoon.net.wire); the container starts once the
+link is operational, as a veth CNI made is. A container whose host namespace nothing
+configured never gets the NIC: it sees its loopback alone, as under runc.
 
 Loaded lazily: most VMs never configure a network.
 """
@@ -24,12 +25,17 @@ NIC_MODULE = "virtio_net"
 NSENTER = "/bin/nsenter"
 SHELL = "/bin/sh"
 NIC_TIMEOUT_S = 10.0
+#: How long the container's start waits for its NIC to be operational (RUNNING) once up.
+LINK_RUNNING_TIMEOUT_S = 5.0
+LINK_POLL_INTERVAL_S = 0.01
 # linux/rtnetlink.h, linux/netlink.h, linux/if_link.h
 RTM_NEWLINK = 16
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
 NLMSG_ERROR = 2
 IFLA_NET_NS_PID = 19
+#: IPv4 prefixes this long or longer have no broadcast address (RFC 3021's /31, /32).
+IPV4_POINT_TO_POINT_PREFIX = 31
 _INTERFACE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 _MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 
@@ -78,14 +84,30 @@ def script(current: str, request: agent_pb2.ConfigureNetworkRequest) -> str:
     settings = f" address {mac}" + (f" mtu {int(interface.mtu)}" if interface.mtu else "")
     lines.append(f"ip link set dev {name}{settings}")
     for address in interface.addresses:
-        lines.append(f"ip addr add {_cidr(address)} dev {name}")
+        lines.append(f"ip addr add {_cidr(address)}{_broadcast(address)} dev {name}")
     lines.append(f"ip link set dev {name} up")
     for route in request.routes:
         destination = "default" if route.destination == "default" else _cidr(route.destination)
         family = "-6 " if ":" in route.destination or ":" in route.gateway else ""
         via = f" via {_address(route.gateway)}" if route.gateway else ""
         lines.append(f"ip {family}route add {destination}{via} dev {name}")
+    lines.append(_wait_until_running(name))
     return "\n".join(lines) + "\n"
+
+
+def _wait_until_running(name: str) -> str:
+    """Waits until the link is operational (RUNNING, as busybox's ifconfig shows it), for
+    LINK_RUNNING_TIMEOUT_S at most. The kernel marks it so from its link-watch work,
+    which runs at most once a second: up to ~1 s after `up` (the move into the namespace
+    ran it just before), often after the container would have started, without its IPv6
+    link-local address (added then) and with its operstate down. Under runc the veth is
+    up well before the container starts. A link that never gets there (no carrier) lets
+    the container start as runc's would, with its link down."""
+    polls = int(LINK_RUNNING_TIMEOUT_S / LINK_POLL_INTERVAL_S)
+    return (
+        f"i=0; while [ $i -lt {polls} ] && ! ifconfig {name} | grep -q RUNNING;"
+        f" do sleep {LINK_POLL_INTERVAL_S}; i=$((i+1)); done"
+    )
 
 
 def _address(value: str) -> str:
@@ -98,6 +120,18 @@ def _address(value: str) -> str:
         except OSError:
             continue
     raise InvalidArgument(f"{value!r} is not an IP address")
+
+
+def _broadcast(address: str) -> str:
+    """` broadcast +` (the prefix's last address) for an IPv4 address on a prefix with
+    one, as the host's interface has it: CNI's plugins add their addresses through
+    vishvananda/netlink, whose AddrAdd sets that broadcast address when none is given
+    (busybox's `ip addr add`, like iproute2's, sets none unless asked). /31 and /32
+    prefixes have none; nor has IPv6."""
+    _, _, prefix = address.partition("/")
+    if ":" in address or int(prefix) >= IPV4_POINT_TO_POINT_PREFIX:
+        return ""
+    return " broadcast +"
 
 
 def _cidr(value: str) -> str:
