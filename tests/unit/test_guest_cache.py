@@ -162,6 +162,7 @@ def test_packages_added_to_the_list_are_resolved_alone_and_the_locked_ones_kept(
     monkeypatch.setattr(build, "BASE_PACKAGES", ("busybox-static", "crun"))
     monkeypatch.setattr(build, "UPB_PACKAGES", ())
     monkeypatch.setattr(build, "OCI_RUNTIME_PACKAGES", ("libyajl2",))
+    monkeypatch.setattr(build, "NETFILTER_PACKAGES", ())
 
     packages = build.resolve_packages("amd64", tmp_path, refresh=False, report=lambda _: None)
 
