@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from harpoon import procnet
 from harpoon.agent import network
 from harpoon.api.agent.v1 import agent_pb2
 from harpoon.errdefs import InvalidArgument
@@ -111,7 +112,14 @@ def test_listening_ports_are_wildcard_listeners_and_unconnected_udp_services(
     ]))  # fmt: skip
     tables = ((str(tcp), "tcp"), (str(udp), "udp"), (str(tmp_path / "gone"), "tcp"))
     # 5353/udp is a service; 40000/udp is a client's ephemeral port.
-    assert network.listening_ports(tables) == {("tcp", 8080), ("udp", 5353)}
+    assert procnet.listening_ports(tables, udp_below=32768) == {("tcp", 8080), ("udp", 5353)}
+    # The host's side of its loopback: every unconnected UDP socket, 127.0.0.1's too.
+    assert procnet.listening_ports(tables, local=True) == {
+        ("tcp", 8080),
+        ("tcp", 8081),
+        ("udp", 5353),
+        ("udp", 40000),
+    }
 
 
 BUSYBOX = Path("/bin/busybox")

@@ -1,18 +1,22 @@
 """The host's loopback seen from a guest that shares the host's network (gvproxy's
-user-mode network): a connection to 127.0.0.1 on a TCP or UDP port nothing in the
-guest listens on reaches the host's own 127.0.0.1, as from a container sharing the
-host's network namespace; a port something in the guest listens on stays the guest's.
+user-mode network): a connection to 127.0.0.1 on a port the host listens on (at its
+127.0.0.1 or a wildcard address) and the guest does not reaches the host's own, as from
+a container sharing the host's network namespace; every other stays in the guest.
 
 gvproxy reaches the host's 127.0.0.1 at an address of its own (`host_loopback`); it
 cannot be sent 127.0.0.1 itself (gVisor's netstack drops a loopback destination that
 comes from a NIC). So the guest NATs: in netfilter's nat table, new connections to
-127.0.0.1 jump to a chain that returns for each port the guest listens on and
-DNATs the rest to `host_loopback`; leaving by the NIC, their source (127.0.0.1) is
-masqueraded, which `route_localnet` allows. The chain is rewritten (iptables-restore,
-atomically) whenever the set of listening ports changes: the agent polls the guest's
-sockets every POLL_S, so a port that starts listening is the guest's within that
-time; until then a new connection to it goes to the host. Connections already made
-keep their way (conntrack).
+127.0.0.1 jump to a chain that DNATs each of those ports to `host_loopback`; leaving by
+the NIC, their source (127.0.0.1) is masqueraded, which `route_localnet` allows.
+
+Which ports: the host's listeners, which the host sends (ConfigureNetwork, then
+SetHostPorts as they change: it polls its own sockets as it polls the guest's
+listeners to publish them), less the guest's own, which the agent polls every POLL_S.
+A port only the guest listens on is therefore never the host's, however soon it is
+dialled after the guest listens (a process that listens and connects to itself); a
+port the host begins to listen on is reached from the guest within about a second.
+The chain is rewritten atomically (iptables-restore) when either set changes;
+connections already made keep their way (conntrack).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ NAT_MODULES = ("iptable_nat", "xt_nat", "xt_MASQUERADE", "xt_tcpudp")
 Port = tuple[str, int]
 
 
-def base_rules(interface: str, listening: set[Port], host_loopback: str) -> str:
+def base_rules(interface: str, to_host: set[Port], host_loopback: str) -> str:
     """The nat table: its jumps to CHAIN, CHAIN, the masquerade of what leaves by
     interface (iptables-restore flushes the table first)."""
     return "\n".join([
@@ -43,23 +47,22 @@ def base_rules(interface: str, listening: set[Port], host_loopback: str) -> str:
         f"-A OUTPUT -d {LOOPBACK} -p tcp -j {CHAIN}",
         f"-A OUTPUT -d {LOOPBACK} -p udp -j {CHAIN}",
         f"-A POSTROUTING -s {LOOPBACK} -o {interface} -j MASQUERADE",
-        *_chain(listening, host_loopback),
+        *_chain(to_host, host_loopback),
         "COMMIT",
         "",
     ])  # fmt: skip
 
 
-def chain_rules(listening: set[Port], host_loopback: str) -> str:
+def chain_rules(to_host: set[Port], host_loopback: str) -> str:
     """CHAIN alone, rewritten (for iptables-restore --noflush)."""
-    return "\n".join(["*nat", f"-F {CHAIN}", *_chain(listening, host_loopback), "COMMIT", ""])
+    return "\n".join(["*nat", f"-F {CHAIN}", *_chain(to_host, host_loopback), "COMMIT", ""])
 
 
-def _chain(listening: set[Port], host_loopback: str) -> list[str]:
-    """The guest's own ports return; the rest go to the host."""
-    returns = [
-        f"-A {CHAIN} -p {protocol} --dport {port} -j RETURN" for protocol, port in sorted(listening)
+def _chain(to_host: set[Port], host_loopback: str) -> list[str]:
+    return [
+        f"-A {CHAIN} -p {protocol} --dport {port} -j DNAT --to-destination {host_loopback}"
+        for protocol, port in sorted(to_host)
     ]
-    return [*returns, f"-A {CHAIN} -j DNAT --to-destination {host_loopback}"]
 
 
 async def _restore(table: ProcessTable, rules: str, flush: bool) -> None:
@@ -74,7 +77,8 @@ async def _restore(table: ProcessTable, rules: str, flush: bool) -> None:
         os.close(read_end)
         os.close(output_write)
     try:
-        os.write(write_end, rules.encode())  # a few hundred bytes: within a pipe's buffer
+        # Rules for a few hundred ports: within a pipe's buffer, before the helper reads.
+        os.write(write_end, rules.encode())
         os.close(write_end)
         write_end = -1
         code = await status
@@ -87,22 +91,44 @@ async def _restore(table: ProcessTable, rules: str, flush: bool) -> None:
         raise FailedPrecondition(f"iptables-restore failed ({code}): {output}")
 
 
-async def set_up(table: ProcessTable, interface: str, host_loopback: str) -> set[Port]:
-    """The NAT of 127.0.0.1, for the guest's listening ports as they are now."""
-    for module in NAT_MODULES:
-        modules.load(module)
-    with open(f"/proc/sys/net/ipv4/conf/{interface}/route_localnet", "w") as sysctl:
-        sysctl.write("1")
-    listening = network.listening_ports(local=True)
-    await _restore(table, base_rules(interface, listening, host_loopback), True)
-    return listening
+class HostLoopback:
+    """The NAT of 127.0.0.1 to the host's loopback, kept to the host's ports less the guest's."""
 
+    def __init__(self, table: ProcessTable, host_loopback: str) -> None:
+        self.table = table
+        self.host_loopback = host_loopback
+        self.host_ports: set[Port] = set()
+        self.guest_ports: set[Port] = set()
+        self._lock = asyncio.Lock()
+        self._written: set[Port] | None = None
 
-async def keep_current(table: ProcessTable, host_loopback: str, listening: set[Port]) -> None:
-    """Rewrites CHAIN whenever the guest's listening ports change, for ever."""
-    while True:
-        await asyncio.sleep(POLL_S)
-        now = network.listening_ports(local=True)
-        if now != listening:
-            await _restore(table, chain_rules(now, host_loopback), False)
-            listening = now
+    async def set_up(self, interface: str, host_ports: set[Port]) -> None:
+        for module in NAT_MODULES:
+            modules.load(module)
+        with open(f"/proc/sys/net/ipv4/conf/{interface}/route_localnet", "w") as sysctl:
+            sysctl.write("1")
+        self.host_ports = host_ports
+        self.guest_ports = network.listening_ports(local=True)
+        to_host = self.host_ports - self.guest_ports
+        async with self._lock:
+            await _restore(self.table, base_rules(interface, to_host, self.host_loopback), True)
+            self._written = to_host
+
+    async def set_host_ports(self, ports: set[Port]) -> None:
+        self.host_ports = ports
+        await self._rewrite()
+
+    async def _rewrite(self) -> None:
+        async with self._lock:
+            to_host = self.host_ports - self.guest_ports
+            if self._written is None or to_host == self._written:
+                return
+            await _restore(self.table, chain_rules(to_host, self.host_loopback), False)
+            self._written = to_host
+
+    async def keep_current(self) -> None:
+        """Follows the guest's own listeners, for ever."""
+        while True:
+            await asyncio.sleep(POLL_S)
+            self.guest_ports = network.listening_ports(local=True)
+            await self._rewrite()

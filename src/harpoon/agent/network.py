@@ -15,11 +15,17 @@ import os
 import re
 import socket
 import struct
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
+from harpoon import procnet
 from harpoon.agent import devices, modules
 from harpoon.agent.processes import Process, ProcessTable
 from harpoon.api.agent.v1 import agent_pb2
 from harpoon.errdefs import FailedPrecondition, InvalidArgument
+
+if TYPE_CHECKING:
+    from harpoon.agent.loopback import HostLoopback
 
 NIC_MODULE = "virtio_net"
 NSENTER = "/bin/nsenter"
@@ -175,65 +181,37 @@ async def configure(table: ProcessTable, request: agent_pb2.ConfigureNetworkRequ
     if request.host_loopback:
         if init is not None:
             raise InvalidArgument("the host's loopback is NATed in the guest's own namespace only")
+        global host_loopback
         from harpoon.agent import loopback
 
-        host = _address(request.host_loopback)
-        listening = await loopback.set_up(table, request.interface.name or current, host)
-        _background.add(asyncio.ensure_future(loopback.keep_current(table, host, listening)))
+        nat = loopback.HostLoopback(table, _address(request.host_loopback))
+        await nat.set_up(request.interface.name or current, ports_of(request.host_ports))
+        host_loopback = nat
+        _background.add(asyncio.ensure_future(nat.keep_current()))
 
 
-# Tasks that run as long as the guest: kept referenced here.
-_background: set[asyncio.Future[None]] = set()
-
-
-#: /proc/net tables of the guest's own namespace, and their protocol.
-SOCKET_TABLES = (
-    ("/proc/net/tcp", "tcp"),
-    ("/proc/net/tcp6", "tcp"),
-    ("/proc/net/udp", "udp"),
-    ("/proc/net/udp6", "udp"),
-)
-TCP_LISTEN = "0A"
-UDP_UNCONNECTED = "07"
-_WILDCARDS = ("00000000", "00000000000000000000000000000000")
-# 127.0.0.1 and ::1 as /proc/net writes them (each 32-bit word in host byte order).
-_LOOPBACKS = ("0100007F", "00000000000000000000000001000000")
-
-
-def listening_ports(
-    tables: tuple[tuple[str, str], ...] = SOCKET_TABLES, local: bool = False
-) -> set[tuple[str, int]]:
-    """(protocol, port) of each TCP listener and unconnected UDP socket bound to a
-    wildcard address (with `local`, to 127.0.0.1 or ::1 too), UDP's below the ephemeral
-    range (a client's own sockets are not services), from /proc/net/{tcp,udp}{,6}."""
-    ephemeral = _ephemeral_start()
-    addresses = (*_WILDCARDS, *_LOOPBACKS) if local else _WILDCARDS
-    found: set[tuple[str, int]] = set()
-    for path, protocol in tables:
-        try:
-            with open(path) as table:
-                next(table, None)  # the header
-                rows = [line.split() for line in table]
-        except OSError:
-            continue
-        for row in rows:
-            if len(row) < 4:
-                continue
-            address, _, port_hex = row[1].partition(":")
-            state = row[3]
-            if address not in addresses:
-                continue
-            port = int(port_hex, 16)
-            if (protocol == "tcp" and state == TCP_LISTEN) or (
-                protocol == "udp" and state == UDP_UNCONNECTED and 0 < port < ephemeral
-            ):
-                found.add((protocol, port))
+def ports_of(ports: Iterable[agent_pb2.ListeningPort]) -> set[tuple[str, int]]:
+    found = set()
+    for port in ports:
+        if port.protocol not in ("tcp", "udp") or not 0 < port.port < 65536:
+            raise InvalidArgument(f"{port.protocol} port {port.port} is not a TCP or UDP port")
+        found.add((port.protocol, port.port))
     return found
 
 
-def _ephemeral_start(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
-    try:
-        with open(path) as file:
-            return int(file.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
+async def set_host_ports(request: agent_pb2.SetHostPortsRequest) -> None:
+    if host_loopback is None:
+        raise FailedPrecondition("this guest does not reach the host's loopback")
+    await host_loopback.set_host_ports(ports_of(request.ports))
+
+
+# The guest's NAT of the host's loopback, once configured; tasks that run as long as
+# the guest, kept referenced here.
+host_loopback: HostLoopback | None = None
+_background: set[asyncio.Future[None]] = set()
+
+
+def listening_ports(local: bool = False) -> set[tuple[str, int]]:
+    """What listens in the guest's own namespace (harpoon.procnet): at a wildcard
+    address (with `local`, at 127.0.0.1 or ::1 too); UDP only below the ephemeral range."""
+    return procnet.listening_ports(local=local, udp_below=procnet.ephemeral_start())

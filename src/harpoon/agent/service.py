@@ -355,6 +355,14 @@ class AgentService:
             ports=[agent_pb2.ListeningPort(protocol=p, port=n) for p, n in ports]
         )
 
+    async def SetHostPorts(
+        self, request: agent_pb2.SetHostPortsRequest, ctx: CallContext
+    ) -> empty_pb2.Empty:
+        from harpoon.agent import network
+
+        await network.set_host_ports(request)
+        return _EMPTY
+
     async def Shutdown(self, request: empty_pb2.Empty, ctx: CallContext) -> empty_pb2.Empty:
         # The host waits for this answer: the guest goes only once it has been sent.
         ctx.after_reply(power_off)

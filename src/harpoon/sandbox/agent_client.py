@@ -169,6 +169,12 @@ class AgentClient:
         )
         return {(port.protocol, port.port) for port in response.ports}
 
+    async def set_host_ports(self, ports: set[tuple[str, int]]) -> None:
+        request = agent_pb2.SetHostPortsRequest(
+            ports=[agent_pb2.ListeningPort(protocol=p, port=n) for p, n in sorted(ports)]
+        )
+        await self._call("SetHostPorts", request, empty_pb2.Empty)
+
     async def resize_terminal(self, process_id: str, width: int, height: int) -> None:
         request = agent_pb2.ResizeTerminalRequest(id=process_id, width=width, height=height)
         await self._call("ResizeTerminal", request, empty_pb2.Empty)

@@ -16,6 +16,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from harpoon import procnet
 from harpoon.errdefs import FailedPrecondition
 from harpoon.net.gvproxy_api import GvproxyApi, GvproxyError
 from harpoon.net.ports import PublishedPort
@@ -48,14 +49,29 @@ def changes(published: set[Port], listening: set[Port]) -> tuple[set[Port], set[
     return listening - published, published - listening
 
 
-async def forward(agent: AgentClient, api: GvproxyApi, name: str) -> None:
-    """Keeps the guest's listeners published until cancelled; leaves them published
-    (the VM's gvproxy, and every port it holds, go with the VM)."""
+def host_ports() -> frozenset[Port]:
+    """What listens on this host's loopback or at a wildcard address (any UDP port: a
+    host's service may have any), which a container sharing the host's network reaches
+    at 127.0.0.1 (harpoon.agent.loopback)."""
+    return frozenset(procnet.listening_ports(local=True))
+
+
+async def forward(
+    agent: AgentClient, api: GvproxyApi, name: str, host_known: set[Port] | None = None
+) -> None:
+    """Keeps the guest's listeners published until cancelled, and the guest told of the
+    host's (host_known: what it was last told); leaves the ports published (the VM's
+    gvproxy, and every port it holds, go with the VM)."""
     published: set[Port] = set()
     refused: set[Port] = set()
     while True:
         try:
             listening = await agent.listening_ports()
+            if host_known is not None:
+                now = set(host_ports())
+                if now != host_known:
+                    await agent.set_host_ports(now)
+                    host_known = now
         except Exception as error:  # the VM is going: its gvproxy goes with it
             log.debug("%s: no listeners to publish: %s", name, error)
             return

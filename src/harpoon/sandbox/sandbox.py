@@ -66,6 +66,7 @@ class Sandbox:
         self._backend = backend
         self._template_build: asyncio.Task[None] | None = None
         self._listeners: asyncio.Task[None] | None = None
+        self._host_ports: set[tuple[str, int]] = set()
         self.template_builder: VmmProcess | None = None
         """The process building this VM's missing template, once started (it outlives
         the sandbox)."""
@@ -131,12 +132,17 @@ class Sandbox:
         return rootfs.GUEST_ROOTFS
 
     async def configure_network(
-        self, process_id: str, network: Network, host_loopback: str = ""
+        self,
+        process_id: str,
+        network: Network,
+        host_loopback: str = "",
+        host_ports: frozenset[tuple[str, int]] = frozenset(),
     ) -> None:
         """Gives the container of process_id (its created init; "": the guest's own
         namespace) the VM's NIC, configured as `network` says (what CNI configured on
-        the host: harpoon.net.wire); with host_loopback, connections to 127.0.0.1 that
-        nothing in the guest answers go there (harpoon.agent.loopback)."""
+        the host: harpoon.net.wire); with host_loopback, connections to 127.0.0.1 on
+        host_ports (the host's listeners) that nothing in the guest answers go there
+        (harpoon.agent.loopback; forward_listeners keeps the ports current)."""
         from harpoon.api.agent.v1 import agent_pb2
 
         if not self.config.nics or self.agent is None:
@@ -160,6 +166,10 @@ class Sandbox:
                 for route in network.routes
             ],
             host_loopback=host_loopback,
+            host_ports=[
+                agent_pb2.ListeningPort(protocol=protocol, port=port)
+                for protocol, port in sorted(host_ports)
+            ],
         )
         await self.agent.configure_network(request)
 
@@ -173,7 +183,7 @@ class Sandbox:
         config = GvproxyConfig(self.config.state_dir)
         await listeners.publish(GvproxyApi(config.api_socket, config.guest), ports)
 
-    def forward_listeners(self) -> None:
+    def forward_listeners(self, host_ports: frozenset[tuple[str, int]] = frozenset()) -> None:
         """Publishes what listens in the guest's own namespace on the host's loopback,
         through the VM's gvproxy, from now until the sandbox stops
         (harpoon.sandbox.listeners)."""
@@ -183,10 +193,11 @@ class Sandbox:
 
         if self.agent is None or self._listeners is not None:
             return
+        self._host_ports = set(host_ports)
         config = GvproxyConfig(self.config.state_dir)
         api = GvproxyApi(config.api_socket, config.guest)
         self._listeners = asyncio.ensure_future(
-            listeners.forward(self.agent, api, self.config.name)
+            listeners.forward(self.agent, api, self.config.name, self._host_ports)
         )
 
     def share_binds(self, binds: tuple[HostBind, ...]) -> None:

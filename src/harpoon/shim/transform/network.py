@@ -17,8 +17,8 @@
   the host, as a host process would; the guest's own namespace (the container's) gets
   gvproxy's address, and every TCP or UDP port something listens on there at a
   wildcard address is published on the host's 127.0.0.1 (Sandbox.forward_listeners),
-  and a connection to 127.0.0.1 on a port nothing in the guest listens on reaches the
-  host's 127.0.0.1 (harpoon.agent.loopback).
+  and a connection to 127.0.0.1 on a port the host listens on and the guest does not
+  reaches the host's 127.0.0.1 (harpoon.agent.loopback).
 """
 
 from __future__ import annotations
@@ -115,9 +115,14 @@ class Network(Transformer):
                 # The host's network, through gvproxy: the guest's own namespace, which
                 # the container shares, gets the NIC; what listens there is published on
                 # the host's loopback.
+                from harpoon.sandbox.listeners import host_ports
+
                 host = str(gvproxy.DEFAULT_HOST_LOOPBACK)
-                await sandbox.configure_network("", user_network(nic.mac), host_loopback=host)
-                sandbox.forward_listeners()
+                ports = host_ports()
+                await sandbox.configure_network(
+                    "", user_network(nic.mac), host_loopback=host, host_ports=ports
+                )
+                sandbox.forward_listeners(ports)
                 return
             # Its own network namespace, with the ports the annotation publishes.
             from harpoon.shim.container import INIT_GUEST_ID
