@@ -238,6 +238,9 @@ class Measured:
     entries: dict[str, str] = field(default_factory=dict)
     #: Per harpoon variant, how each of its measured containers' VMs started.
     starts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: Per runtime, the machine's 1-minute load average before and after each run: the
+    #: other sessions' share of the 2 cores, which rounds do not see alike.
+    load: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     def record(self, name: str, output: str, failure: str | None, expected: int) -> str:
         """Keeps one run's figures and says them (or why the run does not count)."""
@@ -277,7 +280,7 @@ class ShareBench:
                 bind = self.scratch / f"bind-{name}-{round_}"
                 bind.mkdir()
                 shutil.copy(self.tarball, bind / "tree.tar")
-                began = time.monotonic()
+                began, load_before = time.monotonic(), os.getloadavg()[0]
                 _say(f"round {round_ + 1}/{self.args.runs}: {name} ({time.strftime('%H:%M:%S')})")
                 if name == "host":
                     host = asyncio.to_thread(run_host, self.scratch, bind, self.args.mib)
@@ -290,6 +293,7 @@ class ShareBench:
                         starts = measured.starts.setdefault(name, [])
                         starts.append({"id": container_id, **asdict(start)})
                         _say(f"  VM: {_describe(start)}")
+                measured.load.setdefault(name, []).append((load_before, os.getloadavg()[0]))
                 said = measured.record(name, output, failure, expected)
                 _say(f"  {time.monotonic() - began:.0f} s: {said}")
                 shutil.rmtree(bind, ignore_errors=True)
@@ -426,6 +430,12 @@ def table(record: dict[str, Any]) -> str:
         }
         if reasons:
             lines += ["", "Cold boots, as the shims' plans said: " + "; ".join(sorted(reasons))]
+    if load := record.get("load"):
+        per_runtime = (
+            f"{name} " + ", ".join(f"{before:.1f} → {after:.1f}" for before, after in load[name])
+            for name in names
+        )
+        lines += ["", "Load average (1 min) before → after each run: " + "; ".join(per_runtime)]
     return "\n".join(lines)
 
 
