@@ -185,13 +185,14 @@ class Ctr:
         keep_stdout: bool = True,
         detach: bool = False,
         stdin_path: str | None = None,
+        options: tuple[str, ...] = (),
     ) -> CtrResult:
-        """`ctr run [--rm | -d] --runtime R IMAGE ID CMD…`, its stdin the file stdin_path
-        if given; removes the container if the run failed (a `--rm` run that failed may
-        have left it behind)."""
+        """`ctr run [--rm | -d] --runtime R [OPTIONS…] IMAGE ID CMD…`, its stdin the file
+        stdin_path if given; removes the container if the run failed (a `--rm` run that
+        failed may have left it behind)."""
         mode = "-d" if detach else "--rm"
         result = await self.run(
-            "run", mode, "--runtime", runtime, image, container_id, *command,
+            "run", mode, "--runtime", runtime, *options, image, container_id, *command,
             timeout_s=timeout_s, keep_stdout=keep_stdout, stdin_path=stdin_path,
         )  # fmt: skip
         if not result.ok:

@@ -2,8 +2,10 @@
 
 containerd copies each shim's log FIFO into its own log (at debug level), so the shim's
 `created ID: VM pid N started in X s (…)` (launch → agent ready, a cold boot or a
-template restore; `booted in X s` before 7f2ca71) and `restored ID from template K in
-X s` lines are in our throw-away daemon's log. Read-only; the log is read incrementally.
+template restore; `booted in X s` before 7f2ca71), `restored ID from template K in
+X s` and, for a VM planned to boot cold, `ID: WHY: booting cold` lines (harpoon.sandbox.plan;
+none when templates are off) are in our throw-away daemon's log. Read-only; the log is
+read incrementally.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ POLL_S = 0.05
 #: commit (`--baseline-commit`) may log either.
 _CREATED = re.compile(r"created (\S+): VM pid \d+ (?:booted|started) in ([0-9.]+) s")
 _RESTORED = re.compile(r"restored (\S+) from template")
+#: The plan's reason (`msg=ID: WHY: booting cold`; `=` and `"` end the ID, as containerd
+#: may quote the shim's line).
+_COLD = re.compile(r'([\w.-]+): ([^"\n]+?): booting cold')
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,8 @@ class VMStart:
 
     seconds: float | None
     mode: str | None
+    #: Why the plan booted it cold, when it said (harpoon.sandbox.plan).
+    cold_reason: str | None = None
 
 
 class ShimLog:
@@ -37,6 +44,7 @@ class ShimLog:
         self._offset = 0
         self._created: dict[str, float] = {}
         self._restored: set[str] = set()
+        self._cold_reasons: dict[str, str] = {}
 
     def _scan(self) -> None:
         try:
@@ -52,6 +60,7 @@ class ShimLog:
         for match in _CREATED.finditer(text):
             self._created[match.group(1)] = float(match.group(2))
         self._restored.update(m.group(1) for m in _RESTORED.finditer(text))
+        self._cold_reasons.update((m[1], m[2]) for m in _COLD.finditer(text))
 
     async def start(self, container_id: str) -> VMStart:
         """How the VM of `container_id` started (waits briefly for the log line)."""
@@ -64,4 +73,6 @@ class ShimLog:
         seconds = self._created.get(container_id)
         if seconds is None:
             return VMStart(None, None)
-        return VMStart(seconds, "template" if container_id in self._restored else "cold")
+        if container_id in self._restored:
+            return VMStart(seconds, "template")
+        return VMStart(seconds, "cold", self._cold_reasons.get(container_id))

@@ -34,10 +34,10 @@ log = logging.getLogger(__name__)
 SHARE_FS_ENV = "HARPOON_SHARE_FS"
 SHARE_FS_SETTINGS = ("9p", "virtiofs", "auto")
 #: The rule chosen by measurement (bench/share.py; the table in bench/README.md): 9p.
-#: virtiofs is not faster across the board here (faster sequential I/O and untar, a
-#: `find` up to 5x slower: with --cache=never every lookup is a round trip), costs the
-#: template (a cold boot every time) and, uncached on the 6.1 guest, refuses writable
-#: MAP_SHARED mappings (ENODEV), which 9p's cache=mmap serves.
+#: virtiofs is not faster across the board here (its `find` up to 5x slower: with
+#: --cache=never every lookup is a round trip; faster untar at 2,000 files, not at
+#: 20,000), costs the template (a cold boot every time) and, uncached on the 6.1 guest,
+#: refuses writable MAP_SHARED mappings (ENODEV), which 9p's cache=mmap serves.
 AUTO_COLD_SHARE_FS: ShareFs = "9p"
 
 Templates = TemplateStore | Literal[False] | None
