@@ -256,8 +256,19 @@ def _socket_chardev(chardev: str, path: Path, fd: int | None) -> str:
     return f"socket,id={chardev},{where},server=on,wait=off"
 
 
+#: The virtio-mmio transports of QEMU's microvm (hw/i386/microvm.h): one per device.
+MICROVM_TRANSPORTS = 24
+
+
 def _device_args(config: VMConfig, profile: MachineProfile) -> list[str]:
     """The flags of config's typed devices (harpoon.vmm.devices)."""
+    # The agent's virtio-serial device, then one transport per typed device.
+    wanted = 1 + len(config.devices)
+    if profile.machine.startswith("microvm") and wanted > MICROVM_TRANSPORTS:
+        raise VMError(
+            f"VM {config.name} needs {wanted} virtio devices ({len(config.disks)} disks: an "
+            f"erofs rootfs has one per layer) and QEMU's microvm has {MICROVM_TRANSPORTS}"
+        )
     args: list[str] = []
     for index, share in enumerate(config.shares):
         if share.fs == "virtiofs":
