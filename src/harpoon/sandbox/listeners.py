@@ -13,6 +13,7 @@ may have been freed), logging once per port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -56,42 +57,84 @@ def host_ports() -> frozenset[Port]:
     return frozenset(procnet.listening_ports(local=True))
 
 
-async def forward(
-    agent: AgentClient, api: GvproxyApi, name: str, host_known: set[Port] | None = None
-) -> None:
-    """Keeps the guest's listeners published until cancelled, and the guest told of the
-    host's (host_known: what it was last told); leaves the ports published (the VM's
-    gvproxy, and every port it holds, go with the VM)."""
-    published: set[Port] = set()
-    refused: set[Port] = set()
-    while True:
+class Forwarder:
+    """Keeps a user-mode VM's listeners published (and the guest told of the host's:
+    harpoon.agent.loopback) while `run` runs.
+
+    It polls every POLL_S, and at once when `caught_up` asks: the process's output goes
+    through `caught_up` on its way to the host (harpoon.shim.process), so a port the
+    container listens on before it prints is published before the print is seen,
+    which is when a client that waits for "listening…" connects."""
+
+    def __init__(
+        self, agent: AgentClient, api: GvproxyApi, name: str, host_known: set[Port] | None
+    ) -> None:
+        self.agent, self.api, self.name = agent, api, name
+        self.host_known = host_known
+        self.published: set[Port] = set()
+        self._refused: set[Port] = set()
+        self._asked = 0
+        self._done = 0
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Condition()
+        self._ended = False
+
+    async def caught_up(self) -> None:
+        """Returns once a sync that began after this call has ended (or the forwarder
+        has: its VM is going)."""
+        self._asked += 1
+        wanted = self._asked
+        self._wake.set()
+        async with self._progress:
+            await self._progress.wait_for(lambda: self._done >= wanted or self._ended)
+
+    async def run(self) -> None:
         try:
-            listening = await agent.listening_ports()
-            if host_known is not None:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), POLL_S)
+                self._wake.clear()
+                covered = self._asked  # every caller so far asked before this sync
+                if not await self._sync():
+                    return
+                async with self._progress:
+                    self._done = covered
+                    self._progress.notify_all()
+        finally:
+            self._ended = True
+            with contextlib.suppress(RuntimeError):  # its loop is closing
+                async with self._progress:
+                    self._progress.notify_all()
+
+    async def _sync(self) -> bool:
+        """One round; False once the guest no longer answers."""
+        try:
+            listening = await self.agent.listening_ports()
+            if self.host_known is not None:
                 now = set(host_ports())
-                if now != host_known:
-                    await agent.set_host_ports(now)
-                    host_known = now
+                if now != self.host_known:
+                    await self.agent.set_host_ports(now)
+                    self.host_known = now
         except Exception as error:  # the VM is going: its gvproxy goes with it
-            log.debug("%s: no listeners to publish: %s", name, error)
-            return
-        expose, unexpose = changes(published, listening)
+            log.debug("%s: no listeners to publish: %s", self.name, error)
+            return False
+        expose, unexpose = changes(self.published, listening)
         for protocol, port in sorted(unexpose):
             try:
-                await asyncio.to_thread(api.unexpose, protocol, HOST_ADDRESS, port)
+                await asyncio.to_thread(self.api.unexpose, protocol, HOST_ADDRESS, port)
             except GvproxyError as error:
-                log.warning("%s: unpublishing %s port %d: %s", name, protocol, port, error)
-            published.discard((protocol, port))
+                log.warning("%s: unpublishing %s port %d: %s", self.name, protocol, port, error)
+            self.published.discard((protocol, port))
         for protocol, port in sorted(expose):
             try:
-                await asyncio.to_thread(api.expose, protocol, HOST_ADDRESS, port, port)
+                await asyncio.to_thread(self.api.expose, protocol, HOST_ADDRESS, port, port)
             except GvproxyError as error:
-                if (protocol, port) not in refused:
+                if (protocol, port) not in self._refused:
                     log.warning("%s: publishing %s port %d on %s: %s",
-                                name, protocol, port, HOST_ADDRESS, error)  # fmt: skip
-                    refused.add((protocol, port))
+                                self.name, protocol, port, HOST_ADDRESS, error)  # fmt: skip
+                    self._refused.add((protocol, port))
                 continue
-            published.add((protocol, port))
-            log.info("%s: %s port %d published on %s", name, protocol, port, HOST_ADDRESS)
-        refused &= listening
-        await asyncio.sleep(POLL_S)
+            self.published.add((protocol, port))
+            log.info("%s: %s port %d published on %s", self.name, protocol, port, HOST_ADDRESS)
+        self._refused &= listening
+        return True

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from harpoon.net.wire import Network
     from harpoon.sandbox.agent_client import AgentClient
     from harpoon.sandbox.binds import HostBind
+    from harpoon.sandbox.listeners import Forwarder
 
 BOOT_TIMEOUT_S = 60.0
 BOOT_ATTEMPTS = 2
@@ -66,7 +67,7 @@ class Sandbox:
         self._backend = backend
         self._template_build: asyncio.Task[None] | None = None
         self._listeners: asyncio.Task[None] | None = None
-        self._host_ports: set[tuple[str, int]] = set()
+        self._forwarder: Forwarder | None = None
         self.template_builder: VmmProcess | None = None
         """The process building this VM's missing template, once started (it outlives
         the sandbox)."""
@@ -193,12 +194,16 @@ class Sandbox:
 
         if self.agent is None or self._listeners is not None:
             return
-        self._host_ports = set(host_ports)
         config = GvproxyConfig(self.config.state_dir)
         api = GvproxyApi(config.api_socket, config.guest)
-        self._listeners = asyncio.ensure_future(
-            listeners.forward(self.agent, api, self.config.name, self._host_ports)
-        )
+        self._forwarder = listeners.Forwarder(self.agent, api, self.config.name, set(host_ports))
+        self._listeners = asyncio.ensure_future(self._forwarder.run())
+
+    async def published_before_output(self) -> None:
+        """Returns once what the guest listened on before now is published (a no-op for
+        a VM whose listeners are not: forward_listeners)."""
+        if self._forwarder is not None and self._listeners is not None:
+            await self._forwarder.caught_up()
 
     def share_binds(self, binds: tuple[HostBind, ...]) -> None:
         """Binds host paths into the VM's share (harpoon.sandbox.binds)."""

@@ -126,7 +126,9 @@ class Container:
                 f"cannot exec in container {self.id!r}: its init process is not running"
             )
         async with answered_by(self.sandbox, self.id, f"creating exec {process.exec_id!r}"):
-            await process.create(self.agent, self.create_request(process))
+            await process.create(
+                self.agent, self.create_request(process), self.sandbox.published_before_output
+            )
         self.execs[process.exec_id] = process
         self.publisher.publish(
             "/tasks/exec-added",

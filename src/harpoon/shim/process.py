@@ -15,7 +15,7 @@ import enum
 import logging
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,13 +105,20 @@ class Process:
 
     # -- created ---------------------------------------------------------------------
 
-    async def create(self, agent: AgentClient, request: agent_pb2.CreateProcessRequest) -> None:
-        """Creates the process in the guest and connects its stdio to containerd's."""
+    async def create(
+        self,
+        agent: AgentClient,
+        request: agent_pb2.CreateProcessRequest,
+        before_output: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Creates the process in the guest and connects its stdio to containerd's;
+        each chunk of output waits for before_output, if given."""
         await agent.create_process(request)
         streams = ((agent_pb2.STDOUT, self.io.stdout), (agent_pb2.STDERR, self.io.stderr))
         for stream, fd in streams:
             if fd is not None and not (self.paths.terminal and stream == agent_pb2.STDERR):
-                self._pumps.append(self._spawn(pump(agent.read_output(self.guest_id, stream), fd)))
+                output = agent.read_output(self.guest_id, stream)
+                self._pumps.append(self._spawn(pump(output, fd, before_output)))
         if self.paths.stdin:
             self._stdin_fd = open_stdin(self.paths.stdin)
             self._stdin = StdinForwarder(self._stdin_fd)

@@ -17,7 +17,7 @@ import select
 import stat
 import subprocess
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -174,9 +174,16 @@ class ProcessIO:
         self.stdout = self.stderr = None
 
 
-async def pump(chunks: AsyncIterator[bytes], fd: int) -> None:
-    """Copies an async iterator of byte chunks into fd, all of it, in order."""
+async def pump(
+    chunks: AsyncIterator[bytes],
+    fd: int,
+    before_write: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Copies an async iterator of byte chunks into fd, all of it, in order; awaiting
+    before_write, if given, before each chunk is written."""
     async for chunk in chunks:
+        if before_write is not None:
+            await before_write()
         await aio.write_all(fd, chunk)
 
 

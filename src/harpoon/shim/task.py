@@ -176,7 +176,12 @@ class TaskService:
             async with answered_by(sandbox, request.id, "creating the container"):
                 for transformer in PIPELINE:
                     await transformer.with_vm(create, sandbox)
-                await init.create(container.agent, container.create_request(init))
+                # Its output waits for what it listens on to be published (a VM that
+                # shares the host's network: harpoon.sandbox.listeners).
+                await init.create(
+                    container.agent, container.create_request(init),
+                    sandbox.published_before_output,
+                )  # fmt: skip
                 for transformer in PIPELINE:
                     await transformer.with_init(create, sandbox)
             container.undo = undo.pop_all()
