@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from harpoon.agent.loopback import HostLoopback
 
 NIC_MODULE = "virtio_net"
+# netfilter's filter table and the TCP match (block_tcp's rule), with x_tables, ip_tables.
+FILTER_MODULES = ("iptable_filter", "xt_tcpudp")
 NSENTER = "/bin/nsenter"
 SHELL = "/bin/sh"
 NIC_TIMEOUT_S = 10.0
@@ -92,6 +94,13 @@ def script(current: str, request: agent_pb2.ConfigureNetworkRequest) -> str:
     for address in interface.addresses:
         lines.append(f"ip addr add {_cidr(address)}{_broadcast(address)} dev {name}")
     lines.append(f"ip link set dev {name} up")
+    if request.block_tcp:
+        address, _, port = request.block_tcp.rpartition(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidArgument(f"block_tcp {request.block_tcp!r} is not ADDRESS:PORT")
+        lines.append(
+            f"iptables -w -A OUTPUT -d {_address(address)} -p tcp --dport {int(port)} -j DROP"
+        )
     for route in request.routes:
         destination = "default" if route.destination == "default" else _cidr(route.destination)
         family = "-6 " if ":" in route.destination or ":" in route.gateway else ""
@@ -160,6 +169,9 @@ async def configure(table: ProcessTable, request: agent_pb2.ConfigureNetworkRequ
         if init.exit_status is not None:
             raise FailedPrecondition(f"container {request.process_id!r} has exited")
     modules.load(NIC_MODULE)
+    if request.block_tcp:
+        for module in FILTER_MODULES:
+            modules.load(module)
     current = await devices.wait_for_device(devices.NIC, request.device_mac, NIC_TIMEOUT_S)
     commands = script(current, request)
     argv = [SHELL, "-c", commands]

@@ -114,8 +114,10 @@ ON_DEMAND_MODULES: tuple[str, ...] = (
     "overlay",
     "virtiofs",
     "virtio_net",  # and failover, net_failover under it (harpoon.agent.network)
-    # NAT of the host's loopback (harpoon.agent.loopback), with nf_nat, nf_conntrack...
+    # NAT of the host's loopback (harpoon.agent.loopback), with nf_nat, nf_conntrack...,
+    # and the filter that keeps the guest from gvproxy's API (harpoon.agent.network)
     "iptable_nat",
+    "iptable_filter",
     "xt_nat",
     "xt_MASQUERADE",
     "xt_tcpudp",

@@ -138,6 +138,7 @@ class Sandbox:
         network: Network,
         host_loopback: str = "",
         host_ports: frozenset[tuple[str, int]] = frozenset(),
+        block_tcp: str = "",
     ) -> None:
         """Gives the container of process_id (its created init; "": the guest's own
         namespace) the VM's NIC, configured as `network` says (what CNI configured on
@@ -167,6 +168,7 @@ class Sandbox:
                 for route in network.routes
             ],
             host_loopback=host_loopback,
+            block_tcp=block_tcp,
             host_ports=[
                 agent_pb2.ListeningPort(protocol=protocol, port=port)
                 for protocol, port in sorted(host_ports)

@@ -42,6 +42,10 @@ NIC_ID = "eth0"
 #: by which the agent finds the NIC; the agent gives it the container's own (CNI's
 #: veth's, or gvproxy's guest's) before it carries a frame.
 NIC_MAC = "02:00:00:00:00:00"
+#: gvproxy serves its forwarding API at its gateway's port 80 too (no flag turns that
+#: off), and that API, run by root, binds any host port and replaces any host file with
+#: a socket: the guest's side of its network drops connections to it.
+GVPROXY_API = f"{gvproxy.DEFAULT_GATEWAY}:80"
 #: Publishes ports of a container with a network namespace of its own through harpoon's
 #: user-mode network (gvproxy), for clients without CNI (`ctr run --annotation …`):
 #: comma-separated `[HOST_ADDRESS:]HOST_PORT:CONTAINER_PORT[/tcp|/udp]`, as `-p` takes.
@@ -120,14 +124,17 @@ class Network(Transformer):
                 host = str(gvproxy.DEFAULT_HOST_LOOPBACK)
                 ports = host_ports()
                 await sandbox.configure_network(
-                    "", user_network(nic.mac), host_loopback=host, host_ports=ports
-                )
+                    "", user_network(nic.mac), host_loopback=host, host_ports=ports,
+                    block_tcp=GVPROXY_API,
+                )  # fmt: skip
                 sandbox.forward_listeners(ports)
                 return
             # Its own network namespace, with the ports the annotation publishes.
             from harpoon.shim.container import INIT_GUEST_ID
 
-            await sandbox.configure_network(INIT_GUEST_ID, user_network(nic.mac))
+            await sandbox.configure_network(
+                INIT_GUEST_ID, user_network(nic.mac), block_tcp=GVPROXY_API
+            )
             await sandbox.publish_ports(published)
 
 

@@ -206,20 +206,22 @@ class WaitDeviceResponse(_message.Message):
     def __init__(self, path: _Optional[str] = ...) -> None: ...
 
 class ConfigureNetworkRequest(_message.Message):
-    __slots__ = ("process_id", "device_mac", "interface", "routes", "host_loopback", "host_ports")
+    __slots__ = ("process_id", "device_mac", "interface", "routes", "host_loopback", "host_ports", "block_tcp")
     PROCESS_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_MAC_FIELD_NUMBER: _ClassVar[int]
     INTERFACE_FIELD_NUMBER: _ClassVar[int]
     ROUTES_FIELD_NUMBER: _ClassVar[int]
     HOST_LOOPBACK_FIELD_NUMBER: _ClassVar[int]
     HOST_PORTS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TCP_FIELD_NUMBER: _ClassVar[int]
     process_id: str
     device_mac: str
     interface: NetworkInterface
     routes: _containers.RepeatedCompositeFieldContainer[NetworkRoute]
     host_loopback: str
     host_ports: _containers.RepeatedCompositeFieldContainer[ListeningPort]
-    def __init__(self, process_id: _Optional[str] = ..., device_mac: _Optional[str] = ..., interface: _Optional[_Union[NetworkInterface, _Mapping]] = ..., routes: _Optional[_Iterable[_Union[NetworkRoute, _Mapping]]] = ..., host_loopback: _Optional[str] = ..., host_ports: _Optional[_Iterable[_Union[ListeningPort, _Mapping]]] = ...) -> None: ...
+    block_tcp: str
+    def __init__(self, process_id: _Optional[str] = ..., device_mac: _Optional[str] = ..., interface: _Optional[_Union[NetworkInterface, _Mapping]] = ..., routes: _Optional[_Iterable[_Union[NetworkRoute, _Mapping]]] = ..., host_loopback: _Optional[str] = ..., host_ports: _Optional[_Iterable[_Union[ListeningPort, _Mapping]]] = ..., block_tcp: _Optional[str] = ...) -> None: ...
 
 class SetHostPortsRequest(_message.Message):
     __slots__ = ("ports",)
