@@ -36,6 +36,7 @@ from harpoon.errdefs import FailedPrecondition, InvalidArgument, NotFound
 from harpoon.guest.cache import GuestImage
 from harpoon.sandbox.sandbox import SandboxStarter
 from harpoon.shim import paths, serve
+from harpoon.shim.hooks import HookFailed
 from harpoon.shim.serve import TASK_SERVICE_NAMES, exit_when_abandoned
 from harpoon.shim.task import TaskService
 from harpoon.shim.transform import PIPELINE
@@ -661,5 +662,89 @@ def test_a_daemon_never_sent_create_exits_on_its_own_and_one_with_a_container_st
                     await asyncio.wait_for(stopped.wait(), 0.6)
             else:
                 await stopped.wait()
+
+    run(scenario)
+
+
+# -- OCI hooks ---------------------------------------------------------------------------
+
+
+def hook(host: Host, name: str, exit_status: int = 0) -> dict[str, object]:
+    """A hook that appends its name and the State it read to host.base/hooks.log."""
+    script = host.base / f"{name}.sh"
+    log = host.base / "hooks.log"
+    script.write_text(
+        f'#!/bin/sh\n{{ echo {name}; cat; echo; }} >> {log}\necho "{name} says no" >&2\n'
+        f"exit {exit_status}\n"
+    )
+    script.chmod(0o755)
+    return {"path": str(script), "args": [name]}
+
+
+def hook_log(host: Host) -> list[tuple[str, dict[str, Any]]]:
+    lines = (host.base / "hooks.log").read_text().splitlines()
+    return [(lines[i], json.loads(lines[i + 1])) for i in range(0, len(lines), 2)]
+
+
+def with_hooks(host: Host, hooks: dict[str, list[dict[str, object]]]) -> None:
+    spec = json.loads((host.bundle / "config.json").read_text())
+    spec["hooks"] = hooks
+    spec["annotations"] = {"nerdctl/name": "web"}
+    (host.bundle / "config.json").write_text(json.dumps(spec))
+
+
+def test_host_hooks_run_where_runc_runs_them_with_the_state_on_stdin(host: Host) -> None:
+    write_config(host, ["sh", "-c", "exit 0"])
+    with_hooks(host, {
+        "prestart": [hook(host, "prestart")],
+        "createRuntime": [hook(host, "createRuntime")],
+        "poststart": [hook(host, "poststart")],
+        "poststop": [hook(host, "poststop")],
+    })  # fmt: skip
+
+    async def scenario() -> None:
+        async with shim_for(host) as shim:
+            created = await shim.create(host.bundle)
+            assert [name for name, _ in hook_log(host)] == ["prestart", "createRuntime"]
+            await shim.start()
+            assert await shim.wait() == 0
+            await shim.delete()
+            log = hook_log(host)
+            assert [name for name, _ in log] == [
+                "prestart",
+                "createRuntime",
+                "poststart",
+                "poststop",
+            ]
+            states = dict(log)
+            assert states["createRuntime"]["pid"] == created.pid
+            assert states["createRuntime"]["status"] == "creating"
+            assert states["poststart"]["status"] == "running"
+            assert states["poststop"]["status"] == "stopped"
+            assert "pid" not in states["poststop"]
+            for _, state in log:
+                assert state["id"] == ID and state["bundle"] == str(host.bundle)
+                assert state["annotations"]["nerdctl/name"] == "web"
+
+    run(scenario)
+
+
+def test_a_failing_create_runtime_hook_fails_create_runs_poststop_and_leaves_nothing(
+    host: Host,
+) -> None:
+    write_config(host, ["sh", "-c", "exit 0"])
+    with_hooks(host, {
+        "createRuntime": [hook(host, "createRuntime", exit_status=3)],
+        "poststop": [hook(host, "poststop")],
+    })  # fmt: skip
+
+    async def scenario() -> None:
+        async with shim_for(host) as shim:
+            fds = open_fds()
+            with pytest.raises(HookFailed, match=r"createRuntime hook #0.*exit status 3.*says no"):
+                await shim.create(host.bundle)
+            assert [name for name, _ in hook_log(host)] == ["createRuntime", "poststop"]
+            assert shim.publisher.events == []
+            assert_nothing_left(host, shim.service, fds)
 
     run(scenario)
