@@ -54,6 +54,7 @@ from tests.e2e.traffic import (
     free_port,
     gateway_server,
     http_get,
+    line_server,
     listeners,
     tcp_connect,
     udp_exchange,
@@ -282,6 +283,35 @@ def the_gateway(nerdctl: Nerdctl, runtime: str, networks: Networks) -> Facts:
         "with --net none": outcome(alone, names=names),
         "the server received": server.received,
         "its address is the bridge's": on_bridge,
+    }
+
+
+def the_hosts_network(nerdctl: Nerdctl, runtime: str, networks: Networks) -> Facts:
+    """`--net host`: a server of the test's on the host's 127.0.0.1 is reached at
+    127.0.0.1, and a server the container starts is reached on the host's 127.0.0.1
+    (under harpoon: gvproxy's network, the guest's NAT of 127.0.0.1, its listeners
+    published); the port is free again once the container is removed."""
+    web = free_port()
+    with line_server(LOOPBACK) as server:
+        script = (
+            f"echo ping from the container | nc -w 5 {LOOPBACK} {server.port}; "
+            f"echo status=$?; mkdir -p /www && echo served > /www/index.html && "
+            f"exec httpd -f -p {web} -h /www"
+        )
+        started = nerdctl.run(runtime, "-d", "--name", "hpt-host", *DNS, nerdctl.image,
+                              "sh", "-c", script, net="host")  # fmt: skip
+        try:
+            page = http_get(web)
+            logs = nerdctl("logs", "hpt-host")
+        finally:
+            removed = nerdctl("rm", "-f", "hpt-host")
+    return {
+        "run status": started.status,
+        "container's output": logs.out,
+        "the server received": server.received,
+        "the host got": page,
+        "rm status": removed.status,
+        "listening after rm": listeners([web]),
     }
 
 
@@ -518,6 +548,14 @@ CASES = [
             "",
             "<hostname>",
         )),
+    }),
+    Case("the-hosts-network", the_hosts_network, {
+        "run status": 0,
+        "container's output": "pong from the host\nstatus=0\n",
+        "the server received": ["ping from the container\n"],
+        "the host got": "200 served\n",
+        "rm status": 0,
+        "listening after rm": [],
     }),
     Case("a-port-in-use", a_port_in_use, {
         "status": 1, "stdout": "",

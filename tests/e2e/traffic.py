@@ -160,6 +160,13 @@ class GatewayServer:
 def gateway_server(network: Network) -> Iterator[GatewayServer]:
     address = str(network.gateway)
     assert_on_this_machine(address, [network])
+    with line_server(address) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def line_server(address: str) -> Iterator[GatewayServer]:
+    """A GatewayServer at address (a gateway's, or the host's loopback)."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
     listener.bind((address, 0))
