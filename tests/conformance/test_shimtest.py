@@ -40,7 +40,9 @@ from harpoon.devenv.tools import SHIMTEST, flavour, installed_shim
 from tests.prerequisites import unavailable
 
 PROFILE_DIR = Path(__file__).resolve().parent
-RUNTIMES = ("harpoon", "runc")
+#: harpoon with its 9p rootfs, harpoon with the rootfs as erofs layers (format_mounts:
+#: the layers suite), and the runc baseline.
+RUNTIMES = ("harpoon", "harpoon-erofs", "runc")
 #: shimtest's own deadline: it then fails with a goroutine dump rather than hang.
 SHIMTEST_TIMEOUT_S = 420
 #: Ours, past shimtest's (one run of harpoon's profile takes ~70 s here).
@@ -61,7 +63,7 @@ def profile(runtime: str) -> Profile:
 def shim_binary(runtime: str) -> Path:
     """The shim under test: this checkout's harpoon, or containerd 2.3's runc shim (1.6's
     cannot run shimtest: it does not speak 2.3's bootstrap protocol at `start`)."""
-    if runtime == "harpoon":
+    if runtime.startswith("harpoon"):
         shim = installed_shim()
         if shim is None:
             unavailable("containerd-shim-harpoon-v1 is not installed: run scripts/install-deps")
@@ -161,7 +163,7 @@ def shimtest_runs() -> Runs:
 
 def _params(runtime: str, *values: str) -> Any:
     # harpoon's cases boot VMs.
-    marks = [pytest.mark.vm] if runtime == "harpoon" else []
+    marks = [pytest.mark.vm] if runtime.startswith("harpoon") else []
     return pytest.param(runtime, *values, marks=marks, id="-".join((runtime, *values)))
 
 

@@ -203,5 +203,20 @@ def test_more_devices_than_microvm_has_transports_is_a_clear_error() -> None:
     # The virtio-serial device and the rootfs share, then one transport per disk.
     disks = tuple(Disk(f"layer{i}", Path(f"/l{i}.erofs")) for i in range(23))
     with pytest.raises(VMError, match=r"needs 25 virtio devices \(23 disks.*microvm has 24"):
-        command_line(config(disks=disks), "tcg")
+        command_line(config(disks=disks, machine="microvm"), "tcg")
     command_line(config(disks=disks[:22]), "tcg")
+
+
+def test_a_vm_with_more_devices_than_microvm_takes_moves_to_q35_eight_to_a_slot() -> None:
+    from harpoon.vmm.qemu_launch import with_room_for_devices
+
+    disks = tuple(Disk(f"layer{i}", Path(f"/l{i}.erofs")) for i in range(100))
+    assert with_room_for_devices(config(disks=disks[:22])).machine is None
+    roomy = with_room_for_devices(config(disks=disks))
+    assert roomy.machine == "q35"
+    devices = [a for a in command_line(roomy, "tcg") if a.startswith(("virtio-", "vhost-"))]
+    addresses = [d.split("addr=")[1] for d in devices]
+    # virtio-serial, the share, 100 disks: 102 functions, slot 2 upwards, 8 to a slot.
+    assert addresses[0] == "0x2.0,multifunction=on" and addresses[1] == "0x2.1"
+    assert addresses[-1] == "0xe.5"
+    assert len(set(addresses)) == len(devices) == 102

@@ -74,7 +74,15 @@ def plan_launch(
 ) -> LaunchPlan:
     """The plan for a VM of config: restore its template if the store has it, else boot
     (and have the template built once the container runs). Cheap: a few stats."""
-    plan = _plan_launch(config, backend, templates, rootfs_share)
+    fitted = backend.fit(config)
+    if fitted.machine != config.machine:
+        # Moved to a roomier machine for its many devices (an erofs rootfs of many
+        # layers): a template would fit only images of that very layer count, and its
+        # build boots one more such VM; it boots cold and builds none.
+        log.info("%s: %d devices, machine %s: booting cold", config.name,
+                 len(config.devices), fitted.machine)  # fmt: skip
+        templates = False
+    plan = _plan_launch(fitted, backend, templates, rootfs_share)
     return replace(plan, netns_owned=netns_owned) if netns_owned else plan
 
 

@@ -56,6 +56,11 @@ class Backend(abc.ABC):
         """Whether this backend can give a VM virtiofs shares (cheap: no VM started)."""
         return False
 
+    def fit(self, config: VMConfig) -> VMConfig:
+        """config, with what this backend needs changed to run it (a machine with room
+        for its devices); cheap, and the same answer for the same config."""
+        return config
+
     @abc.abstractmethod
     def launch_early(self, config: VMConfig, restoring: Path | None) -> None:
         """Launches the VMM for config now, without an event loop (booting, or waiting
@@ -89,6 +94,11 @@ class QemuBackend(Backend):
         from harpoon.vmm import virtiofsd
 
         return virtiofsd.find() is not None
+
+    def fit(self, config: VMConfig) -> VMConfig:
+        from harpoon.vmm import qemu_launch
+
+        return qemu_launch.with_room_for_devices(config)
 
     def launch_early(self, config: VMConfig, restoring: Path | None) -> None:
         from harpoon.vmm import qemu_launch

@@ -158,6 +158,48 @@ def with_available_machine(config: VMConfig, binary: str) -> VMConfig:
     return dataclasses.replace(config, machine="q35")
 
 
+def with_room_for_devices(config: VMConfig) -> VMConfig:
+    """config on q35 when it has more devices than microvm has transports (an erofs
+    rootfs of many layers: a disk each); PCI_SLOTS x 8 functions there."""
+    if config.machine is not None or DEFAULT_MACHINE.get(config.arch) != "microvm":
+        return config
+    if 1 + len(config.devices) <= MICROVM_TRANSPORTS:
+        return config
+    return dataclasses.replace(config, machine="q35")
+
+
+#: The slots of q35's root bus a VM's virtio devices take (0 is the host bridge, 31 the
+#: ICH9's), eight functions each.
+PCI_SLOTS = range(2, 31)
+PCI_FUNCTIONS = 8
+
+
+def _pci_addresses(args: list[str]) -> list[str]:
+    """args with every virtio PCI device given an address of its own, eight functions to
+    a slot (QEMU's automatic placement uses one slot per device, and runs out)."""
+    placed: list[str] = []
+    index = 0
+    for arg in args:
+        driver = arg.split(",", 1)[0]
+        if (
+            placed
+            and placed[-1] == "-device"
+            and driver.startswith(("virtio-", "vhost-"))
+            and (driver.endswith("-pci"))
+        ):
+            slot, function = divmod(index, PCI_FUNCTIONS)
+            if slot >= len(PCI_SLOTS):
+                raise VMError(
+                    f"more than {len(PCI_SLOTS) * PCI_FUNCTIONS} PCI devices: no room on q35"
+                )
+            arg += f",addr={PCI_SLOTS[slot]:#x}.{function}"
+            if function == 0:
+                arg += ",multifunction=on"
+            index += 1
+        placed.append(arg)
+    return placed
+
+
 def command_line(
     config: VMConfig,
     accelerator: str,
@@ -248,7 +290,8 @@ def command_line(
             "-object",
             f"memory-backend-memfd,id={MEMORY_BACKEND_ID},size={config.memory_mib}M,share=on",
         ]
-    return args + _device_args(config, profile)
+    args += _device_args(config, profile)
+    return _pci_addresses(args) if profile.device_suffix == "pci" else args
 
 
 def _socket_chardev(chardev: str, path: Path, fd: int | None) -> str:
