@@ -11,7 +11,8 @@ them; this step says when), and the State they read.
   its network are gone. Its failure is logged, as the runtime-spec asks (runc fails its
   delete); a Delete is not refused for it.
 - `createContainer` and `startContainer` hooks run in the container's namespaces, which
-  are in the guest: a spec with one is refused (Unimplemented), not run without them.
+  are in the guest, where the host's programs are not: they are not run (a warning in
+  the shim's log says so), as the README documents.
 
 The State's annotations are the spec's, plus `nerdctl/network-namespace` naming the
 VM's namespace, as Kata sets it: nerdctl's hook reads it before /proc/<pid>/ns/net.
@@ -23,9 +24,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harpoon.errdefs import Unimplemented
 from harpoon.shim import hooks
-from harpoon.shim.hooks import GUEST_PHASES, HOST_PHASES, HookFailed, HookPhase
+from harpoon.shim.hooks import GUEST_PHASES, HookFailed, HookPhase
 from harpoon.shim.transform.draft import CreateContext, Draft, Transformer
 
 if TYPE_CHECKING:
@@ -62,13 +62,7 @@ async def run_phase(
 
 class HostHooks(Transformer):
     def plan(self, draft: Draft) -> None:
-        for phase in sorted(GUEST_PHASES):
-            if hooks.hooks_of(draft.spec, phase):
-                raise Unimplemented(
-                    f"{phase} hooks run in the container's namespaces, which are in its VM: "
-                    "harpoon runs only host hooks (prestart, createRuntime, poststart, poststop)"
-                )
-        for phase in HOST_PHASES:
+        for phase in HookPhase:
             hooks.hooks_of(draft.spec, phase)  # refused here, before any VM, if invalid
 
     async def before_vm(self, create: CreateContext) -> None:
@@ -76,6 +70,12 @@ class HostHooks(Transformer):
         create.undo.push_async_callback(_poststop, create)
 
     async def with_vm(self, create: CreateContext, sandbox: Sandbox) -> None:
+        for phase in sorted(GUEST_PHASES):
+            if hooks.hooks_of(create.bundle.spec, phase):
+                log.warning(
+                    "%s: its %s hooks are not run: they run in the container's namespaces, "
+                    "which are in its VM", create.request.id, phase,
+                )  # fmt: skip
         create.netns = sandbox.config.netns
         create.hooks_began = True  # from here on, undoing Create runs poststop
         for phase in CREATE_PHASES:
