@@ -2,10 +2,10 @@
 whose spec asks for a new one (its VM then runs there, and CNI's hooks configure it),
 removed with the container.
 
-`unshare --net=FILE true` makes the namespace and bind-mounts it on FILE, so it outlives
-the process that made it; removing is unmounting FILE and deleting it. Nothing here
-needs an event loop: the shim's daemon creates the namespace before it has one (its VM
-is launched early, in that namespace).
+A thread of this process unshares its network namespace (a network namespace is a
+thread's) and bind-mounts it on the file, so it outlives the thread; removing is
+unmounting the file and deleting it. Nothing here needs an event loop: the shim's daemon
+creates the namespace before it has one (its VM is launched early, in that namespace).
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
 from harpoon import linux
 
 NSENTER = "nsenter"
-UNSHARE = "unshare"
 COMMAND_TIMEOUT_S = 30.0
 
 
@@ -27,19 +27,74 @@ class NetnsError(OSError):
     """A namespace could not be made, entered or removed; says which and why."""
 
 
-def create(path: Path) -> None:
-    """A new network namespace pinned at path (which must not exist yet)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+TUN_DEVICE = "/dev/net/tun"
+TUNSETIFF = 0x400454CA  # linux/if_tun.h
+TUNSETPERSIST = 0x400454CB
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+_IFREQ_FLAGS = "16sH"
+
+
+def prepare_with_tap(path: Path, owned: bool, tap: str) -> None:
+    """The namespace at path (made first if `owned` and not there yet) with a tap
+    called `tap` in it, up; idempotent. Done in a thread of its own, which enters the
+    namespace (a network namespace is a thread's): no process is started, where `ip`
+    would cost a few of them on every container's start."""
+    if owned and not is_pinned(path):
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o444)
+        os.close(fd)
+        create_in = True
+    else:
+        create_in = False
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            if create_in:
+                linux.unshare(linux.CLONE_NEWNET)
+                linux.mount(f"/proc/self/task/{threading.get_native_id()}/ns/net", str(path),
+                            "", linux.MS_BIND)  # fmt: skip
+            else:
+                with open(path, "rb") as namespace:
+                    linux.setns(namespace.fileno(), linux.CLONE_NEWNET)
+            _make_tap_here(tap)
+        except BaseException as error:  # reported by the caller's thread
+            failure.append(error)
+
+    thread = threading.Thread(target=work, name="netns")
+    thread.start()
+    thread.join()
+    if failure:
+        if create_in:
+            remove(path)
+        raise NetnsError(f"preparing network namespace {path}: {failure[0]}")
+
+
+def _make_tap_here(name: str) -> None:
+    """A persistent tap `name`, up, in this thread's network namespace (kept if there)."""
+    import fcntl
+    import socket
+    import struct
+
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
-    except FileExistsError:
-        raise NetnsError(f"network namespace {path} exists already") from None
-    os.close(fd)
-    try:
-        run([UNSHARE, f"--net={path}", "true"], f"creating network namespace {path}")
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
+        socket.if_nametoindex(name)
+        exists = True
+    except OSError:
+        exists = False
+    if not exists:
+        with open(TUN_DEVICE, "r+b", buffering=0) as tun:
+            fcntl.ioctl(
+                tun, TUNSETIFF, struct.pack(_IFREQ_FLAGS, name.encode(), IFF_TAP | IFF_NO_PI)
+            )
+            fcntl.ioctl(tun, TUNSETPERSIST, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        request = struct.pack(_IFREQ_FLAGS, name.encode(), 0)
+        flags = struct.unpack(_IFREQ_FLAGS, fcntl.ioctl(probe, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(probe, SIOCSIFFLAGS, struct.pack(_IFREQ_FLAGS, name.encode(), flags | IFF_UP))
 
 
 def remove(path: Path) -> None:

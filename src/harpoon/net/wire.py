@@ -1,6 +1,6 @@
 """A VM's NIC wired to what CNI made in its network namespace, as Kata's "tcfilter" mode.
 
-Before the VM starts, `make_tap` creates the tap its NIC opens (QEMU runs in the
+Before the VM starts, `prepare` creates the tap its NIC opens (QEMU runs in the
 namespace; `microvm` cannot hot-plug a NIC, and a VM template carries the NIC). After
 CNI's hooks ran, `scan` reads what they configured (the veth, its addresses, MAC and
 MTU, the routes) and `redirect` joins the veth and the tap with tc: every frame that
@@ -59,29 +59,18 @@ class Network:
     routes: tuple[Route, ...]
 
 
-def make_tap(namespace: Path, mtu: int | None = None) -> None:
-    """The VM's tap, up, in the namespace (where its QEMU will open it by name)."""
-    what = f"creating {TAP_NAME} in {namespace}"
-    netns.run_in(namespace, ["ip", "tuntap", "add", "dev", TAP_NAME, "mode", "tap"], what)
-    up = ["ip", "link", "set", "dev", TAP_NAME, "up"]
-    netns.run_in(namespace, [*up, *(["mtu", str(mtu)] if mtu else [])], what)
-
-
 def scan(namespace: Path) -> Network:
     """What CNI configured in the namespace: every interface but lo and the tap."""
 
-    def ip(*args: str) -> Any:
-        return json.loads(
-            netns.run_in(namespace, ["ip", "-j", *args], f"reading {namespace}") or "[]"
-        )
-
-    interfaces = parse_addresses(ip("address", "show"))
+    # One process for the three tables (each `ip -j` prints one line of JSON).
+    script = "ip -j address show; echo; ip -j -4 route show; echo; ip -j -6 route show; echo"
+    output = netns.run_in(namespace, ["sh", "-c", script], f"reading {namespace}")
+    tables = [json.loads(line or "[]") for line in output.split("\n")[:3]]
+    tables += [[]] * (3 - len(tables))
+    interfaces = parse_addresses(tables[0])
     names = {interface.name for interface in interfaces}
     routes = [
-        route
-        for family in ("-4", "-6")
-        for route in parse_routes(ip(family, "route", "show"))
-        if route.device in names
+        route for table in tables[1:] for route in parse_routes(table) if route.device in names
     ]
     return Network(tuple(interfaces), tuple(routes))
 
@@ -158,13 +147,9 @@ def redirect(namespace: Path, interface: Interface) -> None:
 
 
 def prepare(namespace: Path, owned: bool) -> None:
-    """The namespace (created if it is harpoon's) with the VM's tap in it, before its
-    VMM launches; idempotent (the VM launched ahead prepared it already)."""
-    if owned and not netns.is_pinned(namespace):
-        netns.create(namespace)
-    links = netns.run_in(namespace, ["ip", "-j", "link", "show"], f"reading {namespace}")
-    if not any(link.get("ifname") == TAP_NAME for link in json.loads(links or "[]")):
-        make_tap(namespace)
+    """The namespace (created if it is harpoon's) with the VM's tap in it, up, before
+    its VMM launches; idempotent (the VM launched ahead prepared it already)."""
+    netns.prepare_with_tap(namespace, owned, TAP_NAME)
 
 
 def release(namespace: Path, owned: bool) -> None:

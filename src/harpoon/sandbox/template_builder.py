@@ -145,9 +145,8 @@ def scratch_netns(config: VMConfig) -> Iterator[VMConfig]:
     from harpoon.net import netns, wire
 
     scratch = config.state_dir.parent.parent / "netns" / f"template-{os.getpid()}"
-    netns.create(scratch)
+    wire.prepare(scratch, owned=True)
     try:
-        wire.make_tap(scratch)
         yield dataclasses.replace(config, netns=scratch)
     finally:
         netns.remove(scratch)

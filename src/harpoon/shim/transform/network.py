@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 from harpoon.errdefs import FailedPrecondition, InvalidArgument
 from harpoon.net import gvproxy, wire
 from harpoon.net.ports import PublishedPort
-from harpoon.shim import paths
+from harpoon.shim import hooks, paths
+from harpoon.shim.transform import oci_hooks
 from harpoon.shim.transform.draft import CreateContext, Draft, Transformer
 from harpoon.vmm.devices import NIC, StreamBackend, TapBackend
 
@@ -94,6 +95,11 @@ class Network(Transformer):
         namespace = sandbox.config.netns
         if namespace is None:
             return
+        spec = create.bundle.spec
+        if sandbox.plan.netns_owned and not any(
+            hooks.hooks_of(spec, phase) for phase in oci_hooks.CREATE_PHASES
+        ):
+            return  # harpoon's own namespace, and no hook to configure it: only loopback
         network = await asyncio.to_thread(wire.scan, namespace)
         if not network.interfaces:
             return
