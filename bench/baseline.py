@@ -43,8 +43,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.checkout import wrapper_shim
 from harpoon.devenv.host import unmount_under
-from harpoon.devenv.tools import installed_shim
 from harpoon.shim.paths import share_dir, vm_state_dir
 
 #: `git archive` of src/, `guest build` (~10 s here) and `template build` (a cold boot).
@@ -194,33 +194,10 @@ class Baseline:
         return f"{self.label}: {self.template}"
 
     def _write_shim(self) -> None:
-        """The console script pip writes for containerd-shim-harpoon-v1, with the commit's
-        source first and its own guest and template directories."""
-        installed = installed_shim()
-        interpreter = sys.executable
-        if installed is not None:
-            first = installed.read_text().splitlines()[0]
-            if first.startswith("#!"):
-                interpreter = first[2:].strip()
-        env = self.environment()
-        script = (
-            f"#!{interpreter}\n"
-            "# -*- coding: utf-8 -*-\n"
-            f"# harpoon at {self.commit}, for `python -m bench --baseline-commit`.\n"
-            "import os\n"
-            f"os.environ.update({env!r})\n"
-            "import re\n"
-            "import sys\n"
-            f"sys.path.insert(0, {str(self.src)!r})\n"
-            "from harpoon.shim.cli import main\n"
-            "if __name__ == '__main__':\n"
-            "    sys.argv[0] = re.sub(r'(-script\\.pyw|\\.exe)?$', '', sys.argv[0])\n"
-            "    sys.exit(main())\n"
-        )
+        """The commit's shim: its source first, its own guest and template directories."""
         self.bin_dir.mkdir()
-        shim = self.bin_dir / self.binary
-        shim.write_text(script)
-        shim.chmod(0o755)
+        note = f"harpoon at {self.commit}, for `python -m bench --baseline-commit`."
+        wrapper_shim(self.bin_dir, f"harpoon{self.short}", self.environment(), self.src, note)
 
     def cleanup(self, namespace: str, address: str, container_ids: list[str]) -> list[str]:
         """After the daemon stopped: releases what the commit's leaked shims left, kills

@@ -67,6 +67,7 @@ class CtrResult:
     stderr: str
     first_byte_s: float | None = None  # from launch to the first stdout byte
     last_byte_s: float | None = None  # from launch to the last stdout byte
+    program: str = "ctr"
 
     @property
     def ok(self) -> bool:
@@ -76,11 +77,15 @@ class CtrResult:
         """Why it failed, in one line."""
         status = "timed out" if self.returncode is None else f"exit status {self.returncode}"
         tail = self.stderr.strip()[-STDERR_TAIL_CHARS:]
-        return f"`ctr {' '.join(self.argv)}`: {status}" + (f": {tail}" if tail else "")
+        said = f"`{self.program} {' '.join(self.argv)}`: {status}"
+        return said + (f": {tail}" if tail else "")
 
 
 class Ctr:
     """Runs `ctr` against one daemon; tracks the containers it created to remove them."""
+
+    #: What runs (a subclass may run another client of the daemon: `argv`, `_env`).
+    PROGRAM = "ctr"
 
     def __init__(self, daemon: Containerd) -> None:
         self.daemon = daemon
@@ -164,8 +169,9 @@ class Ctr:
         seconds = time.monotonic() - started
         stderr = _NOISE.sub("", stderr_bytes.decode(errors="replace")).strip()
         return CtrResult(
-            tuple(args), returncode, seconds, bytes(kept), counted, stderr, first_byte, last_byte
-        )
+            tuple(args), returncode, seconds, bytes(kept), counted, stderr, first_byte, last_byte,
+            self.PROGRAM,
+        )  # fmt: skip
 
     async def remove_container(self, container_id: str) -> None:
         """Kills and deletes a container's task and the container, whatever state they are

@@ -40,7 +40,6 @@ import io
 import json
 import os
 import random
-import shlex
 import shutil
 import subprocess
 import sys
@@ -52,16 +51,15 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+from bench.checkout import REPO, HarpoonDirs, prepare_harpoon, wrapper_shim
 from bench.ctr import Ctr
 from bench.shimlog import ShimLog, VMStart
 from harpoon.devenv.containerd import Containerd
 from harpoon.devenv.images import build_busybox_image, default_cache_dir
-from harpoon.guest.cache import GUEST_DIR_ENV
 from harpoon.sandbox.plan import SHARE_FS_ENV
-from harpoon.sandbox.template import TEMPLATE_DIR_ENV, TEMPLATES_ENV
+from harpoon.sandbox.template import TEMPLATES_ENV
 from harpoon.vmm.virtiofsd import CACHE_ENV
 
-REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 WORKLOADS = ("write", "read", "untar", "find")
 PLACES = ("rootfs", "bind")
@@ -98,8 +96,6 @@ DEFAULT_RUNTIMES = ["host", "runc", "harpoon-9p", "harpoon-9p-cold", "harpoon-vi
 #: file unpacked, on each of the two places, plus `find` and the sequential part.
 RUN_TIMEOUT_BASE_S = 900.0
 RUN_TIMEOUT_PER_FILE_S = 0.3
-#: `harpoon guest build` (~10 s) and `harpoon template build` (one cold boot).
-BUILD_TIMEOUT_S = 900.0
 UPTIME_RESOLUTION_S = 0.01
 START_LABELS = {"template": "restored", "cold": "cold boot"}
 
@@ -153,66 +149,22 @@ def parse(output: str) -> dict[str, float]:
     }
 
 
-@dataclass(frozen=True)
-class HarpoonDirs:
-    """The bench's own guest image and template store, and what built them."""
-
-    guest: Path
-    templates: Path
-    built: dict[str, str]
-
-
-def prepare_harpoon(scratch: Path, template: bool) -> HarpoonDirs:
-    """Builds this checkout's guest into scratch/guest and, if a variant restores, the VM
-    template its containers restore into scratch/templates (`harpoon template build`,
-    as a user would; a container with bind mounts restores the same template)."""
-    guest, templates = scratch / "guest", scratch / "templates"
-    built = {"guest": _harpoon("guest", "build", "--guest-dir", str(guest))}
-    if template:
-        built["template"] = _harpoon(
-            "template", "build", "--guest-dir", str(guest), "--template-dir", str(templates)
-        )
-    return HarpoonDirs(guest, templates, built)
-
-
-def _harpoon(*args: str) -> str:
-    """`harpoon ARGS` of this checkout; its stdout, on one line."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    out = subprocess.run(
-        [sys.executable, "-m", "harpoon.cli", *args],
-        env=env, capture_output=True, text=True, check=False, timeout=BUILD_TIMEOUT_S,
-    )  # fmt: skip
-    if out.returncode != 0:
-        tail = (out.stderr or out.stdout).strip()[-800:]
-        raise SystemExit(f"`harpoon {' '.join(args)}` failed: {tail}")
-    return " ".join(out.stdout.split())
-
-
 def wrapper_shims(directory: Path, dirs: HarpoonDirs) -> dict[str, str]:
     """A shim per harpoon variant, running this checkout's harpoon with the variant's
     environment and the bench's guest and templates; returns runtime names by variant."""
-    runtimes = {}
-    for variant, how in HARPOON_VARIANTS.items():
-        name = variant.replace("-", "")
-        env = {
-            "PYTHONPATH": str(REPO / "src"),
-            GUEST_DIR_ENV: str(dirs.guest),
-            TEMPLATE_DIR_ENV: str(dirs.templates),
-            TEMPLATES_ENV: "on" if how.templates else "off",
-            SHARE_FS_ENV: how.share_fs,
-            CACHE_ENV: how.virtiofs_cache,
-        }
-        exports = " ".join(f"{key}={shlex.quote(value)}" for key, value in env.items())
-        script = directory / f"containerd-shim-{name}-v1"
-        script.write_text(
-            "#!/bin/sh\n"
-            f"export {exports}\n"
-            f"exec {shlex.quote(sys.executable)} -c "
-            "'from harpoon.shim.cli import main; main()' \"$@\"\n"
+    return {
+        variant: wrapper_shim(
+            directory,
+            variant.replace("-", ""),
+            {
+                **dirs.environment(),
+                TEMPLATES_ENV: "on" if how.templates else "off",
+                SHARE_FS_ENV: how.share_fs,
+                CACHE_ENV: how.virtiofs_cache,
+            },
         )
-        script.chmod(0o755)
-        runtimes[variant] = f"io.containerd.{name}.v1"
-    return runtimes
+        for variant, how in HARPOON_VARIANTS.items()
+    }
 
 
 def run_host(scratch: Path, bind: Path, mib: int) -> tuple[str, str | None]:

@@ -21,8 +21,9 @@ import pytest
 
 from harpoon.devenv.containerd import Containerd
 from harpoon.devenv.images import BUSYBOX_REF, build_busybox_image, default_cache_dir
+from harpoon.devenv.nerdctl import MINIMUM_CONTAINERD, version_tuple
 from harpoon.devenv.tools import NERDCTL, Flavour, flavour, scripts_dir
-from tests.e2e.nerdctl import MINIMUM_CONTAINERD, Nerdctl, version_tuple
+from tests.e2e.nerdctl import Nerdctl
 from tests.prerequisites import unavailable
 
 #: How long shims get to exit after their last task is deleted.

@@ -1,33 +1,10 @@
-"""nerdctl (v2.3.5, built by scripts/install-deps: `harpoon.devenv.tools.NERDCTL`) driving
-the session's containerd, offline, with nothing of it outside a temporary directory.
+"""nerdctl driving the session's containerd for the e2e tests, offline, with nothing of
+it outside a temporary directory: harpoon.devenv.nerdctl's setup (its docstring says what
+that takes), plus what the tests run with it.
 
-What it takes to run nerdctl against our throw-away containerd with no network (found
-by trying it, 2026-12-06, on this Debian 12 host: cgroup v1, no systemd, no AppArmor):
-
-- `--address` and `--namespace` of the session's daemon (nerdctl's defaults are the
-  machine's /run/containerd/containerd.sock and "default").
-- `--data-root` in a temporary directory of the session: nerdctl keeps there, per
-  containerd address, every container's /etc/hosts, /etc/resolv.conf and /etc/hostname
-  (which it bind-mounts into the container), its name store, its json-file logs and the
-  named volumes (`volumes/<namespace>/<name>/_data`). Its default is /var/lib/nerdctl.
-- `--cni-netconfpath` in that directory: even `--net none` takes a lock file
-  (`.cni-concurrency.lock`) in the CNI config directory, creating /etc/cni/net.d
-  otherwise; the networks a test creates (`nerdctl network create`) are written there.
-- `--cni-path /usr/lib/cni`, where Debian's containernetworking-plugins are (nerdctl's
-  default is /opt/cni/bin): `run --net NETWORK` runs them from nerdctl's createRuntime
-  and postStop OCI hooks (`nerdctl internal oci-hook`, run on the host by runc and by
-  harpoon alike). With `--net none` (`run_args`' default) no plugin runs.
-- `NERDCTL_TOML` naming a file that does not exist: the machine's
-  /etc/nerdctl/nerdctl.toml, if any, is not read.
-- `--snapshotter overlayfs` (nerdctl's default too, and where `ctr image import`
-  unpacked the image; explicit so that CONTAINERD_SNAPSHOTTER cannot change it) and
-  `--cgroup-manager cgroupfs` (nerdctl's default on a cgroup v1 host or one without
-  systemd, as here; on cgroup v2 with systemd it would pick systemd): cgroupsPath is then
-  `/<namespace>/<id>`, as `ctr run` makes it.
-- The busybox image imported by `ctr` is found by its name (`busybox_image`); `--pull
-  never` on every `run` makes a missing image an error at once instead of a pull from
-  docker.io. No registry flag (`--insecure-registry`, `--hosts-dir`) is needed.
-- nerdctl 2.3 supports containerd 1.7 and later only: the fixture skips on 1.6.
+The busybox image imported by `ctr` is found by its name (`busybox_image`); `--net
+none` is `run_args`' default, so no CNI plugin runs unless a test names a network (the
+nerdctl fixture skips on containerd 1.6: nerdctl 2.3 needs 1.7).
 
 `--rm` runs remove their container; the fixture removes every container (`nerdctl rm
 -f`) and volume (`nerdctl volume rm`) a test leaves before the `containerd` fixture's
@@ -36,70 +13,20 @@ leak check.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from harpoon.devenv.containerd import SNAPSHOTTER, Containerd
+from harpoon.devenv.nerdctl import COMMAND_TIMEOUT_S, OfflineNerdctl
 from tests.e2e.differential import CTR_RUN_TIMEOUT_S, Result, normalised
-
-#: The first containerd release nerdctl 2.3 supports.
-MINIMUM_CONTAINERD = (1, 7)
-#: How long a nerdctl command that does not start a container may take.
-COMMAND_TIMEOUT_S = 120.0
-#: Where the CNI plugins are (Debian's containernetworking-plugins).
-CNI_PLUGIN_DIR = Path("/usr/lib/cni")
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    """(1, 6, 20) of "1.6.20" or "1.6.20~ds1"."""
-    numbers = []
-    for part in version.split("~")[0].split("+")[0].split("-")[0].split("."):
-        if not part.isdigit():
-            break
-        numbers.append(int(part))
-    return tuple(numbers)
 
 
 @dataclass
-class Nerdctl:
-    """One nerdctl set up for one containerd, with all its state under `base`."""
+class Nerdctl(OfflineNerdctl):
+    """The session's nerdctl and the image its tests run."""
 
-    binary: Path
-    containerd: Containerd
-    base: Path
     image: str
-
-    @property
-    def data_root(self) -> Path:
-        return self.base / "data-root"
-
-    @property
-    def cni_config_dir(self) -> Path:
-        return self.base / "cni-net.d"
-
-    def command(self, *args: str) -> list[str]:
-        return [
-            str(self.binary),
-            "--address", self.containerd.address,
-            "--namespace", self.containerd.namespace,
-            "--data-root", str(self.data_root),
-            "--cni-netconfpath", str(self.cni_config_dir),
-            "--cni-path", str(CNI_PLUGIN_DIR),
-            "--snapshotter", SNAPSHOTTER,
-            "--cgroup-manager", "cgroupfs",
-            *args,
-        ]  # fmt: skip
-
-    def environment(self) -> dict[str, str]:
-        env = dict(os.environ, NERDCTL_TOML=str(self.base / "nerdctl.toml"))
-        # Defaults of flags we pass anyway.
-        for name in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE", "CONTAINERD_SNAPSHOTTER",
-                     "CNI_PATH", "NETCONFPATH"):  # fmt: skip
-            env.pop(name, None)
-        return env
 
     def __call__(
         self, *args: str, input: bytes | None = None, timeout: float = COMMAND_TIMEOUT_S
