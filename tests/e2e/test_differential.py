@@ -594,6 +594,17 @@ def test_harpoon_matches_runc(
         )
         for runtime, suffix in ((RUNC, "runc"), (HARPOON, "harpoon"))
     }
+    if (
+        containerd.flavour.name == "1.6"
+        and outcomes[RUNC].status == 0
+        and not outcomes[RUNC].out
+        and outcomes[HARPOON].out
+    ):
+        # ctr 1.6 with runc was seen to lose all of a fast task's output on a loaded
+        # machine (status 0, nothing printed; twice in ~600 runs of this module, never
+        # under harpoon): the oracle's own fault, so the oracle alone runs once more.
+        name = f"{scenario.name}-{token}-runc-again"
+        outcomes[RUNC] = run_scenario(containerd, busybox_image, RUNC, name, scenario)
     runc, harpoon = (scenario.facts(outcomes[r]) for r in (RUNC, HARPOON))
     assert runc.keys() == harpoon.keys()
     same = {k: v for k, v in runc.items() if k not in scenario.differs}
