@@ -50,11 +50,11 @@ that booted cold then (no template for its VM yet) has its template built by the
 which the bench waits for. The table says how many measured VMs were restored. It also
 records the machine's 1-minute load average before and after each way's run.
 
-Leaves nothing: containers are removed after each run; at the end the network (its
-bridge, its firewall rules, host-local's reservations), the daemon, its shims and VMs
-and the scratch directory. What was still there is listed (`leftovers` in the JSON,
-empty on a clean run). Prints a markdown table; writes JSON to
-bench/results/net-<UTC timestamp>.json.
+Leaves nothing, also when ended by ^C or SIGTERM: containers are removed after each
+run; at the end the network (its bridge, its firewall rules, host-local's
+reservations), the daemon, its shims and VMs and the scratch directory. What was still
+there is listed (`leftovers` in the JSON, empty on a clean run). Prints a markdown
+table; writes JSON to bench/results/net-<UTC timestamp>.json.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ import json
 import os
 import random
 import secrets
+import signal
 import socket
 import sys
 import tempfile
@@ -195,7 +196,7 @@ def server_script(ports: Ports, mib: int) -> str:
     )  # fmt: skip
 
 
-class Nerdctl(Ctr):
+class NerdctlRunner(Ctr):
     """`nerdctl` against the bench's daemon, run as bench.ctr runs ctr (own session,
     timeout, killed with its process group)."""
 
@@ -260,7 +261,7 @@ class NetBench:
     harpoon_runtime: str
     templates: Path
     ctr: Ctr = field(init=False)
-    nerdctl_runner: Nerdctl = field(init=False)
+    nerdctl_runner: NerdctlRunner = field(init=False)
     shim_log: ShimLog = field(init=False)
     #: Every container ID started, for the leftover check.
     started: list[str] = field(default_factory=list)
@@ -270,7 +271,7 @@ class NetBench:
 
     def __post_init__(self) -> None:
         self.ctr = Ctr(self.daemon)
-        self.nerdctl_runner = Nerdctl(self.nerdctl)
+        self.nerdctl_runner = NerdctlRunner(self.nerdctl)
         self.shim_log = ShimLog(self.daemon.log_path)
 
     def runtime(self, way: Way) -> str:
@@ -563,8 +564,14 @@ def leftovers(
     return found
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    """SIGTERM ends the run as ^C does: through every clean-up on the way out."""
+    raise SystemExit(128 + signum)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole run: build, daemon, network, rounds, clean-up; the record (JSON)."""
+    signal.signal(signal.SIGTERM, _terminated)
     started = time.monotonic()
     began_utc = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     if NERDCTL.missing_binaries() and any(WAYS[n].network == "cni" for n in args.only):
