@@ -106,7 +106,7 @@ def remove(path: Path) -> None:
 
 
 def is_pinned(path: Path) -> bool:
-    """True if path is a namespace file a `create` pinned (and `remove` did not)."""
+    """True if path is a namespace file `prepare_with_tap` pinned (and `remove` did not)."""
     return str(path) in linux.mounts_under(str(path))
 
 
