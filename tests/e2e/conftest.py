@@ -20,7 +20,13 @@ from pathlib import Path
 import pytest
 
 from harpoon.devenv.containerd import Containerd
-from harpoon.devenv.images import BUSYBOX_REF, build_busybox_image, default_cache_dir
+from harpoon.devenv.debian_image import build_debian_image
+from harpoon.devenv.images import (
+    BUSYBOX_REF,
+    ImageBuildError,
+    build_busybox_image,
+    default_cache_dir,
+)
 from harpoon.devenv.nerdctl import MINIMUM_CONTAINERD, version_tuple
 from harpoon.devenv.tools import NERDCTL, Flavour, flavour, scripts_dir
 from tests.e2e.nerdctl import Nerdctl
@@ -78,6 +84,18 @@ def busybox_image_tar() -> Path:
 def busybox_image(containerd_session: Containerd, busybox_image_tar: Path) -> str:
     """The reference of the busybox image, imported into the session's containerd."""
     return containerd_session.import_image(busybox_image_tar)
+
+
+@pytest.fixture(scope="session")
+def debian_web_image(containerd_session: Containerd) -> str:
+    """The reference of the Debian image (nginx, python3: harpoon.devenv.debian_image),
+    built once per machine from Debian's archive and cached, imported into the session's
+    containerd."""
+    try:
+        tar = build_debian_image(default_cache_dir())
+    except ImageBuildError as error:
+        unavailable(str(error))
+    return containerd_session.import_image(tar)
 
 
 @pytest.fixture(scope="session")

@@ -596,6 +596,75 @@ def test_nerdctl_network_under_harpoon_matches_runc(
     assert run_case(nerdctl, case, HARPOON, networks) == runc
 
 
+# -- nginx from a Debian image --------------------------------------------------------
+
+#: What the nginx case finds under runc (and must find under harpoon).
+NGINX_EXPECTED: Facts = {
+    "run status": 0, "run stderr": "",
+    "served": "200 served by nginx\n",
+    "requests logged": ["GET / HTTP/1.1"],
+    "rm status": 0, "after rm": REFUSED, "rules after rm": [],
+}  # fmt: skip
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A directory with an index.html, for nginx's document root."""
+    (tmp_path / "index.html").write_text("served by nginx\n")
+    tmp_path.chmod(0o755)
+    return tmp_path
+
+
+def logged_requests(nerdctl: Nerdctl, name: str) -> list[str]:
+    """The request lines of nginx's access log (the image sends it to stdout), once
+    there is one or GONE_TIMEOUT_S passed: the log line is written after the answer."""
+    deadline = time.monotonic() + GONE_TIMEOUT_S
+    while True:
+        logs = nerdctl.check("logs", name)
+        requests = [line.split('"')[1] for line in logs.splitlines() if line.count('"') >= 2]
+        if requests or time.monotonic() > deadline:
+            return requests
+        time.sleep(POLL_INTERVAL_S)
+
+
+def nginx_published(
+    nerdctl: Nerdctl, runtime: str, networks: Networks, image: str, site: Path
+) -> Facts:
+    """`run -d -p 127.0.0.1:PORT:80 -v SITE:/var/www/html:ro` of the Debian image's own
+    command (nginx): the host gets the site's page, and `nerdctl logs` the request;
+    once `nerdctl rm -f` returned, the port is refused and no rule names it."""
+    port = free_port()
+    run = nerdctl.run(runtime, "-d", "--name", "hpt-nginx", *DNS,
+                      "-p", f"{LOOPBACK}:{port}:80", "-v", f"{site}:/var/www/html:ro",
+                      image, net=networks.a.name)  # fmt: skip
+    try:
+        served = http_get(port)
+        requests = logged_requests(nerdctl, "hpt-nginx")
+    finally:
+        removed = nerdctl("rm", "--force", "hpt-nginx")
+    return {
+        "run status": run.status, "run stderr": run.err,
+        "served": served, "requests logged": requests,
+        "rm status": removed.status, "after rm": tcp_connect(port),
+        "rules after rm": cni.port_rules([port]),
+    }  # fmt: skip
+
+
+def test_nginx_from_a_debian_image_under_runc(
+    nerdctl: Nerdctl, networks: Networks, debian_web_image: str, site: Path
+) -> None:
+    assert nginx_published(nerdctl, RUNC, networks, debian_web_image, site) == NGINX_EXPECTED
+
+
+@pytest.mark.vm
+def test_nginx_from_a_debian_image_under_harpoon_matches_runc(
+    nerdctl: Nerdctl, networks: Networks, debian_web_image: str, site: Path
+) -> None:
+    runc = nginx_published(nerdctl, RUNC, networks, debian_web_image, site)
+    assert runc == NGINX_EXPECTED, "runc, the oracle, changed"
+    assert nginx_published(nerdctl, HARPOON, networks, debian_web_image, site) == runc
+
+
 # -- a VM restored from a template -----------------------------------------------------
 
 
@@ -612,21 +681,30 @@ def restored(nerdctl: Nerdctl, container_id: str) -> bool:
 
 
 @pytest.mark.vm
+@pytest.mark.parametrize("server", ["busybox-httpd", "debian-nginx"])
 def test_a_published_port_serves_from_a_vm_restored_from_a_template(
-    nerdctl: Nerdctl, networks: Networks
-) -> None:
+    nerdctl: Nerdctl, networks: Networks, server: str, tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
     """The first container with a NIC may boot cold (no template for a VM with one yet):
     it then leaves one built behind it (harpoon.sandbox.template_builder), and the next
-    must restore from it and serve its published port as a cold-booted VM does."""
+    must restore from it and serve its published port as a cold-booted VM does: busybox's
+    httpd, and nginx of the Debian image serving a bind-mounted directory."""
     store = TemplateStore.from_environment()
     if store is None:
         pytest.skip("VM templates are turned off ($HARPOON_TEMPLATES)")
+    if server == "debian-nginx":
+        (tmp_path / "index.html").write_text("served by hpt-restored\n")
+        tmp_path.chmod(0o755)
+        image: tuple[str, ...] = ("-v", f"{tmp_path}:/var/www/html:ro",
+                                  request.getfixturevalue("debian_web_image"))  # fmt: skip
+    else:
+        image = (nerdctl.image, *httpd_serving("hpt-restored"))
     for attempt in ("first", "after its template was built"):
         known = templates(store)
         port = free_port()
         run = nerdctl.run(HARPOON, "-d", "--name", "hpt-restored", *DNS,
-                          "-p", f"{LOOPBACK}:{port}:80", nerdctl.image,
-                          *httpd_serving("hpt-restored"), net=networks.a.name)  # fmt: skip
+                          "-p", f"{LOOPBACK}:{port}:80", *image, net=networks.a.name)  # fmt: skip
         assert run.status == 0, run.err
         try:
             container_id = inspect(nerdctl, "hpt-restored", ".ID")

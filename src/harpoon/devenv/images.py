@@ -86,7 +86,7 @@ def busybox_applets(busybox: Path) -> list[str]:
     return sorted({name for name in out.stdout.split() if name and "/" not in name})
 
 
-def _tar_info(name: str, kind: bytes, mode: int, size: int = 0, link: str = "") -> tarfile.TarInfo:
+def tar_info(name: str, kind: bytes, mode: int, size: int = 0, link: str = "") -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.mode = mode
@@ -98,10 +98,12 @@ def _tar_info(name: str, kind: bytes, mode: int, size: int = 0, link: str = "") 
     return info
 
 
-def _tar_bytes(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+def tar_bytes(
+    entries: list[tuple[tarfile.TarInfo, bytes | None]], format: int = tarfile.USTAR_FORMAT
+) -> bytes:
     buf = io.BytesIO()
-    # USTAR: no PAX headers (which would carry varying metadata); our names are short.
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    # USTAR (or GNU): no PAX headers, which would carry varying metadata.
+    with tarfile.open(fileobj=buf, mode="w", format=format) as tar:
         for info, data in entries:
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
     return buf.getvalue()
@@ -112,21 +114,21 @@ def build_layer(busybox_bytes: bytes, applets: list[str]) -> bytes:
     entries: list[tuple[tarfile.TarInfo, bytes | None]] = []
 
     def directory(name: str, mode: int = 0o755) -> None:
-        entries.append((_tar_info(name, tarfile.DIRTYPE, mode), None))
+        entries.append((tar_info(name, tarfile.DIRTYPE, mode), None))
 
     def regular(name: str, data: bytes, mode: int) -> None:
-        entries.append((_tar_info(name, tarfile.REGTYPE, mode, size=len(data)), data))
+        entries.append((tar_info(name, tarfile.REGTYPE, mode, size=len(data)), data))
 
     directory("bin")
     regular("bin/busybox", busybox_bytes, 0o755)
     for applet in sorted(set(applets) - {"busybox"}):
-        entries.append((_tar_info(f"bin/{applet}", tarfile.SYMTYPE, 0o777, link="busybox"), None))
+        entries.append((tar_info(f"bin/{applet}", tarfile.SYMTYPE, 0o777, link="busybox"), None))
     directory("etc")
     regular("etc/group", GROUP.encode(), 0o644)
     regular("etc/passwd", PASSWD.encode(), 0o644)
     directory("root", 0o700)
     directory("tmp", 0o1777)
-    return _tar_bytes(entries)
+    return tar_bytes(entries)
 
 
 def _json_blob(obj: Any, media_type: str) -> Blob:
@@ -157,10 +159,15 @@ class ImageLayout:
 
 
 def build_layout(
-    layer_tar: bytes, ref: str, arch: str, upper_layer_tars: Sequence[bytes] = ()
+    layer_tar: bytes,
+    ref: str,
+    arch: str,
+    upper_layer_tars: Sequence[bytes] = (),
+    run_config: dict[str, Any] | None = None,
 ) -> ImageLayout:
     """Config, manifest and index.json around one uncompressed layer (and any
-    `upper_layer_tars` above it, bottom first)."""
+    `upper_layer_tars` above it, bottom first). `run_config` is the image config's
+    `config` (what a container runs by default); busybox's `sh` when not given."""
     layer = Blob(layer_tar, MEDIA_TYPE_LAYER)
     uppers = tuple(Blob(tar, MEDIA_TYPE_LAYER) for tar in upper_layer_tars)
     layers = (layer, *uppers)
@@ -169,7 +176,7 @@ def build_layout(
             "architecture": arch,
             "os": "linux",
             "created": EPOCH_RFC3339,
-            "config": {"Env": [f"PATH={IMAGE_PATH}"], "Cmd": ["sh"]},
+            "config": run_config or {"Env": [f"PATH={IMAGE_PATH}"], "Cmd": ["sh"]},
             # Uncompressed layer: its diff ID is its own digest.
             "rootfs": {"type": "layers", "diff_ids": [blob.digest for blob in layers]},
             "history": [
@@ -207,22 +214,22 @@ def build_layout(
 def write_layout_tar(layout: ImageLayout, out: Path) -> None:
     """Writes the layout as a tarball, atomically (readers never see a partial file)."""
     entries: list[tuple[tarfile.TarInfo, bytes | None]] = [
-        (_tar_info("blobs", tarfile.DIRTYPE, 0o755), None),
-        (_tar_info("blobs/sha256", tarfile.DIRTYPE, 0o755), None),
+        (tar_info("blobs", tarfile.DIRTYPE, 0o755), None),
+        (tar_info("blobs/sha256", tarfile.DIRTYPE, 0o755), None),
     ]
     for blob in layout.blobs():
         name = "blobs/sha256/" + blob.digest.split(":", 1)[1]
-        entries.append((_tar_info(name, tarfile.REGTYPE, 0o644, size=len(blob.data)), blob.data))
+        entries.append((tar_info(name, tarfile.REGTYPE, 0o644, size=len(blob.data)), blob.data))
     for name, data in (
         ("index.json", layout.index),
         ("oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode()),
     ):
-        entries.append((_tar_info(name, tarfile.REGTYPE, 0o644, size=len(data)), data))
+        entries.append((tar_info(name, tarfile.REGTYPE, 0o644, size=len(data)), data))
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=out.name + ".", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(_tar_bytes(entries))
+            f.write(tar_bytes(entries))
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -276,12 +283,17 @@ def build_busybox_image(
     return out
 
 
+def host_busybox_layer() -> tuple[bytes, str]:
+    """The layer of the host's busybox image and its architecture."""
+    busybox_bytes = DEFAULT_BUSYBOX.read_bytes()
+    return build_layer(busybox_bytes, busybox_applets(DEFAULT_BUSYBOX)), elf_arch(busybox_bytes)
+
+
 def build_layered_busybox_image(out: Path, ref: str, upper_layer_tars: Sequence[bytes]) -> Path:
     """The host's busybox image with more layers above it (uncompressed tars, bottom
     first), written to `out` (not cached): for tests of multi-layer rootfs paths."""
-    busybox_bytes = DEFAULT_BUSYBOX.read_bytes()
-    layer = build_layer(busybox_bytes, busybox_applets(DEFAULT_BUSYBOX))
-    write_layout_tar(build_layout(layer, ref, elf_arch(busybox_bytes), upper_layer_tars), out)
+    layer, arch = host_busybox_layer()
+    write_layout_tar(build_layout(layer, ref, arch, upper_layer_tars), out)
     return out
 
 

@@ -120,6 +120,17 @@ class PrivateApt:
             raise DebianError(f"apt knows no {self.arch} package {', '.join(missing)}")
         return [found[n] for n in names]
 
+    def closure(self, names: Iterable[str]) -> list[DebPackage]:
+        """The packages that installing `names` (without recommends) into an empty
+        system takes, dependencies first, as apt orders them: the candidates of
+        `show`."""
+        names = list(names)
+        plan = self._run("apt-get", ["install", "--simulate", "--no-install-recommends", *names])
+        chosen = [line.split()[1] for line in plan.splitlines() if line.startswith("Inst ")]
+        if not chosen:
+            raise DebianError(f"apt would install nothing for {', '.join(names)}")
+        return self.show(chosen)
+
     def download(self, packages: Iterable[DebPackage], into: Path) -> list[Path]:
         """The .deb of each package in `into`, downloading those missing; checks SHA256."""
         into.mkdir(parents=True, exist_ok=True)
@@ -200,8 +211,8 @@ def _ar_members(deb: bytes, what: str) -> dict[str, bytes]:
     return members
 
 
-def extract(deb_path: Path, into: Path) -> None:
-    """Unpack a .deb's files (data.tar.*) under `into`, as dpkg would place them."""
+def data_tar(deb_path: Path) -> tarfile.TarFile:
+    """The archive of a .deb's files (its data.tar.*), open for reading."""
     members = _ar_members(deb_path.read_bytes(), str(deb_path))
     data_name = next((n for n in members if n.startswith("data.tar")), None)
     if data_name is None:
@@ -212,6 +223,11 @@ def extract(deb_path: Path, into: Path) -> None:
         ).stdout
     else:
         tar_bytes = members[data_name]  # "r:*" below detects xz, gzip, bzip2
+    return tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:*")
+
+
+def extract(deb_path: Path, into: Path) -> None:
+    """Unpack a .deb's files (data.tar.*) under `into`, as dpkg would place them."""
     into.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:*") as archive:
+    with data_tar(deb_path) as archive:
         archive.extractall(into, filter="tar")
