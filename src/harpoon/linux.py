@@ -1,5 +1,5 @@
 """Linux system calls the standard library lacks: mount, umount2, sethostname, prctl,
-personality, finit_module.
+personality, finit_module, and setting a network interface up.
 
 Shared by the host (the shim mounts containerd's rootfs) and the guest agent, so it
 imports only ctypes and os and does its work lazily: the guest pays for loading libc
@@ -127,6 +127,26 @@ def umount(target: str, flags: int = 0) -> None:
 def sethostname(name: str) -> None:
     raw = name.encode()
     _check(_libc().sethostname(raw, ctypes.c_size_t(len(raw))), f"sethostname {name}")
+
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 0x1
+#: struct ifreq with its ifr_flags (name, flags; padded to the union's size).
+IFREQ_FLAGS = "16sH22x"
+
+
+def set_interface_up(name: str) -> None:
+    """Sets the network interface `name` of this thread's network namespace up (as
+    `ip link set NAME up`); OSError if there is none."""
+    import fcntl
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        request = struct.pack(IFREQ_FLAGS, name.encode(), 0)
+        flags = struct.unpack(IFREQ_FLAGS, fcntl.ioctl(probe, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(probe, SIOCSIFFLAGS, struct.pack(IFREQ_FLAGS, name.encode(), flags | IFF_UP))
 
 
 def prctl(option: int, arg: int) -> None:

@@ -55,10 +55,6 @@ BASE_MOUNTS: tuple[tuple[str, str, str, str], ...] = (
 )
 DIRECTORIES = ("/dev/shm",)
 # linux/sockios.h, linux/if.h: struct ifreq is a 16-byte name and a 24-byte union.
-SIOCGIFFLAGS = 0x8913
-SIOCSIFFLAGS = 0x8914
-IFF_UP = 0x1
-IFREQ_FLAGS = "16sH22x"
 
 
 def log(message: str) -> None:
@@ -164,15 +160,8 @@ def bring_up_loopback() -> None:
     of its own (`--net-host`) shares the guest's, and expects 127.0.0.1 to work. (crun
     sets `lo` up in the namespaces it creates.) Best effort: a guest without it still
     runs containers."""
-    import fcntl
-    import socket
-    import struct
-
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            request = struct.pack(IFREQ_FLAGS, b"lo", 0)
-            flags = struct.unpack(IFREQ_FLAGS, fcntl.ioctl(probe, SIOCGIFFLAGS, request))[1]
-            fcntl.ioctl(probe, SIOCSIFFLAGS, struct.pack(IFREQ_FLAGS, b"lo", flags | IFF_UP))
+        linux.set_interface_up("lo")
     except OSError as error:
         log(f"cannot set lo up: {error}")
 

@@ -22,7 +22,6 @@ connections already made keep their way (conntrack).
 from __future__ import annotations
 
 import asyncio
-import os
 
 from harpoon.agent import modules, network
 from harpoon.agent.processes import ProcessTable
@@ -66,27 +65,9 @@ def _chain(to_host: set[Port], host_loopback: str) -> list[str]:
 
 
 async def _restore(table: ProcessTable, rules: str, flush: bool) -> None:
-    read_end, write_end = os.pipe()
-    output_read, output_write = os.pipe()
-    try:
-        status = table.run_helper(
-            [IPTABLES_RESTORE, *([] if flush else ["--noflush"])],
-            (read_end, output_write, output_write),
-        )
-    finally:
-        os.close(read_end)
-        os.close(output_write)
-    try:
-        # Rules for a few hundred ports: within a pipe's buffer, before the helper reads.
-        os.write(write_end, rules.encode())
-        os.close(write_end)
-        write_end = -1
-        code = await status
-        output = os.read(output_read, 4096).decode(errors="replace").strip()
-    finally:
-        if write_end >= 0:
-            os.close(write_end)
-        os.close(output_read)
+    # Rules for a few hundred ports: within a pipe's buffer.
+    argv = [IPTABLES_RESTORE, *([] if flush else ["--noflush"])]
+    code, output = await table.run_helper_to_end(argv, rules.encode())
     if code != 0:
         raise FailedPrecondition(f"iptables-restore failed ({code}): {output}")
 

@@ -178,16 +178,7 @@ async def configure(table: ProcessTable, request: agent_pb2.ConfigureNetworkRequ
     if init is not None:
         move_to_namespace_of(current, init.pid)
         argv = [NSENTER, f"--net=/proc/{init.pid}/ns/net", *argv]
-    read_end, write_end = os.pipe()
-    try:
-        status = table.run_helper(argv, (None, write_end, write_end))
-    finally:
-        os.close(write_end)
-    try:
-        code = await status
-        output = os.read(read_end, 4096).decode(errors="replace").strip()
-    finally:
-        os.close(read_end)
+    code, output = await table.run_helper_to_end(argv)
     if code != 0:
         raise FailedPrecondition(f"configuring the container's {request.interface.name}: {output}")
     if request.host_loopback:

@@ -295,6 +295,29 @@ class ProcessTable:
         self._helpers[pid] = status
         return status
 
+    async def run_helper_to_end(self, argv: list[str], stdin: bytes = b"") -> tuple[int, str]:
+        """Runs a helper (iptables-restore, a network script) to its end with `stdin`
+        (it must fit a pipe's buffer: written before the helper reads) and returns its
+        exit status and what it printed (stdout and stderr, the first 4 KiB)."""
+        read_end, write_end = os.pipe()
+        output_read, output_write = os.pipe()
+        try:
+            status = self.run_helper(argv, (read_end, output_write, output_write))
+        finally:
+            os.close(read_end)
+            os.close(output_write)
+        try:
+            os.write(write_end, stdin)
+            os.close(write_end)
+            write_end = -1
+            code = await status
+            output = os.read(output_read, 4096).decode(errors="replace").strip()
+        finally:
+            if write_end >= 0:
+                os.close(write_end)
+            os.close(output_read)
+        return code, output
+
     def adopt(self, process: Process, pid: int, since: int) -> None:
         """Takes on a container process crun started (and left to the agent, PID 1):
         its exit, if the reaper saw it after generation `since`, is its own."""

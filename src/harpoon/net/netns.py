@@ -32,10 +32,6 @@ TUNSETIFF = 0x400454CA  # linux/if_tun.h
 TUNSETPERSIST = 0x400454CB
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
-SIOCGIFFLAGS = 0x8913
-SIOCSIFFLAGS = 0x8914
-IFF_UP = 0x1
-_IFREQ_FLAGS = "16sH"
 
 
 def prepare_with_tap(path: Path, owned: bool, tap: str) -> None:
@@ -88,13 +84,10 @@ def _make_tap_here(name: str) -> None:
     if not exists:
         with open(TUN_DEVICE, "r+b", buffering=0) as tun:
             fcntl.ioctl(
-                tun, TUNSETIFF, struct.pack(_IFREQ_FLAGS, name.encode(), IFF_TAP | IFF_NO_PI)
+                tun, TUNSETIFF, struct.pack(linux.IFREQ_FLAGS, name.encode(), IFF_TAP | IFF_NO_PI)
             )
             fcntl.ioctl(tun, TUNSETPERSIST, 1)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        request = struct.pack(_IFREQ_FLAGS, name.encode(), 0)
-        flags = struct.unpack(_IFREQ_FLAGS, fcntl.ioctl(probe, SIOCGIFFLAGS, request))[1]
-        fcntl.ioctl(probe, SIOCSIFFLAGS, struct.pack(_IFREQ_FLAGS, name.encode(), flags | IFF_UP))
+    linux.set_interface_up(name)
 
 
 def remove(path: Path) -> None:

@@ -369,9 +369,7 @@ def _nic_args(nic: NIC, profile: MachineProfile, state_dir: Path) -> list[str]:
     elif isinstance(backend, StreamBackend):
         # A gvproxy of the VM's own listens in its state directory, wherever that is (a
         # template's build has its own).
-        socket = (
-            gvproxy_config_for(state_dir, nic).net_socket if backend.gvproxy else backend.socket
-        )
+        socket = gvproxy_config(state_dir, nic).net_socket if backend.gvproxy else backend.socket
         # QEMU connects to the socket (gvproxy listens) as it starts; 7.2 has no
         # `reconnect` (8.0 has): a gvproxy that dies is the VM's network gone.
         netdev = f"stream,id=net-{nic.id},server=off,addr.type=unix,addr.path={_option(socket)}"
@@ -582,13 +580,9 @@ def _start_virtiofsd(config: VMConfig) -> tuple[VmmProcess, ...]:
     return tuple(started)
 
 
-def gvproxy_config(config: VMConfig, nic: NIC) -> GvproxyConfig:
+def gvproxy_config(state_dir: Path, nic: NIC) -> GvproxyConfig:
     """The gvproxy of a NIC whose backend asks for one (StreamBackend.gvproxy): its files
     in the VM's state directory, the NIC's MAC as the guest's."""
-    return gvproxy_config_for(config.state_dir, nic)
-
-
-def gvproxy_config_for(state_dir: Path, nic: NIC) -> GvproxyConfig:
     from harpoon.net.gvproxy import GvproxyConfig
 
     return GvproxyConfig(state_dir, guest_mac=nic.mac)
@@ -613,7 +607,8 @@ def _start_gvproxies(config: VMConfig) -> tuple[VmmProcess, ...]:
     try:
         for nic in nics:
             try:
-                started.append(VmmProcess(start_gvproxy(gvproxy_config(config, nic)).process))
+                gvproxy = start_gvproxy(gvproxy_config(config.state_dir, nic))
+                started.append(VmmProcess(gvproxy.process))
             except GvproxyError as error:
                 raise VMError(f"VM {config.name}: {error}") from None
     except BaseException:
@@ -633,7 +628,7 @@ async def end_helpers(launched: QemuLaunch) -> None:
         from harpoon.net.gvproxy import remove_files
 
         for nic in _gvproxy_nics(launched.resolved):
-            remove_files(gvproxy_config(launched.resolved, nic))
+            remove_files(gvproxy_config(launched.resolved.state_dir, nic))
     for share in launched.resolved.shares:
         if share.fs == "virtiofs":
             for path in (
