@@ -6,6 +6,7 @@ import click
 
 from harpoon.guest.cli import guest
 from harpoon.shim.template_cli import template
+from harpoon.shim.top_cli import top
 
 
 @click.group()
@@ -17,6 +18,7 @@ def main() -> None:
 # One line per subgroup; each lives beside the code it drives.
 main.add_command(guest)
 main.add_command(template)
+main.add_command(top)
 
 
 if __name__ == "__main__":

@@ -355,6 +355,13 @@ class AgentService:
             ports=[agent_pb2.ListeningPort(protocol=p, port=n) for p, n in ports]
         )
 
+    async def ListProcesses(
+        self, request: empty_pb2.Empty, ctx: CallContext
+    ) -> agent_pb2.ListProcessesResponse:
+        from harpoon.agent import ps
+
+        return ps.list_processes()
+
     async def SetHostPorts(
         self, request: agent_pb2.SetHostPortsRequest, ctx: CallContext
     ) -> empty_pb2.Empty:

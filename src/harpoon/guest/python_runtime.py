@@ -53,6 +53,7 @@ EXTRA_MODULES: tuple[str, ...] = (
     # The agent's own lazily imported modules: measured so that their stdlib ships.
     "harpoon.agent.devices",
     "harpoon.agent.modules",
+    "harpoon.agent.ps",
 )
 
 # Never shipped, and made unimportable while measuring the closure, so the measured set

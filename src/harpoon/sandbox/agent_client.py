@@ -142,6 +142,9 @@ class AgentClient:
     async def stats(self) -> agent_pb2.StatsResponse:
         return await self._call("Stats", empty_pb2.Empty(), agent_pb2.StatsResponse)
 
+    async def list_processes(self) -> agent_pb2.ListProcessesResponse:
+        return await self._call("ListProcesses", empty_pb2.Empty(), agent_pb2.ListProcessesResponse)
+
     async def update_resources(self, request: agent_pb2.UpdateResourcesRequest) -> None:
         await self._call("UpdateResources", request, empty_pb2.Empty)
 

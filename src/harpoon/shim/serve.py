@@ -110,6 +110,10 @@ async def serve(flags: Flags, early: EarlyStart) -> None:
     register_service(
         server, shim_pb2.DESCRIPTOR.services_by_name["Task"], impl, names=TASK_SERVICE_NAMES
     )
+    from harpoon.api.shim.v1 import guest_pb2
+    from harpoon.shim.guest_service import GuestService
+
+    register_service(server, guest_pb2.DESCRIPTOR.services_by_name["Guest"], GuestService(service))
     exit_when_abandoned(server, service, stop.set)
     exit_when_never_used(service, stop.set)
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -91,6 +91,10 @@ class TaskService:
             raise NotFound(f"container {container_id!r} not created")
         return self.container
 
+    def created(self, container_id: str) -> Container:
+        """The container of that id (NotFound if this shim has none)."""
+        return self._container(container_id)
+
     def _process(self, container_id: str, exec_id: str) -> tuple[Container, Process]:
         container = self._container(container_id)
         return container, container.process(exec_id)

@@ -262,3 +262,35 @@ class ListeningPortsResponse(_message.Message):
     PORTS_FIELD_NUMBER: _ClassVar[int]
     ports: _containers.RepeatedCompositeFieldContainer[ListeningPort]
     def __init__(self, ports: _Optional[_Iterable[_Union[ListeningPort, _Mapping]]] = ...) -> None: ...
+
+class GuestProcess(_message.Message):
+    __slots__ = ("pid", "ppid", "uid", "user", "start_ticks", "cpu_ticks", "tty_nr", "args", "comm")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    PPID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    START_TICKS_FIELD_NUMBER: _ClassVar[int]
+    CPU_TICKS_FIELD_NUMBER: _ClassVar[int]
+    TTY_NR_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    COMM_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    ppid: int
+    uid: int
+    user: str
+    start_ticks: int
+    cpu_ticks: int
+    tty_nr: int
+    args: _containers.RepeatedScalarFieldContainer[str]
+    comm: str
+    def __init__(self, pid: _Optional[int] = ..., ppid: _Optional[int] = ..., uid: _Optional[int] = ..., user: _Optional[str] = ..., start_ticks: _Optional[int] = ..., cpu_ticks: _Optional[int] = ..., tty_nr: _Optional[int] = ..., args: _Optional[_Iterable[str]] = ..., comm: _Optional[str] = ...) -> None: ...
+
+class ListProcessesResponse(_message.Message):
+    __slots__ = ("processes", "uptime_ticks", "ticks_per_second")
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_TICKS_FIELD_NUMBER: _ClassVar[int]
+    TICKS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    processes: _containers.RepeatedCompositeFieldContainer[GuestProcess]
+    uptime_ticks: int
+    ticks_per_second: int
+    def __init__(self, processes: _Optional[_Iterable[_Union[GuestProcess, _Mapping]]] = ..., uptime_ticks: _Optional[int] = ..., ticks_per_second: _Optional[int] = ...) -> None: ...
