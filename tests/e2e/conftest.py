@@ -28,6 +28,7 @@ from harpoon.devenv.images import (
     default_cache_dir,
 )
 from harpoon.devenv.nerdctl import MINIMUM_CONTAINERD, version_tuple
+from harpoon.devenv.registry import REGISTRY_BINARY, Registry
 from harpoon.devenv.tools import NERDCTL, Flavour, flavour, scripts_dir
 from tests.e2e.nerdctl import Nerdctl
 from tests.prerequisites import unavailable
@@ -96,6 +97,15 @@ def debian_web_image(containerd_session: Containerd) -> str:
     except ImageBuildError as error:
         unavailable(str(error))
     return containerd_session.import_image(tar)
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[Registry]:
+    """A local registry (Debian's docker-registry) on 127.0.0.1, for the session."""
+    if not REGISTRY_BINARY.exists():
+        unavailable("docker-registry is not installed: run scripts/install-deps")
+    with Registry() as running:
+        yield running
 
 
 @pytest.fixture(scope="session")
