@@ -123,7 +123,10 @@ def test_nginx_gets_what_its_maintainer_scripts_and_the_official_image_leave(
 
 def test_without_nginx_only_the_user_database_is_added(tmp_path: Path) -> None:
     layer = debian_layer([deb(tmp_path / "py.deb", {"usr": None, "usr/bin": None})])
-    assert set(layer_members(layer)) == {"usr", "usr/bin", "etc", "etc/passwd", "etc/group", "run"}
+    assert set(layer_members(layer)) == {
+        "usr", "usr/bin", "etc", "etc/passwd", "etc/group", "etc/nsswitch.conf", "run"
+    }  # fmt: skip
+    assert b"hosts: files dns\n" in read(layer, "etc/nsswitch.conf"), "/etc/hosts first"
 
 
 def test_a_deb_without_files_is_refused(tmp_path: Path) -> None:

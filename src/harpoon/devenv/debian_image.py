@@ -39,7 +39,7 @@ from harpoon.guest import cache, debian
 from harpoon.guest.cache import host_arch
 
 #: Bump when the layer's assembly changes, so cached tarballs are rebuilt.
-DEBIAN_IMAGE_REVISION = 1
+DEBIAN_IMAGE_REVISION = 2
 
 #: The reference the tests use (fully qualified, as BUSYBOX_REF is).
 DEBIAN_WEB_REF = "docker.io/harpoon/debian-web:bookworm"
@@ -52,6 +52,9 @@ PASSWD = (
     "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
 )
 GROUP = "root:x:0:\nwww-data:x:33:\nnogroup:x:65534:\n"
+#: libc-bin's postinst installs its nsswitch.conf. Without one, glibc asks DNS for a
+#: host *before* /etc/hosts, where nerdctl writes the names of a container's network.
+NSSWITCH = "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\n"
 
 #: What a container of the image runs by default: nginx in the foreground, as the
 #: official `nginx` image does (SIGQUIT is nginx's graceful stop).
@@ -107,6 +110,7 @@ def _what_scripts_leave(names: set[str], files: dict[str, bytes | None]) -> list
     directory("etc")
     regular("etc/passwd", PASSWD.encode())
     regular("etc/group", GROUP.encode())
+    regular("etc/nsswitch.conf", NSSWITCH.encode())
     directory("run")  # nginx.conf's pid file
     if "usr/sbin/nginx" in names:
         if "etc/nginx/sites-available/default" in names:
