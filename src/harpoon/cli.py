@@ -6,6 +6,7 @@ import click
 
 from harpoon.guest.cli import guest
 from harpoon.shim.template_cli import template
+from harpoon.system.cli import install as install_front_door
 
 
 @click.group()
@@ -17,6 +18,7 @@ def main() -> None:
 # One line per subgroup; each lives beside the code it drives.
 main.add_command(guest)
 main.add_command(template)
+install_front_door(main)
 
 
 if __name__ == "__main__":
