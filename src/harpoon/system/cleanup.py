@@ -11,8 +11,8 @@ containers, harpoon's `shim delete` does not) and `containerd-shim-harpoon-v1 de
 kills what still names harpoon's run or state directory on its command line (a VM, a
 gvproxy or a virtiofsd whose shim is gone; a template builder of a store under the
 root); unmounts everything under those directories; removes the network namespaces'
-pins, the VMs' directories, host-local's reservations, the task bundles, the sockets
-and the pid files.
+pins, the VMs' directories, host-local's reservations, the default network's bridge
+and its iptables rules, the task bundles, the sockets and the pid files.
 
 It acts only on what names harpoon's own directories or socket, never on a process by
 its name alone: another harpoon root, a system containerd and their containers on the
@@ -127,6 +127,18 @@ def _remove_reservations(layout: Layout) -> list[str]:
     return removed
 
 
+def _remove_default_bridge(layout: Layout) -> list[str]:
+    """The default network's bridge and its rules (CNI's bridge plugin makes it at the
+    first container and no plugin removes it): every container is gone."""
+    from harpoon.devenv.cni import remove_bridge
+    from harpoon.system import network
+
+    chosen = network.read(layout.cni_netconf_dir)
+    if chosen is None:
+        return []
+    return [f"removed {what}" for what in remove_bridge(chosen.bridge)]
+
+
 def _mounted_under(directory: Path) -> bool:
     return any(is_under(point, directory) for point in mount_points())
 
@@ -215,6 +227,7 @@ def after_stop(layout: Layout, progress: Callable[[str], None] = lambda _: None)
     if layout.exclusive:
         acted += _sweep_run_dir(layout, progress)
     acted += [f"released address {r}" for r in _remove_reservations(layout)]
+    acted += _remove_default_bridge(layout)
     acted += [f"removed socket {s}" for s in _remove_sockets(layout)]
     for pid_file in layout.services_dir.glob("*.pid"):
         pid_file.unlink(missing_ok=True)
