@@ -83,9 +83,7 @@ def test_the_default_network_is_nerdctls_bridge_on_harpoons_own_bridge_and_subne
     tmp_path: Path,
 ) -> None:
     chosen = network.DefaultNetwork("hp-test", ipaddress.IPv4Network("10.213.7.0/24"))
-    network.conflist_path(tmp_path).write_text(
-        network.render_conflist(chosen, tmp_path / "ipam")
-    )
+    network.conflist_path(tmp_path).write_text(network.render_conflist(chosen, tmp_path / "ipam"))
     conflist = json.loads((tmp_path / "nerdctl-bridge.conflist").read_text())
     assert conflist["name"] == "bridge"
     assert conflist["nerdctlLabels"] == {"nerdctl/default-network": "true"}
@@ -190,13 +188,19 @@ def test_cni_plugins_missing_from_the_named_directory_are_listed(
     assert finding.detail == f"no portmap, firewall, tuning, host-local in {tmp_path}"
 
 
+def fake_containerd(monkeypatch: pytest.MonkeyPatch, directory: Path, version: str) -> Path:
+    """A `containerd` that prints `version`, named by $HARPOON_CONTAINERD."""
+    fake = directory / "containerd"
+    fake.write_text(f"#!/bin/sh\necho {version}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv(config.CONTAINERD_ENV, str(fake))
+    return fake
+
+
 def test_containerd_older_than_nerdctl_needs_is_refused(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    fake = tmp_path / "containerd"
-    fake.write_text("#!/bin/sh\necho containerd containerd.io 1.6.20~ds1 abc\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv(config.CONTAINERD_ENV, str(fake))
+    fake = fake_containerd(monkeypatch, tmp_path, "containerd containerd.io 1.6.20~ds1 abc")
     found = config.find_containerd()
     assert found == f"{fake} is containerd 1.6.20~ds1: nerdctl needs 1.7 or later"
 
@@ -204,10 +208,9 @@ def test_containerd_older_than_nerdctl_needs_is_refused(
 def test_a_containerd_on_path_brings_its_ctr_and_runc_shim(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    fake = tmp_path / "containerd"
-    fake.write_text("#!/bin/sh\necho containerd github.com/containerd/containerd v1.7.27 x\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv(config.CONTAINERD_ENV, str(fake))
+    fake = fake_containerd(
+        monkeypatch, tmp_path, "containerd github.com/containerd/containerd v1.7.27 x"
+    )
     assert config.find_containerd() == f"{fake} has no ctr, containerd-shim-runc-v2 beside it"
     for name in ("ctr", "containerd-shim-runc-v2"):
         (tmp_path / name).touch(mode=0o755)
