@@ -7,6 +7,7 @@ import click
 from harpoon.guest.cli import guest
 from harpoon.shim.template_cli import template
 from harpoon.shim.top_cli import top
+from harpoon.system.cli import install as install_front_door
 
 
 @click.group()
@@ -19,6 +20,7 @@ def main() -> None:
 main.add_command(guest)
 main.add_command(template)
 main.add_command(top)
+install_front_door(main)
 
 
 if __name__ == "__main__":

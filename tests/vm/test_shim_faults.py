@@ -28,13 +28,12 @@ from pathlib import Path
 
 import pytest
 
-from harpoon import linux
+from harpoon import dirs, linux
 from harpoon.api.agent.v1 import agent_pb2
 from harpoon.errdefs import Unavailable
 from harpoon.guest.cache import GuestImage
 from harpoon.sandbox.agent_client import AgentClient
 from harpoon.sandbox.sandbox import SandboxStarter
-from harpoon.sandbox.template import DEFAULT_TEMPLATE_DIR, TEMPLATE_DIR_ENV
 from harpoon.shim import paths
 from harpoon.shim.task import TaskService
 from harpoon.vmm.backend import QemuBackend
@@ -118,7 +117,7 @@ def host(guest: GuestImage, monkeypatch: pytest.MonkeyPatch) -> Iterator[Host]:
 
 
 def template_store() -> Path:
-    return Path(os.environ.get(TEMPLATE_DIR_ENV) or DEFAULT_TEMPLATE_DIR)
+    return Path(dirs.template_dir())
 
 
 def write_config(host: Host, args: list[str], *, sysrq: bool = False) -> None:

@@ -98,16 +98,7 @@ def remove(nerdctl: OfflineNerdctl, network: Network) -> list[str]:
     """Removes the network, its bridge and its isolation rules; what was left after
     nerdctl's own removal besides those rules (nothing, or it is a leak to report)."""
     nerdctl.check("network", "rm", network.name)
-    left = []
-    if Path(f"/sys/class/net/{network.bridge}").exists():
-        left.append(f"bridge {network.bridge}")
-        subprocess.run(["ip", "link", "delete", network.bridge], check=False)
-    for table, rule in iptables_rules(network.bridge):
-        if "CNI firewall plugin rules (ingressPolicy: same-bridge)" not in rule:
-            left.append(f"iptables -t {table} {rule}")
-        # "-A CHAIN …" as iptables-save prints it is the rule iptables -D deletes.
-        argv = shlex.split(rule)
-        subprocess.run(["iptables", "-t", table, "-D", *argv[1:]], check=True)
+    left = remove_bridge(network.bridge)
     allocations = HOST_LOCAL_DIR / network.name
     if allocations.exists():
         left += [
@@ -116,6 +107,22 @@ def remove(nerdctl: OfflineNerdctl, network: Network) -> list[str]:
             if not entry.name.startswith(HOST_LOCAL_BOOKKEEPING)
         ]
         shutil.rmtree(allocations)
+    return left
+
+
+def remove_bridge(bridge: str) -> list[str]:
+    """Removes a CNI bridge and the rules CNI's plugins made for it; what there was
+    besides the firewall plugin's isolation rules (which outlive every container)."""
+    left = []
+    if Path(f"/sys/class/net/{bridge}").exists():
+        left.append(f"bridge {bridge}")
+        subprocess.run(["ip", "link", "delete", bridge], check=False)
+    for table, rule in iptables_rules(bridge):
+        if "CNI firewall plugin rules (ingressPolicy: same-bridge)" not in rule:
+            left.append(f"iptables -t {table} {rule}")
+        # "-A CHAIN …" as iptables-save prints it is the rule iptables -D deletes.
+        argv = shlex.split(rule)
+        subprocess.run(["iptables", "-t", table, "-D", *argv[1:]], check=True)
     return left
 
 

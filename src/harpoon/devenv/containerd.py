@@ -90,6 +90,13 @@ EROFS_WRITABLE_SIZE = "64MiB"
 CRI_PLUGINS = {2: CRI_PLUGINS_V1, 3: CRI_PLUGINS_V2}
 
 
+#: Where containerd (1.6 to 2.3) keeps the task bundles under its state directory:
+#: <state>/TASK_BUNDLES/<namespace>/<id>.
+TASK_BUNDLES = "io.containerd.runtime.v2.task"
+#: How long `containerd-shim-harpoon-v1 delete` may take (a dead shim's VM to kill).
+SHIM_DELETE_TIMEOUT_S = 30.0
+
+
 class ContainerdError(RuntimeError):
     """containerd did not start, or a `ctr` command failed."""
 
@@ -384,13 +391,7 @@ class Containerd:
     def _delete_harpoon_shim(self, shim: ShimProcess) -> None:
         namespace, task_id = shim.flag("namespace") or self.namespace, shim.flag("id") or ""
         assert self._paths is not None
-        bundle = self._paths.state / "io.containerd.runtime.v2.task" / namespace / task_id
-        subprocess.run(
-            [sys.executable, "-m", "harpoon.shim", "-namespace", namespace,
-             "-address", self.address, "-id", task_id, "-bundle", str(bundle), "delete"],
-            cwd=bundle if bundle.is_dir() else None, capture_output=True, timeout=30,
-            check=False,
-        )  # fmt: skip
+        delete_harpoon_task(self.address, task_bundle(self._paths.state, namespace, task_id))
 
     def __enter__(self) -> Containerd:
         return self.start() if self._paths is None else self
@@ -404,19 +405,7 @@ class Containerd:
         self.stop()
 
     def _environment(self) -> dict[str, str]:
-        # The flavour's own directory comes right after the caller's: containerd looks
-        # shims up on PATH before its own directory, and the 2.x daemon must use its own
-        # runc shim, not Debian's 1.6 one in /usr/bin.
-        entries = [str(p) for p in self.path_prepend] + [str(self.flavour.bin_dir)]
-        entries += os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").split(os.pathsep)
-        env = dict(os.environ)
-        env["PATH"] = os.pathsep.join(dict.fromkeys(e for e in entries if e))
-        # ctr and shims honour these; a value inherited from the developer's shell would
-        # point them at another daemon.
-        for name in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE"):
-            env.pop(name, None)
-        env["CONTAINERD_SNAPSHOTTER"] = self.snapshotter
-        return env
+        return daemon_environment([*self.path_prepend, self.flavour.bin_dir], self.snapshotter)
 
     def _spawn(self) -> None:
         paths = self.paths
@@ -476,7 +465,7 @@ class Containerd:
     def _bundles(self) -> list[Bundle]:
         """The task bundles still in the state directory (none after a clean test)."""
         bundles = []
-        for config in self.paths.state.glob("io.containerd.runtime.v2.task/*/*/config.json"):
+        for config in self.paths.state.glob(f"{TASK_BUNDLES}/*/*/config.json"):
             try:
                 spec = json.loads(config.read_text())
             except (OSError, ValueError):
@@ -596,6 +585,40 @@ class Containerd:
         if self._paths is None:
             return []
         return [m for m in mount_points() if is_under(m, self._paths.base)]
+
+
+def daemon_environment(bin_dirs: Sequence[Path], snapshotter: str) -> dict[str, str]:
+    """The environment a containerd runs in, and its ctr: `bin_dirs` first on PATH (the
+    flavour's own directory right after the caller's: containerd looks shims up on PATH
+    before its own directory, and the 2.x daemon must use its own runc shim, not Debian's
+    1.6 one in /usr/bin), and nothing that would point ctr or a shim at another daemon."""
+    entries = [str(p) for p in bin_dirs]
+    entries += os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin").split(os.pathsep)
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join(dict.fromkeys(e for e in entries if e))
+    # ctr and shims honour these; a value inherited from the developer's shell would
+    # point them at another daemon.
+    for name in ("CONTAINERD_ADDRESS", "CONTAINERD_NAMESPACE"):
+        env.pop(name, None)
+    env["CONTAINERD_SNAPSHOTTER"] = snapshotter
+    return env
+
+
+def task_bundle(state_dir: Path, namespace: str, task_id: str) -> Path:
+    return state_dir / TASK_BUNDLES / namespace / task_id
+
+
+def delete_harpoon_task(address: str, bundle: Path) -> None:
+    """What containerd does for a harpoon shim it lost: `containerd-shim-harpoon-v1
+    delete` (harpoon.shim.cleanup) kills the dead shim's VM and releases its rootfs,
+    netns, state and socket. Idempotent; its output (a DeleteResponse) is dropped."""
+    namespace, task_id = bundle.parent.name, bundle.name
+    subprocess.run(
+        [sys.executable, "-m", "harpoon.shim", "-namespace", namespace,
+         "-address", address, "-id", task_id, "-bundle", str(bundle), "delete"],
+        cwd=bundle if bundle.is_dir() else None, capture_output=True,
+        timeout=SHIM_DELETE_TIMEOUT_S, check=False,
+    )  # fmt: skip
 
 
 def parse_server_version(ctr_version_output: str) -> str:

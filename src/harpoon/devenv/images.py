@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harpoon import dirs
 from harpoon.guest.cache import host_arch
 from harpoon.guest.elf import ElfError, interpreter
 
@@ -299,7 +300,7 @@ def build_layered_busybox_image(out: Path, ref: str, upper_layer_tars: Sequence[
 
 def default_cache_dir() -> Path:
     """Where built images are cached: next to the tools when writable, else per user."""
-    shared = Path(os.environ.get("HARPOON_IMAGE_CACHE", "/var/cache/harpoon/images"))
+    shared = Path(dirs.image_cache_dir())
     if os.access(shared.parent if not shared.exists() else shared, os.W_OK):
         return shared
     return Path(tempfile.gettempdir()) / f"harpoon-images-{os.getuid()}"

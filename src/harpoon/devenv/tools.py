@@ -42,10 +42,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from harpoon import dirs
 from harpoon.vmm import virtiofsd
 
 #: Root of the per-machine cache of source-built tools (overridable for unprivileged use).
-TOOLS_CACHE_DIR = Path(os.environ.get("HARPOON_TOOLS_DIR", "/var/cache/harpoon/tools"))
+TOOLS_CACHE_DIR = Path(dirs.tools_dir())
 
 #: The binaries every flavour must provide.
 CONTAINERD_BINARIES = ("containerd", "ctr", "containerd-shim-runc-v2")

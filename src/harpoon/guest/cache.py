@@ -1,7 +1,7 @@
 """Where guest images and downloads live, and finding a built image quickly.
 
 Layout (each root overridable by argument or environment):
-    $HARPOON_GUEST_DIR (/var/lib/harpoon/guest)/<arch>/<digest16>/   one built image
+    $HARPOON_GUEST_DIR (<state>/guest: harpoon.dirs)/<arch>/<digest16>/   one built image
         vmlinux | Image, initrd.cpio[.gz], floor.cpio, manifest.json
     $HARPOON_GUEST_DIR/<arch>/current -> <digest16>                  the newest build
     $HARPOON_CACHE_DIR (/var/cache/harpoon)/debs/<arch>/             .debs and the lock
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-GUEST_DIR_ENV = "HARPOON_GUEST_DIR"
-CACHE_DIR_ENV = "HARPOON_CACHE_DIR"
-DEFAULT_GUEST_DIR = Path("/var/lib/harpoon/guest")
-DEFAULT_CACHE_DIR = Path("/var/cache/harpoon")
+from harpoon import dirs
+
+GUEST_DIR_ENV = dirs.GUEST_DIR_ENV
+CACHE_DIR_ENV = dirs.CACHE_DIR_ENV
 MANIFEST_NAME = "manifest.json"
 CURRENT_NAME = "current"
 DIGEST_DIR_CHARS = 16
@@ -68,11 +68,11 @@ def check_arch(arch: str) -> str:
 
 
 def guest_root(guest_dir: Path | None = None) -> Path:
-    return guest_dir or Path(os.environ.get(GUEST_DIR_ENV) or DEFAULT_GUEST_DIR)
+    return guest_dir or Path(dirs.guest_dir())
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
-    return cache_dir or Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR)
+    return cache_dir or Path(dirs.cache_dir())
 
 
 def digest_of(inputs: dict[str, Any]) -> str:

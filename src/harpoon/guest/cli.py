@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from harpoon import dirs
 from harpoon.guest import cache, debian, elf, kernel, python_runtime
 from harpoon.guest.build import build_guest
 
@@ -34,13 +35,13 @@ def guest() -> None:
     "--cache-dir",
     type=click.Path(path_type=Path),
     default=None,
-    help=f"Downloads (default ${cache.CACHE_DIR_ENV} or {cache.DEFAULT_CACHE_DIR}).",
+    help=f"Downloads (default ${cache.CACHE_DIR_ENV} or {dirs.DEFAULT_CACHE_DIR}).",
 )
 @click.option(
     "--guest-dir",
     type=click.Path(path_type=Path),
     default=None,
-    help=f"Built images (default ${cache.GUEST_DIR_ENV} or {cache.DEFAULT_GUEST_DIR}).",
+    help=f"Built images (default ${cache.GUEST_DIR_ENV} or <state>/guest: harpoon.dirs).",
 )
 @click.option("--refresh", is_flag=True, help="Update the package lists and re-resolve versions.")
 def build(arch: str | None, cache_dir: Path | None, guest_dir: Path | None, refresh: bool) -> None:

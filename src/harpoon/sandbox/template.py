@@ -12,7 +12,7 @@ state is the devices alone and a restored VM maps that file copy-on-write: resto
 loads ~60 KB, not the ~100 MB of RAM the guest touched, and restored VMs share the
 pages none of them wrote.
 
-Layout, under $HARPOON_TEMPLATE_DIR (/var/lib/harpoon/templates):
+Layout, under $HARPOON_TEMPLATE_DIR (<state>/templates, harpoon.dirs):
     <key>/state, <key>/memory,        one template, published by a rename, never edited
     <key>/meta.json                   (the memory file is mapped by running VMs)
     build.lock                        held while a template is built (one build at a time:
@@ -48,7 +48,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from harpoon import private
+from harpoon import dirs, private
 from harpoon.vmm.base import VirtualMachine, VMConfig, VMError
 
 if TYPE_CHECKING:
@@ -65,9 +65,8 @@ if TYPE_CHECKING:
 # 2: guest RAM in its own file, left out of the saved state; 3: saved running, so that
 # a restored guest starts as soon as it is loaded.
 FORMAT_VERSION = 3
-TEMPLATE_DIR_ENV = "HARPOON_TEMPLATE_DIR"
+TEMPLATE_DIR_ENV = dirs.TEMPLATE_DIR_ENV
 TEMPLATES_ENV = "HARPOON_TEMPLATES"  # "off" or "0": always boot cold
-DEFAULT_TEMPLATE_DIR = Path("/var/lib/harpoon/templates")
 SCRATCH_PREFIX = "hp-template-"
 STATE_NAME = "state"
 MEMORY_NAME = "memory"
@@ -129,7 +128,7 @@ class TemplateStore:
         """The store $HARPOON_TEMPLATE_DIR names, or None when $HARPOON_TEMPLATES is off."""
         if os.environ.get(TEMPLATES_ENV, "").lower() in ("0", "off", "no", "false"):
             return None
-        return cls(Path(os.environ.get(TEMPLATE_DIR_ENV) or DEFAULT_TEMPLATE_DIR))
+        return cls(Path(dirs.template_dir()))
 
     def find(self, key: str) -> Template | None:
         """The published template for key if it looks whole (two stats and a small read)."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import sys
 
+from harpoon import dirs
+
 TYPE_CHECKING = False  # not typing's: importing typing costs more than this module
 if TYPE_CHECKING:
     from hashlib import sha256
@@ -24,7 +26,7 @@ else:
     from _sha256 import sha256
 
 SOCKET_DIR = "/run/containerd/s"
-RUN_DIR = os.environ.get("HARPOON_RUN_DIR", "/run/harpoon")
+RUN_DIR = dirs.run_dir()
 UNIX_SOCKET_PATH_MAX_BYTES = 106
 # In the bundle (the shim's working directory): the daemon's pid, as runc's shim keeps it.
 DAEMON_PID_FILE = "shim.pid"

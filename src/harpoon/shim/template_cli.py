@@ -58,7 +58,7 @@ TEMPLATE_DIR_OPTION = click.option(
     "--template-dir",
     type=click.Path(path_type=Path),
     default=None,
-    help=f"Where templates live (default ${TEMPLATE_DIR_ENV} or /var/lib/harpoon/templates).",
+    help=f"Where templates live (default ${TEMPLATE_DIR_ENV} or <state>/templates: harpoon.dirs).",
 )
 
 

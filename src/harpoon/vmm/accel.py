@@ -15,12 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harpoon import private
+from harpoon import dirs, private
 
 PROBE_TIMEOUT_S = 5.0
 PROBE_RUN_S = 0.5
 ACCEL_ENV = "HARPOON_ACCEL"
-CACHE_DIR = Path(os.environ.get("HARPOON_RUN_DIR", "/run/harpoon"))
+CACHE_DIR = Path(dirs.run_dir())
 
 
 def hardware_accelerator() -> str:

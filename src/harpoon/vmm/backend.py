@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,17 @@ def host_arch() -> str:
     """The host's architecture in Debian's and OCI's words (amd64, arm64)."""
     machine = platform.machine().lower()
     return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64"}.get(machine, machine)
+
+
+@dataclass(frozen=True)
+class HostVMM:
+    """What `harpoon doctor` reports of a backend on this host: its VMM program (None
+    when it is not installed), the accelerator it would run guests with, and the fix."""
+
+    program: str
+    path: str | None
+    accelerator: str | None
+    install_hint: str
 
 
 class Backend(abc.ABC):
@@ -60,6 +72,10 @@ class Backend(abc.ABC):
         """config, with what this backend needs changed to run it (a machine with room
         for its devices); cheap, and the same answer for the same config."""
         return config
+
+    def host_vmm(self) -> HostVMM:
+        """This backend's VMM on this host (may probe the accelerator: ~1 s, cached)."""
+        raise NotImplementedError(f"the {self.name} backend does not describe its VMM")
 
     @abc.abstractmethod
     def launch_early(self, config: VMConfig, restoring: Path | None) -> None:
@@ -99,6 +115,22 @@ class QemuBackend(Backend):
         from harpoon.vmm import qemu_launch
 
         return qemu_launch.with_room_for_devices(config)
+
+    def host_vmm(self) -> HostVMM:
+        import shutil
+
+        from harpoon.vmm import accel, qemu_launch
+
+        arch = self.host_arch()
+        program = qemu_launch.PROFILES[(arch, qemu_launch.DEFAULT_MACHINE[arch])].binary
+        path = shutil.which(program)
+        package = "qemu-system-x86" if arch == "amd64" else "qemu-system-arm"
+        return HostVMM(
+            program=program,
+            path=path,
+            accelerator=accel.choose(path) if path else None,
+            install_hint=f"apt-get install {package} (or run scripts/install-deps)",
+        )
 
     def launch_early(self, config: VMConfig, restoring: Path | None) -> None:
         from harpoon.vmm import qemu_launch

@@ -24,16 +24,13 @@ import os
 import shutil
 from pathlib import Path
 
+from harpoon import dirs
 from harpoon.vmm.devices import Share
 from harpoon.vmm.leftovers import HELPER_PID_PREFIX
 
 VERSION = "1.14.0"
 #: Where scripts/install-deps puts it (harpoon.devenv.tools' cache; the same override).
-TOOLS_BINARY = (
-    Path(os.environ.get("HARPOON_TOOLS_DIR", "/var/cache/harpoon/tools"))
-    / f"virtiofsd-v{VERSION}"
-    / "virtiofsd"
-)
+TOOLS_BINARY = Path(dirs.tools_dir()) / f"virtiofsd-v{VERSION}" / "virtiofsd"
 #: Debian's (trixie on) and Fedora's place for it.
 SYSTEM_BINARIES = (Path("/usr/libexec/virtiofsd"), Path("/usr/lib/qemu/virtiofsd"))
 BINARY_ENV = "HARPOON_VIRTIOFSD"

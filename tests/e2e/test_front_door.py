@@ -1,0 +1,375 @@
+"""The front door, through the `harpoon` command alone: `harpoon system start`, nerdctl's
+commands on harpoon's own containerd, `harpoon doctor`, and `harpoon system stop` after
+a crash.
+
+One `harpoon system start` per module, under a temporary HARPOON_ROOT (its containerd,
+nerdctl state, CNI network and VMs' run directory are the session's own); the guest
+image and the VM templates are the runner's (HARPOON_GUEST_DIR and HARPOON_TEMPLATE_DIR
+as harpoon.dirs resolves them here: building either per session would cost minutes).
+The busybox image built by harpoon.devenv.images goes in with `harpoon load`. Each case
+runs under harpoon and, where the result should match, under runc on the same services
+(`--runtime io.containerd.runc.v2`, which the front door must leave the user's).
+Containers run on harpoon's default network (nerdctl's "bridge" on harpoon's bridge).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from harpoon import dirs
+from harpoon.devenv.host import mount_points, shim_processes
+from harpoon.devenv.images import BUSYBOX_REF, build_busybox_image, default_cache_dir
+from harpoon.devenv.tools import FLAVOURS, NERDCTL
+from harpoon.system import network
+from tests.e2e.differential import HARPOON, RUNC
+from tests.prerequisites import unavailable
+
+#: One harpoon command (a VM's cold boot under TCG is ~6 s; a loaded machine, more).
+COMMAND_TIMEOUT_S = 180.0
+#: `system start` and `stop` (stop waits up to 10 s for containers, 10 s for containerd).
+SYSTEM_TIMEOUT_S = 180.0
+POLL_INTERVAL_S = 0.1
+TIME = re.compile(r'^time="[^"]*" ')
+#: How many times a published port is asked before the test gives up (~30 s).
+HTTPD_ATTEMPTS = 300
+#: The reference `harpoon load` gives the busybox image.
+IMAGE = "docker.io/library/busybox:harpoon"
+HTTPD = (
+    "mkdir -p /www && echo served by $(hostname) > /www/index.html && exec httpd -f -p 80 -h /www"
+)
+
+
+@dataclass(frozen=True)
+class Done:
+    status: int
+    out: str
+    err: str
+
+
+@dataclass(frozen=True)
+class Harpoon:
+    """The `harpoon` command on one root."""
+
+    root: Path
+    env: dict[str, str]
+
+    def __call__(self, *args: str, timeout: float = COMMAND_TIMEOUT_S) -> Done:
+        done = subprocess.run(
+            [sys.executable, "-m", "harpoon.cli", *args], env=self.env, capture_output=True,
+            text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False,
+        )  # fmt: skip
+        return Done(done.returncode, done.stdout, _without_warnings(done.stderr))
+
+    def check(self, *args: str, timeout: float = COMMAND_TIMEOUT_S) -> str:
+        done = self(*args, timeout=timeout)
+        assert done.status == 0, f"harpoon {' '.join(args)}: status {done.status}: {done.err}"
+        return done.out
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    def default_network(self) -> network.DefaultNetwork:
+        found = network.read(self.root / "lib" / "cni" / "net.d")
+        assert found is not None
+        return found
+
+
+def _without_warnings(stderr: str) -> str:
+    """nerdctl's stderr without its warnings and its log lines' times."""
+    lines = stderr.splitlines(keepends=True)
+    return "".join(TIME.sub("", line) for line in lines if "level=warning" not in line)
+
+
+def harpoon_on_new_root() -> Harpoon:
+    # /tmp, short: the VMs' sockets under <root>/run must fit in sun_path.
+    root = Path(tempfile.mkdtemp(prefix="hp-fd-", dir="/tmp"))
+    env = dict(os.environ)
+    env.update({
+        dirs.ROOT_ENV: str(root),
+        dirs.GUEST_DIR_ENV: dirs.guest_dir(),
+        dirs.TEMPLATE_DIR_ENV: dirs.template_dir(),
+    })  # fmt: skip
+    env.pop(dirs.RUN_DIR_ENV, None)
+    return Harpoon(root, env)
+
+
+def leftovers(harpoon: Harpoon) -> list[str]:
+    """What names the root after `harpoon system stop`: processes (a VM, a shim, a
+    daemon), mounts, network namespaces, sockets, pid files, the bridge."""
+    root, me = str(harpoon.root), os.getpid()
+    found = []
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit() or int(pid_dir.name) == me:
+            continue
+        try:
+            argv = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if root in argv:
+            found.append(f"process {pid_dir.name}: {argv[:200]}")
+    found += [f"shim {s}" for s in shim_processes() if root in (s.flag("address") or "")]
+    found += [f"mount {m}" for m in mount_points() if m.startswith(root)]
+    found += [f"netns {n}" for n in (harpoon.run_dir / "netns").glob("*")]
+    for path in harpoon.root.rglob("*"):
+        if path.is_socket() or path.name.endswith(".pid"):
+            found.append(f"file {path}")
+    bridge = harpoon.default_network().bridge
+    if Path(f"/sys/class/net/{bridge}").exists():
+        found.append(f"bridge {bridge}")
+    return found
+
+
+def start_system(harpoon: Harpoon) -> None:
+    harpoon.check("system", "start", timeout=SYSTEM_TIMEOUT_S)
+    tar = build_busybox_image(default_cache_dir(), BUSYBOX_REF)
+    harpoon.check("load", "-i", str(tar))
+
+
+def stop_system(harpoon: Harpoon) -> list[str]:
+    """`harpoon system stop`, then what it left (removed, so that nothing leaks)."""
+    try:
+        harpoon.check("system", "stop", timeout=SYSTEM_TIMEOUT_S)
+        return leftovers(harpoon)
+    finally:
+        shutil.rmtree(harpoon.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def harpoon() -> Iterator[Harpoon]:
+    if os.geteuid() != 0:
+        unavailable("the front door's tests need root: containerd, CNI and VMs run as root")
+    if FLAVOURS["2.3"].missing_binaries() and shutil.which("containerd") is None:
+        unavailable(f"no containerd: {FLAVOURS['2.3'].install_hint()}")
+    if NERDCTL.missing_binaries() and shutil.which("nerdctl") is None:
+        unavailable(f"nerdctl is not built: {NERDCTL.install_hint()}")
+    if not Path("/bin/busybox").exists():
+        unavailable("busybox-static is not installed: run scripts/install-deps")
+    session = harpoon_on_new_root()
+    try:
+        start_system(session)
+    except BaseException:
+        stop_system(session)
+        raise
+    yield session
+    left = stop_system(session)
+    assert not left, f"harpoon system stop left: {left}"
+
+
+@pytest.fixture
+def clean(harpoon: Harpoon) -> Iterator[Harpoon]:
+    """The module's harpoon; the test must leave no container or volume."""
+    yield harpoon
+    containers = harpoon.check("ps", "-a", "-q").split()
+    volumes = harpoon.check("volume", "ls", "-q").split()
+    if containers:
+        harpoon("rm", "-f", *containers)
+    if volumes:
+        harpoon("volume", "rm", *volumes)
+    assert not containers and not volumes, f"left: {containers} {volumes}"
+
+
+RUNTIMES = pytest.mark.parametrize("runtime", [HARPOON, RUNC])
+
+
+def runtime_args(runtime: str) -> list[str]:
+    """Nothing for harpoon (the front door's default), --runtime for runc."""
+    return [] if runtime == HARPOON else ["--runtime", runtime]
+
+
+@RUNTIMES
+def test_run_rm_echo(clean: Harpoon, runtime: str) -> None:
+    done = clean("run", "--rm", "--pull", "never", *runtime_args(runtime), IMAGE, "echo", "hi")
+    assert (done.status, done.out, done.err) == (0, "hi\n", "")
+
+
+def test_harpoon_is_the_default_runtime_and_runc_can_be_asked_for(clean: Harpoon) -> None:
+    """The guest's kernel is not the host's: harpoon ran the first, runc the second."""
+    host = os.uname().release
+    under_harpoon = clean.check("run", "--rm", "--pull", "never", IMAGE, "uname", "-r")
+    under_runc = clean.check("run", "--rm", "--pull", "never", "--runtime", RUNC, IMAGE,
+                             "uname", "-r")  # fmt: skip
+    assert under_runc.strip() == host
+    assert under_harpoon.strip() != host
+
+
+def lifecycle(harpoon: Harpoon, runtime: str) -> dict[str, object]:
+    name = f"life-{'harpoon' if runtime == HARPOON else 'runc'}"
+    facts: dict[str, object] = {}
+    script = "echo started; trap 'echo stopping; exit 0' TERM; while true; do sleep 0.1; done"
+    run = harpoon("run", "-d", "--name", name, "--pull", "never", *runtime_args(runtime),
+                  IMAGE, "sh", "-c", script)  # fmt: skip
+    facts["run -d"] = run.status
+    facts["exec"] = harpoon("exec", name, "sh", "-c", "echo from exec; exit 3")
+    facts["state running"] = harpoon.check("inspect", "-f", "{{.State.Status}}", name).strip()
+    facts["stop"] = harpoon("stop", name).status
+    facts["state stopped"] = harpoon.check("inspect", "-f", "{{.State.Status}}", name).strip()
+    facts["logs after stop"] = harpoon.check("logs", name)
+    facts["start"] = harpoon("start", name).status
+    facts["exec after start"] = harpoon.check("exec", name, "echo", "again")
+    facts["rm -f"] = harpoon("rm", "-f", name).status
+    facts["gone"] = harpoon("inspect", name).status != 0
+    return facts
+
+
+def test_run_d_exec_logs_stop_start_rm_under_harpoon_match_runc(clean: Harpoon) -> None:
+    runc = lifecycle(clean, RUNC)
+    assert runc == {
+        "run -d": 0, "state running": "running",
+        "exec": Done(1, "from exec\n", 'level=fatal msg="exec failed with exit code 3"\n'),
+        "stop": 0, "state stopped": "exited", "logs after stop": "started\nstopping\n",
+        "start": 0, "exec after start": "again\n", "rm -f": 0, "gone": True,
+    }, "runc, the oracle, changed"  # fmt: skip
+    assert lifecycle(clean, HARPOON) == runc
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return str(response.read().decode())
+
+
+@RUNTIMES
+def test_published_port_serves_from_busybox_httpd(clean: Harpoon, runtime: str) -> None:
+    port = free_port()
+    publish = ["-p", f"127.0.0.1:{port}:80"]
+    clean.check("run", "-d", "--name", "web", "--hostname", "web", "--pull", "never",
+                *publish, *runtime_args(runtime), IMAGE, "sh", "-c", HTTPD)  # fmt: skip
+    try:
+        # `run -d` returns once the task runs; httpd listens right after: ask until then.
+        served = None
+        for _ in range(HTTPD_ATTEMPTS):
+            try:
+                served = fetch(f"http://127.0.0.1:{port}/")
+                break
+            except OSError:
+                time.sleep(POLL_INTERVAL_S)
+        assert served == "served by web\n"
+        assert clean.check("port", "web").strip() == f"80/tcp -> 127.0.0.1:{port}"
+    finally:
+        clean.check("rm", "-f", "web")
+
+
+@RUNTIMES
+def test_bind_mount_of_a_host_directory(clean: Harpoon, runtime: str, tmp_path: Path) -> None:
+    (tmp_path / "in.txt").write_text("from the host\n")
+    done = clean("run", "--rm", "--pull", "never", "-v", f"{tmp_path}:/data",
+                 *runtime_args(runtime), IMAGE, "sh", "-c",
+                 "cat /data/in.txt && echo from the container > /data/out.txt")  # fmt: skip
+    assert (done.status, done.out, done.err) == (0, "from the host\n", "")
+    assert (tmp_path / "out.txt").read_text() == "from the container\n"
+
+
+@RUNTIMES
+def test_named_volume_outlives_its_container(clean: Harpoon, runtime: str) -> None:
+    clean.check("volume", "create", "kept")
+    args = ["--pull", "never", "-v", "kept:/data", *runtime_args(runtime), IMAGE]
+    clean.check("run", "--rm", *args, "sh", "-c", "echo kept in the volume > /data/file")
+    assert clean.check("run", "--rm", *args, "cat", "/data/file") == "kept in the volume\n"
+    mountpoint = clean.check("volume", "inspect", "-f", "{{.Mountpoint}}", "kept").strip()
+    assert mountpoint.startswith(f"{clean.root}/lib/nerdctl/")
+    assert Path(mountpoint, "file").read_text() == "kept in the volume\n"
+    clean.check("volume", "rm", "kept")
+
+
+@RUNTIMES
+def test_inspect_shows_the_containers_own_address(clean: Harpoon, runtime: str) -> None:
+    clean.check("run", "-d", "--name", "addr", "--pull", "never", *runtime_args(runtime),
+                IMAGE, "sleep", "600")  # fmt: skip
+    try:
+        address = clean.check("inspect", "-f", "{{.NetworkSettings.IPAddress}}", "addr").strip()
+        inside = clean.check("exec", "addr", "ip", "-o", "-4", "addr", "show", "eth0")
+    finally:
+        clean.check("rm", "-f", "addr")
+    chosen = clean.default_network()
+    assert ipaddress.IPv4Address(address) in chosen.subnet
+    assert f" {address}/{chosen.subnet.prefixlen} " in inside
+    assert chosen.bridge != "nerdctl0"
+
+
+@RUNTIMES
+def test_stats_reports_the_container(clean: Harpoon, runtime: str) -> None:
+    clean.check("run", "-d", "--name", "measured", "--pull", "never", *runtime_args(runtime),
+                IMAGE, "sleep", "600")  # fmt: skip
+    try:
+        done = clean("stats", "--no-stream", "--format", "{{json .}}", "measured")
+    finally:
+        clean.check("rm", "-f", "measured")
+    assert done.status == 0, done.err
+    stats = json.loads(done.out)
+    assert stats["Name"] == "measured" and stats["PIDs"] == "1"
+
+
+def test_system_status_names_the_service_its_socket_and_log(harpoon: Harpoon) -> None:
+    out = harpoon.check("system", "status")
+    assert out == (
+        f"containerd pid={out.split('pid=')[1].split()[0]} healthy "
+        f"socket={harpoon.run_dir}/containerd/containerd.sock "
+        f"log={harpoon.root}/lib/log/containerd.log\n"
+    )
+
+
+def test_doctor_with_nerdctl_hidden_names_it_and_the_fix(harpoon: Harpoon) -> None:
+    env = dict(harpoon.env, HARPOON_NERDCTL="/nonexistent/nerdctl")
+    done = Harpoon(harpoon.root, env)("doctor")
+    assert done.status == 1
+    (line,) = [line for line in done.out.splitlines() if "nerdctl" in line]
+    assert line == (
+        "MISSING  nerdctl: no nerdctl ($HARPOON_NERDCTL, built or on PATH); "
+        "fix: bash scripts/install-deps (builds nerdctl v2.3.5)"
+    )
+
+
+def test_doctor_with_cni_plugins_hidden_names_them(harpoon: Harpoon, tmp_path: Path) -> None:
+    env = dict(harpoon.env, HARPOON_CNI_PATH=str(tmp_path))
+    done = Harpoon(harpoon.root, env)("doctor")
+    assert done.status == 1
+    assert (
+        f"MISSING  CNI plugins: no bridge, portmap, firewall, tuning, host-local, loopback in "
+        f"{tmp_path}; fix: apt-get install containernetworking-plugins"
+    ) in done.out.splitlines()
+
+
+def test_system_stop_after_containerd_was_killed_leaves_nothing() -> None:
+    """A root of its own: containerd SIGKILLed while a container runs in a VM with a
+    published port; `system stop` leaves no VM, shim, mount, netns, socket, pid file,
+    bridge; `system start` then starts on it again and the container can be removed."""
+    harpoon = harpoon_on_new_root()
+    try:
+        start_system(harpoon)
+        port = free_port()
+        harpoon.check("run", "-d", "--name", "crashed", "--pull", "never",
+                      "-p", f"127.0.0.1:{port}:80", IMAGE, "sleep", "600")  # fmt: skip
+        pid = int((harpoon.run_dir / "services" / "containerd.pid").read_text().split()[0])
+        os.kill(pid, 9)
+        assert harpoon("system", "status").status == 3
+        assert any("qemu" in line for line in leftovers(harpoon)), "no VM ran: no test"
+        harpoon.check("system", "stop", timeout=SYSTEM_TIMEOUT_S)
+        assert leftovers(harpoon) == []
+        harpoon.check("system", "start", timeout=SYSTEM_TIMEOUT_S)
+        listed = harpoon.check("ps", "-a", "--format", "{{.Names}} {{.Status}}").split("\n")
+        assert listed[0].split()[0] == "crashed" and "Up" not in listed[0]
+        harpoon.check("rm", "-f", "crashed")
+    finally:
+        left = stop_system(harpoon)
+    assert left == []
