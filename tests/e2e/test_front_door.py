@@ -32,8 +32,11 @@ from pathlib import Path
 import pytest
 
 from harpoon import dirs
+from harpoon.devenv.cni import free_subnets
+from harpoon.devenv.debian_image import DEBIAN_WEB_REF, build_debian_image
 from harpoon.devenv.host import mount_points, shim_processes
 from harpoon.devenv.images import BUSYBOX_REF, build_busybox_image, default_cache_dir
+from harpoon.devenv.registry import Registry
 from harpoon.devenv.tools import FLAVOURS, NERDCTL
 from harpoon.system import network
 from tests.e2e.differential import HARPOON, RUNC
@@ -49,6 +52,8 @@ TIME = re.compile(r'^time="[^"]*" ')
 HTTPD_ATTEMPTS = 300
 #: The reference `harpoon load` gives the busybox image.
 IMAGE = "docker.io/library/busybox:harpoon"
+#: The 3-service app of test_nerdctl_compose.py.
+COMPOSE_APP = Path(__file__).parent / "compose_app"
 HTTPD = (
     "mkdir -p /www && echo served by $(hostname) > /www/index.html && exec httpd -f -p 80 -h /www"
 )
@@ -318,6 +323,75 @@ def test_stats_reports_the_container(clean: Harpoon, runtime: str) -> None:
     assert done.status == 0, done.err
     stats = json.loads(done.out)
     assert stats["Name"] == "measured" and stats["PIDs"] == "1"
+
+
+def test_top_lists_the_processes_inside_the_vm_by_the_containers_name(clean: Harpoon) -> None:
+    """`harpoon top NAME` (not nerdctl's, which would list QEMU): the container's own
+    pids; a runc container's top says it does not run under harpoon."""
+    script = "sleep 1001 & exec sleep 1002"
+    for name, runtime in (("topped", HARPOON), ("topped-runc", RUNC)):
+        clean.check("run", "-d", "--name", name, "--pull", "never", *runtime_args(runtime),
+                    IMAGE, "sh", "-c", script)  # fmt: skip
+    try:
+        listed = clean("top", "topped")
+        under_runc = clean("top", "topped-runc")
+    finally:
+        clean.check("rm", "-f", "topped", "topped-runc")
+    assert listed.status == 0, listed.err
+    rows = [line.split(None, 7) for line in listed.out.splitlines()[1:]]
+    assert [(r[0], r[1], r[2], r[7]) for r in rows] == [
+        ("root", "1", "0", "sleep 1002"), ("root", rows[1][1], "1", "sleep 1001"),
+    ]  # fmt: skip
+    assert under_runc.status == 1 and "does not run under harpoon" in under_runc.err
+
+
+def test_images_pushed_to_and_pulled_from_a_local_registry(
+    clean: Harpoon, registry: Registry
+) -> None:
+    """`harpoon tag`, `push` to the registry on 127.0.0.1, `rmi`, `pull` back, `run`."""
+    remote = f"{registry.host}/front-door/busybox:pushed"
+    clean.check("tag", IMAGE, remote)
+    clean.check("push", "--insecure-registry", remote)
+    clean.check("rmi", remote)
+    assert remote not in clean.check("images", "--format", "{{.Repository}}:{{.Tag}}")
+    clean.check("pull", "--insecure-registry", remote)
+    try:
+        done = clean("run", "--rm", remote, "echo", "pulled")
+    finally:
+        clean.check("rmi", remote)
+    assert (done.status, done.out, done.err) == (0, "pulled\n", "")
+
+
+def test_compose_runs_every_service_in_a_vm(clean: Harpoon, tmp_path: Path) -> None:
+    """`harpoon compose up -d` of the 3-service app (tests/e2e/compose_app), no service
+    naming a runtime: each runs under harpoon (its `harpoon top` answers); the app
+    reaches web and store by name; `down -v` leaves no container or volume."""
+    image_tar = build_debian_image(default_cache_dir())
+    clean.check("load", "-i", str(image_tar))
+    project, port = "fdapp", free_port()
+    shutil.copytree(COMPOSE_APP, tmp_path / project)
+    env = {**clean.env, "HPT_IMAGE": DEBIAN_WEB_REF, "HPT_RUNTIME": "", "HPT_PORT": str(port),
+           "HPT_SUBNET": str(free_subnets(1)[0])}  # fmt: skip
+    compose = Harpoon(clean.root, env)
+    compose_file = str(tmp_path / project / "compose.yaml")
+    up = compose("compose", "-f", compose_file, "up", "-d")
+    try:
+        assert up.status == 0, up.err
+        answer = None
+        for _ in range(HTTPD_ATTEMPTS):
+            try:
+                answer = fetch(f"http://127.0.0.1:{port}/")
+                break
+            except OSError:
+                time.sleep(POLL_INTERVAL_S)
+        names = sorted(compose.check("ps", "--format", "{{.Names}}").split())
+        tops = {name: compose("top", name).status for name in names}
+    finally:
+        down = compose("compose", "-f", compose_file, "down", "-v")
+    assert answer == "hello from web (visit 1)\n"
+    assert names == [f"{project}-{service}-1" for service in ("app", "store", "web")]
+    assert tops == dict.fromkeys(names, 0), "a service did not run under harpoon"
+    assert down.status == 0, down.err
 
 
 def test_system_status_names_the_service_its_socket_and_log(harpoon: Harpoon) -> None:

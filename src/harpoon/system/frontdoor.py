@@ -11,17 +11,20 @@ nerdctl always names a runtime when it creates a container (its `--runtime` defa
 to runc's; containerd's namespace default is not read), so `run` and `create` get
 `--runtime io.containerd.harpoon.v1` *first*: a `--runtime` the user gives comes after
 it and wins (a repeated flag takes its last value), and nothing after the image is
-touched. `top` is not passed through: nerdctl's `top` hands the Pids (QEMU's) to the
-host's `ps`; harpoon will answer it through the agent. `build` is BuildKit's, to come.
+touched. nerdctl compose runs nerdctl for each service without that flag: `compose`
+gets the project rewritten with harpoon's runtime (harpoon.system.compose). `top` is not
+passed through: nerdctl's `top` hands the Pids (QEMU's) to the host's `ps`; `harpoon
+top` asks the agent (harpoon.shim.top).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from harpoon.system import config, services
+from harpoon.system import compose, config, services
 from harpoon.system.layout import RUNTIME, Layout
 
 #: The nerdctl commands `harpoon` passes through.
@@ -31,6 +34,8 @@ PASSTHROUGH = (
     "rmi", "load", "save", "volume", "network", "container", "login", "logout", "compose",
     "events", "info", "version",
 )  # fmt: skip
+#: How long `nerdctl compose config` may take (it reads files and asks containerd).
+COMPOSE_CONFIG_TIMEOUT_S = 60.0
 #: Commands (top level, or under `container`) that create a container.
 CREATING = ("run", "create")
 #: Variables nerdctl would take over nerdctl.toml.
@@ -82,4 +87,29 @@ def exec_nerdctl(
     binary = nerdctl_binary()
     if not services.running(layout):
         services.start(layout, progress)
+    if command == "compose":
+        args = compose_args(binary, args, layout)
     os.execve(binary, argv(binary, command, args), environment(layout))
+
+
+def compose_args(nerdctl: Path, args: Sequence[str], layout: Layout) -> list[str]:
+    """`compose ARGS` with every service given harpoon's runtime unless it names one
+    (harpoon.system.compose says why and how); ARGS as they are when compose cannot
+    read the project (nerdctl then says why) or the subcommand is `config`."""
+    try:
+        globals_, subcommand, rest = compose.split(args)
+    except compose.ComposeError:
+        return list(args)
+    if subcommand in compose.AS_WRITTEN or not subcommand:
+        return list(args)
+    done = subprocess.run(
+        [str(nerdctl), "compose", *globals_, "config"], env=environment(layout),
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False,
+        timeout=COMPOSE_CONFIG_TIMEOUT_S,
+    )  # fmt: skip
+    if done.returncode != 0:
+        return list(args)
+    project = compose.write_project(
+        compose.with_harpoon_runtime(done.stdout), layout.run / "compose"
+    )
+    return compose.rewritten_args(globals_, subcommand, rest, project, Path.cwd())
