@@ -1,15 +1,17 @@
 """BuildKit builds with every RUN step in a harpoon VM (issue 16): a real buildkitd
 v0.32.2 (harpoon.devenv.buildkitd: the containerd worker alone, runtime
-io.containerd.harpoon.v1, the host network mode, which under harpoon is a gvproxy of
-each step's VM) on the session's containerd 2.3, driven with buildctl and buildkitd's
+io.containerd.harpoon.v1) on the session's containerd 2.3, driven with buildctl and buildkitd's
 built-in Dockerfile frontend; offline: `FROM` names the busybox image imported into the
 namespace buildkitd works in, and the built image lands there too.
 
-One buildkitd for the module. Each build has a token of its own in its steps, so no
-build hits another's cache unless it means to. Every test checks, with the `containerd`
-fixture, that no task, container, shim or mount is left, and that no step's VM, state
-directory, share, shim socket or netns outlives it (`leftovers`), nor a mount in
-buildkitd's scratch directory.
+One buildkitd for the module in each network mode of harpoon.buildkit: "host" and
+"cni" (each step a network namespace of its own, on a bridge and subnet of the
+buildkitd's, wired to the VM's tap by harpoon). Each build has a token of its own in
+its steps, so no build hits another's cache unless it means to. Every test checks, with
+the `containerd` fixture, that no task, container, shim or mount is left, and that no
+step's VM, state directory, share, shim socket or netns outlives it (`leftovers`), nor
+a mount in buildkitd's scratch directory; the module's teardown, that buildkitd leaves
+no mount (the network namespaces it keeps for reuse in cni mode) once stopped.
 
 Runtime here (2 shared cores, TCG): ~40 s for the module once the VM templates exist
 (`harpoon template build`, which the module runs first: each step then starts from a
@@ -19,6 +21,7 @@ template in ~0.3 s; a cold boot is ~5 s).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 import secrets
 import signal
@@ -91,15 +94,33 @@ class Builder:
         return Build(result.returncode, result.stderr, self.steps_since(offset))
 
     def leftovers(self, steps: dict[str, str]) -> list[str]:
+        """What the steps' containers left: theirs (a VM, its state, share, socket,
+        netns), a root filesystem buildkitd mounted for them. In cni mode buildkitd keeps
+        a step's network namespace (and its veth) for 5 minutes, for its next steps
+        (its netpool's grace period, even with cniPoolSize 0): that one is buildkitd's,
+        and the module's teardown checks it is gone when buildkitd stops."""
         found = [item for step in steps for item in leftovers(self.containerd, step)]
         scratch = self.buildkitd.layout.tmp
         return found + [f"mount {m}" for m in linux.mounts_under(str(scratch))]
 
+    def default_address(self) -> str:
+        """The address a step has on buildkitd's default network, as `ip -o -4 addr`
+        prints it: gvproxy's guest (host mode), the bridge's first lease (cni mode)."""
+        if self.buildkitd.cni is None:
+            return "inet 192.168.127.2/24"
+        subnet = ipaddress.ip_network(self.buildkitd.cni.subnet)
+        return f"inet {subnet[2]}/{subnet.prefixlen}"
 
-@pytest.fixture(scope="module")
+
+@pytest.fixture(scope="module", params=["host", "cni"])
 def builder(
-    containerd_session: Containerd, busybox_image: str, tmp_path_factory: pytest.TempPathFactory
+    containerd_session: Containerd,
+    busybox_image: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
 ) -> Iterator[Builder]:
+    """The module's buildkitd, in each network mode: "host" (a step shares the host's
+    network: gvproxy's under harpoon) and "cni" (a namespace of its own on a bridge)."""
     if containerd_session.flavour.name != "2.3":
         pytest.skip("BuildKit's containerd worker is tested on containerd 2.3")
     if BUILDKIT.missing_binaries():
@@ -110,8 +131,15 @@ def builder(
         [sys.executable, "-m", "harpoon.cli", "template", "build"],
         check=True, capture_output=True, timeout=600,
     )  # fmt: skip
-    with Buildkitd(containerd_session, log_dir=containerd_session.log_path.parent) as buildkitd:
-        yield Builder(buildkitd, busybox_image, tmp_path_factory.mktemp("buildkit"))
+    log_dir = containerd_session.log_path.parent
+    buildkitd = Buildkitd(containerd_session, network=request.param, log_dir=log_dir)
+    try:
+        yield Builder(buildkitd.start(), busybox_image, tmp_path_factory.mktemp("buildkit"))
+    finally:
+        left = buildkitd.stop()
+    assert left == [], f"buildkitd left mounts behind when it stopped: {left}"
+    if buildkitd.cni is not None:
+        assert not Path("/sys/class/net", buildkitd.cni.bridge).exists()
 
 
 MULTI_STAGE = """\
@@ -159,9 +187,9 @@ def test_a_multi_stage_build_with_a_secret_runs_under_harpoon(
     # --network=none: a namespace with its loopback alone.
     links = [line.split(": ")[1] for line in network if " link/" in line]
     assert links == ["lo"]
-    # The default network (buildkitd's "host" mode): the host's network under harpoon,
-    # gvproxy's, with the guest at 192.168.127.2.
-    assert any(" inet 192.168.127.2/24 " in line for line in network), network
+    # The default network: the host's under harpoon, gvproxy's (host mode), or the
+    # bridge's (cni mode).
+    assert any(f" {builder.default_address()} " in line for line in network), network
     assert builder.leftovers(multi_stage.first.steps) == []
 
 

@@ -4,6 +4,7 @@ Python scripts: a socket, a pid, a worker list) so that no Go binary is needed."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -17,7 +18,9 @@ from harpoon.buildkit.config import (
     HARPOON_RUNTIME,
     BuildkitdLayout,
     BuildkitdSettings,
+    CniBridge,
     render_buildkitd_config,
+    render_cni_config,
 )
 from harpoon.buildkit.daemon import (
     BuildkitBinaries,
@@ -59,27 +62,41 @@ def test_every_file_and_socket_is_the_layouts_own(layout: BuildkitdLayout) -> No
     assert config["cdi"]["disabled"] is True
 
 
-def test_cni_mode_names_its_config_and_plugins_and_gc_is_bounded(layout: BuildkitdLayout) -> None:
+def test_cni_mode_is_a_bridge_of_its_own_and_gc_is_bounded(layout: BuildkitdLayout) -> None:
+    bridge = CniBridge("hpbk0", "10.231.7.0/24")
     settings = BuildkitdSettings(
         Path("/c.sock"),
         namespace="builds",
         network="cni",
-        cni_config=Path("/etc/x/cni.json"),
-        cni_plugin_dir=Path("/usr/lib/cni"),
+        cni=bridge,
+        cni_plugin_dir=Path("/opt/cni"),
         gc_max_used_bytes=2 << 30,
     )
     worker = rendered(settings, layout)["worker"]["containerd"]
     assert (worker["networkMode"], worker["namespace"]) == ("cni", "builds")
-    assert worker["cniConfigPath"] == "/etc/x/cni.json"
-    assert worker["cniBinaryPath"] == "/usr/lib/cni"
+    assert worker["cniConfigPath"] == str(layout.cni_config)
+    assert layout.cni_config.name.endswith(".conflist")  # buildkitd reads a list so
+    assert worker["cniBinaryPath"] == "/opt/cni"
+    assert worker["cniPoolSize"] == 0  # no namespaces (and veths) made ahead
     assert (worker["gc"], worker["maxUsedSpace"]) == (True, 2 << 30)
+    (plugin,) = json.loads(render_cni_config(bridge, layout))["plugins"]
+    assert (plugin["type"], plugin["bridge"], plugin["ipMasq"]) == ("bridge", "hpbk0", False)
+    # Its leases are the layout's, not the machine-wide /var/lib/cni/networks.
+    assert plugin["ipam"]["dataDir"] == str(layout.cni_ipam)
+    assert plugin["ipam"]["ranges"] == [[{"subnet": "10.231.7.0/24"}]]
 
 
 def test_settings_that_buildkitd_could_not_run_are_refused() -> None:
-    with pytest.raises(ValueError, match="cni_config"):
+    with pytest.raises(ValueError, match="CniBridge"):
         BuildkitdSettings(Path("/c.sock"), network="cni")
+    with pytest.raises(ValueError, match="CniBridge"):
+        BuildkitdSettings(Path("/c.sock"), cni=CniBridge("hpbk0", "10.231.7.0/24"))
     with pytest.raises(ValueError, match="network mode"):
         BuildkitdSettings(Path("/c.sock"), network="bridge")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bridge name"):
+        CniBridge("a-bridge-name-too-long", "10.231.7.0/24")
+    with pytest.raises(ValueError):
+        CniBridge("hpbk0", "10.231.7.0/33")
 
 
 # A stand-in buildkitd: binds the socket its config names, mounts nothing, exits on

@@ -15,7 +15,12 @@ What the rendering holds, and why (found by running buildkitd v0.32.2 here):
 - **The network of a RUN step**: "host" (buildkitd's default) gives the step the
   host's network, which under harpoon is a gvproxy of the step's VM (README, "Which
   network a container gets"); "cni" gives each step a network namespace of its own,
-  configured by buildkitd's CNI plugins (cniConfigPath, cniBinaryPath). `RUN
+  named by path, configured by buildkitd with the CNI plugins before the step's
+  container is created: harpoon runs the VM in it and joins its tap to CNI's veth.
+  The CNI network is a bridge of its own name and subnet (`CniBridge`, rendered by
+  `render_cni_config`; not buildkitd's own "bridge" mode, whose host-local leases live
+  in the machine-wide /var/lib/cni), with no namespace made ahead (cniPoolSize 0: a
+  pool is namespaces and veths that a killed buildkitd would leave). `RUN
   --network=none` is a namespace with loopback alone in either mode.
 - **Garbage collection** off, or bounded by the bytes the cache may keep.
 
@@ -24,6 +29,7 @@ This module only renders and names paths; harpoon.buildkit.daemon runs buildkitd
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +44,28 @@ NETWORK_MODES: tuple[NetworkMode, ...] = ("host", "cni")
 
 #: Steps a build runs at once: each is a VM working flat out under TCG.
 DEFAULT_MAX_PARALLELISM = 2
+
+#: Where Debian's containernetworking-plugins are.
+DEFAULT_CNI_PLUGIN_DIR = Path("/usr/lib/cni")
+
+#: The longest name a Linux network interface may have.
+MAX_IFNAME_BYTES = 15
+
+
+@dataclass(frozen=True)
+class CniBridge:
+    """The CNI network of a buildkitd in "cni" mode: a bridge of its own name and
+    subnet, its gateway the bridge's first address."""
+
+    bridge: str
+    subnet: str
+    #: NAT the steps' traffic out of the host (iptables rules per step, removed with it).
+    masquerade: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.bridge.encode()) <= MAX_IFNAME_BYTES:
+            raise ValueError(f"bridge name {self.bridge!r}: 1 to {MAX_IFNAME_BYTES} bytes")
+        ipaddress.ip_network(self.subnet)  # ValueError names it
 
 
 @dataclass(frozen=True)
@@ -79,6 +107,16 @@ class BuildkitdLayout:
         return self.run_dir / "tmp"
 
     @property
+    def cni_config(self) -> Path:
+        """The CNI network list of "cni" mode (render_cni_config)."""
+        return self.run_dir / "cni.conflist"
+
+    @property
+    def cni_ipam(self) -> Path:
+        """host-local's leases of "cni" mode: its own, not /var/lib/cni/networks."""
+        return self.run_dir / "cni-ipam"
+
+    @property
     def sockets(self) -> tuple[Path, ...]:
         return (self.socket, self.otel_socket)
 
@@ -93,9 +131,9 @@ class BuildkitdSettings:
     #: The snapshotter the images were unpacked with (buildkitd needs the same one).
     snapshotter: str = "overlayfs"
     network: NetworkMode = "host"
-    #: For network "cni": the CNI configuration file and the plugins' directory.
-    cni_config: Path | None = None
-    cni_plugin_dir: Path | None = None
+    #: For network "cni": its bridge, and the plugins' directory.
+    cni: CniBridge | None = None
+    cni_plugin_dir: Path = DEFAULT_CNI_PLUGIN_DIR
     #: None: garbage collection off; else the bytes the build cache may hold.
     gc_max_used_bytes: int | None = None
     max_parallelism: int = DEFAULT_MAX_PARALLELISM
@@ -105,8 +143,8 @@ class BuildkitdSettings:
     def __post_init__(self) -> None:
         if self.network not in NETWORK_MODES:
             raise ValueError(f"network mode {self.network!r}: use one of {NETWORK_MODES}")
-        if self.network == "cni" and (self.cni_config is None or self.cni_plugin_dir is None):
-            raise ValueError("network mode 'cni' needs cni_config and cni_plugin_dir")
+        if (self.network == "cni") != (self.cni is not None):
+            raise ValueError("network mode 'cni', and it alone, needs its CniBridge (cni)")
 
 
 def _toml_str(value: str | Path) -> str:
@@ -150,8 +188,9 @@ def render_buildkitd_config(settings: BuildkitdSettings, layout: BuildkitdLayout
     ]
     if settings.network == "cni":
         lines += [
-            f"  cniConfigPath = {_toml_str(settings.cni_config or '')}",
-            f"  cniBinaryPath = {_toml_str(settings.cni_plugin_dir or '')}",
+            f"  cniConfigPath = {_toml_str(layout.cni_config)}",
+            f"  cniBinaryPath = {_toml_str(settings.cni_plugin_dir)}",
+            "  cniPoolSize = 0",
         ]
     if gc:
         lines.append(f"  maxUsedSpace = {settings.gc_max_used_bytes}")
@@ -162,3 +201,23 @@ def render_buildkitd_config(settings: BuildkitdSettings, layout: BuildkitdLayout
         "",
     ]
     return "\n".join(lines)
+
+
+def render_cni_config(network: CniBridge, layout: BuildkitdLayout) -> str:
+    """The CNI network list (JSON) buildkitd's "cni" mode reads from layout.cni_config:
+    CNI's bridge plugin on `network`'s bridge and subnet, host-local leases in the
+    layout (buildkitd adds the loopback network itself)."""
+    bridge = {
+        "type": "bridge",
+        "bridge": network.bridge,
+        "isGateway": True,
+        "ipMasq": network.masquerade,
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{"subnet": network.subnet}]],
+            "routes": [{"dst": "0.0.0.0/0"}],
+            "dataDir": str(layout.cni_ipam),
+        },
+    }
+    document = {"cniVersion": "1.0.0", "name": "harpoon-buildkit", "plugins": [bridge]}
+    return json.dumps(document, indent=2) + "\n"

@@ -6,10 +6,11 @@ meant for whoever started it does not reach it; it outlives that process, as the
 door's services must), with its output appended to a log file and its TMPDIR in its
 run directory, and returns once `buildctl debug workers` lists its worker.
 `stop_buildkitd` ends it (SIGTERM, SIGKILL after STOP_TIMEOUT_S) and removes what it
-leaves in its run directory: sockets, pid file, and the step root filesystems it had
-mounted in its TMPDIR if it died mid-build. The next start does the same first, so a
-buildkitd that was killed is cleaned up after either way. Its `root` (the build cache)
-is kept.
+leaves in its run directory: sockets, pid file, the CNI leases of "cni" mode, and the
+step root filesystems it had mounted in its TMPDIR if it died mid-build; and the CNI
+bridge of "cni" mode, which CNI's bridge plugin never removes. The next start cleans up
+the run directory first, so a buildkitd that was killed is cleaned up after either
+way. Its `root` (the build cache) is kept.
 
 It never touches a buildkitd it did not start: a pid file is believed only while that
 process runs buildkitd with this layout's configuration.
@@ -18,6 +19,7 @@ process runs buildkitd with this layout's configuration.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -27,7 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harpoon import linux, private
-from harpoon.buildkit.config import BuildkitdLayout, BuildkitdSettings, render_buildkitd_config
+from harpoon.buildkit.config import (
+    BuildkitdLayout,
+    BuildkitdSettings,
+    render_buildkitd_config,
+    render_cni_config,
+)
 
 #: From start to `buildctl debug workers` answering (~0.5 s here; it connects to
 #: containerd and reads its snapshotter's state first).
@@ -95,6 +102,8 @@ def start_buildkitd(
     private.directory(layout.root)
     private.directory(layout.tmp)
     private.write_file(layout.config, render_buildkitd_config(settings, layout).encode())
+    if settings.cni is not None:
+        private.write_file(layout.cni_config, render_cni_config(settings.cni, layout).encode())
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, TMPDIR=str(layout.tmp))
     if path_prepend:
@@ -164,7 +173,22 @@ def stop_buildkitd(layout: BuildkitdLayout, timeout_s: float = STOP_TIMEOUT_S) -
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
     clean_up(layout)
+    remove_cni_bridge(layout)
     return pid is not None
+
+
+def remove_cni_bridge(layout: BuildkitdLayout) -> None:
+    """Deletes the bridge layout's CNI network list names, if it is there and no
+    buildkitd runs on layout."""
+    if running_pid(layout) is not None:
+        return
+    try:
+        document = json.loads(layout.cni_config.read_text())
+        bridge = str(document["plugins"][0]["bridge"])
+    except (OSError, ValueError, LookupError, TypeError):
+        return
+    if bridge and Path("/sys/class/net", bridge).exists():
+        subprocess.run(["ip", "link", "delete", "dev", bridge], capture_output=True, check=False)
 
 
 def _wait_gone(pid: int, layout: BuildkitdLayout, timeout_s: float) -> bool:
@@ -189,6 +213,7 @@ def clean_up(layout: BuildkitdLayout) -> None:
             shutil.rmtree(layout.tmp, ignore_errors=True)
     for path in (*layout.sockets, layout.pid_file):
         path.unlink(missing_ok=True)
+    shutil.rmtree(layout.cni_ipam, ignore_errors=True)
 
 
 def _log_tail(log_path: Path) -> str:

@@ -4,7 +4,8 @@ every file of it in one short temporary directory, and buildctl to drive it.
 It is harpoon.buildkit's buildkitd (the front door's), set up for a test: its
 containerd worker in the daemon's namespace (where the busybox image was imported and
 where built images land), the harpoon runtime, garbage collection off, its log beside
-containerd's. `stop()` leaves nothing: no process, socket, mount or directory (the
+containerd's; in "cni" mode, a bridge and a /24 of its own (`test_cni_bridge`), removed
+with it. `stop()` leaves nothing: no process, socket, mount or directory (the
 step containers are containerd's, checked by the e2e fixtures).
 
 Builds are offline: the Dockerfile frontend is buildkitd's built-in one (`--frontend
@@ -15,18 +16,23 @@ namespace.
 from __future__ import annotations
 
 import atexit
+import ipaddress
+import random
+import secrets
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 
-from harpoon.buildkit.config import BuildkitdLayout, BuildkitdSettings, NetworkMode
+from harpoon.buildkit.config import BuildkitdLayout, BuildkitdSettings, CniBridge, NetworkMode
 from harpoon.buildkit.daemon import BuildkitBinaries, start_buildkitd, stop_buildkitd
 from harpoon.devenv.containerd import Containerd
 from harpoon.devenv.host import unmount_under
 from harpoon.devenv.tools import BUILDKIT
+
+#: Where a "cni" buildkitd's bridge subnet is picked (a /24 no route of the host's meets).
+CNI_SUBNETS = ipaddress.IPv4Network("10.231.0.0/16")
 
 #: One `buildctl build` of a small Dockerfile: a few VMs, each ~0.3 s restored and
 #: ~5 s cold under TCG; this only catches a hung build.
@@ -34,7 +40,7 @@ BUILD_TIMEOUT_S = 300.0
 
 
 class Buildkitd:
-    """One buildkitd serving builds against `containerd`. Use as a context manager."""
+    """One buildkitd serving builds against `containerd`, from start() to stop()."""
 
     def __init__(
         self,
@@ -46,6 +52,7 @@ class Buildkitd:
     ) -> None:
         self.containerd = containerd
         self.network = network
+        self.cni = test_cni_bridge() if network == "cni" else None
         self.binaries = binaries or BuildkitBinaries(BUILDKIT.buildkitd, BUILDKIT.buildctl)
         self._log_dir = log_dir
         self._base: Path | None = None
@@ -75,6 +82,7 @@ class Buildkitd:
             containerd_address=Path(self.containerd.address),
             namespace=self.containerd.namespace,
             network=self.network,
+            cni=self.cni,
         )
         try:
             self.pid = start_buildkitd(self.binaries, settings, self.layout, self.log_path)
@@ -83,27 +91,20 @@ class Buildkitd:
             raise
         return self
 
-    def stop(self) -> None:
-        """Stops buildkitd and removes its directory. Idempotent."""
+    def stop(self) -> list[str]:
+        """Stops buildkitd and removes its directory; returns the mounts buildkitd left
+        there, which this had to unmount (none when it stopped cleanly: the network
+        namespaces it keeps for its next steps in cni mode, under its root, it releases
+        as it exits). Idempotent."""
         if self._base is None:
-            return
+            return []
         stop_buildkitd(self.layout)
-        unmount_under(self._base)
+        left = unmount_under(self._base)
         shutil.rmtree(self._base, ignore_errors=True)
         self._base = None
         self.pid = None
         atexit.unregister(self.stop)
-
-    def __enter__(self) -> Buildkitd:
-        return self.start() if self._base is None else self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        return left
 
     def buildctl(self, *args: str) -> list[str]:
         """The command line of `buildctl ARGS` against this buildkitd."""
@@ -144,3 +145,24 @@ class Buildkitd:
             capture_output=True, text=True, timeout=timeout_s, check=False,
             stdin=subprocess.DEVNULL,
         )  # fmt: skip
+
+
+def test_cni_bridge() -> CniBridge:
+    """A bridge of a name and a /24 of CNI_SUBNETS that nothing on the host uses."""
+    routes = subprocess.run(
+        ["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True, check=True
+    ).stdout
+    used: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for line in routes.splitlines():
+        words = line.split()
+        for word in words[:2]:
+            try:
+                used.append(ipaddress.ip_network(word, strict=False))
+            except ValueError:
+                continue
+    candidates = list(CNI_SUBNETS.subnets(new_prefix=24))
+    random.shuffle(candidates)
+    for subnet in candidates:
+        if not any(subnet.overlaps(network) for network in used):
+            return CniBridge(f"hpbk{secrets.token_hex(4)}", str(subnet))
+    raise RuntimeError(f"every /24 of {CNI_SUBNETS} is routed on this host")
