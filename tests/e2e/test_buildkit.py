@@ -10,8 +10,8 @@ buildkitd's, wired to the VM's tap by harpoon). Each build has a token of its ow
 its steps, so no build hits another's cache unless it means to. Every test checks, with
 the `containerd` fixture, that no task, container, shim or mount is left, and that no
 step's VM, state directory, share, shim socket or netns outlives it (`leftovers`), nor
-a mount in buildkitd's scratch directory; the module's teardown, that buildkitd leaves
-no mount (the network namespaces it keeps for reuse in cni mode) once stopped.
+a mount in buildkitd's scratch directory; the module's teardown, that no mount (the
+network namespaces buildkitd keeps for reuse in cni mode) is left once it is stopped.
 
 Runtime here (2 shared cores, TCG): ~40 s for the module once the VM templates exist
 (`harpoon template build`, which the module runs first: each step then starts from a

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from harpoon import linux
 from harpoon.buildkit.config import (
     HARPOON_RUNTIME,
     BuildkitdLayout,
@@ -191,13 +192,23 @@ def test_one_that_ignores_sigterm_is_killed(
 def test_after_a_killed_one_the_next_start_cleans_up_and_a_stale_pid_is_not_believed(
     binaries: BuildkitBinaries, layout: BuildkitdLayout, tmp_path: Path
 ) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounts a tmpfs: needs root")
     pid = start_buildkitd(binaries, BuildkitdSettings(Path("/c.sock")), layout, tmp_path / "log")
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    # Its socket and pid file are left; the pid file now names no buildkitd of ours.
-    assert layout.socket.exists() and layout.pid_file.exists()
-    layout.pid_file.write_text(f"{os.getpid()}\n")  # a reused pid: not a buildkitd
-    assert running_pid(layout) is None
-    pid = start_buildkitd(binaries, BuildkitdSettings(Path("/c.sock")), layout, tmp_path / "log")
-    assert running_pid(layout) == pid
-    assert stop_buildkitd(layout) is True
+    # A step's snapshot, mounted by buildkitd when it was killed mid-RUN.
+    snapshot = layout.root / "containerd-overlayfs/cachemounts/buildkit1065169412"
+    snapshot.mkdir(parents=True)
+    linux.mount("tmpfs", str(snapshot), "tmpfs")
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        # Its socket and pid file are left; the pid file now names no buildkitd of ours.
+        assert layout.socket.exists() and layout.pid_file.exists()
+        layout.pid_file.write_text(f"{os.getpid()}\n")  # a reused pid: not a buildkitd
+        assert running_pid(layout) is None
+        pid = start_buildkitd(binaries, BuildkitdSettings(Path("/c.sock")), layout, tmp_path / "l")
+        assert running_pid(layout) == pid
+        assert linux.mounts_under(str(layout.root)) == []
+        assert stop_buildkitd(layout) is True
+    finally:
+        linux.unmount_all(str(layout.root))

@@ -6,9 +6,9 @@ meant for whoever started it does not reach it; it outlives that process, as the
 door's services must), with its output appended to a log file and its TMPDIR in its
 run directory, and returns once `buildctl debug workers` lists its worker.
 `stop_buildkitd` ends it (SIGTERM, SIGKILL after STOP_TIMEOUT_S) and removes what it
-leaves in its run directory: sockets, pid file, the CNI leases of "cni" mode, and the
-step root filesystems it had mounted in its TMPDIR if it died mid-build; and the CNI
-bridge of "cni" mode, which CNI's bridge plugin never removes. The next start cleans up
+leaves: sockets, pid file, the CNI leases of "cni" mode, the mounts of the steps it
+ran if it died mid-build (clean_up); and the CNI bridge of "cni" mode, which CNI's
+bridge plugin never removes. The next start cleans up
 the run directory first, so a buildkitd that was killed is cleaned up after either
 way. Its `root` (the build cache) is kept.
 
@@ -201,10 +201,20 @@ def _wait_gone(pid: int, layout: BuildkitdLayout, timeout_s: float) -> bool:
 
 
 def clean_up(layout: BuildkitdLayout) -> None:
-    """What a buildkitd that is no longer running left in its run directory: its
-    sockets and pid file, and the step root filesystems it had mounted in its TMPDIR.
-    Does nothing while one runs on `layout`."""
-    if running_pid(layout) is not None or not layout.run_dir.exists():
+    """What a buildkitd that is no longer running left: its sockets and pid file, and
+    the mounts it made and would have undone (found after a SIGKILL mid-RUN): a step's
+    snapshot (`<root>/containerd-overlayfs/cachemounts/*`), a CNI step's network
+    namespace (`<root>/net/cni/*`), a root filesystem in its TMPDIR. The step's
+    container and task stay in containerd (buildkitd labels them not: they are the
+    only containers of its runtime with no image and no snapshot) with its VM running
+    on, unharmed: it holds bind mounts of its own. Does nothing while one runs on
+    `layout`."""
+    if running_pid(layout) is not None:
+        return
+    if layout.root.exists():
+        # A buildkitd that stopped cleanly left none: each is a step's, undone after it.
+        linux.unmount_all(str(layout.root))
+    if not layout.run_dir.exists():
         return
     if layout.tmp.exists():
         linux.unmount_all(str(layout.tmp))

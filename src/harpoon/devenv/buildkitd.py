@@ -92,10 +92,10 @@ class Buildkitd:
         return self
 
     def stop(self) -> list[str]:
-        """Stops buildkitd and removes its directory; returns the mounts buildkitd left
-        there, which this had to unmount (none when it stopped cleanly: the network
-        namespaces it keeps for its next steps in cni mode, under its root, it releases
-        as it exits). Idempotent."""
+        """Stops buildkitd (harpoon.buildkit.daemon.stop_buildkitd, which undoes what a
+        buildkitd that died left mounted) and removes its directory; returns the mounts
+        left there even so, which this had to unmount (none, if stop_buildkitd does its
+        job). Idempotent."""
         if self._base is None:
             return []
         stop_buildkitd(self.layout)
