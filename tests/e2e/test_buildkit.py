@@ -37,7 +37,8 @@ import pytest
 from harpoon import linux
 from harpoon.devenv.buildkitd import BUILD_TIMEOUT_S, Buildkitd
 from harpoon.devenv.containerd import Containerd
-from harpoon.devenv.tools import BUILDKIT
+from harpoon.devenv.tools import BUILDKIT, Flavour
+from harpoon.sandbox.template import TemplateStore
 from tests.e2e.test_harpoon_run import leftovers
 from tests.prerequisites import unavailable
 
@@ -114,23 +115,26 @@ class Builder:
 
 @pytest.fixture(scope="module", params=["host", "cni"])
 def builder(
-    containerd_session: Containerd,
-    busybox_image: str,
+    usable_flavour: Flavour,
     tmp_path_factory: pytest.TempPathFactory,
     request: pytest.FixtureRequest,
 ) -> Iterator[Builder]:
     """The module's buildkitd, in each network mode: "host" (a step shares the host's
     network: gvproxy's under harpoon) and "cni" (a namespace of its own on a bridge)."""
-    if containerd_session.flavour.name != "2.3":
+    if usable_flavour.name != "2.3":
         pytest.skip("BuildKit's containerd worker is tested on containerd 2.3")
     if BUILDKIT.missing_binaries():
         unavailable(f"buildkitd is not built: {BUILDKIT.install_hint()}")
-    # Both plain layouts' templates (the host's network: the steps' default; a network
-    # namespace: --network=none), as install-deps leaves them; at once if they exist.
-    subprocess.run(
-        [sys.executable, "-m", "harpoon.cli", "template", "build"],
-        check=True, capture_output=True, timeout=600,
-    )  # fmt: skip
+    containerd_session: Containerd = request.getfixturevalue("containerd_session")
+    busybox_image: str = request.getfixturevalue("busybox_image")
+    if TemplateStore.from_environment() is not None:
+        # Both plain layouts' templates (the host's network: host mode's steps; a
+        # network namespace: cni mode's and --network=none), as install-deps leaves
+        # them; at once if they exist.
+        subprocess.run(
+            [sys.executable, "-m", "harpoon.cli", "template", "build"],
+            check=True, capture_output=True, timeout=600,
+        )  # fmt: skip
     log_dir = containerd_session.log_path.parent
     buildkitd = Buildkitd(containerd_session, network=request.param, log_dir=log_dir)
     try:
@@ -196,6 +200,8 @@ def test_a_multi_stage_build_with_a_secret_runs_under_harpoon(
 def test_each_run_step_ran_in_a_vm_restored_from_a_template(
     multi_stage: MultiStage, containerd: Containerd
 ) -> None:
+    if TemplateStore.from_environment() is None:
+        pytest.skip("VM templates are turned off ($HARPOON_TEMPLATES)")
     assert multi_stage.first.status == 0, multi_stage.first.progress
     # Three RUN steps, three containers of harpoon's, each VM restored.
     assert list(multi_stage.first.steps.values()) == ["restored"] * 3
