@@ -10,6 +10,7 @@ import signal
 import sys
 import textwrap
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,8 +34,11 @@ from harpoon.buildkit.daemon import (
 
 
 @pytest.fixture
-def layout(tmp_path: Path) -> BuildkitdLayout:
-    return BuildkitdLayout(root=tmp_path / "root", run_dir=tmp_path / "run")
+def layout(tmp_path: Path) -> Iterator[BuildkitdLayout]:
+    """A layout in tmp_path; whatever a test left running on it is stopped after it."""
+    layout = BuildkitdLayout(root=tmp_path / "root", run_dir=tmp_path / "run")
+    yield layout
+    stop_buildkitd(layout, timeout_s=0.5)
 
 
 def rendered(settings: BuildkitdSettings, layout: BuildkitdLayout) -> dict:  # type: ignore[type-arg]
