@@ -4,7 +4,7 @@ every file of it in one short temporary directory, and buildctl to drive it.
 It is harpoon.buildkit's buildkitd (the front door's), set up for a test: its
 containerd worker in the daemon's namespace (where the busybox image was imported and
 where built images land), the harpoon runtime, garbage collection off, its log beside
-containerd's; in "cni" mode, a bridge and a /24 of its own (`test_cni_bridge`), removed
+containerd's; in "cni" mode, a bridge and a /24 of its own (`unused_cni_bridge`), removed
 with it. `stop()` leaves nothing: no process, socket, mount or directory (the
 step containers are containerd's, checked by the e2e fixtures).
 
@@ -52,7 +52,7 @@ class Buildkitd:
     ) -> None:
         self.containerd = containerd
         self.network = network
-        self.cni = test_cni_bridge() if network == "cni" else None
+        self.cni = unused_cni_bridge() if network == "cni" else None
         self.binaries = binaries or BuildkitBinaries(BUILDKIT.buildkitd, BUILDKIT.buildctl)
         self._log_dir = log_dir
         self._base: Path | None = None
@@ -147,7 +147,7 @@ class Buildkitd:
         )  # fmt: skip
 
 
-def test_cni_bridge() -> CniBridge:
+def unused_cni_bridge() -> CniBridge:
     """A bridge of a name and a /24 of CNI_SUBNETS that nothing on the host uses."""
     routes = subprocess.run(
         ["ip", "-4", "route", "show", "table", "all"], capture_output=True, text=True, check=True
