@@ -1,5 +1,6 @@
-"""The source builds of harpoon.devenv.tools (shimtest, nerdctl, gvproxy): pins, cache names and
-the build's steps, with a fake tool built from a tarball made here (no Go involved)."""
+"""The source builds of harpoon.devenv.tools (shimtest, nerdctl, gvproxy, buildkit): pins,
+cache names and the build's steps, with a fake tool built from a tarball made here (no Go
+involved)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from harpoon.devenv import tools
 from harpoon.devenv.tools import (
+    BUILDKIT,
     GVPROXY,
     NERDCTL,
     SHIMTEST,
@@ -82,7 +84,7 @@ def test_each_pin_has_its_own_cache_directory() -> None:
     moved = type(NERDCTL)(name=NERDCTL.name, source=other, version=NERDCTL.version)
     assert moved.cache_dir != NERDCTL.cache_dir
     assert NERDCTL.cache_dir.name.startswith("nerdctl-")
-    assert set(SOURCE_BUILDS) == {"shimtest", "nerdctl", "gvproxy"}
+    assert set(SOURCE_BUILDS) == {"shimtest", "nerdctl", "gvproxy", "buildkit"}
 
 
 def test_nerdctl_is_built_static_with_its_version_stamped() -> None:
@@ -102,6 +104,25 @@ def test_gvproxy_is_built_static_from_its_vendored_modules() -> None:
     # The version harpoon.net.gvproxy names is the one built.
     assert GVPROXY.source.file_name == f"gvisor-tap-vsock-v{gvproxy.VERSION}.tar.gz"
     assert GVPROXY.binary == GVPROXY.cache_dir / "gvproxy"
+
+
+def test_buildkit_is_buildkitd_and_buildctl_static_from_vendored_modules_version_stamped() -> None:
+    (command,) = BUILDKIT.commands(Path("/usr/local/go/bin/go"))
+    assert command[:3] == ["/usr/local/go/bin/go", "build", "-mod=vendor"]
+    assert command[-2:] == ["./cmd/buildkitd", "./cmd/buildctl"]
+    stamp = command[command.index("-ldflags") + 1]
+    assert "-X github.com/moby/buildkit/version.Version=v0.32.2" in stamp
+    assert f"-X github.com/moby/buildkit/version.Revision={BUILDKIT.revision}" in stamp
+    # Both binaries land where outputs() copies them from.
+    out_dir = command[command.index("-o") + 1]
+    assert BUILDKIT.outputs() == {name: f"{out_dir}{name}" for name in ("buildkitd", "buildctl")}
+    assert BUILDKIT.environment() == {"CGO_ENABLED": "0"}
+    assert BUILDKIT.source.file_name == f"buildkit-v{BUILDKIT.version}.tar.gz"
+    assert (BUILDKIT.buildkitd, BUILDKIT.buildctl) == (
+        BUILDKIT.cache_dir / "buildkitd",
+        BUILDKIT.cache_dir / "buildctl",
+    )
+    assert BUILDKIT.cache_dir.name.startswith("buildkit-")
 
 
 def test_a_build_leaves_its_outputs_in_the_cache_directory(cache: Path, tmp_path: Path) -> None:

@@ -357,3 +357,80 @@ def test_harpoon_template_build_plans_9p_shares_whatever_cold_boots_use(
     image = GuestImage("amd64", base.kernel, base.initrd, "6.1.0-test", "digest")
     shares = container_config(image, QemuBackend()).shares
     assert shares and {share.fs for share in shares} == {"9p"}
+
+
+def buildkit_run_step_spec(tmp_path: Path, network: str) -> dict[str, object]:
+    """The config.json buildkitd v0.32.2's containerd worker hands harpoon for a RUN step
+    (captured here, trimmed of what a VM's layout never depends on: capabilities,
+    seccomp, env): no network namespace for its default network in "host" mode, a new
+    one for `RUN --network=none`; /etc/resolv.conf and /etc/hosts bound from its root,
+    a build secret bound from its secrets mount, its OpenTelemetry socket."""
+    root = tmp_path / "buildkit"
+    (root / "secrets").mkdir(parents=True)
+    for name in ("resolv.conf", "hosts.orncihmltl91imij5m5frx9ch", "secrets/s"):
+        (root / name).write_text("x\n")
+    import socket
+
+    otel = socket.socket(socket.AF_UNIX)
+    otel.bind(str(root / "otel-grpc.sock"))
+    otel.close()
+    namespaces: list[dict[str, str]] = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    if network == "none":
+        namespaces.append({"type": "network"})
+    bind = ["nosuid", "noexec", "nodev", "rbind", "ro"]
+    return {
+        "process": {"user": {"uid": 0, "gid": 0}, "args": ["/bin/sh", "-c", "echo hi > /x"],
+                    "cwd": "/"},
+        "root": {"path": "rootfs"},
+        "hostname": "buildkitsandbox",
+        "linux": {
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "cgroupsPath": "/buildkit/8s3rhquqi28nql01uflxt5uw3",
+            "namespaces": namespaces,
+        },
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm"},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"},
+            {"destination": "/etc/resolv.conf", "type": "bind",
+             "source": str(root / "resolv.conf"), "options": bind},
+            {"destination": "/etc/hosts", "type": "bind",
+             "source": str(root / "hosts.orncihmltl91imij5m5frx9ch"), "options": bind},
+            {"destination": "/run/secrets/s", "type": "bind",
+             "source": str(root / "secrets/s"), "options": bind},
+            {"destination": "/dev/otel-grpc.sock", "type": "bind",
+             "source": str(root / "otel-grpc.sock"), "options": ["ro", "rbind"]},
+        ],
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("network", "template_spec"),
+    [("host", "the host's network"), ("none", "a network namespace")],
+)
+def test_a_buildkit_run_step_restores_a_template_harpoon_template_build_makes(
+    tmp_path: Path, network: str, template_spec: str
+) -> None:
+    """Issue 16: every BuildKit RUN step booted cold. Its VM is the plain layout of
+    `harpoon template build` (a step has no limits; its binds go through the rootfs
+    share, not devices of their own): a gvproxy NIC for the host's network, a tap for
+    `--network=none`. And the template a cold-booted step has built behind it
+    (harpoon.sandbox.template_builder, which gets the neutral config as JSON) has that
+    same key: the builder dropped the NIC's gvproxy flag before a79625b, so the
+    template it made for a host-network step was of another key, never restored."""
+    from harpoon.guest.cache import GuestImage
+    from harpoon.sandbox.template_builder import config_from_json, config_to_json
+    from harpoon.shim.bundle import Bundle
+    from harpoon.shim.container_plan import plan_container
+    from harpoon.shim.template_cli import _PLAIN_SPECS, container_config
+
+    base = config(tmp_path)
+    backend = QemuBackend()
+    image = GuestImage("amd64", base.kernel, base.initrd, "6.1.0-test", "digest")
+    bundle = Bundle(tmp_path / "step", buildkit_run_step_spec(tmp_path, network))
+    step = plan_container("default", "step", bundle, image, backend, templates=False)
+    template = key_of(container_config(image, backend, _PLAIN_SPECS[template_spec]))
+    assert key_of(step.launch.config) == template
+    built, _ = config_from_json(config_to_json(step.launch.config.neutral(), backend.name))
+    assert key_of(built) == template

@@ -6,8 +6,9 @@ pinned version and a directory holding `containerd`, `ctr` and the runc shim. De
 directory once per machine (`python -m harpoon.devenv.tools install`, run by
 scripts/install-deps). Adding a release line is one entry in `FLAVOURS`.
 
-containerd's shim conformance suite (`SHIMTEST`), nerdctl (`NERDCTL`) and gvproxy
-(`GVPROXY`, the user-mode network of harpoon.net.gvproxy) are built the same way, once
+containerd's shim conformance suite (`SHIMTEST`), nerdctl (`NERDCTL`), gvproxy
+(`GVPROXY`, the user-mode network of harpoon.net.gvproxy) and BuildKit's buildkitd and
+buildctl (`BUILDKIT`) are built the same way, once
 per machine, but from the source tarballs kept in `../shared/third_party` beside the
 repository (the Go module proxy refuses the first two; their Go dependencies come from
 it, gvproxy's are vendored in its tarball): pinned by their sha256, built in a scratch
@@ -301,6 +302,45 @@ class Gvproxy(StaticGoBinary):
         return [self.go_build(go, "-mod=vendor")]
 
 
+@dataclass(frozen=True, kw_only=True)
+class BuildKit(SourceBuild):
+    """moby/buildkit's buildkitd and buildctl, static (cgo off), built from the tarball's
+    vendored modules, their version and commit stamped in as its release's are."""
+
+    #: The version `buildkitd --version` reports, and the commit of the tarball.
+    version: str
+    revision: str
+
+    @property
+    def buildkitd(self) -> Path:
+        return self.cache_dir / "buildkitd"
+
+    @property
+    def buildctl(self) -> Path:
+        return self.cache_dir / "buildctl"
+
+    def outputs(self) -> dict[str, str]:
+        return {"buildkitd": "_output/buildkitd", "buildctl": "_output/buildctl"}
+
+    def commands(self, go: Path) -> list[list[str]]:
+        package = "github.com/moby/buildkit"
+        stamp = (
+            f"-X {package}/version.Version=v{self.version} "
+            f"-X {package}/version.Revision={self.revision} "
+            f"-X {package}/version.Package={package}"
+        )
+        # One `go build` of both: they share most packages, built once.
+        return [
+            [
+                str(go), "build", "-mod=vendor", "-ldflags", stamp,
+                "-o", "_output/", "./cmd/buildkitd", "./cmd/buildctl",
+            ]
+        ]  # fmt: skip
+
+    def environment(self) -> dict[str, str]:
+        return {"CGO_ENABLED": "0"}
+
+
 SHIMTEST = Shimtest(
     name="shimtest",
     source=SourceTarball(
@@ -336,6 +376,19 @@ GVPROXY = Gvproxy(
         "67ca338beaa79ac7c3658dd70c29bc15e800c69d6eeb32f35889d2f200c4b696",
         "gvisor-tap-vsock-v0.8.9",
     ),
+)
+
+#: buildkitd's containerd worker runs each build step as a container of the harpoon
+#: runtime (harpoon.devenv.buildkitd, the front door's build service).
+BUILDKIT = BuildKit(
+    name="buildkit",
+    source=SourceTarball(
+        "buildkit-v0.32.2.tar.gz",
+        "1bbd3503ea33447d3b9db63842e4b44473d996d4d9211253b14ea4bccb3047aa",
+        "buildkit-v0.32.2",
+    ),
+    version="0.32.2",
+    revision="991535e0973488b6a429096d21fa13f81f2d89d8",
 )
 
 #: Where the machine's apt sources are: a Debian source package is fetched from the
@@ -504,7 +557,9 @@ EROFS_UTILS = DebianSourceBuild(
 DEBIAN_SOURCE_BUILDS: dict[str, DebianSourceBuild] = {EROFS_UTILS.name: EROFS_UTILS}
 
 #: The tools built from THIRD_PARTY_DIR, by name.
-SOURCE_BUILDS: dict[str, SourceBuild] = {tool.name: tool for tool in (SHIMTEST, NERDCTL, GVPROXY)}
+SOURCE_BUILDS: dict[str, SourceBuild] = {
+    tool.name: tool for tool in (SHIMTEST, NERDCTL, GVPROXY, BUILDKIT)
+}
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,14 @@ from harpoon.vmm.base import VMConfig, VMError
 
 # The smallest specs a container can have: no limits, no mounts; the host's network
 # (a gvproxy NIC) or a network namespace of its own (a tap NIC: `ctr run`, nerdctl).
+# BuildKit's RUN steps have these layouts too (no limits; their binds, /etc/resolv.conf,
+# /etc/hosts and secrets, go through the rootfs share, not devices of their own): its
+# default network in "host" mode is the first, `RUN --network=none` and its "cni" mode
+# the second. Issue 16 saw its steps cold-boot one after another: the template builder
+# a cold-booted host-network step starts dropped its NIC's gvproxy flag and saved the
+# template under another key, and a restored guest did not find a NIC whose MAC was
+# the container's (both fixed in a79625b; pinned by tests/unit/test_template_store.py
+# and tests/e2e/test_buildkit.py).
 _PLAIN_SPECS: dict[str, dict[str, Any]] = {
     "the host's network": {"process": {"args": ["sh"]}},
     "a network namespace": {
