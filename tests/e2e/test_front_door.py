@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from harpoon import dirs
-from harpoon.devenv.cni import free_subnets
+from harpoon.devenv.cni import bridge_named, forget, free_subnets
 from harpoon.devenv.debian_image import DEBIAN_WEB_REF, build_debian_image
 from harpoon.devenv.host import mount_points, shim_processes
 from harpoon.devenv.images import BUSYBOX_REF, build_busybox_image, default_cache_dir
@@ -88,6 +88,12 @@ class Harpoon:
     @property
     def run_dir(self) -> Path:
         return self.root / "run"
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of harpoon's containerd's log (the shims' errors are copied there)."""
+        log = self.root / "lib" / "log" / "containerd.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def default_network(self) -> network.DefaultNetwork:
         found = network.read(self.root / "lib" / "cni" / "net.d")
@@ -368,7 +374,7 @@ def test_compose_runs_every_service_in_a_vm(clean: Harpoon, tmp_path: Path) -> N
     reaches web and store by name; `down -v` leaves no container or volume."""
     image_tar = build_debian_image(default_cache_dir())
     clean.check("load", "-i", str(image_tar))
-    project, port = "fdapp", free_port()
+    project, port = f"fdapp{os.getpid() % 10000}", free_port()
     shutil.copytree(COMPOSE_APP, tmp_path / project)
     env = {**clean.env, "HPT_IMAGE": DEBIAN_WEB_REF, "HPT_RUNTIME": "", "HPT_PORT": str(port),
            "HPT_SUBNET": str(free_subnets(1)[0])}  # fmt: skip
@@ -376,7 +382,7 @@ def test_compose_runs_every_service_in_a_vm(clean: Harpoon, tmp_path: Path) -> N
     compose_file = str(tmp_path / project / "compose.yaml")
     up = compose("compose", "-f", compose_file, "up", "-d")
     try:
-        assert up.status == 0, up.err
+        assert up.status == 0, f"{up.err}\ncontainerd's log: {clean.log_tail()}"
         answer = None
         for _ in range(HTTPD_ATTEMPTS):
             try:
@@ -387,11 +393,15 @@ def test_compose_runs_every_service_in_a_vm(clean: Harpoon, tmp_path: Path) -> N
         names = sorted(compose.check("ps", "--format", "{{.Names}}").split())
         tops = {name: compose("top", name).status for name in names}
     finally:
+        network = f"{project}_default"
+        bridge = bridge_named(clean.root / "lib" / "cni" / "net.d", network)
         down = compose("compose", "-f", compose_file, "down", "-v")
+        leaks = forget(network, bridge) if bridge else [f"no bridge found for {network}"]
     assert answer == "hello from web (visit 1)\n"
     assert names == [f"{project}-{service}-1" for service in ("app", "store", "web")]
     assert tops == dict.fromkeys(names, 0), "a service did not run under harpoon"
     assert down.status == 0, down.err
+    assert leaks == [], "compose down left these of its network"
 
 
 def test_system_status_names_the_service_its_socket_and_log(harpoon: Harpoon) -> None:

@@ -596,6 +596,42 @@ def test_nerdctl_network_under_harpoon_matches_runc(
     assert run_case(nerdctl, case, HARPOON, networks) == runc
 
 
+# -- a lost shim ------------------------------------------------------------------------
+
+
+@pytest.mark.vm
+def test_a_killed_shims_network_is_torn_down_by_its_delete(
+    nerdctl: Nerdctl, networks: Networks
+) -> None:
+    """A harpoon shim SIGKILLed with its container running: containerd runs `shim
+    delete`, which runs the poststop hooks the shim did not get to (as runc's `delete
+    --force` does), so nerdctl's hook releases the published port's rules and the
+    container's address, as for a container that ended normally."""
+    port = free_port()
+    run = nerdctl.run(HARPOON, "-d", "--name", "hpt-lost", *DNS, "-p", f"{LOOPBACK}:{port}:80",
+                      nerdctl.image, *httpd_serving("hpt-lost"), net=networks.a.name)  # fmt: skip
+    assert run.status == 0, run.err
+    container_id = inspect(nerdctl, "hpt-lost", ".ID")
+    address = address_of(nerdctl, "hpt-lost", networks.a)
+    try:
+        assert http_get(port) == "200 served by hpt-lost\n"
+        assert cni.port_rules([port]), "portmap made no rule for the port"
+        [shim] = [s for s in nerdctl.containerd.shims() if s.flag("id") == container_id]
+        os.kill(shim.pid, 9)
+        rules = eventually_gone(lambda: cni.port_rules([port]))
+        reserved = eventually_gone(lambda: reservations_of(networks.a, address))
+    finally:
+        nerdctl("rm", "--force", "hpt-lost")
+    assert rules == [], "the dead shim's port rules outlived it"
+    assert reserved == [], "the dead shim's address stayed reserved"
+    assert tcp_connect(port) == REFUSED
+
+
+def reservations_of(network: Network, address: str) -> list[str]:
+    """host-local's reservation files of `address` in `network` (nerdctl's CNI state)."""
+    return [str(path) for path in Path("/var/lib/cni/networks", network.name).glob(address)]
+
+
 # -- nginx from a Debian image --------------------------------------------------------
 
 #: What the nginx case finds under runc (and must find under harpoon).

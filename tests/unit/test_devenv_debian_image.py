@@ -4,8 +4,12 @@ The real image (nginx and python3 from Debian's archive) runs in tests/e2e."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import lzma
+import marshal
+import struct
+import sys
 import tarfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -134,3 +138,24 @@ def test_a_deb_without_files_is_refused(tmp_path: Path) -> None:
     path.write_bytes(ar({"debian-binary": b"2.0\n"}))
     with pytest.raises(debian.DebianError, match=r"no data\.tar member"):
         debian_layer([path])
+
+
+def test_the_images_python_modules_come_with_their_bytecode(tmp_path: Path) -> None:
+    stdlib = f"usr/lib/python{sys.version_info.major}.{sys.version_info.minor}"
+    python = deb(tmp_path / "py.deb", {
+        "usr": None, "usr/lib": None, stdlib: None,
+        f"{stdlib}/good.py": b"ANSWER = 42\n", f"{stdlib}/bad.py": b"def (:\n",
+        "usr/share": None, "usr/share/other.py": b"x = 1\n",
+    })  # fmt: skip
+    layer = debian_layer([python])
+    members = layer_members(layer)
+    tag = sys.implementation.cache_tag
+    pyc = read(layer, f"{stdlib}/__pycache__/good.{tag}.pyc")
+    source = members[f"{stdlib}/good.py"]
+    assert pyc[:4] == importlib.util.MAGIC_NUMBER
+    assert struct.unpack("<III", pyc[4:16]) == (0, source.mtime, len(b"ANSWER = 42\n"))
+    namespace: dict[str, object] = {}
+    exec(marshal.loads(pyc[16:]), namespace)
+    assert namespace["ANSWER"] == 42
+    assert f"{stdlib}/__pycache__/bad.{tag}.pyc" not in members, "no bytecode of bad syntax"
+    assert not any(name.startswith("usr/share/__pycache__") for name in members)

@@ -98,8 +98,15 @@ def remove(nerdctl: OfflineNerdctl, network: Network) -> list[str]:
     """Removes the network, its bridge and its isolation rules; what was left after
     nerdctl's own removal besides those rules (nothing, or it is a leak to report)."""
     nerdctl.check("network", "rm", network.name)
-    left = remove_bridge(network.bridge)
-    allocations = HOST_LOCAL_DIR / network.name
+    return forget(network.name, network.bridge)
+
+
+def forget(name: str, bridge: str) -> list[str]:
+    """What `nerdctl network rm NAME` (or compose's `down`) leaves of a network, removed:
+    its bridge, the firewall plugin's isolation rules, host-local's directory. Returns
+    what of it was a leak (a bridge, rules other than isolation ones, reservations)."""
+    left = remove_bridge(bridge)
+    allocations = HOST_LOCAL_DIR / name
     if allocations.exists():
         left += [
             f"host-local reservation {entry}"
@@ -108,6 +115,17 @@ def remove(nerdctl: OfflineNerdctl, network: Network) -> list[str]:
         ]
         shutil.rmtree(allocations)
     return left
+
+
+def bridge_named(config_dir: Path, name: str) -> str | None:
+    """The bridge of nerdctl's network `name`, from its conflist under config_dir (a
+    namespace's networks are in a directory of its name); None without one."""
+    for conflist in config_dir.rglob(f"nerdctl-{name}.conflist"):
+        config = json.loads(conflist.read_text())
+        for plugin in config.get("plugins", []):
+            if plugin.get("type") == "bridge" and isinstance(plugin.get("bridge"), str):
+                return str(plugin["bridge"])
+    return None
 
 
 def remove_bridge(bridge: str) -> list[str]:

@@ -6,9 +6,9 @@ package that `apt-get install --no-install-recommends nginx python3` would insta
 an empty system, unpacked as dpkg unpacks them. Maintainer scripts are not run (they
 would need the packages' own interpreters running on the build host): what they, or
 base-passwd and Docker's official nginx image, would have left behind is written by
-`_what_scripts_leave` instead: the users nginx runs as, its default site enabled, its
-document root, and its logs sent to the container's stdout and stderr (so `logs` shows
-requests, as with the `nginx` image users know).
+`_what_scripts_leave` and `_compiled` instead: the users nginx runs as, its default
+site enabled, its document root, and its logs sent to the container's stdout and stderr
+(so `logs` shows requests, as with the `nginx` image users know); Python's bytecode.
 
 Packages come from the archive the host's apt sources name, through the guest build's
 private apt state (harpoon.guest.debian: nothing is installed on the host). The image
@@ -20,7 +20,12 @@ asks apt which versions are current.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import marshal
+import posixpath
+import struct
+import sys
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
@@ -39,7 +44,7 @@ from harpoon.guest import cache, debian
 from harpoon.guest.cache import host_arch
 
 #: Bump when the layer's assembly changes, so cached tarballs are rebuilt.
-DEBIAN_IMAGE_REVISION = 2
+DEBIAN_IMAGE_REVISION = 3
 
 #: The reference the tests use (fully qualified, as BUSYBOX_REF is).
 DEBIAN_WEB_REF = "docker.io/harpoon/debian-web:bookworm"
@@ -128,6 +133,48 @@ def _what_scripts_leave(names: set[str], files: dict[str, bytes | None]) -> list
     return entries
 
 
+def _pyc(source: bytes, name: str, mtime: int) -> bytes | None:
+    """A timestamp-checked .pyc of `source` (at /`name`), as py_compile writes it; None
+    if it does not compile (py3compile skips those too)."""
+    try:
+        code = compile(source, "/" + name, "exec", dont_inherit=True)
+    except (SyntaxError, ValueError):
+        return None
+    header = importlib.util.MAGIC_NUMBER + struct.pack(
+        "<III", 0, mtime & 0xFFFFFFFF, len(source) & 0xFFFFFFFF
+    )
+    return header + marshal.dumps(code)
+
+
+def _compiled(entries: dict[str, Entry]) -> list[Entry]:
+    """What python3's postinst (py3compile) leaves: the bytecode of every module of
+    the image's Python, so that a container does not compile the stdlib again at each
+    start (seconds under TCG). Only when this interpreter's bytecode is the image's
+    (the same minor version: the same magic number); else none, and the image's Python
+    compiles as it imports."""
+    prefix = f"usr/lib/python{sys.version_info.major}.{sys.version_info.minor}/"
+    tag = sys.implementation.cache_tag
+    made: list[Entry] = []
+    for name, (info, data) in list(entries.items()):
+        if not (name.startswith(prefix) and name.endswith(".py") and info.isreg() and data):
+            continue
+        pyc = _pyc(data, name, int(info.mtime))
+        if pyc is None:
+            continue
+        directory, module = posixpath.split(name)
+        cache = f"{directory}/__pycache__"
+        if cache not in entries:
+            cache_info = tar_info(cache, tarfile.DIRTYPE, 0o755)
+            cache_info.mtime = info.mtime
+            entries[cache] = (cache_info, None)
+            made.append(entries[cache])
+        target = f"{cache}/{module[:-3]}.{tag}.pyc"
+        pyc_info = tar_info(target, tarfile.REGTYPE, 0o644, len(pyc))
+        pyc_info.mtime = info.mtime
+        made.append((pyc_info, pyc))
+    return made
+
+
 def debian_layer(debs: Sequence[Path]) -> bytes:
     """One uncompressed layer of every file of `debs` (in order: a later package's file
     replaces an earlier one's, as dpkg's Replaces would; a directory keeps its first
@@ -141,7 +188,7 @@ def debian_layer(debs: Sequence[Path]) -> bytes:
                 entries.pop(info.name, None)  # re-added last: after its directory
                 entries[info.name] = (info, data)
     files = {name: data for name, (info, data) in entries.items() if info.isreg()}
-    extra = _what_scripts_leave(set(entries), files)
+    extra = _compiled(entries) + _what_scripts_leave(set(entries), files)
     for info, data in extra:
         entries.pop(info.name, None)
         entries[info.name] = (info, data)
@@ -176,6 +223,7 @@ def build_debian_image(
             key = hashlib.sha256(
                 json.dumps([
                     DEBIAN_IMAGE_REVISION, ref, arch, hashlib.sha256(base).hexdigest(),
+                    sys.implementation.cache_tag,
                     [[p.name, p.version, p.sha256] for p in resolved], run_config,
                 ]).encode()
             ).hexdigest()[:16]  # fmt: skip

@@ -97,8 +97,19 @@ def kill_daemon(bundle: str, container_id: str) -> None:
 
 def delete_command(flags: Flags) -> int:
     bundle = flags.bundle or os.getcwd()
+    # The daemon removes the VM's state directory last when it deletes its container
+    # (after the poststop hooks): if it is still there, the daemon died before that,
+    # and its hooks are run here, as runc's `delete --force` runs them (nerdctl's
+    # poststop releases the container's name, address and port rules).
+    unfinished = os.path.lexists(paths.vm_state_dir_str(flags.namespace, flags.id))
     kill_daemon(bundle, flags.id)
     pid = release_host_resources(flags.namespace, flags.id, bundle)
+    if unfinished:
+        from harpoon.shim import hooks
+
+        failure = hooks.run_bundle_poststop(bundle)
+        if failure is not None:
+            print(f"poststop hooks of {flags.id}: {failure}", file=sys.stderr)
     socket = paths.socket_path_str(flags.address, flags.namespace, flags.id)
     try:
         # `start` recorded the address it chose (2.3+ may have named another directory).

@@ -245,6 +245,33 @@ async def run_hooks(
             raise HookFailed(phase, index, hook.path, reason)
 
 
+def run_bundle_poststop(bundle: str) -> str | None:
+    """The poststop hooks of the bundle's config.json, as runc's `delete --force` runs
+    them for a container whose runtime did not (`shim delete` after a lost shim);
+    why they failed, if they did (what failed is only reported: the clean-up goes on)."""
+    import asyncio
+
+    try:
+        with open(os.path.join(bundle, "config.json")) as config:
+            spec = json.load(config)
+        if not isinstance(spec, dict):
+            return None
+        poststop = hooks_of(spec, HookPhase.POSTSTOP)
+        if not poststop:
+            return None
+        annotations = spec.get("annotations")
+        state = state_json(
+            os.path.basename(os.path.normpath(bundle)), None, bundle,
+            annotations if isinstance(annotations, dict) else {}, "stopped",
+        )  # fmt: skip
+        asyncio.run(run_hooks(poststop, state, HookPhase.POSTSTOP, cwd=bundle))
+    except FileNotFoundError:
+        return None
+    except Exception as error:  # a failed hook must not stop the clean-up
+        return str(error)
+    return None
+
+
 class _Tail:
     """The last MAX_QUOTED_OUTPUT_BYTES of a stream, and how much came before them."""
 

@@ -4,10 +4,11 @@ stopped (`harpoon system stop`, and `start` when containerd is not running).
 containerd does not stop its shims when it exits, and a SIGKILLed containerd leaves its
 task bundles: each shim keeps its VM running. This does what containerd would have done
 for each (harpoon.devenv.containerd's test daemon does the same at its stop): kills the
-shims serving harpoon's socket and everything below them; runs each harpoon bundle's
-poststop hooks (nerdctl's CNI teardown; runc's `delete --force` runs them for runc's
-containers, harpoon's `shim delete` does not) and `containerd-shim-harpoon-v1 delete`
-(the VM, rootfs, netns, state and socket); deletes runc's containers of those bundles;
+shims serving harpoon's socket and everything below them; runs
+`containerd-shim-harpoon-v1 delete` for each harpoon bundle (the VM, rootfs, netns,
+state and socket, and the poststop hooks the dead shim did not run: nerdctl's CNI
+teardown, as runc's `delete --force` runs them); deletes runc's containers of those
+bundles;
 kills what still names harpoon's run or state directory on its command line (a VM, a
 gvproxy or a virtiofsd whose shim is gone; a template builder of a store under the
 root); unmounts everything under those directories; removes the network namespaces'
@@ -21,7 +22,6 @@ same machine are not touched.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -71,27 +71,6 @@ def _spec(bundle: Path) -> dict[str, object]:
     except (OSError, ValueError):
         return {}
     return spec if isinstance(spec, dict) else {}
-
-
-def run_poststop_hooks(bundle: Path) -> str | None:
-    """The bundle's poststop hooks, as runc's `delete --force` runs them; why they
-    failed, if they did."""
-    from harpoon.shim import hooks
-
-    spec = _spec(bundle)
-    try:
-        poststop = hooks.hooks_of(spec, hooks.HookPhase.POSTSTOP)
-        if not poststop:
-            return None
-        annotations = spec.get("annotations") or {}
-        state = hooks.state_json(
-            bundle.name, None, str(bundle),
-            annotations if isinstance(annotations, dict) else {}, "stopped",
-        )  # fmt: skip
-        asyncio.run(hooks.run_hooks(poststop, state, hooks.HookPhase.POSTSTOP, cwd=bundle))
-    except Exception as error:  # a failed hook must not stop the cleanup
-        return str(error)
-    return None
 
 
 def processes_naming(directory: Path) -> list[ShimProcess]:
@@ -191,9 +170,7 @@ def _release_tasks(layout: Layout, progress: Callable[[str], None]) -> list[str]
     bundles = _bundles(layout)
     for bundle in bundles:
         if _is_harpoon_bundle(bundle):
-            failure = run_poststop_hooks(bundle)
-            if failure:
-                progress(f"{bundle.name}: poststop hooks: {failure}")
+            # The shim's delete runs the poststop hooks its daemon did not get to.
             delete_harpoon_task(address, bundle)
         acted.append(f"deleted task {bundle.parent.name}/{bundle.name}")
     deleted = delete_runc_containers_under(layout.containerd_state)
