@@ -329,6 +329,9 @@ def test_stats_reports_the_container(clean: Harpoon, runtime: str) -> None:
     assert done.status == 0, done.err
     stats = json.loads(done.out)
     assert stats["Name"] == "measured" and stats["PIDs"] == "1"
+    # No memory limit: runc's is the host's memory, harpoon's the VM's (not 0).
+    limit = stats["MemUsage"].split("/")[1].strip()
+    assert limit != "0B" and float(re.sub(r"[A-Za-z]+$", "", limit)) > 0, stats["MemUsage"]
 
 
 def test_top_lists_the_processes_inside_the_vm_by_the_containers_name(clean: Harpoon) -> None:

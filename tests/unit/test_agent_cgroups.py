@@ -40,3 +40,15 @@ def test_io_stat_lines_become_io_entries(group: Path) -> None:
     assert (entry.major, entry.minor, entry.rbytes, entry.wbytes, entry.rios, entry.wios) == (
         254, 0, 512, 1024, 1, 2,
     )  # fmt: skip
+
+
+def test_a_group_without_a_memory_limit_reports_the_vms_memory(
+    group: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:         251236 kB\nMemFree:  1 kB\n")
+    monkeypatch.setattr(cgroups, "MEMINFO", str(meminfo))
+    (group / "memory.max").write_text("max\n")
+    assert cgroups.read_metrics().memory.usage_limit == 251236 * 1024
+    (group / "memory.max").write_text("50331648\n")
+    assert cgroups.read_metrics().memory.usage_limit == 48 << 20

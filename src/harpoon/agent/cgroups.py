@@ -89,6 +89,26 @@ def _pairs(text: str) -> dict[str, int]:
     return pairs
 
 
+#: Where the guest's own memory is (a container without a limit can use all of it).
+MEMINFO = "/proc/meminfo"
+
+
+def _memory_limit(text: str) -> int:
+    """memory.max in bytes; without a limit ("max"), the VM's memory, which is the real
+    ceiling (runc reports 2**64-1 there, and nerdctl stats then shows the *host's*
+    memory as the limit: here that would overstate it)."""
+    if text.strip() != "max":
+        return _number(text)
+    try:
+        with open(MEMINFO) as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def read_metrics() -> metrics_pb2.Metrics:
     cpu = _pairs(_read("cpu.stat"))
     memory = _pairs(_read("memory.stat"))
@@ -113,7 +133,7 @@ def read_metrics() -> metrics_pb2.Metrics:
         memory=metrics_pb2.MemoryStat(
             **{k: v for k, v in memory.items() if k in _MEMORY_STAT_FIELDS},
             usage=_number(_read("memory.current")),
-            usage_limit=_number(_read("memory.max")),
+            usage_limit=_memory_limit(_read("memory.max")),
             max_usage=_number(_read("memory.peak")),
         ),
         memory_events=metrics_pb2.MemoryEvents(
