@@ -260,6 +260,17 @@ def fetch(url: str) -> str:
         return str(response.read().decode())
 
 
+def fetch_once_served(port: int) -> str | None:
+    """GET / of 127.0.0.1:port once something serves it there (None if nothing did
+    within HTTPD_ATTEMPTS tries)."""
+    for _ in range(HTTPD_ATTEMPTS):
+        try:
+            return fetch(f"http://127.0.0.1:{port}/")
+        except OSError:
+            time.sleep(POLL_INTERVAL_S)
+    return None
+
+
 @RUNTIMES
 def test_published_port_serves_from_busybox_httpd(clean: Harpoon, runtime: str) -> None:
     port = free_port()
@@ -268,14 +279,7 @@ def test_published_port_serves_from_busybox_httpd(clean: Harpoon, runtime: str) 
                 *publish, *runtime_args(runtime), IMAGE, "sh", "-c", HTTPD)  # fmt: skip
     try:
         # `run -d` returns once the task runs; httpd listens right after: ask until then.
-        served = None
-        for _ in range(HTTPD_ATTEMPTS):
-            try:
-                served = fetch(f"http://127.0.0.1:{port}/")
-                break
-            except OSError:
-                time.sleep(POLL_INTERVAL_S)
-        assert served == "served by web\n"
+        assert fetch_once_served(port) == "served by web\n"
         assert clean.check("port", "web").strip() == f"80/tcp -> 127.0.0.1:{port}"
     finally:
         clean.check("rm", "-f", "web")
@@ -386,13 +390,7 @@ def test_compose_runs_every_service_in_a_vm(clean: Harpoon, tmp_path: Path) -> N
     up = compose("compose", "-f", compose_file, "up", "-d")
     try:
         assert up.status == 0, f"{up.err}\ncontainerd's log: {clean.log_tail()}"
-        answer = None
-        for _ in range(HTTPD_ATTEMPTS):
-            try:
-                answer = fetch(f"http://127.0.0.1:{port}/")
-                break
-            except OSError:
-                time.sleep(POLL_INTERVAL_S)
+        answer = fetch_once_served(port)
         names = sorted(compose.check("ps", "--format", "{{.Names}}").split())
         tops = {name: compose("top", name).status for name in names}
     finally:
