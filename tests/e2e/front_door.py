@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,13 +93,14 @@ def harpoon_on_new_root() -> Harpoon:
     return Harpoon(root, env)
 
 
-def leftovers(harpoon: Harpoon) -> list[str]:
-    """What names the root after `harpoon system stop`: processes (a VM, a shim, a
-    daemon), mounts, network namespaces, sockets, pid files, the bridge."""
-    root, me = str(harpoon.root), os.getpid()
+def processes_naming_root(harpoon: Harpoon, besides: Collection[str] = ()) -> list[str]:
+    """Processes whose command line names the root (a VM, a gvproxy, a daemon) but
+    this one and the pids `besides`, then harpoon's shims of its containerd, then mounts
+    under the root."""
+    root, skipped = str(harpoon.root), {str(os.getpid()), *besides}
     found = []
     for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit() or int(pid_dir.name) == me:
+        if not pid_dir.name.isdigit() or pid_dir.name in skipped:
             continue
         try:
             argv = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -108,7 +109,13 @@ def leftovers(harpoon: Harpoon) -> list[str]:
         if root in argv:
             found.append(f"process {pid_dir.name}: {argv[:200]}")
     found += [f"shim {s}" for s in shim_processes() if root in (s.flag("address") or "")]
-    found += [f"mount {m}" for m in mount_points() if m.startswith(root)]
+    return found + [f"mount {m}" for m in mount_points() if m.startswith(root)]
+
+
+def leftovers(harpoon: Harpoon) -> list[str]:
+    """What names the root after `harpoon system stop`: processes (a VM, a shim, a
+    daemon), mounts, network namespaces, sockets, pid files, the bridge."""
+    found = processes_naming_root(harpoon)
     found += [f"netns {n}" for n in (harpoon.run_dir / "netns").glob("*")]
     for path in harpoon.root.rglob("*"):
         if path.is_socket() or path.name.endswith(".pid"):

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 
-from harpoon.devenv.host import mount_points, shim_processes
 from harpoon.devenv.registry import Registry
 from harpoon.devenv.tools import BUILDKIT, FLAVOURS
 from harpoon.system.layout import BUILDKIT_NAMESPACE
@@ -38,14 +37,14 @@ from tests.e2e.front_door import (
     Harpoon,
     harpoon_on_new_root,
     leftovers,
+    processes_naming_root,
     services_on_new_root,
     start_system,
     stop_system,
 )
+from tests.e2e.test_buildkit import CREATED
 from tests.prerequisites import unavailable
 
-#: The line harpoon's shim logs (containerd's log) for each container's VM it starts.
-CREATED = re.compile(r"created (\S+): VM pid \d+ started in [\d.]+ s \((restored|cold boot)\)")
 #: How long a RUN step may take to start (a cold boot under load, ~5-10 s).
 STEP_START_TIMEOUT_S = 120.0
 #: How long a build interrupted with ^C may take to end (buildctl cancels at once).
@@ -92,21 +91,9 @@ def step_leftovers(harpoon: Harpoon) -> list[str]:
     """What build steps left while the services run: step containers and tasks, shims,
     processes naming the root besides containerd and buildkitd (a VM, a gvproxy),
     mounts under the root."""
-    root = str(harpoon.root)
     found = [f"container {c}" for c in ctr(harpoon, "containers", "ls", "-q").split()]
     found += [f"task {t}" for t in ctr(harpoon, "tasks", "ls", "-q").split()]
-    found += [f"shim {s}" for s in shim_processes() if root in (s.flag("address") or "")]
-    services, me = service_pids(harpoon), str(os.getpid())
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit() or pid_dir.name in services | {me}:
-            continue
-        try:
-            argv = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if root in argv:
-            found.append(f"process {pid_dir.name}: {argv[:200]}")
-    return found + [f"mount {m}" for m in mount_points() if m.startswith(root)]
+    return found + processes_naming_root(harpoon, besides=service_pids(harpoon))
 
 
 def eventually_nothing_left(harpoon: Harpoon, timeout_s: float = CLEAN_UP_TIMEOUT_S) -> list[str]:
