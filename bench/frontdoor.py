@@ -46,7 +46,7 @@ from bench.checkout import REPO, prepare_harpoon
 from bench.stats import quantile
 from bench.tcp import free_port
 from harpoon import dirs
-from harpoon.devenv.cni import bridge_named, forget, free_subnets
+from harpoon.devenv.cni import a_free_subnet, bridge_named, forget
 from harpoon.devenv.debian_image import DEBIAN_WEB_REF, build_debian_image
 from harpoon.devenv.images import BUSYBOX_REF, build_busybox_image, default_cache_dir
 
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         built = prepare_harpoon(scratch, template=True)
         root = Path(tempfile.mkdtemp(prefix="hpfb-", dir="/tmp"))  # short: sun_path
         harpoon = FrontDoor(root, built.environment())
-        subnet = str(free_subnets(1)[0])
+        subnet = str(a_free_subnet())
         left: list[str] = []
         try:
             _say(f"harpoon system start on {root}")

@@ -65,7 +65,6 @@ import contextlib
 import ipaddress
 import json
 import os
-import random
 import secrets
 import signal
 import socket
@@ -594,7 +593,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 image = daemon.import_image(build_busybox_image(default_cache_dir()))
                 # Unique on the machine (harpoon.devenv.cni says why); a random free /24,
                 # so that sessions starting together seldom pick the same one.
-                subnet = random.choice(cni.free_subnets(16))
+                subnet = cni.a_free_subnet()
                 network = cni.create(nerdctl, f"hpb-{secrets.token_hex(3)}", subnet)
                 _say(f"network {network.name}: {subnet}, bridge {network.bridge}")
                 bench = NetBench(args, daemon, nerdctl, network, image, runtime, dirs.templates)

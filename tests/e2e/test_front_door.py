@@ -3,10 +3,9 @@ commands on harpoon's own containerd, `harpoon doctor`, and `harpoon system stop
 a crash.
 
 One `harpoon system start` per module, under a temporary HARPOON_ROOT (its containerd,
-nerdctl state, CNI network and VMs' run directory are the session's own); the guest
-image and the VM templates are the runner's (HARPOON_GUEST_DIR and HARPOON_TEMPLATE_DIR
-as harpoon.dirs resolves them here: building either per session would cost minutes).
-The busybox image built by harpoon.devenv.images goes in with `harpoon load`. Each case
+nerdctl state, CNI network and VMs' run directory are the session's own:
+tests/e2e/front_door.py); the busybox image built by harpoon.devenv.images goes in with
+`harpoon load`. Each case
 runs under harpoon and, where the result should match, under runc on the same services
 (`--runtime io.containerd.runc.v2`, which the front door must leave the user's).
 Containers run on harpoon's default network (nerdctl's "bridge" on harpoon's bridge).
@@ -19,39 +18,34 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from harpoon import dirs
-from harpoon.devenv.cni import bridge_named, forget, free_subnets
+from harpoon.devenv.cni import a_free_subnet, bridge_named, forget
 from harpoon.devenv.debian_image import DEBIAN_WEB_REF, build_debian_image
-from harpoon.devenv.host import mount_points, shim_processes
-from harpoon.devenv.images import BUSYBOX_REF, build_busybox_image, default_cache_dir
+from harpoon.devenv.images import default_cache_dir
 from harpoon.devenv.registry import Registry
-from harpoon.devenv.tools import FLAVOURS, NERDCTL
-from harpoon.system import network
 from tests.e2e.differential import HARPOON, RUNC
-from tests.prerequisites import unavailable
+from tests.e2e.front_door import (
+    IMAGE,
+    POLL_INTERVAL_S,
+    SYSTEM_TIMEOUT_S,
+    Done,
+    Harpoon,
+    free_port,
+    harpoon_on_new_root,
+    leftovers,
+    services_on_new_root,
+    start_system,
+    stop_system,
+)
 
-#: One harpoon command (a VM's cold boot under TCG is ~6 s; a loaded machine, more).
-COMMAND_TIMEOUT_S = 180.0
-#: `system start` and `stop` (stop waits up to 10 s for containers, 10 s for containerd).
-SYSTEM_TIMEOUT_S = 180.0
-POLL_INTERVAL_S = 0.1
-TIME = re.compile(r'^time="[^"]*" ')
 #: How many times a published port is asked before the test gives up (~30 s).
 HTTPD_ATTEMPTS = 300
-#: The reference `harpoon load` gives the busybox image.
-IMAGE = "docker.io/library/busybox:harpoon"
 #: The 3-service app of test_nerdctl_compose.py.
 COMPOSE_APP = Path(__file__).parent / "compose_app"
 HTTPD = (
@@ -59,127 +53,9 @@ HTTPD = (
 )
 
 
-@dataclass(frozen=True)
-class Done:
-    status: int
-    out: str
-    err: str
-
-
-@dataclass(frozen=True)
-class Harpoon:
-    """The `harpoon` command on one root."""
-
-    root: Path
-    env: dict[str, str]
-
-    def __call__(self, *args: str, timeout: float = COMMAND_TIMEOUT_S) -> Done:
-        done = subprocess.run(
-            [sys.executable, "-m", "harpoon.cli", *args], env=self.env, capture_output=True,
-            text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False,
-        )  # fmt: skip
-        return Done(done.returncode, done.stdout, _without_warnings(done.stderr))
-
-    def check(self, *args: str, timeout: float = COMMAND_TIMEOUT_S) -> str:
-        done = self(*args, timeout=timeout)
-        assert done.status == 0, f"harpoon {' '.join(args)}: status {done.status}: {done.err}"
-        return done.out
-
-    @property
-    def run_dir(self) -> Path:
-        return self.root / "run"
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The end of harpoon's containerd's log (the shims' errors are copied there)."""
-        log = self.root / "lib" / "log" / "containerd.log"
-        text = log.read_text(errors="replace") if log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def default_network(self) -> network.DefaultNetwork:
-        found = network.read(self.root / "lib" / "cni" / "net.d")
-        assert found is not None
-        return found
-
-
-def _without_warnings(stderr: str) -> str:
-    """nerdctl's stderr without its warnings and its log lines' times."""
-    lines = stderr.splitlines(keepends=True)
-    return "".join(TIME.sub("", line) for line in lines if "level=warning" not in line)
-
-
-def harpoon_on_new_root() -> Harpoon:
-    # /tmp, short: the VMs' sockets under <root>/run must fit in sun_path.
-    root = Path(tempfile.mkdtemp(prefix="hp-fd-", dir="/tmp"))
-    env = dict(os.environ)
-    env.update({
-        dirs.ROOT_ENV: str(root),
-        dirs.GUEST_DIR_ENV: dirs.guest_dir(),
-        dirs.TEMPLATE_DIR_ENV: dirs.template_dir(),
-    })  # fmt: skip
-    env.pop(dirs.RUN_DIR_ENV, None)
-    return Harpoon(root, env)
-
-
-def leftovers(harpoon: Harpoon) -> list[str]:
-    """What names the root after `harpoon system stop`: processes (a VM, a shim, a
-    daemon), mounts, network namespaces, sockets, pid files, the bridge."""
-    root, me = str(harpoon.root), os.getpid()
-    found = []
-    for pid_dir in Path("/proc").iterdir():
-        if not pid_dir.name.isdigit() or int(pid_dir.name) == me:
-            continue
-        try:
-            argv = (pid_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if root in argv:
-            found.append(f"process {pid_dir.name}: {argv[:200]}")
-    found += [f"shim {s}" for s in shim_processes() if root in (s.flag("address") or "")]
-    found += [f"mount {m}" for m in mount_points() if m.startswith(root)]
-    found += [f"netns {n}" for n in (harpoon.run_dir / "netns").glob("*")]
-    for path in harpoon.root.rglob("*"):
-        if path.is_socket() or path.name.endswith(".pid"):
-            found.append(f"file {path}")
-    bridge = harpoon.default_network().bridge
-    if Path(f"/sys/class/net/{bridge}").exists():
-        found.append(f"bridge {bridge}")
-    return found
-
-
-def start_system(harpoon: Harpoon) -> None:
-    harpoon.check("system", "start", timeout=SYSTEM_TIMEOUT_S)
-    tar = build_busybox_image(default_cache_dir(), BUSYBOX_REF)
-    harpoon.check("load", "-i", str(tar))
-
-
-def stop_system(harpoon: Harpoon) -> list[str]:
-    """`harpoon system stop`, then what it left (removed, so that nothing leaks)."""
-    try:
-        harpoon.check("system", "stop", timeout=SYSTEM_TIMEOUT_S)
-        return leftovers(harpoon)
-    finally:
-        shutil.rmtree(harpoon.root, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def harpoon() -> Iterator[Harpoon]:
-    if os.geteuid() != 0:
-        unavailable("the front door's tests need root: containerd, CNI and VMs run as root")
-    if FLAVOURS["2.3"].missing_binaries() and shutil.which("containerd") is None:
-        unavailable(f"no containerd: {FLAVOURS['2.3'].install_hint()}")
-    if NERDCTL.missing_binaries() and shutil.which("nerdctl") is None:
-        unavailable(f"nerdctl is not built: {NERDCTL.install_hint()}")
-    if not Path("/bin/busybox").exists():
-        unavailable("busybox-static is not installed: run scripts/install-deps")
-    session = harpoon_on_new_root()
-    try:
-        start_system(session)
-    except BaseException:
-        stop_system(session)
-        raise
-    yield session
-    left = stop_system(session)
-    assert not left, f"harpoon system stop left: {left}"
+    yield from services_on_new_root()
 
 
 @pytest.fixture
@@ -247,12 +123,6 @@ def test_run_d_exec_logs_stop_start_rm_under_harpoon_match_runc(clean: Harpoon) 
         "start": 0, "exec after start": "again\n", "rm -f": 0, "gone": True,
     }, "runc, the oracle, changed"  # fmt: skip
     assert lifecycle(clean, HARPOON) == runc
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def fetch(url: str) -> str:
@@ -384,7 +254,7 @@ def test_compose_runs_every_service_in_a_vm(clean: Harpoon, tmp_path: Path) -> N
     project, port = f"fdapp{os.getpid() % 10000}", free_port()
     shutil.copytree(COMPOSE_APP, tmp_path / project)
     env = {**clean.env, "HPT_IMAGE": DEBIAN_WEB_REF, "HPT_RUNTIME": "", "HPT_PORT": str(port),
-           "HPT_SUBNET": str(free_subnets(1)[0])}  # fmt: skip
+           "HPT_SUBNET": str(a_free_subnet())}  # fmt: skip
     compose = Harpoon(clean.root, env)
     compose_file = str(tmp_path / project / "compose.yaml")
     up = compose("compose", "-f", compose_file, "up", "-d")
@@ -405,12 +275,16 @@ def test_compose_runs_every_service_in_a_vm(clean: Harpoon, tmp_path: Path) -> N
     assert leaks == [], "compose down left these of its network"
 
 
-def test_system_status_names_the_service_its_socket_and_log(harpoon: Harpoon) -> None:
+def test_system_status_names_each_service_its_socket_and_log(harpoon: Harpoon) -> None:
     out = harpoon.check("system", "status")
+    pids = [line.split("pid=")[1].split()[0] for line in out.splitlines()]
     assert out == (
-        f"containerd pid={out.split('pid=')[1].split()[0]} healthy "
+        f"containerd pid={pids[0]} healthy "
         f"socket={harpoon.run_dir}/containerd/containerd.sock "
         f"log={harpoon.root}/lib/log/containerd.log\n"
+        f"buildkitd pid={pids[1]} healthy "
+        f"socket={harpoon.run_dir}/buildkit/buildkitd.sock "
+        f"log={harpoon.root}/lib/log/buildkitd.log\n"
     )
 
 

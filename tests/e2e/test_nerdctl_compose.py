@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from harpoon.devenv.cni import bridge_named, forget, free_subnets
+from harpoon.devenv.cni import a_free_subnet, bridge_named, forget
 from harpoon.devenv.nerdctl import COMMAND_TIMEOUT_S
 from harpoon.shim import paths
 from tests.e2e import cni
@@ -44,7 +44,7 @@ class Project:
         self.nerdctl = nerdctl
         self.name = f"hpt{secrets.token_hex(3)}"
         self.port = free_port()
-        self.subnet = free_subnets(1)[0]
+        self.subnet = a_free_subnet()
         self.dir = where / self.name
         self.bridge: str | None = None
         shutil.copytree(APP, self.dir)

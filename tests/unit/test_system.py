@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from harpoon import dirs
+from harpoon.buildkit.config import render_buildkitd_config
+from harpoon.buildkit.daemon import BuildkitBinaries
 from harpoon.devenv.tools import FLAVOURS
-from harpoon.system import config, doctor, frontdoor, network
-from harpoon.system.layout import NAMESPACE, RUNTIME, Layout
+from harpoon.system import buildkitd, config, doctor, frontdoor, network
+from harpoon.system.layout import BUILDKIT_NAMESPACE, NAMESPACE, RUNTIME, Layout
 
 NERDCTL = Path("/opt/nerdctl")
 
@@ -123,8 +125,39 @@ def test_run_and_create_get_harpoons_runtime_first_so_that_the_users_wins() -> N
     assert frontdoor.argv(NERDCTL, "exec", ["c", "ls"]) == ["/opt/nerdctl", "exec", "c", "ls"]
 
 
-def test_top_and_build_are_not_passed_to_nerdctl() -> None:
-    assert "top" not in frontdoor.PASSTHROUGH and "build" not in frontdoor.PASSTHROUGH
+def test_top_is_not_passed_to_nerdctl_and_build_is() -> None:
+    assert "top" not in frontdoor.PASSTHROUGH and "build" in frontdoor.PASSTHROUGH
+    assert frontdoor.argv(NERDCTL, "build", ["-t", "x", "."]) == [
+        "/opt/nerdctl", "build", "-t", "x", ".",
+    ]  # fmt: skip
+
+
+def test_nerdctl_build_runs_the_pinned_buildctl_on_harpoons_buildkitd(rooted: Layout) -> None:
+    binaries = BuildkitBinaries(Path("/opt/bk/buildkitd"), Path("/opt/bk/buildctl"))
+    env = buildkitd.build_environment(
+        rooted, binaries, {"PATH": "/usr/bin", "BUILDKIT_HOST": "tcp://elsewhere:1234"}
+    )
+    assert env == {
+        "PATH": "/opt/bk:/usr/bin",
+        "BUILDKIT_HOST": "unix:///srv/hp/run/buildkit/buildkitd.sock",
+    }
+
+
+def test_buildkitd_lives_under_the_root_in_a_namespace_of_its_own(rooted: Layout) -> None:
+    assert rooted.buildkitd.root == Path("/srv/hp/lib/buildkit")
+    assert rooted.buildkitd.socket == Path("/srv/hp/run/buildkit/buildkitd.sock")
+    choice = config.ContainerdChoice(FLAVOURS["2.3"], "pinned")
+    binaries = BuildkitBinaries(Path("/opt/bk/buildkitd"), Path("/opt/bk/buildctl"))
+    service = buildkitd.service(rooted, choice, binaries)
+    assert service.log == Path("/srv/hp/lib/log/buildkitd.log")
+    assert service.on_demand
+    rendered = tomllib.loads(render_buildkitd_config(service.settings(), rooted.buildkitd))
+    worker = rendered["worker"]["containerd"]
+    assert worker["namespace"] == BUILDKIT_NAMESPACE != NAMESPACE
+    assert worker["address"] == "/srv/hp/run/containerd/containerd.sock"
+    assert worker["networkMode"] == "host"
+    assert worker["runtime"]["name"] == RUNTIME
+    assert rendered["root"] == "/srv/hp/lib/buildkit"
 
 
 def test_nerdctl_reads_harpoons_toml_and_no_variable_overrides_it(rooted: Layout) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import random
 import shlex
 import shutil
 import subprocess
@@ -84,6 +85,13 @@ def free_subnets(count: int) -> list[ipaddress.IPv4Network]:
     if len(free) < count:
         raise RuntimeError(f"fewer than {count} free /24s in {SUBNET_POOL}")
     return free[:count]
+
+
+def a_free_subnet() -> ipaddress.IPv4Network:
+    """One free /24 (free_subnets), picked at random among the first 16: a network
+    another session makes meanwhile (its bridge appears at its first container) then
+    seldom has the same one."""
+    return random.choice(free_subnets(16))
 
 
 def create(nerdctl: OfflineNerdctl, name: str, subnet: ipaddress.IPv4Network) -> Network:

@@ -15,6 +15,11 @@ root); unmounts everything under those directories; removes the network namespac
 pins, the VMs' directories, host-local's reservations, the default network's bridge
 and its iptables rules, the task bundles, the sockets and the pid files.
 
+buildkitd's step containers live in a namespace of their own (harpoon.system.buildkitd
+says why): `release_step_containers`, run while containerd answers and no buildkitd
+runs, deletes every container there with its task (the shim tears its VM down);
+`after_stop`'s bundles cover the steps' tasks when containerd is gone too.
+
 It acts only on what names harpoon's own directories or socket, never on a process by
 its name alone: another harpoon root, a system containerd and their containers on the
 same machine are not touched.
@@ -40,7 +45,8 @@ from harpoon.devenv.host import (
     shim_processes,
     unmount_under,
 )
-from harpoon.system.layout import Layout
+from harpoon.system import config
+from harpoon.system.layout import BUILDKIT_NAMESPACE, Layout
 from harpoon.system.network import NETWORK_NAME
 
 HARPOON_SHIM = "containerd-shim-harpoon"
@@ -195,6 +201,21 @@ def _sweep_run_dir(layout: Layout, progress: Callable[[str], None]) -> list[str]
         for entry in sorted((layout.run / name).glob("*")):
             acted += [f"removed {entry}"] if _remove_entry(entry) else []
     return acted
+
+
+def release_step_containers(layout: Layout, choice: config.ContainerdChoice) -> list[str]:
+    """Deletes every container of buildkitd's namespace and its task (`ctr task delete
+    --force` kills it first): a killed buildkitd's steps, their VMs running on. Run only
+    while no buildkitd runs on the layout; returns what it deleted."""
+    listed = config.ctr(choice, layout, "containers", "ls", "-q", namespace=BUILDKIT_NAMESPACE)
+    deleted = []
+    for container in listed.stdout.split() if listed.returncode == 0 else ():
+        config.ctr(choice, layout, "tasks", "delete", "--force", container,
+                   namespace=BUILDKIT_NAMESPACE)  # fmt: skip
+        config.ctr(choice, layout, "containers", "delete", container,
+                   namespace=BUILDKIT_NAMESPACE)  # fmt: skip
+        deleted.append(f"step container {BUILDKIT_NAMESPACE}/{container}")
+    return deleted
 
 
 def after_stop(layout: Layout, progress: Callable[[str], None] = lambda _: None) -> list[str]:

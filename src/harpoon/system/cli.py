@@ -43,7 +43,7 @@ def print_status(statuses: list[services.ServiceStatus]) -> None:
 
 @click.group()
 def system() -> None:
-    """harpoon's own services (containerd), under HARPOON_ROOT or /var/lib/harpoon and
+    """harpoon's own services (containerd, buildkitd), under HARPOON_ROOT or /var/lib/harpoon and
     /run/harpoon."""
 
 
@@ -70,14 +70,15 @@ def stop() -> None:
 
 @system.command()
 def status() -> None:
-    """Each service: pid, socket, log, and whether it answers. Exits 3 if one does not."""
+    """Each service: pid, socket, log, and whether it answers. Exits 3 if one does not
+    (buildkitd not started yet is fine: `harpoon build` starts it)."""
     try:
         statuses = services.status(Layout.current())
     except services.ServiceError as error:
         _fail(error)
         return
     print_status(statuses)
-    if not all(s.healthy for s in statuses):
+    if not all(s.ok for s in statuses):
         sys.exit(3)
 
 

@@ -4,9 +4,11 @@ containerd: $HARPOON_CONTAINERD (a `containerd` binary) if set; else the pinned 
 that scripts/install-deps builds (harpoon.devenv.tools); else a `containerd` on PATH
 of 1.7 or later (nerdctl 2.3 needs 1.7). Its `ctr` and `containerd-shim-runc-v2` are
 taken from the same directory. nerdctl: $HARPOON_NERDCTL, else the pinned build, else
-PATH's. The CNI plugins: $HARPOON_CNI_PATH, else the first of CNI_PLUGIN_DIRS that has
-a `bridge` plugin. Each `find_*` returns None (or a reason) rather than raising:
-`harpoon doctor` reports what is missing, the services refuse to start without it.
+PATH's. buildkitd and buildctl: $HARPOON_BUILDKITD (a `buildkitd`, its `buildctl` beside
+it), else the pinned build, else PATH's pair. The CNI plugins: $HARPOON_CNI_PATH, else
+the first of CNI_PLUGIN_DIRS that has a `bridge` plugin. Each `find_*` returns None (or
+a reason) rather than raising: `harpoon doctor` reports what is missing, the services
+refuse to start without it.
 
 The rendered files: containerd's config (harpoon.devenv.containerd.render_config: state
 under the layout, the CRI plugins off, overlayfs) and nerdctl.toml (every global flag
@@ -22,15 +24,17 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from harpoon.devenv.containerd import ContainerdPaths, render_config
+from harpoon.buildkit.daemon import BuildkitBinaries
+from harpoon.devenv.containerd import ContainerdPaths, daemon_environment, render_config
 from harpoon.devenv.nerdctl import MINIMUM_CONTAINERD, version_tuple
-from harpoon.devenv.tools import FLAVOURS, NERDCTL, Flavour
+from harpoon.devenv.tools import BUILDKIT, FLAVOURS, NERDCTL, Flavour
 from harpoon.system.layout import NAMESPACE, SNAPSHOTTER, Layout
 from harpoon.system.network import DefaultNetwork
 
 CONTAINERD_ENV = "HARPOON_CONTAINERD"
 NERDCTL_ENV = "HARPOON_NERDCTL"
 CNI_PATH_ENV = "HARPOON_CNI_PATH"
+BUILDKITD_ENV = "HARPOON_BUILDKITD"
 #: The pinned containerd flavour harpoon prefers.
 PINNED_FLAVOUR = "2.3"
 #: Debian's containernetworking-plugins, then the CNI project's default.
@@ -41,6 +45,7 @@ CNI_PLUGINS = ("bridge", "portmap", "firewall", "tuning", "host-local", "loopbac
 #: /<namespace>/<id>, as the shim expects on any host).
 CGROUP_MANAGER = "cgroupfs"
 VERSION_TIMEOUT_S = 10.0
+CTR_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,22 @@ def find_nerdctl() -> Path | None:
     return Path(on_path) if on_path else None
 
 
+def find_buildkit() -> BuildkitBinaries | str:
+    """The buildkitd and buildctl to run, or why there are none."""
+    named = os.environ.get(BUILDKITD_ENV)
+    if named:
+        pair = BuildkitBinaries(Path(named), Path(named).parent / "buildctl")
+    elif not BUILDKIT.missing_binaries():
+        return BuildkitBinaries(BUILDKIT.buildkitd, BUILDKIT.buildctl)
+    else:
+        on_path = [shutil.which(name) for name in ("buildkitd", "buildctl")]
+        if None in on_path:
+            return f"no buildkitd and buildctl: the pinned {BUILDKIT.version} is not built"
+        pair = BuildkitBinaries(*(Path(str(p)) for p in on_path))
+    missing = [str(p) for p in (pair.buildkitd, pair.buildctl) if not _executable(p)]
+    return f"no {' and no '.join(missing)}" if missing else pair
+
+
 def find_cni_plugin_dir() -> Path | None:
     """The CNI plugins' directory: $HARPOON_CNI_PATH (whatever it holds), else the first
     of CNI_PLUGIN_DIRS with a bridge plugin."""
@@ -127,6 +148,27 @@ def missing_cni_plugins(plugin_dir: Path | None) -> list[str]:
     if plugin_dir is None:
         return list(CNI_PLUGINS)
     return [name for name in CNI_PLUGINS if not _executable(plugin_dir / name)]
+
+
+def ctr_argv(choice: ContainerdChoice, layout: Layout, namespace: str, *args: str) -> list[str]:
+    """`ctr ARGS` (the chosen containerd's) on harpoon's containerd, in `namespace`."""
+    return [str(choice.flavour.ctr), "--address", str(layout.containerd_socket),
+            "--namespace", namespace, *args]  # fmt: skip
+
+
+def ctr_environment(choice: ContainerdChoice) -> dict[str, str]:
+    return daemon_environment([choice.flavour.bin_dir], SNAPSHOTTER)
+
+
+def ctr(
+    choice: ContainerdChoice, layout: Layout, *args: str, namespace: str = NAMESPACE
+) -> subprocess.CompletedProcess[str]:
+    """Runs ctr_argv to its end, its output captured."""
+    return subprocess.run(
+        ctr_argv(choice, layout, namespace, *args), stdin=subprocess.DEVNULL,
+        capture_output=True, text=True, timeout=CTR_TIMEOUT_S,
+        env=ctr_environment(choice), check=False,
+    )  # fmt: skip
 
 
 def containerd_paths(layout: Layout) -> ContainerdPaths:

@@ -137,18 +137,23 @@ def probe_virtiofsd() -> Finding:
     return _found(virtiofsd.find(), "virtiofsd (virtiofs shares; 9p works without it)")
 
 
-#: Where buildkitd comes from once scripts/install-deps builds it (a SourceBuild named
-#: "buildkit" in harpoon.devenv.tools); until then, PATH's.
-BUILDKIT_TOOL = "buildkit"
-
-
 def probe_buildkitd() -> Finding:
-    from harpoon.devenv.tools import SOURCE_BUILDS
+    """buildkitd and buildctl as `harpoon build` finds them (harpoon.system.config), and
+    whether harpoon's buildkitd runs (its status: started by `harpoon build`)."""
+    from harpoon.system import buildkitd, services
+    from harpoon.system.layout import Layout
 
-    tool = SOURCE_BUILDS.get(BUILDKIT_TOOL)
-    if tool is not None and not tool.missing_binaries():
-        return Finding(True, str(tool.cache_dir / "buildkitd"))
-    return _found(shutil.which("buildkitd"), "buildkitd (for `harpoon build`)")
+    found = config.find_buildkit()
+    if isinstance(found, str):
+        return Finding(False, f"{found} (for `harpoon build`)")
+    choice = config.find_containerd()
+    if isinstance(choice, str):
+        return Finding(True, f"{found.buildkitd}, {found.buildctl}")
+    state = services.status_of(buildkitd.service(Layout.current(), choice, found))
+    running = (f"running, pid {state.pid}" if state.healthy
+               else "not running (harpoon build starts it)" if state.pid is None
+               else f"pid {state.pid} does not answer on {state.socket}")  # fmt: skip
+    return Finding(state.ok, f"{found.buildkitd}, {found.buildctl}; {running}; log {state.log}")
 
 
 CHECKS: tuple[Check, ...] = (

@@ -12,9 +12,15 @@ to runc's; containerd's namespace default is not read), so `run` and `create` ge
 `--runtime io.containerd.harpoon.v1` *first*: a `--runtime` the user gives comes after
 it and wins (a repeated flag takes its last value), and nothing after the image is
 touched. nerdctl compose runs nerdctl for each service without that flag: `compose`
-gets the project rewritten with harpoon's runtime (harpoon.system.compose). `top` is not
-passed through: nerdctl's `top` hands the Pids (QEMU's) to the host's `ps`; `harpoon
-top` asks the agent (harpoon.shim.top).
+gets the project rewritten with harpoon's runtime (harpoon.system.compose). `build` (and
+`builder`) also need buildkitd, started on demand like containerd: nerdctl runs
+`buildctl` from PATH (the BuildKit tools' directory goes first) against BUILDKIT_HOST
+(harpoon's buildkitd; a `--buildkit-host` of the user's wins), and loads the image into
+harpoon's namespace (harpoon.system.buildkitd says how, and how a `FROM` finds harpoon's
+images). buildctl is nerdctl's child, in its process group: a ^C at the terminal
+reaches both, and buildctl cancels the build (buildkitd then deletes the step's
+container, its VM with it). `top` is not passed through: nerdctl's `top` hands the
+Pids (QEMU's) to the host's `ps`; `harpoon top` asks the agent (harpoon.shim.top).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from harpoon.system import compose, config, services
+from harpoon.system import buildkitd, compose, config, services
 from harpoon.system.layout import RUNTIME, Layout
 
 #: The nerdctl commands `harpoon` passes through.
@@ -32,8 +38,10 @@ PASSTHROUGH = (
     "run", "create", "exec", "ps", "logs", "stop", "start", "restart", "kill", "rm",
     "wait", "cp", "port", "stats", "inspect", "images", "image", "pull", "push", "tag",
     "rmi", "load", "save", "volume", "network", "container", "login", "logout", "compose",
-    "events", "info", "version",
+    "events", "info", "version", "build", "builder",
 )  # fmt: skip
+#: Commands that run BuildKit (buildctl against harpoon's buildkitd).
+BUILDING = ("build", "builder")
 #: How long `nerdctl compose config` may take (it reads files and asks containerd).
 COMPOSE_CONFIG_TIMEOUT_S = 60.0
 #: Commands (top level, or under `container`) that create a container.
@@ -85,11 +93,18 @@ def exec_nerdctl(
     nerdctl (never returns)."""
     layout = Layout.current()
     binary = nerdctl_binary()
-    if not services.running(layout):
-        services.start(layout, progress)
+    env = environment(layout)
+    needed = ["containerd"]
+    if command in BUILDING:
+        env = buildkitd.build_environment(layout, buildkitd.binaries(), env)
+        needed.append(buildkitd.NAME)
+    if not services.running(layout, needed):
+        services.start(layout, progress, needed)
     if command == "compose":
         args = compose_args(binary, args, layout)
-    os.execve(binary, argv(binary, command, args), environment(layout))
+    if command == "build":
+        buildkitd.share_images(layout, progress)
+    os.execve(binary, argv(binary, command, args), env)
 
 
 def compose_args(nerdctl: Path, args: Sequence[str], layout: Layout) -> list[str]:

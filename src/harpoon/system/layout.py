@@ -8,6 +8,8 @@
     <state>/cni/networks/          host-local's address reservations for that network
     <run>/containerd/              containerd's state (task bundles) and its sockets
     <run>/services/                the services' pid files and the start/stop lock
+    <state>/buildkit/              buildkitd's root: its build cache and history
+    <run>/buildkit/                buildkitd's buildkitd.toml, sockets, pid file, TMPDIR
 
 <state> is /var/lib/harpoon and <run> /run/harpoon unless HARPOON_ROOT moves them.
 Nothing here creates a file: `Layout.current()` only computes.
@@ -19,9 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harpoon import dirs
+from harpoon.buildkit.config import BuildkitdLayout
 
 #: The containerd namespace harpoon's containers and images live in.
 NAMESPACE = "harpoon"
+#: The containerd namespace of buildkitd's containerd worker: its step containers, its
+#: snapshots and leases, and the images a build may start FROM (shared from NAMESPACE by
+#: harpoon.system.buildkitd). Nothing else lives there, so every container in it that no
+#: running buildkitd owns is a step's leftover.
+BUILDKIT_NAMESPACE = "harpoon-buildkit"
 #: The runtime harpoon's containerd runs containers with unless told otherwise.
 RUNTIME = "io.containerd.harpoon.v1"
 #: The snapshotter (containerd's default on Linux; nerdctl's and the shim's rootfs path).
@@ -94,6 +102,14 @@ class Layout:
         """containerd's opt plugin's directory (else the machine-wide /opt/containerd)."""
         return self.state / "containerd-opt"
 
+    # -- buildkitd -----------------------------------------------------------------------
+
+    @property
+    def buildkitd(self) -> BuildkitdLayout:
+        """buildkitd's files: its cache under the state, its sockets under the run
+        directory (harpoon.buildkit.config.BuildkitdLayout)."""
+        return BuildkitdLayout(root=self.state / "buildkit", run_dir=self.run / "buildkit")
+
     # -- nerdctl and CNI -----------------------------------------------------------------
 
     @property
@@ -122,3 +138,5 @@ class Layout:
         dirs.check_run_dir()
         for socket in (self.containerd_socket, self.containerd_ttrpc_socket):
             dirs.check_socket_path(socket, "containerd's socket")
+        for socket in self.buildkitd.sockets:
+            dirs.check_socket_path(socket, "buildkitd's socket")

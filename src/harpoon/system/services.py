@@ -2,9 +2,13 @@
 connecting to their sockets, stopped cleanly.
 
 A `Service` is a daemon harpoon runs for its users: its command line, environment,
-the socket that answers once it is ready, its log and its pid file. `planned()` is the
-list of them, in start order: containerd today; buildkitd (whose containerd worker runs
-harpoon's runtime) is one more entry, started after containerd and stopped before it.
+the socket that answers once it is ready, its log and its pid file; how it starts,
+stops and is found running are its methods (`pid`, `launch`, `shut_down`), so a daemon
+with its own runner overrides them. `planned()` is the list of them, in start order:
+containerd, then buildkitd if it is there (harpoon.system.buildkitd: its containerd
+worker runs harpoon's runtime), started after containerd and stopped before it.
+buildkitd is `on_demand`: `harpoon build` and `system start` start it, the other
+commands need containerd alone (`start(names=…)`).
 
 Each service runs in a session of its own (setsid: a ^C in the terminal that started it
 does not reach it) with its output appended to its log, and outlives the `harpoon`
@@ -29,7 +33,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +53,6 @@ STOP_TIMEOUT_S = 10.0
 TASK_STOP_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.05
 CONNECT_TIMEOUT_S = 2.0
-CTR_TIMEOUT_S = 60.0
 LOG_TAIL_LINES = 30
 #: The namespace label containerd clients read for the default runtime
 #: (containerd's defaults.DefaultRuntimeNSLabel).
@@ -72,6 +75,25 @@ class Service:
     origin: str
     #: Run once the socket answers (containerd: label the namespace).
     after_ready: Callable[[], None] | None = field(default=None, repr=False)
+    #: Started only by the commands that need it (and `system start`).
+    on_demand: bool = False
+
+    def pid(self) -> int | None:
+        """Its pid while it runs (from its pid file, never a reused pid)."""
+        return recorded_pid(self.pid_file)
+
+    def launch(self) -> int:
+        """Starts it, once its configuration is written; its pid once it serves."""
+        return spawn(self)
+
+    def shut_down(self, progress: Callable[[str], None]) -> None:
+        """Stops it if it runs (SIGTERM, then SIGKILL) and forgets its pid file."""
+        pid = self.pid()
+        if pid is not None:
+            progress(f"stopping {self.name} (pid {pid})")
+            if terminate(pid):
+                progress(f"{self.name} ignored SIGTERM for {STOP_TIMEOUT_S:.0f} s: killed")
+        self.pid_file.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -82,6 +104,12 @@ class ServiceStatus:
     log: Path
     healthy: bool
     origin: str = ""
+    on_demand: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Healthy, or on demand and simply not started yet."""
+        return self.healthy or (self.on_demand and self.pid is None)
 
 
 # -- pid files ---------------------------------------------------------------------------
@@ -177,12 +205,7 @@ def locked(layout: Layout) -> Iterator[None]:
 
 
 def _ctr(choice: config.ContainerdChoice, layout: Layout, *args: str, check: bool = True) -> str:
-    done = subprocess.run(
-        [str(choice.flavour.ctr), "--address", str(layout.containerd_socket),
-         "--namespace", NAMESPACE, *args],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=CTR_TIMEOUT_S,
-        env=daemon_environment([choice.flavour.bin_dir], SNAPSHOTTER), check=False,
-    )  # fmt: skip
+    done = config.ctr(choice, layout, *args)
     if check and done.returncode != 0:
         raise ServiceError(f"ctr {' '.join(args)}: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout
@@ -223,9 +246,16 @@ def containerd_service(layout: Layout, choice: config.ContainerdChoice) -> Servi
 
 
 def planned(layout: Layout) -> list[Service]:
-    """harpoon's services, in start order (the hook for more: buildkitd after
-    containerd)."""
-    return [containerd_service(layout, containerd_choice())]
+    """harpoon's services, in start order: containerd, then buildkitd if it is there
+    (`harpoon doctor` says how to get it; `harpoon build` refuses without it)."""
+    from harpoon.system import buildkitd
+
+    choice = containerd_choice()
+    services = [containerd_service(layout, choice)]
+    binaries = config.find_buildkit()
+    if not isinstance(binaries, str):
+        services.append(buildkitd.service(layout, choice, binaries))
+    return services
 
 
 def prepare(layout: Layout, choice: config.ContainerdChoice) -> network.DefaultNetwork:
@@ -288,40 +318,60 @@ def spawn(service: Service) -> int:
 
 
 def status_of(service: Service) -> ServiceStatus:
-    pid = recorded_pid(service.pid_file)
+    pid = service.pid()
     healthy = pid is not None and accepts(service.socket)
-    return ServiceStatus(service.name, pid, service.socket, service.log, healthy, service.origin)
+    return ServiceStatus(service.name, pid, service.socket, service.log, healthy,
+                         service.origin, service.on_demand)  # fmt: skip
 
 
 def status(layout: Layout) -> list[ServiceStatus]:
     return [status_of(service) for service in planned(layout)]
 
 
-def running(layout: Layout) -> bool:
-    return all(s.healthy for s in status(layout))
+def _chosen(services: list[Service], names: Collection[str] | None) -> list[Service]:
+    if names is None:
+        return services
+    unknown = set(names) - {service.name for service in services}
+    if unknown:
+        raise ServiceError(
+            f"{', '.join(sorted(unknown))} not found (`harpoon doctor` names the fix)"
+        )
+    return [service for service in services if service.name in names]
 
 
-def start(layout: Layout, progress: Callable[[str], None] = lambda _: None) -> list[ServiceStatus]:
-    """Starts what is not running (after cleaning up what a crash left); idempotent."""
+def running(layout: Layout, names: Collection[str] | None = None) -> bool:
+    """Whether the named services (all, if None) run and answer."""
+    services = planned(layout)
+    return all(status_of(service).healthy for service in _chosen(services, names))
+
+
+def start(
+    layout: Layout,
+    progress: Callable[[str], None] = lambda _: None,
+    names: Collection[str] | None = None,
+) -> list[ServiceStatus]:
+    """Starts what is not running of the named services (all, if None; containerd
+    always: the others need it), after cleaning up what a crash left; idempotent."""
     from harpoon.system import cleanup
 
     with locked(layout):
         services = planned(layout)
-        if all(status_of(service).healthy for service in services):
+        wanted = _chosen(services, None if names is None else {services[0].name, *names})
+        if all(status_of(service).healthy for service in wanted):
             return [status_of(service) for service in services]
-        if recorded_pid(services[0].pid_file) is None:
+        if services[0].pid() is None:
             # containerd is not running: whatever its shims and VMs left is debris.
             cleanup.after_stop(layout, progress)
         prepare(layout, containerd_choice())
-        for service in services:
+        for service in wanted:
             current = status_of(service)
             if current.healthy:
                 continue
             if current.pid is not None:  # running but not answering: restart it
                 progress(f"restarting {service.name} (pid {current.pid} does not answer)")
-                terminate(current.pid)
+                service.shut_down(progress)
             progress(f"starting {service.name}: {service.origin}")
-            spawn(service)
+            service.launch()
         return [status_of(service) for service in services]
 
 
@@ -358,10 +408,5 @@ def stop(layout: Layout, progress: Callable[[str], None] = lambda _: None) -> No
         if containerd.healthy:
             stop_tasks(layout, progress)
         for service in reversed(services):
-            pid = recorded_pid(service.pid_file)
-            if pid is not None:
-                progress(f"stopping {service.name} (pid {pid})")
-                if terminate(pid):
-                    progress(f"{service.name} ignored SIGTERM for {STOP_TIMEOUT_S:.0f} s: killed")
-            service.pid_file.unlink(missing_ok=True)
+            service.shut_down(progress)
         cleanup.after_stop(layout, progress)
