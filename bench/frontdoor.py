@@ -17,6 +17,10 @@ interleaved per round, the runtime that goes first alternating:
   a Python store; every service in its own VM under harpoon) until the app's first
   answer 200 on its published port, which needs all three running; `down -v` after
   (not timed).
+- **build**: `harpoon build --no-cache` of a Dockerfile of three RUN steps on busybox,
+  the image loaded into harpoon's namespace: on harpoon's buildkitd (every step in a
+  VM) and, for runc, on a second buildkitd of the bench's whose worker runs runc, on the
+  same containerd (`--buildkit-host`; its own namespace, the busybox image imported).
 
 One unmeasured round first (a cold VM builds its template then). Every address is the
 loopback or the bench's own network (a /24 of 10.231.0.0/16 that no host route uses).
@@ -54,7 +58,19 @@ RESULTS = REPO / "bench" / "results"
 COMPOSE_APP = REPO / "tests" / "e2e" / "compose_app"
 RUNC = "io.containerd.runc.v2"
 RUNTIMES = ("runc", "harpoon")
-FIGURES = {"run": "`harpoon run --rm busybox true`", "compose": "compose up → first answer"}
+FIGURES = {
+    "run": "`harpoon run --rm busybox true`",
+    "compose": "compose up → first answer",
+    "build": "3-step `harpoon build --no-cache`",
+}
+#: The build figure's Dockerfile: three RUN steps, each a container (a VM under harpoon).
+DOCKERFILE = f"""FROM {BUSYBOX_REF}
+RUN echo one > /one
+RUN echo two > /two
+RUN cat /one /two > /both
+"""
+#: The runc baseline's buildkitd: its own namespace on harpoon's containerd.
+RUNC_BUILD_NAMESPACE = "bench-runc-build"
 DEFAULT_RUNS, QUICK_RUNS = 5, 2
 COMMAND_TIMEOUT_S = 300.0
 ANSWER_TIMEOUT_S = 180.0
@@ -134,6 +150,54 @@ def time_compose(harpoon: FrontDoor, runtime: str, scratch: Path, subnet: str) -
         shutil.rmtree(project, ignore_errors=True)
 
 
+class RuncBuilder:
+    """A buildkitd whose steps run under runc, on harpoon's containerd (the build
+    figure's baseline)."""
+
+    def __init__(self, root: Path, scratch: Path) -> None:
+        from harpoon.buildkit.config import BuildkitdLayout, BuildkitdSettings
+        from harpoon.system.config import find_buildkit
+
+        binaries = find_buildkit()
+        if isinstance(binaries, str):
+            raise RuntimeError(binaries)
+        self.binaries = binaries
+        self.containerd = root / "run" / "containerd" / "containerd.sock"
+        self.layout = BuildkitdLayout(scratch / "runc-buildkit", root / "rb")
+        self.settings = BuildkitdSettings(
+            containerd_address=self.containerd, namespace=RUNC_BUILD_NAMESPACE, runtime=RUNC
+        )
+        self.log = scratch / "runc-buildkitd.log"
+
+    def start(self, image_tar: Path) -> None:
+        from harpoon.buildkit.daemon import start_buildkitd
+        from harpoon.devenv.tools import FLAVOURS
+
+        subprocess.run(
+            [str(FLAVOURS["2.3"].ctr), "--address", str(self.containerd), "--namespace",
+             RUNC_BUILD_NAMESPACE, "images", "import", "--local", str(image_tar)],
+            check=True, capture_output=True, timeout=COMMAND_TIMEOUT_S,
+        )  # fmt: skip
+        start_buildkitd(self.binaries, self.settings, self.layout, self.log)
+
+    def stop(self) -> None:
+        from harpoon.buildkit.daemon import stop_buildkitd
+
+        stop_buildkitd(self.layout)
+
+    @property
+    def address(self) -> str:
+        return self.layout.address
+
+
+def time_build(harpoon: FrontDoor, runtime: str, context: Path, runc: RuncBuilder) -> float:
+    where = [] if runtime == "harpoon" else ["--buildkit-host", runc.address]
+    began = time.monotonic()
+    harpoon("build", "--no-cache", "--progress", "plain", *where,
+            "-t", f"bench/build:{runtime}", str(context))  # fmt: skip
+    return time.monotonic() - began
+
+
 def leftovers(root: Path) -> list[str]:
     """Processes, mounts and sockets that still name the root."""
     found = []
@@ -164,15 +228,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         harpoon = FrontDoor(root, built.environment())
         subnet = str(a_free_subnet())
         left: list[str] = []
+        runc_builder: RuncBuilder | None = None
         try:
             _say(f"harpoon system start on {root}")
             harpoon("system", "start")
             harpoon("load", "-i", str(build_busybox_image(default_cache_dir())))
             if "compose" in args.only:
                 harpoon("load", "-i", str(build_debian_image(default_cache_dir())))
+            context = scratch / "build"
+            context.mkdir()
+            (context / "Dockerfile").write_text(DOCKERFILE)
+            builder = RuncBuilder(root, scratch)
+            if "build" in args.only:
+                runc_builder = builder
+                builder.start(build_busybox_image(default_cache_dir()))
             measures: dict[str, Callable[[str], float]] = {
                 "run": lambda runtime: time_run(harpoon, runtime),
                 "compose": lambda runtime: time_compose(harpoon, runtime, scratch, subnet),
+                "build": lambda runtime: time_build(harpoon, runtime, context, builder),
             }
             for round_number in range(args.runs + 1):
                 order = RUNTIMES if round_number % 2 else RUNTIMES[::-1]
@@ -187,6 +260,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             samples[figure][runtime].append(took)
                 _say(f"round {round_number} of {args.runs} done")
         finally:
+            if runc_builder is not None:
+                runc_builder.stop()
             try:
                 harpoon("system", "stop")
             except RuntimeError as error:
