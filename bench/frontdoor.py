@@ -47,6 +47,7 @@ from typing import Any
 
 from bench import machine
 from bench.checkout import REPO, prepare_harpoon
+from bench.report import print_and_save
 from bench.stats import quantile
 from bench.tcp import free_port
 from harpoon import dirs
@@ -54,7 +55,6 @@ from harpoon.devenv.cni import a_free_subnet, bridge_named, forget
 from harpoon.devenv.debian_image import DEBIAN_WEB_REF, build_debian_image
 from harpoon.devenv.images import BUSYBOX_REF, build_busybox_image, default_cache_dir
 
-RESULTS = REPO / "bench" / "results"
 COMPOSE_APP = REPO / "tests" / "e2e" / "compose_app"
 RUNC = "io.containerd.runc.v2"
 RUNTIMES = ("runc", "harpoon")
@@ -313,14 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.runs = args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)
     record = run(args)
-    print(table(record))
-    if record["failures"]:
-        print(f"\nfailures: {json.dumps(record['failures'], indent=1)}")
-    if record["leftovers"]:
-        print(f"\nleft behind: {record['leftovers']}")
-    RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    (RESULTS / f"frontdoor-{stamp}.json").write_text(json.dumps(record, indent=1))
+    print_and_save("frontdoor", table(record), record)
     return 0
 
 

@@ -80,6 +80,7 @@ from typing import Any
 from bench import machine
 from bench.checkout import REPO, HarpoonDirs, prepare_harpoon, wrapper_shim
 from bench.ctr import RUNC_RUNTIME, Ctr, CtrResult
+from bench.report import print_and_save
 from bench.shimlog import ShimLog, VMStart
 from bench.stats import quantile
 from bench.tcp import (
@@ -103,8 +104,6 @@ from harpoon.net.gvproxy import DEFAULT_HOST_LOOPBACK
 from harpoon.sandbox.template import META_NAME
 from harpoon.shim import paths
 from harpoon.shim.transform.network import PORTS_ANNOTATION
-
-RESULTS = REPO / "bench" / "results"
 
 
 @dataclass(frozen=True)
@@ -707,14 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     args.requests = args.requests or (QUICK_REQUESTS if quick else DEFAULT_REQUESTS)
     args.runs = args.runs or (QUICK_RUNS if quick else DEFAULT_RUNS)
     record = run(args)
-    print(table(record))
-    if record["failures"]:
-        print(f"\nfailures: {json.dumps(record['failures'], indent=1)}")
-    if record["leftovers"]:
-        print(f"\nleft behind (and removed where the clean-up could): {record['leftovers']}")
-    RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    (RESULTS / f"net-{stamp}.json").write_text(json.dumps(record, indent=1))
+    print_and_save("net", table(record), record)
     return 0
 
 

@@ -5,6 +5,9 @@ Pure formatting: takes what the run recorded, returns strings.
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from typing import Any
 
 from bench.floor import FLOOR_FIGURE, PYTHON_FLOOR_FIGURE
@@ -233,3 +236,22 @@ def to_json(
             "benchmarks": shimtest.benchmarks, "error": shimtest.error,
         },
     }  # fmt: skip
+
+
+#: Where every benchmark writes its record.
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def print_and_save(kind: str, table_text: str, record: dict[str, Any]) -> Path:
+    """Prints a standalone benchmark's table, its failures and leftovers, and writes its
+    record to bench/results/<kind>-<UTC timestamp>.json (returned)."""
+    print(table_text)
+    if record.get("failures"):
+        print(f"\nfailures: {json.dumps(record['failures'], indent=1)}")
+    if record.get("leftovers"):
+        print(f"\nleft behind (and removed where the clean-up could): {record['leftovers']}")
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path = RESULTS / f"{kind}-{stamp}.json"
+    path.write_text(json.dumps(record, indent=1))
+    return path

@@ -228,27 +228,40 @@ def test_top_lists_the_processes_inside_the_vm_by_the_containers_name(clean: Har
     assert under_runc.status == 1 and "does not run under harpoon" in under_runc.err
 
 
+@pytest.mark.parametrize("image", ["busybox", "debian-web"])
 def test_images_pushed_to_and_pulled_from_a_local_registry(
-    clean: Harpoon, registry: Registry
+    clean: Harpoon, registry: Registry, image: str
 ) -> None:
-    """`harpoon tag`, `push` to the registry on 127.0.0.1, `rmi`, `pull` back, `run`."""
-    remote = f"{registry.host}/front-door/busybox:pushed"
-    clean.check("tag", IMAGE, remote)
+    """`harpoon tag`, `push` to the registry on 127.0.0.1, `rmi`, `pull` back, `run`:
+    the busybox image and the Debian one (nginx, python3), both built here."""
+    if image == "busybox":
+        local, command = IMAGE, ["echo", "pulled"]
+    else:
+        clean.check("load", "-i", str(build_debian_image(default_cache_dir())))
+        local, command = DEBIAN_WEB_REF, ["python3", "-c", "print('pulled')"]
+    remote = f"{registry.host}/front-door/{image}:pushed"
+    clean.check("tag", local, remote)
     clean.check("push", "--insecure-registry", remote)
     clean.check("rmi", remote)
     assert remote not in clean.check("images", "--format", "{{.Repository}}:{{.Tag}}")
     clean.check("pull", "--insecure-registry", remote)
     try:
-        done = clean("run", "--rm", remote, "echo", "pulled")
+        done = clean("run", "--rm", remote, *command)
     finally:
         clean.check("rmi", remote)
     assert (done.status, done.out, done.err) == (0, "pulled\n", "")
 
 
+def vm_leftovers(harpoon: Harpoon) -> list[str]:
+    """The VMs' state directories, shares and network namespaces under the root."""
+    return [str(p) for d in ("vm", "share", "netns") for p in (harpoon.run_dir / d).glob("*")]
+
+
 def test_compose_runs_every_service_in_a_vm(clean: Harpoon, tmp_path: Path) -> None:
     """`harpoon compose up -d` of the 3-service app (tests/e2e/compose_app), no service
     naming a runtime: each runs under harpoon (its `harpoon top` answers); the app
-    reaches web and store by name; `down -v` leaves no container or volume."""
+    reaches web and store by name; `down` leaves no VM, share or netns, the volume's
+    count survives it into a second `up`; `down -v` leaves no container or volume."""
     image_tar = build_debian_image(default_cache_dir())
     clean.check("load", "-i", str(image_tar))
     project, port = f"fdapp{os.getpid() % 10000}", free_port()
@@ -257,21 +270,29 @@ def test_compose_runs_every_service_in_a_vm(clean: Harpoon, tmp_path: Path) -> N
            "HPT_SUBNET": str(a_free_subnet())}  # fmt: skip
     compose = Harpoon(clean.root, env)
     compose_file = str(tmp_path / project / "compose.yaml")
+    network, bridge = f"{project}_default", None
     up = compose("compose", "-f", compose_file, "up", "-d")
     try:
         assert up.status == 0, f"{up.err}\ncontainerd's log: {clean.log_tail()}"
         answer = fetch_once_served(port)
         names = sorted(compose.check("ps", "--format", "{{.Names}}").split())
         tops = {name: compose("top", name).status for name in names}
-    finally:
-        network = f"{project}_default"
         bridge = bridge_named(clean.root / "lib" / "cni" / "net.d", network)
-        down = compose("compose", "-f", compose_file, "down", "-v")
+        down = compose("compose", "-f", compose_file, "down")
+        after_down = vm_leftovers(clean)
+        again = compose("compose", "-f", compose_file, "up", "-d")
+        answer_again = fetch_once_served(port)
+    finally:
+        down_v = compose("compose", "-f", compose_file, "down", "-v")
         leaks = forget(network, bridge) if bridge else [f"no bridge found for {network}"]
     assert answer == "hello from web (visit 1)\n"
     assert names == [f"{project}-{service}-1" for service in ("app", "store", "web")]
     assert tops == dict.fromkeys(names, 0), "a service did not run under harpoon"
-    assert down.status == 0, down.err
+    assert (down.status, after_down) == (0, []), down.err
+    assert again.status == 0, again.err
+    assert answer_again == "hello from web (visit 2)\n", "the volume's count did not survive"
+    assert down_v.status == 0, down_v.err
+    assert vm_leftovers(clean) == []
     assert leaks == [], "compose down left these of its network"
 
 
