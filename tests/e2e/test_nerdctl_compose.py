@@ -98,11 +98,8 @@ class Project:
     def forget_network(self) -> list[str]:
         """What compose's `down` left of the project's network (nerdctl leaves the
         firewall plugin's isolation rules and host-local's directory, under runc too),
-        removed; the leaks among it."""
-        name = f"{self.name}_default"
-        bridge = self.bridge or bridge_named(self.nerdctl.cni_config_dir, name)
-        self.bridge = bridge
-        return forget(name, bridge) if bridge else []
+        removed; the leaks among it. Its bridge was read while the network existed."""
+        return forget(f"{self.name}_default", self.bridge) if self.bridge else []
 
     def networks(self) -> list[str]:
         names = self.nerdctl.check("network", "ls", "--format", "{{.Name}}").split()

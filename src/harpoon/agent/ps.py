@@ -31,15 +31,6 @@ class Stat:
         self.cpu_ticks = cpu_ticks  # utime + stime
         self.start_ticks = start_ticks
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Stat) and all(
-            getattr(self, name) == getattr(other, name) for name in self.__slots__
-        )
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
-        return f"Stat({fields})"
-
 
 def parse_stat(text: str) -> Stat:
     """/proc/PID/stat: `pid (comm) state ppid …`; comm may hold spaces and parentheses,

@@ -96,10 +96,11 @@ def _package_entries(archive: tarfile.TarFile) -> Iterator[Entry]:
         yield info, data
 
 
-def _what_scripts_leave(names: set[str], files: dict[str, bytes | None]) -> list[Entry]:
+def _what_scripts_leave(packaged: dict[str, Entry]) -> list[Entry]:
     """The files the maintainer scripts (and base-passwd, and the official nginx image)
-    would leave, given the layer's `names` and regular `files` so far."""
+    would leave, given what the packages put in the layer."""
     entries: list[Entry] = []
+    names = set(packaged)
 
     def directory(name: str) -> None:
         if name not in names:
@@ -124,7 +125,7 @@ def _what_scripts_leave(names: set[str], files: dict[str, bytes | None]) -> list
             symlink("etc/nginx/sites-enabled/default", "/etc/nginx/sites-available/default")
         for name in ("var", "var/www", "var/www/html", "var/lib", "var/lib/nginx", "var/log"):
             directory(name)
-        welcome = files.get("usr/share/nginx/html/index.html")
+        _, welcome = packaged.get("usr/share/nginx/html/index.html", (None, None))
         if welcome is not None:
             regular("var/www/html/index.nginx-debian.html", welcome)
         directory("var/log/nginx")
@@ -155,7 +156,8 @@ def _compiled(entries: dict[str, Entry]) -> list[Entry]:
     prefix = f"usr/lib/python{sys.version_info.major}.{sys.version_info.minor}/"
     tag = sys.implementation.cache_tag
     made: list[Entry] = []
-    for name, (info, data) in list(entries.items()):
+    caches: set[str] = set()
+    for name, (info, data) in entries.items():
         if not (name.startswith(prefix) and name.endswith(".py") and info.isreg() and data):
             continue
         pyc = _pyc(data, name, int(info.mtime))
@@ -163,11 +165,11 @@ def _compiled(entries: dict[str, Entry]) -> list[Entry]:
             continue
         directory, module = posixpath.split(name)
         cache = f"{directory}/__pycache__"
-        if cache not in entries:
+        if cache not in caches and cache not in entries:
             cache_info = tar_info(cache, tarfile.DIRTYPE, 0o755)
             cache_info.mtime = info.mtime
-            entries[cache] = (cache_info, None)
-            made.append(entries[cache])
+            made.append((cache_info, None))
+            caches.add(cache)
         target = f"{cache}/{module[:-3]}.{tag}.pyc"
         pyc_info = tar_info(target, tarfile.REGTYPE, 0o644, len(pyc))
         pyc_info.mtime = info.mtime
@@ -187,8 +189,7 @@ def debian_layer(debs: Sequence[Path]) -> bytes:
                     continue
                 entries.pop(info.name, None)  # re-added last: after its directory
                 entries[info.name] = (info, data)
-    files = {name: data for name, (info, data) in entries.items() if info.isreg()}
-    extra = _compiled(entries) + _what_scripts_leave(set(entries), files)
+    extra = _compiled(entries) + _what_scripts_leave(entries)
     for info, data in extra:
         entries.pop(info.name, None)
         entries[info.name] = (info, data)

@@ -98,12 +98,11 @@ async def list_processes(socket: str, container_id: str) -> agent_pb2.ListProces
 
 
 def processes_of(
-    state_dir: Path, namespace: str, name: str
-) -> tuple[str, agent_pb2.ListProcessesResponse]:
-    """The id of the task `name` names and its processes."""
-    container_id = find_container(state_dir, namespace, name)
+    state_dir: Path, namespace: str, container_id: str
+) -> agent_pb2.ListProcessesResponse:
+    """The processes of the task `container_id` (found by find_container)."""
     socket = shim_socket(state_dir, namespace, container_id)
-    return container_id, asyncio.run(list_processes(socket, container_id))
+    return asyncio.run(list_processes(socket, container_id))
 
 
 def tty_name(tty_nr: int) -> str:

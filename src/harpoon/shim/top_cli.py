@@ -62,8 +62,11 @@ def top(namespace: str | None, containerd_state: Path | None, container: str) ->
 
             containerd_state = Layout.current().containerd_state
             namespace = namespace or NAMESPACE
-            container = _harpoon_container(containerd_state, namespace, container)
-        _, response = processes_of(containerd_state, namespace or DEFAULT_NAMESPACE, container)
+            container_id = _harpoon_container(containerd_state, namespace, container)
+        else:
+            namespace = namespace or DEFAULT_NAMESPACE
+            container_id = find_container(containerd_state, namespace, container)
+        response = processes_of(containerd_state, namespace, container_id)
     except TopError as error:
         raise click.ClickException(str(error)) from None
     click.echo(table(rows(response, time.time())), nl=False)

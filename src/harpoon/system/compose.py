@@ -58,18 +58,33 @@ def split(args: Sequence[str]) -> tuple[list[str], str, list[str]]:
     return globals_, "", []
 
 
+def _flags(globals_: Sequence[str]) -> list[tuple[str, str, list[str]]]:
+    """Each global flag (of `split`'s list) as (name, value, its tokens): `--file=x`
+    and `-f x` are both ("-f"-like name, "x")."""
+    flags: list[tuple[str, str, list[str]]] = []
+    index = 0
+    while index < len(globals_):
+        name, equals, value = globals_[index].partition("=")
+        tokens = [globals_[index]]
+        if not equals and name in VALUE_FLAGS and index + 1 < len(globals_):
+            value = globals_[index + 1]
+            tokens.append(value)
+            index += 1
+        flags.append((name, value, tokens))
+        index += 1
+    return flags
+
+
 def project_directory(globals_: Sequence[str], cwd: Path) -> Path:
     """Where compose resolves the project from: --project-directory, else the first
     compose file's directory, else cwd."""
-    given: dict[str, str] = {}
-    for flag, value in zip(globals_, [*globals_[1:], ""], strict=False):
-        name, _, inline = flag.partition("=")
-        if name in ("--project-directory", "-f", "--file"):
-            given.setdefault(name if name == "--project-directory" else "-f", inline or value)
-    if "--project-directory" in given:
-        return cwd / given["--project-directory"]
-    if "-f" in given and given["-f"] != "-":
-        return (cwd / given["-f"]).parent
+    flags = _flags(globals_)
+    directories = [value for name, value, _ in flags if name == "--project-directory"]
+    files = [value for name, value, _ in flags if name in ("-f", "--file")]
+    if directories:
+        return cwd / directories[0]
+    if files and files[0] != "-":
+        return (cwd / files[0]).parent
     return cwd
 
 
@@ -105,16 +120,9 @@ def rewritten_args(
     """`compose` arguments that run the subcommand on the rewritten project: its
     file replaces the user's (-f); the project directory and the other global flags
     (the project's name, profiles) stay."""
-    kept: list[str] = []
-    skip = False
-    for index, flag in enumerate(globals_):
-        if skip:
-            skip = False
-            continue
-        name = flag.partition("=")[0]
-        if name in ("-f", "--file", "--project-directory", "--env-file"):
-            skip = "=" not in flag and index + 1 < len(globals_)
-            continue
-        kept.append(flag)
+    replaced = ("-f", "--file", "--project-directory", "--env-file")
+    kept = [
+        token for name, _, tokens in _flags(globals_) if name not in replaced for token in tokens
+    ]
     directory = project_directory(globals_, cwd)
     return ["-f", str(project), "--project-directory", str(directory), *kept, subcommand, *rest]
