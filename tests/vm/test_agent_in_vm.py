@@ -1,8 +1,9 @@
 """The guest agent in a real VM (QEMU, TCG here), driven through harpoon.sandbox.
 
-One VM is booted for the whole module: these tests speak to the agent as the shim
-does, without containerd, and run their commands in guest containers (conftest: the
-guest's own root, no namespaces).
+One VM is booted per guest architecture for the whole module, the host's (amd64 here)
+and arm64 (`-M virt -cpu cortex-a72` under TCG: the guest a Mac runs): these tests speak
+to the agent as the shim does, without containerd, and run their commands in guest
+containers (conftest: the guest's own root, no namespaces).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from harpoon.api.agent.v1 import agent_pb2
+from harpoon.guest.cache import GuestImage
 from harpoon.sandbox.plan import plan_launch
 from harpoon.sandbox.sandbox import Sandbox
 from harpoon.shim.transform.draft import Draft
@@ -26,6 +28,7 @@ from harpoon.shim.transform.guest_runtime import GuestRuntime
 from harpoon.ttrpc.status import Code, TtrpcError
 from harpoon.vmm.backend import QemuBackend, host_arch
 from harpoon.vmm.base import Share, VMConfig
+from tests.vm.guests import GUEST_ARCHES, guest_for
 
 if TYPE_CHECKING:
     from tests.vm.conftest import GuestRequest, RunInGuest
@@ -51,11 +54,13 @@ class VM:
 
     def __init__(
         self,
+        guest: GuestImage,
         sandbox: Sandbox,
         loop: asyncio.AbstractEventLoop,
         run_in_guest: RunInGuest,
         guest_request: GuestRequest,
     ) -> None:
+        self.guest = guest
         self.sandbox = sandbox
         self.loop = loop
         self.run_in_guest = run_in_guest
@@ -70,25 +75,29 @@ class VM:
         return self.sandbox.agent
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=GUEST_ARCHES)
 def vm(
-    guest: object, shared_dir: Path, guest_process: RunInGuest, guest_requests: GuestRequest
+    request: pytest.FixtureRequest,
+    shared_dir: Path,
+    guest_process: RunInGuest,
+    guest_requests: GuestRequest,
 ) -> Iterator[VM]:
+    guest = guest_for(request.param)
     loop = asyncio.new_event_loop()
     with tempfile.TemporaryDirectory(prefix="hp-vm-") as state:
         config = VMConfig(
             name="agent-test",
             arch=guest.arch,
-            kernel=guest.kernel,  # type: ignore[attr-defined]
+            kernel=guest.kernel,
             initrd=guest.initrd,
-            state_dir=Path(state),  # type: ignore[attr-defined]
+            state_dir=Path(state),
             shares=(Share("data", shared_dir),),
         )
         # Its own configuration (a data share, one vCPU): no template to restore or build.
         sandbox = Sandbox(plan_launch(config, BACKEND, False), BACKEND)
         loop.run_until_complete(sandbox.start())
         try:
-            yield VM(sandbox, loop, guest_process, guest_requests)
+            yield VM(guest, sandbox, loop, guest_process, guest_requests)
         finally:
             loop.run_until_complete(sandbox.stop())
             loop.close()
@@ -106,9 +115,9 @@ async def run_process(
     return await vm.run_in_guest(vm.agent, process_id, *args, container_id=container_id)
 
 
-def test_hello_reports_the_guest_kernel(vm: VM, guest: object) -> None:
+def test_hello_reports_the_guest_kernel(vm: VM) -> None:
     assert vm.sandbox.hello is not None
-    assert vm.sandbox.hello.kernel_release == guest.kernel_release  # type: ignore[attr-defined]
+    assert vm.sandbox.hello.kernel_release == vm.guest.kernel_release
 
 
 def test_process_output_and_exit_status(vm: VM) -> None:

@@ -1,10 +1,12 @@
 """A rootfs share served by virtiofs (HARPOON_SHARE_FS=virtiofs: a cold boot, a
-virtiofsd of its own; harpoon.vmm.virtiofsd) as a real guest mounts it: reads, writes,
-a host change seen at the next read, and nothing left once the VM is stopped."""
+virtiofsd of its own; harpoon.vmm.virtiofsd) as a real amd64 and arm64 guest mounts it:
+reads, writes, a host change seen at the next read, and nothing left once the VM is
+stopped."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,10 +14,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from harpoon.guest.cache import GuestImage
 from harpoon.sandbox import plan
 from harpoon.sandbox.rootfs import GUEST_ROOTFS
 from harpoon.vmm import virtiofsd
+from tests.vm.guests import GUEST_ARCHES, guest_for
 
 if TYPE_CHECKING:
     from tests.vm.conftest import StartedSandbox, StartSandbox
@@ -45,10 +47,16 @@ def pids_of_virtiofsd_serving(directory: Path) -> list[int]:
     return found
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=GUEST_ARCHES)
 def started(
-    guest: GuestImage, sandboxes: StartSandbox, rootfs: Path
+    request: pytest.FixtureRequest, sandboxes: StartSandbox, rootfs: Path
 ) -> Iterator[tuple[StartedSandbox, list[Path]]]:
+    guest = guest_for(request.param)
+    for entry in rootfs.iterdir():  # what the other architecture's VM wrote
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
     if virtiofsd.find() is None:
         if os.environ.get("CI"):
             raise RuntimeError("no virtiofsd: scripts/install-deps builds it")
