@@ -154,7 +154,9 @@ def test_packages_added_to_the_list_are_resolved_alone_and_the_locked_ones_kept(
             asked.append(list(names))
             return [debian.DebPackage(n, "1", "amd64", f"pool/{n}.deb", "c" * 64) for n in names]
 
-        def with_suites(self, packages: list[debian.DebPackage]) -> list[debian.DebPackage]:
+        def with_suites(
+            self, packages: list[debian.DebPackage], preferred: tuple[str, ...]
+        ) -> list[debian.DebPackage]:
             return [dataclasses.replace(p, suite="bookworm") for p in packages]
 
     monkeypatch.setattr(build.debian, "PrivateApt", FakeApt)
@@ -192,3 +194,31 @@ def test_pruning_keeps_the_newest_images_and_always_the_current_one(tmp_path: Pa
 
     assert sorted(removed) == directories[1:4]
     assert [d.exists() for d in directories] == [True, False, False, False, True]
+
+
+def test_apt_names_the_suite_of_each_locked_version_preferring_the_lists_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`apt-cache madison`'s lines (here from a stand-in apt-cache on PATH) give the suite
+    the lock records; a version two suites list gets the first of the preferred order."""
+    madison = (
+        "    zlib1g | 1:1.2.13.dfsg-1+deb12u1 | http://m.example/debian-security "
+        "bookworm-security/main amd64 Packages\n"
+        "    zlib1g | 1:1.2.13.dfsg-1 | http://m.example/debian bookworm/main amd64 Packages\n"
+        "     libc6 | 2.36-9+deb12u14 | http://m.example/debian bookworm-updates/main amd64 "
+        "Packages\n"
+        "     libc6 | 2.36-9+deb12u14 | http://m.example/debian bookworm/main amd64 Packages\n"
+    )
+    (tmp_path / "madison.txt").write_text(madison)
+    (tmp_path / "apt-cache").write_text(f"#!/bin/sh\ncat {tmp_path / 'madison.txt'}\n")
+    (tmp_path / "apt-cache").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    apt = debian.PrivateApt(tmp_path / "apt", "amd64")
+    zlib = debian.DebPackage("zlib1g", "1:1.2.13.dfsg-1+deb12u1", "amd64", "pool/z.deb", "d" * 64)
+    libc = debian.DebPackage("libc6", "2.36-9+deb12u14", "amd64", "pool/c.deb", "e" * 64)
+
+    named = apt.with_suites([zlib, libc], build.DEBIAN_SUITES)
+
+    assert [p.suite for p in named] == ["bookworm-security", "bookworm"]
+    with pytest.raises(debian.DebianError, match=r"lists no suite for libc6 2\.36-9\+deb12u7"):
+        apt.with_suites([dataclasses.replace(libc, version="2.36-9+deb12u7")])

@@ -257,7 +257,7 @@ class _AptResolver:
         self.apt.update()
 
     def show(self, names: Sequence[str]) -> list[debian.DebPackage]:
-        return self.apt.with_suites(self.apt.show(names))
+        return self.apt.with_suites(self.apt.show(names), DEBIAN_SUITES)
 
 
 class _PythonResolver:

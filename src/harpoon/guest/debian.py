@@ -127,23 +127,29 @@ class PrivateApt:
             raise DebianError(f"apt knows no {self.arch} package {', '.join(missing)}")
         return [found[n] for n in names]
 
-    def with_suites(self, packages: Iterable[DebPackage]) -> list[DebPackage]:
+    def with_suites(
+        self, packages: Iterable[DebPackage], preferred: Sequence[str] = ()
+    ) -> list[DebPackage]:
         """`packages` with the suite that lists each exact version (`apt-cache madison`:
-        `name | version | URI suite/component arch Packages`), the first listed when
-        several do: the lock records it so that a fetch without apt knows which index
-        vouches for the file."""
+        `name | version | URI suite/component arch Packages`): the lock records it so
+        that a fetch without apt knows which index vouches for the file. Where several
+        suites list it, the first of `preferred` (then madison's first)."""
         packages = list(packages)
         listing = self._run("apt-cache", ["madison", *sorted({p.name for p in packages})])
-        suites: dict[tuple[str, str], str] = {}
+        suites: dict[tuple[str, str], list[str]] = {}
         for line in listing.splitlines():
             fields = [f.strip() for f in line.split("|")]
             if len(fields) == 3 and len(fields[2].split()) >= 2:
                 suite = fields[2].split()[1].split("/", 1)[0]
-                suites.setdefault((fields[0], fields[1]), suite)
+                suites.setdefault((fields[0], fields[1]), []).append(suite)
         unlisted = [f"{p.name} {p.version}" for p in packages if (p.name, p.version) not in suites]
         if unlisted:
             raise DebianError(f"apt-cache madison lists no suite for {', '.join(unlisted)}")
-        return [replace(p, suite=suites[p.name, p.version]) for p in packages]
+
+        def rank(suite: str) -> int:
+            return preferred.index(suite) if suite in preferred else len(preferred)
+
+        return [replace(p, suite=min(suites[p.name, p.version], key=rank)) for p in packages]
 
     def closure(self, names: Iterable[str]) -> list[DebPackage]:
         """The packages that installing `names` (without recommends) into an empty
