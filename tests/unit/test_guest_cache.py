@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -10,9 +11,15 @@ from pathlib import Path
 import pytest
 
 from harpoon.guest import build, cache, debian
+from harpoon.guest import lock as locks
 
-KERNEL = debian.DebPackage("linux-image-6.1.0-9-amd64", "6.1.1-1", "amd64", "pool/k.deb", "a" * 64)
-BUSYBOX = debian.DebPackage("busybox-static", "1:1.35", "amd64", "pool/b.deb", "b" * 64)
+KERNEL = debian.DebPackage(
+    "linux-image-6.1.0-9-amd64", "6.1.1-1", "amd64", "pool/k.deb", "a" * 64, suite="bookworm"
+)
+BUSYBOX = debian.DebPackage(
+    "busybox-static", "1:1.35", "amd64", "pool/b.deb", "b" * 64, suite="bookworm"
+)
+SUITES = ("bookworm",)
 
 
 def source_tree(root: Path) -> Path:
@@ -88,14 +95,10 @@ def test_a_second_build_with_unchanged_inputs_is_instant_and_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No apt, no pip, no hashing of big files: the lock, the wheel and the manifest."""
-    cache_dir, guest_dir = tmp_path / "cache", tmp_path / "guest"
+    cache_dir, guest_dir, lock_dir = tmp_path / "cache", tmp_path / "guest", tmp_path / "locks"
     sources = source_tree(tmp_path / "src")
-    lock = cache_dir / "debs/amd64/packages.lock.json"
-    lock.parent.mkdir(parents=True)
-    requested = build.requested_packages("amd64")
-    lock.write_text(
-        json.dumps({"requested": requested, "packages": [KERNEL.__dict__, BUSYBOX.__dict__]})
-    )
+    requested = tuple(build.requested_packages("amd64"))
+    locks.write(lock_dir / "amd64.json", locks.Lock(requested, SUITES, (KERNEL, BUSYBOX)), "amd64")
     wheels = cache_dir / "wheels"
     wheel = wheels / "protobuf-7.36.2-cp310-abi3-manylinux2014_x86_64.whl"
     (wheels / wheel.stem / build.UPB_EXTENSION).parent.mkdir(parents=True)
@@ -119,7 +122,7 @@ def test_a_second_build_with_unchanged_inputs_is_instant_and_says_so(
     started = time.monotonic()
     image = build.build_guest(
         "amd64", cache_dir=cache_dir, guest_dir=guest_dir, source_dir=sources,
-        report=messages.append,
+        lock_dir=lock_dir, report=messages.append,
     )  # fmt: skip
 
     assert time.monotonic() - started < 1.0
@@ -135,16 +138,9 @@ def test_a_second_build_with_unchanged_inputs_is_instant_and_says_so(
 def test_packages_added_to_the_list_are_resolved_alone_and_the_locked_ones_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    lock = tmp_path / "debs/amd64/packages.lock.json"
-    lock.parent.mkdir(parents=True)
-    lock.write_text(
-        json.dumps(
-            {
-                "requested": [build.KERNEL_METAPACKAGE["amd64"], "busybox-static"],
-                "packages": [KERNEL.__dict__, BUSYBOX.__dict__],
-            }
-        )
-    )
+    lock = tmp_path / "locks/amd64.json"
+    requested = (build.KERNEL_METAPACKAGE["amd64"], "busybox-static")
+    locks.write(lock, locks.Lock(requested, SUITES, (KERNEL, BUSYBOX)), "amd64")
     asked: list[list[str]] = []
 
     class FakeApt:
@@ -158,18 +154,30 @@ def test_packages_added_to_the_list_are_resolved_alone_and_the_locked_ones_kept(
             asked.append(list(names))
             return [debian.DebPackage(n, "1", "amd64", f"pool/{n}.deb", "c" * 64) for n in names]
 
+        def with_suites(
+            self, packages: list[debian.DebPackage], preferred: tuple[str, ...]
+        ) -> list[debian.DebPackage]:
+            return [dataclasses.replace(p, suite="bookworm") for p in packages]
+
     monkeypatch.setattr(build.debian, "PrivateApt", FakeApt)
+    monkeypatch.setattr(build, "has_apt", lambda: True)
     monkeypatch.setattr(build, "BASE_PACKAGES", ("busybox-static", "crun"))
     monkeypatch.setattr(build, "UPB_PACKAGES", ())
     monkeypatch.setattr(build, "OCI_RUNTIME_PACKAGES", ("libyajl2",))
     monkeypatch.setattr(build, "NETFILTER_PACKAGES", ())
 
-    packages = build.resolve_packages("amd64", tmp_path, refresh=False, report=lambda _: None)
+    packages = build.resolve_packages(
+        "amd64", tmp_path, refresh=False, report=lambda _: None, lock_file=lock, method="apt"
+    )
 
     assert asked == [["crun", "libyajl2"]]
     assert [p.name for p in packages] == [KERNEL.name, "busybox-static", "crun", "libyajl2"]
     assert packages[:2] == [KERNEL, BUSYBOX]
-    assert json.loads(lock.read_text())["requested"] == build.requested_packages("amd64")
+    written = locks.read(lock)
+    assert written is not None
+    assert list(written.requested) == build.requested_packages("amd64")
+    assert written.packages == tuple(packages)
+    assert {p.suite for p in written.packages[2:]} == {"bookworm"}
 
 
 def test_pruning_keeps_the_newest_images_and_always_the_current_one(tmp_path: Path) -> None:
@@ -186,3 +194,31 @@ def test_pruning_keeps_the_newest_images_and_always_the_current_one(tmp_path: Pa
 
     assert sorted(removed) == directories[1:4]
     assert [d.exists() for d in directories] == [True, False, False, False, True]
+
+
+def test_apt_names_the_suite_of_each_locked_version_preferring_the_lists_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`apt-cache madison`'s lines (here from a stand-in apt-cache on PATH) give the suite
+    the lock records; a version two suites list gets the first of the preferred order."""
+    madison = (
+        "    zlib1g | 1:1.2.13.dfsg-1+deb12u1 | http://m.example/debian-security "
+        "bookworm-security/main amd64 Packages\n"
+        "    zlib1g | 1:1.2.13.dfsg-1 | http://m.example/debian bookworm/main amd64 Packages\n"
+        "     libc6 | 2.36-9+deb12u14 | http://m.example/debian bookworm-updates/main amd64 "
+        "Packages\n"
+        "     libc6 | 2.36-9+deb12u14 | http://m.example/debian bookworm/main amd64 Packages\n"
+    )
+    (tmp_path / "madison.txt").write_text(madison)
+    (tmp_path / "apt-cache").write_text(f"#!/bin/sh\ncat {tmp_path / 'madison.txt'}\n")
+    (tmp_path / "apt-cache").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    apt = debian.PrivateApt(tmp_path / "apt", "amd64")
+    zlib = debian.DebPackage("zlib1g", "1:1.2.13.dfsg-1+deb12u1", "amd64", "pool/z.deb", "d" * 64)
+    libc = debian.DebPackage("libc6", "2.36-9+deb12u14", "amd64", "pool/c.deb", "e" * 64)
+
+    named = apt.with_suites([zlib, libc], build.DEBIAN_SUITES)
+
+    assert [p.suite for p in named] == ["bookworm-security", "bookworm"]
+    with pytest.raises(debian.DebianError, match=r"lists no suite for libc6 2\.36-9\+deb12u7"):
+        apt.with_suites([dataclasses.replace(libc, version="2.36-9+deb12u7")])

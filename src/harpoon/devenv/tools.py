@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harpoon import dirs
+from harpoon.guest import sources as guest_sources
 from harpoon.vmm import virtiofsd
 
 #: Root of the per-machine cache of source-built tools (overridable for unprivileged use).
@@ -393,31 +394,20 @@ BUILDKIT = BuildKit(
 
 #: Where the machine's apt sources are: a Debian source package is fetched from the
 #: mirror they name (`debian_mirror`).
-APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
+APT_SOURCES = guest_sources.APT_SOURCES
 
 #: The mirror used when the machine's apt sources name no Debian archive.
 DEFAULT_DEBIAN_MIRROR = "http://deb.debian.org/debian"
 
 
 def debian_mirror(sources: tuple[Path, ...] = APT_SOURCES, codename: str | None = None) -> str:
-    """The Debian archive the machine's apt sources use (one-line `deb URI SUITE …` lists
-    or deb822 `.sources` files): the first URI of a `deb` entry for the machine's own
-    release (`codename`, from /etc/os-release), else `DEFAULT_DEBIAN_MIRROR`."""
+    """The Debian archive the machine's apt sources use (harpoon.guest.sources reads
+    them): the first URI of a `deb` entry for the machine's own release (`codename`, from
+    /etc/os-release), else `DEFAULT_DEBIAN_MIRROR`."""
     codename = codename or _os_codename()
-    files: list[Path] = []
-    for source in sources:
-        if source.is_dir():
-            files += sorted(p for p in source.iterdir() if p.suffix in (".list", ".sources"))
-        elif source.is_file():
-            files.append(source)
-    for path in files:
-        try:
-            text = path.read_text(errors="replace")
-        except OSError:
-            continue
-        for uri, suites in _apt_entries(text, deb822=path.suffix == ".sources"):
-            if codename in suites:
-                return uri.rstrip("/")
+    for entry in guest_sources.host_sources(sources):
+        if codename in entry.suites:
+            return entry.uri.rstrip("/")
     return DEFAULT_DEBIAN_MIRROR
 
 
@@ -428,28 +418,6 @@ def _os_codename() -> str:
         return "bookworm"
     match = re.search(r"^VERSION_CODENAME=\"?([\w-]+)", text, re.MULTILINE)
     return match.group(1) if match else "bookworm"
-
-
-def _apt_entries(text: str, *, deb822: bool) -> list[tuple[str, list[str]]]:
-    """(URI, suites) of each binary `deb` entry of an apt sources file."""
-    entries = []
-    if deb822:
-        for stanza in re.split(r"\n\s*\n", text):
-            fields: dict[str, str] = {}
-            for line in stanza.splitlines():
-                if line.startswith("#") or ":" not in line or line[:1].isspace():
-                    continue
-                key, _, value = line.partition(":")
-                fields[key.strip().lower()] = value.strip()
-            if "deb" in fields.get("types", "").split():
-                suites = fields.get("suites", "").split()
-                entries += [(uri, suites) for uri in fields.get("uris", "").split()]
-        return entries
-    for line in text.splitlines():
-        words = re.sub(r"\[[^]]*\]", "", line.split("#", 1)[0]).split()
-        if len(words) >= 3 and words[0] == "deb":
-            entries.append((words[1], [words[2]]))
-    return entries
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
 """Build the guest image (kernel + initramfs) for amd64 or arm64 from Debian packages.
 
-`build_guest` resolves exact package versions (kept in a lock file until `refresh`),
-computes the content digest of every input, and returns at once when that image exists.
-Otherwise it downloads and unpacks the .debs, extracts a bootable kernel, picks kernel
-modules in load order (signatures stripped), measures the agent's Python closure, adds
-protobuf's upb extension and crun, resolves the shared libraries of every ELF file it
-ships (once each), and writes two initramfs:
+`build_guest` reads the exact package versions from the repo's lock (harpoon.guest.lock;
+`refresh` re-resolves them), computes the content digest of every input, and returns at
+once when that image exists. Otherwise it downloads the .debs (with apt where there is
+apt, else in Python: harpoon.guest.mirror; the same files either way), unpacks them,
+extracts a bootable kernel, picks kernel modules in load order (signatures stripped),
+measures the agent's Python closure, adds protobuf's upb extension and crun, resolves
+the shared libraries of every ELF file it ships (once each), and writes two initramfs:
 the agent's, and a busybox-only "floor" one (prints `FLOOR_MARKER`, powers off) that is
 the boot-time baseline. This module decides *what* goes in the image; the formats live
 in `initramfs`, `kernel`, `debian` and `python_runtime`.
@@ -19,18 +20,20 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import harpoon
 from harpoon.agent import boot
-from harpoon.guest import cache, debian, initramfs, kernel, python_runtime
+from harpoon.guest import cache, debian, initramfs, kernel, mirror, python_runtime
+from harpoon.guest import lock as locks
 from harpoon.guest.cache import GuestImage
 
 # Bump when the builder changes what it puts in an image for the same inputs.
@@ -49,6 +52,14 @@ PIP_TIMEOUT_S = 300
 # Uncompressed boots faster under TCG (see the measurements in the module's tests/report);
 # the kernel accepts either.
 INITRD_COMPRESSION = "none"
+
+# The Debian suites the packages are resolved from (the lock records which one each
+# version came from: the index that vouches for it when fetched without apt).
+DEBIAN_SUITES: tuple[str, ...] = ("bookworm", "bookworm-updates", "bookworm-security")
+# How .debs are fetched: "apt" (apt-get, private state) or "python" (harpoon.guest.mirror);
+# unset: apt where apt-get and apt-cache are on PATH, else Python.
+FETCH_ENV = "HARPOON_GUEST_FETCH"
+FETCH_METHODS = ("apt", "python")
 
 KERNEL_METAPACKAGE = {"amd64": "linux-image-amd64", "arm64": "linux-image-arm64"}
 KERNEL_PACKAGE_PATTERN = {
@@ -218,40 +229,107 @@ def requested_packages(arch: str) -> list[str]:
     ]
 
 
+def has_apt() -> bool:
+    return all(shutil.which(tool) for tool in ("apt-get", "apt-cache"))
+
+
+def fetch_method(chosen: str | None = None) -> str:
+    """How this build fetches packages: `chosen`, else $HARPOON_GUEST_FETCH, else apt
+    where there is apt and Python elsewhere."""
+    chosen = chosen or os.environ.get(FETCH_ENV) or None
+    if chosen is None:
+        return "apt" if has_apt() else "python"
+    if chosen not in FETCH_METHODS:
+        raise debian.DebianError(
+            f"{FETCH_ENV} (or --fetch) must be one of {', '.join(FETCH_METHODS)}, not {chosen!r}"
+        )
+    if chosen == "apt" and not has_apt():
+        raise debian.DebianError("fetching with apt, but apt-get or apt-cache is not on PATH")
+    return chosen
+
+
+class _AptResolver:
+    """Versions as apt's candidates, with the suite `apt-cache madison` lists each in."""
+
+    def __init__(self, arch: str, cache_dir: Path, report: Report) -> None:
+        self.apt = debian.PrivateApt(cache_dir / "apt" / arch, arch)
+        report(f"updating the {arch} package lists (apt)")
+        self.apt.update()
+
+    def show(self, names: Sequence[str]) -> list[debian.DebPackage]:
+        return self.apt.with_suites(self.apt.show(names), DEBIAN_SUITES)
+
+
+class _PythonResolver:
+    """Versions as apt would choose them, from the indices harpoon.guest.mirror fetches."""
+
+    def __init__(self, arch: str, cache_dir: Path, report: Report) -> None:
+        self.mirror = mirror.Mirror(arch, cache_dir, report=report)
+
+    def show(self, names: Sequence[str]) -> list[debian.DebPackage]:
+        return self.mirror.candidates(names, DEBIAN_SUITES)
+
+
 def resolve_packages(
-    arch: str, cache_dir: Path, refresh: bool, report: Report
+    arch: str,
+    cache_dir: Path,
+    refresh: bool,
+    report: Report,
+    *,
+    lock_file: Path | None = None,
+    method: str | None = None,
 ) -> list[debian.DebPackage]:
-    """The exact packages of the image (kernel first), from the lock file unless `refresh`
-    or the lock is missing. When the package list changed, only the packages new to it
-    are resolved: the locked ones (the kernel above all) keep their versions."""
-    lock = cache_dir / "debs" / arch / "packages.lock.json"
+    """The exact packages of the image (kernel first), from the repo's lock unless
+    `refresh` or the lock is missing. When the package list changed, only the packages
+    new to it are resolved: the locked ones (the kernel above all) keep their versions.
+    Resolving (apt's or the Python one, as `method`) rewrites the lock."""
+    lock_file = lock_file or locks.lock_path(arch)
+    locked = locks.read(lock_file)
     requested = requested_packages(arch)
     names = requested[1:]
     kernel_package: debian.DebPackage | None = None
     kept: dict[str, debian.DebPackage] = {}
-    if lock.exists() and not refresh:
-        locked = json.loads(lock.read_text())
-        if isinstance(locked, dict) and isinstance(locked.get("requested"), list):
-            packages = [debian.DebPackage(**entry) for entry in locked["packages"]]
-            if locked["requested"] == requested:
-                return packages
-            if packages and locked["requested"][:1] == requested[:1]:
-                kernel_package = packages[0]
-                kept = {p.name: p for p in packages[1:] if p.name in names}
-    apt = debian.PrivateApt(cache_dir / "apt" / arch, arch)
-    report(f"updating the {arch} package lists")
-    apt.update()
+    if locked is not None and not refresh:
+        packages = list(locked.packages)
+        if list(locked.requested) == requested:
+            return packages
+        if packages and locked.requested[:1] == tuple(requested[:1]):
+            kernel_package = packages[0]
+            kept = {p.name: p for p in packages[1:] if p.name in names}
+    resolver_class = _AptResolver if fetch_method(method) == "apt" else _PythonResolver
+    resolver = resolver_class(arch, cache_dir, report)
     if kernel_package is None:
-        metapackage = apt.show([KERNEL_METAPACKAGE[arch]])[0]
+        metapackage = resolver.show([KERNEL_METAPACKAGE[arch]])[0]
         kernel_name = debian.exact_dependency(metapackage.depends, KERNEL_PACKAGE_PATTERN[arch])
-        kernel_package = apt.show([kernel_name])[0]
+        kernel_package = resolver.show([kernel_name])[0]
     missing = [n for n in names if n not in kept]
-    kept.update(zip(missing, apt.show(missing) if missing else [], strict=True))
+    kept.update(zip(missing, resolver.show(missing) if missing else [], strict=True))
     packages = [kernel_package, *(kept[n] for n in names)]
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    locked = {"requested": requested, "packages": [asdict(p) for p in packages]}
-    lock.write_text(json.dumps(locked, indent=1) + "\n")
+    locks.write(lock_file, locks.Lock(tuple(requested), DEBIAN_SUITES, tuple(packages)), arch)
+    report(f"wrote the {arch} lock {lock_file}")
     return packages
+
+
+def fetch_debs(
+    arch: str,
+    packages: Sequence[debian.DebPackage],
+    cache_dir: Path,
+    method: str,
+    report: Report,
+) -> list[Path]:
+    """The .deb of every package in $HARPOON_CACHE_DIR/debs/<arch>, each checked against
+    the lock's SHA256; those missing fetched by apt or by harpoon.guest.mirror."""
+    into = cache_dir / "debs" / arch
+    if method == "python":
+        report(f"fetching {len(packages)} {arch} packages (Python, no apt)")
+        return mirror.Mirror(arch, cache_dir, report=report).download(packages, into)
+    apt = debian.PrivateApt(cache_dir / "apt" / arch, arch)
+    missing = [p for p in packages if not debian.deb_ok(into / p.deb_name, p.sha256)]
+    if missing and not apt.has_lists:
+        report(f"updating the {arch} package lists (apt)")
+        apt.update()
+    report(f"fetching {len(packages)} {arch} packages (apt; {len(missing)} not cached)")
+    return apt.download(packages, into)
 
 
 def _sha256(data: bytes) -> str:
@@ -269,6 +347,7 @@ class BuildPlan:
     source_dir: Path
     inputs: dict[str, Any]
     digest: str
+    fetch: str = "apt"  # how missing .debs are fetched (fetch_method)
 
     @property
     def kernel_release(self) -> str:
@@ -463,23 +542,33 @@ def build_guest(
     guest_dir: Path | None = None,
     refresh: bool = False,
     source_dir: Path | None = None,
+    lock_dir: Path | None = None,
+    fetch: str | None = None,
     report: Report = _quiet,
 ) -> GuestImage:
     """Build (or find, when its inputs are unchanged) the guest image for `arch`.
 
-    `source_dir` holds the `harpoon` package to put in the image (default: this one's).
+    `source_dir` holds the `harpoon` package to put in the image (default: this one's);
+    `lock_dir` the package locks (default: harpoon.guest.lock's); `fetch` is "apt" or
+    "python" (default: fetch_method's choice).
     """
     started = time.monotonic()
     arch = cache.check_arch(arch or cache.host_arch())
     python_runtime.check_host_python()
     cache_dir = cache.cache_root(cache_dir)
+    method = fetch_method(fetch)
+    lock_file = locks.lock_path(arch, lock_dir)
     with cache.build_lock(arch, guest_dir):
-        packages = resolve_packages(arch, cache_dir, refresh, report)
+        packages = resolve_packages(
+            arch, cache_dir, refresh, report, lock_file=lock_file, method=method
+        )
         wheel, wheel_dir = ensure_protobuf_wheel(cache_dir, arch, report)
         source_dir = source_dir or source_root()
         inputs = build_inputs(arch, packages, wheel, source_dir)
         digest = cache.digest_of(inputs)
-        plan = BuildPlan(arch, tuple(packages), cache_dir, wheel_dir, source_dir, inputs, digest)
+        plan = BuildPlan(
+            arch, tuple(packages), cache_dir, wheel_dir, source_dir, inputs, digest, method
+        )
         final = cache.image_dir(arch, digest, guest_dir)
         if (final / cache.MANIFEST_NAME).exists():
             cache.set_current(arch, final, guest_dir)
@@ -498,13 +587,8 @@ def build_guest(
 
 
 def _build_into(out: Path, root: Path, plan: BuildPlan, report: Report) -> None:
-    arch, packages, cache_dir = plan.arch, plan.packages, plan.cache_dir
-    apt = debian.PrivateApt(cache_dir / "apt" / arch, arch)
-    if not apt.has_lists:
-        report(f"updating the {arch} package lists")
-        apt.update()
-    report(f"fetching {len(packages)} {arch} packages")
-    debs = apt.download(packages, cache_dir / "debs" / arch)
+    arch = plan.arch
+    debs = fetch_debs(arch, plan.packages, plan.cache_dir, plan.fetch, report)
     for deb in debs:
         report(f"unpacking {deb.name}")
         debian.extract(deb, root)

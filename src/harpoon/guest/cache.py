@@ -4,10 +4,13 @@ Layout (each root overridable by argument or environment):
     $HARPOON_GUEST_DIR (<state>/guest: harpoon.dirs)/<arch>/<digest16>/   one built image
         vmlinux | Image, initrd.cpio[.gz], floor.cpio, manifest.json
     $HARPOON_GUEST_DIR/<arch>/current -> <digest16>                  the newest build
-    $HARPOON_CACHE_DIR (/var/cache/harpoon)/debs/<arch>/             .debs and the lock
+    $HARPOON_CACHE_DIR (/var/cache/harpoon)/debs/<arch>/             .debs (of any fetch)
     $HARPOON_CACHE_DIR/apt/<arch>/                                   private apt state
+    $HARPOON_CACHE_DIR/debian-indexes/                               Packages files by SHA256
+                                                                     (the fetch without apt)
     $HARPOON_CACHE_DIR/wheels/                                       the protobuf wheel
 
+The packages themselves are pinned in the repo (harpoon.guest.lock).
 `find_guest` reads one small manifest and hashes nothing: the shim calls it on every
 container create. This module never builds or downloads anything.
 """

@@ -11,7 +11,9 @@ import click
 from rich.console import Console
 
 from harpoon import dirs
-from harpoon.guest import cache, debian, elf, kernel, python_runtime
+from harpoon.guest import build as build_module
+from harpoon.guest import cache, debian, elf, kernel, python_runtime, sources
+from harpoon.guest import lock as locks
 from harpoon.guest.build import build_guest
 
 BUILD_ERRORS = (
@@ -43,9 +45,29 @@ def guest() -> None:
     default=None,
     help=f"Built images (default ${cache.GUEST_DIR_ENV} or <state>/guest: harpoon.dirs).",
 )
-@click.option("--refresh", is_flag=True, help="Update the package lists and re-resolve versions.")
-def build(arch: str | None, cache_dir: Path | None, guest_dir: Path | None, refresh: bool) -> None:
-    """Build the guest image, or say it is up to date."""
+@click.option(
+    "--refresh",
+    is_flag=True,
+    help="Re-resolve every package's version from the archive (apt's lists where there is "
+    "apt, else the indices fetched in Python) and rewrite the lock "
+    f"(harpoon/guest/locks/<arch>.json, or ${locks.LOCK_DIR_ENV}/<arch>.json).",
+)
+@click.option(
+    "--fetch",
+    type=click.Choice(build_module.FETCH_METHODS),
+    default=None,
+    help=f"How to fetch packages (default ${build_module.FETCH_ENV}, else apt where apt-get "
+    "is on PATH, else python: harpoon's own, which needs a mirror: "
+    f"${sources.MIRROR_ENV} and ${sources.SECURITY_MIRROR_ENV}, or the host's apt sources).",
+)
+def build(
+    arch: str | None,
+    cache_dir: Path | None,
+    guest_dir: Path | None,
+    refresh: bool,
+    fetch: str | None,
+) -> None:
+    """Build the guest image from the packages of the repo's lock, or say it is up to date."""
     console = Console(stderr=True, log_path=False)
     with console.status("building the guest image") as status:
 
@@ -55,7 +77,12 @@ def build(arch: str | None, cache_dir: Path | None, guest_dir: Path | None, refr
 
         try:
             image = build_guest(
-                arch, cache_dir=cache_dir, guest_dir=guest_dir, refresh=refresh, report=report
+                arch,
+                cache_dir=cache_dir,
+                guest_dir=guest_dir,
+                refresh=refresh,
+                fetch=fetch,
+                report=report,
             )
         except BUILD_ERRORS as error:
             raise click.ClickException(

@@ -3,10 +3,13 @@
 apt runs against a private state directory per architecture (its own package lists,
 an empty dpkg status, `APT::Architecture` set to the guest's), so an arm64 guest is
 built on an amd64 host without `dpkg --add-architecture` and without touching the
-host's apt state. Sources come from the host's apt configuration.
+host's apt state. Sources come from the host's apt configuration. Where there is no apt
+(a Mac), harpoon.guest.mirror fetches the same files in Python.
 
-Unpacking is done in Python (ar, then tar with xz/gzip/bzip2, or zstd via
-`dpkg-deb --fsys-tarfile`). Nothing here installs a package on the host.
+Unpacking is done in Python (ar, then tar with xz/gzip/bzip2; zstd with the `zstandard`
+module when installed, else `dpkg-deb --fsys-tarfile`: Debian 12's packages are xz, and
+a zstd one meets a clear error where neither is there). Nothing here installs a package
+on the host.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import subprocess
 import tarfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 APT_TIMEOUT_S = 600
@@ -40,6 +44,8 @@ class DebPackage:
     filename: str  # path in the archive, e.g. pool/main/b/busybox/busybox-static_..._amd64.deb
     sha256: str
     depends: str = ""
+    size: int = 0  # bytes, as the archive's index says (0: not recorded)
+    suite: str = ""  # the archive suite the index listing it belongs to, e.g. bookworm
 
     @property
     def deb_name(self) -> str:
@@ -113,12 +119,37 @@ class PrivateApt:
                 filename=fields["Filename"],
                 sha256=fields["SHA256"],
                 depends=fields.get("Depends", ""),
+                size=int(fields.get("Size", "0")),
             )
             found.setdefault(package.name, package)
         missing = [n for n in names if n not in found]
         if missing:
             raise DebianError(f"apt knows no {self.arch} package {', '.join(missing)}")
         return [found[n] for n in names]
+
+    def with_suites(
+        self, packages: Iterable[DebPackage], preferred: Sequence[str] = ()
+    ) -> list[DebPackage]:
+        """`packages` with the suite that lists each exact version (`apt-cache madison`:
+        `name | version | URI suite/component arch Packages`): the lock records it so
+        that a fetch without apt knows which index vouches for the file. Where several
+        suites list it, the first of `preferred` (then madison's first)."""
+        packages = list(packages)
+        listing = self._run("apt-cache", ["madison", *sorted({p.name for p in packages})])
+        suites: dict[tuple[str, str], list[str]] = {}
+        for line in listing.splitlines():
+            fields = [f.strip() for f in line.split("|")]
+            if len(fields) == 3 and len(fields[2].split()) >= 2:
+                suite = fields[2].split()[1].split("/", 1)[0]
+                suites.setdefault((fields[0], fields[1]), []).append(suite)
+        unlisted = [f"{p.name} {p.version}" for p in packages if (p.name, p.version) not in suites]
+        if unlisted:
+            raise DebianError(f"apt-cache madison lists no suite for {', '.join(unlisted)}")
+
+        def rank(suite: str) -> int:
+            return preferred.index(suite) if suite in preferred else len(preferred)
+
+        return [replace(p, suite=min(suites[p.name, p.version], key=rank)) for p in packages]
 
     def closure(self, names: Iterable[str]) -> list[DebPackage]:
         """The packages that installing `names` (without recommends) into an empty
@@ -135,7 +166,7 @@ class PrivateApt:
         """The .deb of each package in `into`, downloading those missing; checks SHA256."""
         into.mkdir(parents=True, exist_ok=True)
         packages = list(packages)
-        missing = [p for p in packages if not _deb_ok(into / p.deb_name, p.sha256)]
+        missing = [p for p in packages if not deb_ok(into / p.deb_name, p.sha256)]
         if missing:
             self._run("apt-get", ["download", *(f"{p.name}={p.version}" for p in missing)], into)
         paths = []
@@ -148,7 +179,7 @@ class PrivateApt:
                 if not matching:
                     raise DebianError(f"apt-get download did not leave {package.deb_name}")
                 matching[0].rename(path)
-            if not _deb_ok(path, package.sha256):
+            if not deb_ok(path, package.sha256):
                 raise DebianError(f"{path}: SHA256 differs from the archive index")
             paths.append(path)
         return paths
@@ -183,17 +214,10 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _deb_ok(path: Path, sha256: str) -> bool:
-    """True when `path` holds the expected .deb (checked once, remembered in a stamp)."""
-    stamp = path.with_name(path.name + ".sha256")
-    if not path.exists():
-        return False
-    if stamp.exists() and stamp.read_text() == sha256:
-        return True
-    if _sha256(path) != sha256:
-        return False
-    stamp.write_text(sha256)
-    return True
+def deb_ok(path: Path, sha256: str) -> bool:
+    """True when `path` holds the expected .deb. Hashed on every use (~0.2 s for the
+    guest's ~100 MB): a file in a shared cache is not trusted for having been right once."""
+    return path.is_file() and _sha256(path) == sha256
 
 
 def _ar_members(deb: bytes, what: str) -> dict[str, bytes]:
@@ -203,9 +227,14 @@ def _ar_members(deb: bytes, what: str) -> dict[str, bytes]:
     offset = len(_AR_MAGIC)
     while offset + _AR_HEADER_BYTES <= len(deb):
         header = deb[offset : offset + _AR_HEADER_BYTES]
-        name = header[:16].decode().strip().rstrip("/")
-        size = int(header[48:58].decode().strip())
+        try:
+            name = header[:16].decode("ascii").strip().rstrip("/")
+            size = int(header[48:58].decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError) as error:
+            raise DebianError(f"{what}: malformed ar member header at byte {offset}") from error
         start = offset + _AR_HEADER_BYTES
+        if start + size > len(deb):
+            raise DebianError(f"{what}: ar member {name!r} is truncated")
         members[name] = deb[start : start + size]
         offset = start + size + (size % 2)
     return members
@@ -218,12 +247,37 @@ def data_tar(deb_path: Path) -> tarfile.TarFile:
     if data_name is None:
         raise DebianError(f"{deb_path}: no data.tar member")
     if data_name.endswith(".zst"):
-        tar_bytes = subprocess.run(
-            ["dpkg-deb", "--fsys-tarfile", str(deb_path)], capture_output=True, check=True
-        ).stdout
+        tar_bytes = _unzstd(members[data_name], deb_path)
     else:
         tar_bytes = members[data_name]  # "r:*" below detects xz, gzip, bzip2
-    return tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:*")
+    try:
+        return tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:*")
+    except tarfile.TarError as error:
+        raise DebianError(f"{deb_path}: {data_name} is not a readable tar: {error}") from error
+
+
+def _unzstd(compressed: bytes, deb_path: Path) -> bytes:
+    """A zstd member's bytes: by the `zstandard` module when installed, else by dpkg-deb
+    (Python 3.11's stdlib has no zstd). Debian 12's packages, the guest's, are all xz."""
+    try:
+        import zstandard  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        zstandard = None
+    if zstandard is not None:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(compressed)) as reader:
+            data: bytes = reader.read()
+            return data
+    if shutil.which("dpkg-deb") is None:
+        raise DebianError(
+            f"{deb_path}: its files are zstd-compressed, and there is neither the Python "
+            "module `zstandard` (pip install zstandard) nor dpkg-deb to read them"
+        )
+    done = subprocess.run(
+        ["dpkg-deb", "--fsys-tarfile", str(deb_path)], capture_output=True, check=False
+    )
+    if done.returncode != 0:
+        raise DebianError(f"dpkg-deb --fsys-tarfile {deb_path}: {done.stderr.decode().strip()}")
+    return done.stdout
 
 
 def extract(deb_path: Path, into: Path) -> None:
