@@ -5,9 +5,9 @@ cannot run under it: `-cpu host` aborts when QEMU sets the vCPU's MSRs), so the 
 starts a paused, guest-less QEMU with the accelerator and `-cpu host`, lets the vCPU
 run for a moment, and keeps the accelerator only if QEMU is still alive. The verdict is
 cached per QEMU binary for the host's uptime, because a probe costs about a second.
-On macOS the probe's machine is `none` (HVF's accelerator is set up with the VM, so a
-QEMU that starts with it proves Hypervisor.framework is there and QEMU may use it: an
-unsigned QEMU lacks the com.apple.security.hypervisor entitlement and exits).
+On macOS the probe's machine is `none`: HVF is set up with the VM, so a QEMU that
+starts with it shows Hypervisor.framework is there and this QEMU may use it (one not
+signed with the com.apple.security.hypervisor entitlement may not).
 
 The platform is a parameter (sys.platform's word) so that tests can ask for macOS's
 choices on Linux.
