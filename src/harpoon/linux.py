@@ -2,7 +2,7 @@
 personality, finit_module, and setting a network interface up.
 
 Shared by the host (the shim mounts containerd's rootfs) and the guest agent, so it
-imports only ctypes and os and does its work lazily: the guest pays for loading libc
+imports only ctypes, os and sys and does its work lazily: the guest pays for loading libc
 through ctypes once, on first use.
 """
 
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from errno import EEXIST
+import sys
+from errno import EEXIST, ENOSYS
 from functools import cache
 
 MS_RDONLY = 0x1
@@ -32,6 +33,11 @@ MS_SLAVE = 1 << 19
 MS_SHARED = 1 << 20
 MS_RELATIME = 1 << 21
 MS_STRICTATIME = 1 << 24
+
+#: What the host's kernel offers that macOS's does not: callers on macOS take another
+#: way (harpoon.vmm.qemu_launch says which) instead of calling these.
+HAS_PARENT_DEATH_SIGNAL = sys.platform == "linux"
+HAS_NETWORK_NAMESPACES = sys.platform == "linux"
 
 MNT_DETACH = 0x2
 PR_SET_PDEATHSIG = 1
@@ -163,7 +169,10 @@ def set_personality(persona: int) -> int:
 
 
 def set_parent_death_signal(signal_number: int) -> None:
-    """Asks the kernel to send us signal_number when the thread that forked us dies."""
+    """Asks the kernel to send us signal_number when the thread that forked us dies
+    (Linux's prctl: OSError ENOSYS elsewhere, rather than a missing libc symbol)."""
+    if not HAS_PARENT_DEATH_SIGNAL:
+        raise OSError(ENOSYS, f"no parent-death signal on {sys.platform}")
     prctl(PR_SET_PDEATHSIG, signal_number)
 
 

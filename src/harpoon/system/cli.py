@@ -4,6 +4,7 @@ front door, as click commands; `install(main)` adds them all to `harpoon`."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -83,9 +84,16 @@ def status() -> None:
 
 
 @click.command()
-def doctor() -> None:
+@click.option(
+    "--containerd-config",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="macOS: the config.toml containerd runs with (default $HARPOON_CONTAINERD_CONFIG, "
+    "else /etc/containerd/config.toml or Homebrew's etc/containerd/config.toml).",
+)
+def doctor(containerd_config: Path | None) -> None:
     """Check every piece harpoon needs; print the fix for each missing one."""
-    results = checks.examine()
+    results = checks.examine(checks.checks_for(containerd_config=containerd_config))
     for result in results:
         click.echo(result.line)
     note = checks.euid_note()

@@ -8,12 +8,16 @@ builds, installs or starts anything. Each finds its piece the way harpoon itself
 (harpoon.system.config, harpoon.net.gvproxy, harpoon.vmm), so the variables that move or
 name a piece (HARPOON_NERDCTL, HARPOON_CNI_PATH, HARPOON_TOOLS_DIR, HARPOON_GUEST_DIR…)
 move what doctor checks, and a test can hide one piece.
+
+The table is Linux's. On macOS (`checks_for`) a Mac's own checks replace containerd's,
+nerdctl's, CNI's and the rest (harpoon.system.doctor_macos).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,7 +177,25 @@ CHECKS: tuple[Check, ...] = (
 )  # fmt: skip
 
 
-def examine(checks: tuple[Check, ...] = CHECKS) -> list[Result]:
+def checks_for(
+    platform: str | None = None, containerd_config: Path | None = None
+) -> tuple[Check, ...]:
+    """The checks of `platform` (sys.platform's word; default this host's): CHECKS on
+    Linux; on macOS the guest's and the shim's, then the Mac's own
+    (harpoon.system.doctor_macos), containerd's config read from `containerd_config`
+    when given."""
+    if (platform or sys.platform) != "darwin":
+        return CHECKS
+    from harpoon.system.doctor_macos import MacChecks, MacHost
+
+    common = tuple(c for c in CHECKS if c.name in ("guest image", "VM templates", "shim"))
+    return common + MacChecks(MacHost(), containerd_config).checks()
+
+
+def examine(checks: tuple[Check, ...] | None = None) -> list[Result]:
+    """Each check's finding (default: this host's checks_for)."""
+    if checks is None:
+        checks = checks_for()
     results = []
     for check in checks:
         try:

@@ -5,6 +5,12 @@ cannot run under it: `-cpu host` aborts when QEMU sets the vCPU's MSRs), so the 
 starts a paused, guest-less QEMU with the accelerator and `-cpu host`, lets the vCPU
 run for a moment, and keeps the accelerator only if QEMU is still alive. The verdict is
 cached per QEMU binary for the host's uptime, because a probe costs about a second.
+On macOS the probe's machine is `none`: HVF is set up with the VM, so a QEMU that
+starts with it shows Hypervisor.framework is there and this QEMU may use it (one not
+signed with the com.apple.security.hypervisor entitlement may not).
+
+The platform is a parameter (sys.platform's word) so that tests can ask for macOS's
+choices on Linux.
 """
 
 from __future__ import annotations
@@ -23,8 +29,16 @@ ACCEL_ENV = "HARPOON_ACCEL"
 CACHE_DIR = Path(dirs.run_dir())
 
 
-def hardware_accelerator() -> str:
-    return "hvf" if sys.platform == "darwin" else "kvm"
+def hardware_accelerator(platform: str | None = None) -> str:
+    """The hardware accelerator of `platform` (default: this host's)."""
+    return "hvf" if (platform or sys.platform) == "darwin" else "kvm"
+
+
+def probe_argv(qemu: str, accel: str) -> list[str]:
+    """The probe's QEMU: paused, no guest, the accelerator with `-cpu host`."""
+    machine = "none" if accel == "hvf" else "microvm"
+    return [qemu, "-accel", accel, "-cpu", "host", "-M", machine, "-nodefaults",
+            "-display", "none", "-S", "-qmp", "stdio"]  # fmt: skip
 
 
 def probe(qemu: str, accel: str) -> bool:
@@ -32,21 +46,7 @@ def probe(qemu: str, accel: str) -> bool:
     script = b'{"execute":"qmp_capabilities"}\n{"execute":"cont"}\n'
     try:
         proc = subprocess.Popen(
-            [
-                qemu,
-                "-accel",
-                accel,
-                "-cpu",
-                "host",
-                "-M",
-                "none" if accel == "hvf" else "microvm",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-S",
-                "-qmp",
-                "stdio",
-            ],
+            probe_argv(qemu, accel),
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -78,11 +78,27 @@ def _boot_id() -> str:
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
+        pass
+    if sys.platform == "darwin":
+        return _darwin_boot_time()
+    return "unknown"
+
+
+def _darwin_boot_time() -> str:
+    """macOS's boot time (sysctl kern.boottime, a struct timeval), as the boot's id."""
+    import ctypes
+
+    value = ctypes.create_string_buffer(16)
+    size = ctypes.c_size_t(len(value))
+    libc = ctypes.CDLL(None)
+    if libc.sysctlbyname(b"kern.boottime", value, ctypes.byref(size), None, 0) != 0:
         return "unknown"
+    return value.raw[: size.value].hex()
 
 
-def choose(qemu: str) -> str:
-    """The accelerator to run guests with: $HARPOON_ACCEL if set, else the probed one."""
+def choose(qemu: str, platform: str | None = None) -> str:
+    """The accelerator to run guests with: $HARPOON_ACCEL if set, else the probed one
+    (the hardware accelerator of `platform`, default this host's, or TCG)."""
     forced = os.environ.get(ACCEL_ENV)
     if forced:
         return forced
@@ -92,7 +108,7 @@ def choose(qemu: str) -> str:
         return private.read_file(cache).decode().strip()
     except OSError:
         pass
-    hardware = hardware_accelerator()
+    hardware = hardware_accelerator(platform)
     verdict = hardware if probe(qemu, hardware) else "tcg"
     try:
         private.directory(CACHE_DIR)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import platform
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,11 +126,14 @@ class QemuBackend(Backend):
         program = qemu_launch.PROFILES[(arch, qemu_launch.DEFAULT_MACHINE[arch])].binary
         path = shutil.which(program)
         package = "qemu-system-x86" if arch == "amd64" else "qemu-system-arm"
+        hint = f"apt-get install {package} (or run scripts/install-deps)"
+        if sys.platform == "darwin":
+            hint = "brew install qemu"
         return HostVMM(
             program=program,
             path=path,
             accelerator=accel.choose(path) if path else None,
-            install_hint=f"apt-get install {package} (or run scripts/install-deps)",
+            install_hint=hint,
         )
 
     def launch_early(self, config: VMConfig, restoring: Path | None) -> None:

@@ -4,6 +4,10 @@
 run after the shim was killed: it must find the VMM from the VM's state directory
 alone. So this module imports nothing but os and time, and the pid file's name lives
 here, beside the function that reads it (every backend writes its VMM's pid there).
+
+On macOS this is what ends the VMM of a shim killed with SIGKILL (there is no
+parent-death signal: harpoon.vmm.qemu_launch): with no /proc there, a process's command
+line and state come from `ps` (its command column joins argv with spaces).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ GVPROXY_PID_FILE = "gvproxy.pid"
 SIGKILL = 9  # not signal's: importing signal costs more than this module
 VMM_EXIT_WAIT_S = 2.0
 VMM_EXIT_POLL_S = 0.01
+#: Whether processes are read from /proc (Linux) or from `ps` (macOS).
+HAS_PROC = os.path.isdir("/proc/self")
 
 
 def kill_vmm(state_dir: str) -> int:
@@ -68,10 +74,8 @@ def kill_recorded(pid_file: str, is_it: Callable[[list[bytes]], bool]) -> int:
             pid = int(recorded.read().strip())
     except (OSError, ValueError):
         return 0
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-            argv = cmdline.read().split(b"\0")
-    except OSError:
+    argv = _argv(pid)
+    if argv is None:
         return pid  # gone already
     if pid != os.getpid() and is_it(argv):
         kill_and_wait(pid)
@@ -91,9 +95,42 @@ def kill_and_wait(pid: int) -> None:
         time.sleep(VMM_EXIT_POLL_S)
 
 
+def _argv(pid: int) -> list[bytes] | None:
+    """pid's command line, None when there is no such process."""
+    if not HAS_PROC:
+        line = _ps(pid, "command")
+        # The whole line too: an argument with a space in it is split by ps's column.
+        return None if line is None else [*line.split(b" "), line]
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().split(b"\0")
+    except OSError:
+        return None
+
+
 def _running(pid: int) -> bool:
+    if not HAS_PROC:
+        state = _ps(pid, "stat")
+        return state is not None and not state.startswith(b"Z")
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return False
+
+
+def _ps(pid: int, column: str) -> bytes | None:
+    """One column of `ps` for pid (where there is no /proc), None when it is gone."""
+    import subprocess  # not at import: Linux's `delete` never pays for it
+
+    try:
+        done = subprocess.run(
+            # -ww: the whole command line (ps cuts it to a width otherwise; macOS and procps)
+            ["ps", "-ww", "-o", f"{column}=", "-p", str(pid)],
+            capture_output=True,
+            check=False,
+        )
+    except OSError:
+        return None
+    line = done.stdout.strip()
+    return line if done.returncode == 0 and line else None

@@ -10,6 +10,16 @@ asyncio (harpoon.shim.daemon) and QemuVM (harpoon.vmm.qemu) then carries on with
 process. `command_line` is pure; `launch` does the I/O of a launch (state directory,
 stale sockets, the log) and spawns QEMU with a parent-death signal, so a shim killed
 with SIGKILL takes its VM with it.
+
+On macOS (`Host.system` "darwin") QEMU runs under HVF with `-cpu host`: arm64 guests on
+`-M virt` as on Linux, amd64 guests on `-M q35` (what Intel Macs' QEMU users run under
+HVF; microvm there is unproven, and stays available by naming it). What Linux alone has
+is not used there: shares are 9p (virtiofsd and memfd RAM are Linux's: a virtiofs
+share is refused), no network namespace (refused), and no parent-death signal. In its
+place, a shim that exits ends its VM as it stops, and one killed with SIGKILL leaves
+QEMU to `shim delete`, which containerd runs for a dead shim and which kills the VMM
+its pid file names (harpoon.vmm.leftovers). The host is a parameter of the command
+line, so tests check macOS's command lines on Linux.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,10 +120,30 @@ PROFILES: dict[tuple[str, str], MachineProfile] = {
     ),
 }
 DEFAULT_MACHINE = {"amd64": "microvm", "arm64": "virt"}
+#: macOS's, where they differ (see the module's docstring).
+DARWIN_DEFAULT_MACHINE = {**DEFAULT_MACHINE, "amd64": "q35"}
 
 
-def profile_for(config: VMConfig) -> MachineProfile:
-    machine = config.machine or DEFAULT_MACHINE.get(config.arch, "")
+@dataclass(frozen=True)
+class Host:
+    """The host a command line is for: its system (sys.platform's word: linux, darwin)
+    and architecture (harpoon.vmm.backend.host_arch's word)."""
+
+    system: str
+    arch: str
+
+    @property
+    def darwin(self) -> bool:
+        return self.system == "darwin"
+
+
+def this_host() -> Host:
+    return Host(sys.platform, host_arch())
+
+
+def profile_for(config: VMConfig, host: Host | None = None) -> MachineProfile:
+    defaults = DARWIN_DEFAULT_MACHINE if (host or this_host()).darwin else DEFAULT_MACHINE
+    machine = config.machine or defaults.get(config.arch, "")
     try:
         return PROFILES[(config.arch, machine)]
     except KeyError:
@@ -206,20 +237,25 @@ def command_line(
     *,
     restoring: bool = False,
     listeners: dict[str, int] | None = None,
+    host: Host | None = None,
 ) -> list[str]:
-    """The full QEMU argv for config (pure: no I/O), under the given accelerator; a VM
-    being restored maps its memory file privately. listeners: the listening sockets
-    QEMU inherits, by chardev id (LISTENER_IDS); without them QEMU binds the paths."""
+    """The full QEMU argv for config (pure: no I/O), under the given accelerator on
+    `host` (default: this one); a VM being restored maps its memory file privately.
+    listeners: the listening sockets QEMU inherits, by chardev id (LISTENER_IDS);
+    without them QEMU binds the paths."""
 
     def socket_chardev(chardev: str, path: Path) -> str:
         return _socket_chardev(chardev, path, (listeners or {}).get(chardev))
 
-    profile = profile_for(config)
+    host = host or this_host()
+    profile = profile_for(config, host)
     # Cross-architecture guests (arm64 on an x86 host) can only be emulated.
-    if config.arch != host_arch():
+    if config.arch != host.arch:
         accelerator = "tcg"
     machine = profile.machine
     virtiofs = any(share.fs == "virtiofs" for share in config.shares)
+    if virtiofs and host.darwin:
+        raise VMError(f"VM {config.name}: no virtiofs share on macOS (virtiofsd is Linux's)")
     if virtiofs and restoring:
         raise VMError(f"VM {config.name}: a virtiofs share cannot be restored (QEMU 7.2)")
     if config.memory_file is not None or virtiofs:
@@ -409,9 +445,11 @@ def _file_identity(path: str | Path) -> list[int]:
 
 
 def _die_with_parent() -> None:
-    # Runs in the forked child before exec: QEMU gets SIGKILL if the shim dies. No
-    # imports here: another thread of the shim may hold an import's lock.
-    linux.set_parent_death_signal(signal.SIGKILL)
+    # Runs in the forked child before exec: QEMU gets SIGKILL if the shim dies (on
+    # Linux; macOS has no such signal: see the module's docstring). No imports here:
+    # another thread of the shim may hold an import's lock.
+    if linux.HAS_PARENT_DEATH_SIGNAL:
+        linux.set_parent_death_signal(signal.SIGKILL)
     os.setsid()
     # What QEMU creates (console log, pid file, a template's memory file, the saved
     # state its `cat` writes) holds the guest's data: root's alone. Files the guest
@@ -489,6 +527,11 @@ def launch(config: VMConfig, restoring: Path | None = None) -> QemuLaunch:
     accepts it, or is refused once QEMU is gone)."""
     binary = find_binary(config)
     resolved = with_available_machine(config, binary)
+    if resolved.netns is not None and not linux.HAS_NETWORK_NAMESPACES:
+        raise VMError(
+            f"VM {resolved.name}: network namespace {resolved.netns} asked for, and "
+            f"{sys.platform} has none (harpoon's user-mode network needs no namespace)"
+        )
     # The VM's sockets, console log and pid file: root's alone. So is the directory of
     # every VM's (RUN_DIR/vm, a template build's scratch), which lists the containers.
     private.directory(resolved.state_dir.parent)

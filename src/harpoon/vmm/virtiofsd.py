@@ -15,13 +15,14 @@ in the guest, so a change on the host (nerdctl rewriting /etc/hosts) is what the
 read returns, as with 9p. `--announce-submounts`: each host mount under the export is
 its own mount in the guest (its inode numbers cannot collide with the rootfs's).
 
-Nothing here imports more than os: the shim launches its VM before asyncio loads.
+Nothing here imports more than os (and shutil, sys): the shim launches its VM before asyncio loads.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from harpoon import dirs
@@ -41,9 +42,13 @@ CACHE_ENV = "HARPOON_VIRTIOFS_CACHE"
 CACHE_POLICY = os.environ.get(CACHE_ENV) or "never"
 
 
-def find() -> str | None:
+def find(platform: str | None = None) -> str | None:
     """The virtiofsd to run: $HARPOON_VIRTIOFSD, the tools cache's, PATH's, the
-    system's; None when there is none."""
+    system's; None when there is none, and always on a host that is not Linux
+    (`platform`, default this one's): virtiofsd serves Linux's FUSE and namespaces, and
+    QEMU's vhost-user memory is a Linux memfd, so no backend serves virtiofs on macOS."""
+    if (platform or sys.platform) != "linux":
+        return None
     named = os.environ.get(BINARY_ENV)
     if named:
         return named if os.access(named, os.X_OK) else None

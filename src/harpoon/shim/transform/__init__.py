@@ -11,7 +11,8 @@ in three steps (harpoon.shim.transform.draft.Transformer):
   rootfs, sharing it into the VM, ...), each undo pushed onto Create's AsyncExitStack,
   so that a failure at any step leaves nothing behind.
 
-The order is PIPELINE's.
+The order is PIPELINE's: LinuxDefaults first (the Linux parts a spec written on macOS
+lacks), before the transformers that read the guest spec's namespaces and mounts.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 from harpoon.shim.transform.draft import Draft, Transformer
 from harpoon.shim.transform.guest_runtime import GuestRuntime
 from harpoon.shim.transform.host_policy import HostPolicy
+from harpoon.shim.transform.linux_defaults import LinuxDefaults
 from harpoon.shim.transform.mounts import Mounts
 from harpoon.shim.transform.network import Network
 from harpoon.shim.transform.oci_hooks import HostHooks
@@ -26,6 +28,7 @@ from harpoon.shim.transform.resources import Resources
 from harpoon.shim.transform.rootfs import Rootfs
 
 PIPELINE: tuple[Transformer, ...] = (
+    LinuxDefaults(),  # first: a spec made on macOS has no Linux parts for the others
     HostPolicy(),
     Rootfs(),
     Mounts(),
