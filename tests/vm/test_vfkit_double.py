@@ -403,28 +403,42 @@ def test_the_double_runs_harpoons_guest_with_vfkits_devices_and_api(
     print(" | ".join(f"{step}: {seconds:.2f} s" for step, seconds in timings.items()))
 
 
-def test_the_double_stops_its_vm_and_cleans_up_when_its_parent_is_killed(
-    test_guest: GuestImage, host: Host
+#: The launcher: starts the double (with a parent-death signal if argv[1] names one),
+#: prints its pid, then waits to be killed.
+SPAWNER = """
+import ctypes, signal, subprocess, sys, time
+death = int(sys.argv[1])
+def die_with_me():
+    if death:
+        ctypes.CDLL(None).prctl(1, death, 0, 0, 0)  # PR_SET_PDEATHSIG
+print(subprocess.Popen(sys.argv[2:], preexec_fn=die_with_me).pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("death_signal", [0, signal.SIGKILL], ids=["own-sigterm", "sigkill"])
+def test_a_double_whose_parent_is_killed_ends_and_leaves_what_vfkit_would(
+    test_guest: GuestImage, host: Host, death_signal: int
 ) -> None:
-    """A shim killed with SIGKILL: the double gets SIGTERM (its parent-death signal) and
-    goes the way of a SIGTERM, its VM stopped and its files removed."""
+    """A shim killed with SIGKILL. Launched without a parent-death signal, the double
+    takes SIGTERM (its own choice) and goes the way of a SIGTERM: VM stopped, every file
+    removed. Launched as harpoon's backend launches it (SIGKILL), it is killed: QEMU and
+    the daemons die with it, its janitor removes its directory, and the sockets vfkit
+    itself would have removed stay, as a killed vfkit leaves them."""
     needs_the_double()
     vfkit = install_wrapper(host.directory / "bin")
-    spawner = (
-        "import subprocess, sys, time\n"
-        "print(subprocess.Popen(sys.argv[1:]).pid, flush=True)\n"
-        "time.sleep(600)\n"
-    )
     with open(host.directory / "vfkit.log", "wb") as log:
         parent = subprocess.Popen(
-            [sys.executable, "-c", spawner, vfkit, *vfkit_line(test_guest, host)],
+            [sys.executable, "-c", SPAWNER, str(int(death_signal)), vfkit,
+             *vfkit_line(test_guest, host)],
             stdout=subprocess.PIPE,
             stderr=log,
-        )
+        )  # fmt: skip
     try:
         assert parent.stdout is not None
         pid = int(parent.stdout.readline())
         running = wait_running(host, pid)
+        wait_for(lambda: (host.directory / "agent.sock").exists())
         parent.kill()
         parent.wait()
         wait_for(lambda: gone(pid), STOP_TIMEOUT_S)
@@ -434,33 +448,11 @@ def test_the_double_stops_its_vm_and_cleans_up_when_its_parent_is_killed(
             parent.wait()
 
     wait_for(lambda: all(gone(helper) for helper in running.helpers))
-    assert sockets_in(host.directory) == ["host.sock", "net.sock"]
-    assert not running.private.exists()
-    assert "captured signal" in (host.directory / "vfkit.log").read_text()
-
-
-def test_a_killed_double_takes_its_helpers_and_its_directory_along(
-    test_guest: GuestImage, host: Host
-) -> None:
-    """SIGKILL (what harpoon's backend sends when its shim dies): QEMU and the daemons die
-    with the double and the janitor removes its directory; the sockets vfkit itself would
-    have removed stay, as a killed vfkit leaves them (the backend removes them)."""
-    needs_the_double()
-    vfkit = install_wrapper(host.directory / "bin")
-    with open(host.directory / "vfkit.log", "wb") as log:
-        double = subprocess.Popen([vfkit, *vfkit_line(test_guest, host)], stderr=log)
-    try:
-        running = wait_running(host, double.pid)
-        wait_for(lambda: (host.directory / "agent.sock").exists())
-        double.kill()
-        assert double.wait() == -signal.SIGKILL
-    finally:
-        if double.poll() is None:
-            double.kill()
-            double.wait()
-
-    wait_for(lambda: all(gone(pid) for pid in running.helpers))
     wait_for(lambda: not running.private.exists())
     left = sockets_in(host.directory)
-    assert {"agent.sock", "rest.sock", "silent.sock"} <= set(left)
-    assert any(name.startswith(f"vfkit-{double.pid:x}-") for name in left)  # the NIC's
+    if not death_signal:
+        assert left == ["host.sock", "net.sock"]
+        assert "captured signal" in (host.directory / "vfkit.log").read_text()
+    else:
+        assert {"agent.sock", "rest.sock", "silent.sock"} <= set(left)
+        assert any(name.startswith(f"vfkit-{pid:x}-") for name in left)  # the NIC's

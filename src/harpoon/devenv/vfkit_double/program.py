@@ -17,14 +17,16 @@ On the way out everything the double made goes (vfkit's exit handlers and deferr
 closes): the vsock sockets, the REST socket, the NICs' local sockets, its helper
 processes and its private directory. The double dies with whoever started it: SIGTERM
 when its parent dies (PR_SET_PDEATHSIG; like harpoon's QEMU it is tied to the thread
-that spawned it), so the graceful path above runs; its own children get SIGKILL if the
-double itself is killed.
+that spawned it), so the graceful path above runs -- unless its launcher chose a signal
+already (harpoon's backend: SIGKILL), which is kept; its own children get SIGKILL if the
+double itself is killed, and its janitor removes its private directory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -52,6 +54,8 @@ log = logging.getLogger("vfkit")
 
 #: cmd/vfkit/main.go shutdownFunc: how long a stop request gets before a hard stop.
 STOP_GRACE_S = 5.0
+#: prctl(2)'s query of the parent-death signal (linux/prctl.h).
+PR_GET_PDEATHSIG = 2
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "error": logging.ERROR}
 
 
@@ -96,6 +100,12 @@ def _fail(error: BaseException) -> int:
 
 
 def _die_with_parent() -> None:
+    """SIGTERM when the parent dies, unless whoever started the double asked for a
+    signal already (harpoon's backend asks for SIGKILL: then its janitor cleans up)."""
+    current = ctypes.c_int(0)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_GET_PDEATHSIG, ctypes.byref(current), 0, 0, 0) == 0 and current.value:
+        return
     parent = os.getppid()
     linux.set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != parent:  # it died before the signal was asked for
