@@ -456,3 +456,25 @@ def test_a_double_whose_parent_is_killed_ends_and_leaves_what_vfkit_would(
     else:
         assert {"agent.sock", "rest.sock", "silent.sock"} <= set(left)
         assert any(name.startswith(f"vfkit-{pid:x}-") for name in left)  # the NIC's
+
+
+def test_a_hard_stop_through_rest_ends_the_double_with_status_0(
+    test_guest: GuestImage, host: Host
+) -> None:
+    """HardStop (VZ's stop()): the VM ends at once, vfkit exits 0, its files go."""
+    needs_the_double()
+    vfkit = install_wrapper(host.directory / "bin")
+    with open(host.directory / "vfkit.log", "wb") as log:
+        double = subprocess.Popen([vfkit, *vfkit_line(test_guest, host)], stderr=log)
+    try:
+        running = wait_running(host, double.pid)
+        assert host.change("HardStop") == (202, None)
+        assert double.wait(STEP_TIMEOUT_S) == 0
+    finally:
+        if double.poll() is None:
+            double.kill()
+            double.wait()
+
+    wait_for(lambda: all(gone(pid) for pid in running.helpers))
+    assert sockets_in(host.directory) == ["host.sock", "net.sock"]
+    assert not running.private.exists()
