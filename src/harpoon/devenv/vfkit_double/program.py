@@ -138,7 +138,6 @@ async def run(options: Options) -> int:
         rest_listener = _bind_rest(options, stack)
         launched = _launch(options, arch, directory, stack)
         return await _lifetime(options, machine, launched, rest_listener, stop_requested, stack)
-    raise AssertionError("unreachable")  # pragma: no cover - mypy: the stack may swallow
 
 
 @dataclass(frozen=True)
@@ -196,8 +195,9 @@ def _launch(
             raise launch.LaunchError(f"{qemu.profile(arch).binary} not found on PATH: install QEMU")
         # Emulated when the guest is not the host's architecture; else KVM if it works.
         accelerator = accel.choose(binary) if arch == host_arch() else "tcg"
-        wiring = qemu.Wiring(qmp_listener.fileno(), vsock_socket, fs_sockets,
-                             tuple(nic_fds), tuple(macs))  # fmt: skip
+        wiring = qemu.Wiring(
+            qmp_listener.fileno(), vsock_socket, fs_sockets, tuple(nic_fds), tuple(macs)
+        )
         argv = qemu.command_line(options, arch, accelerator, wiring)
         argv[0] = binary
         log.debug("QEMU: %s", " ".join(argv))
@@ -242,9 +242,8 @@ async def _run_vm(
 ) -> int:
     await machine.start(launched.process, launched.qmp_socket)
     log.info("virtual machine is running")
-    assert launched.uds is not None or not options.vsock_ports()
     for device in options.vsock_ports():
-        assert launched.uds is not None
+        assert launched.uds is not None  # a vsock port means a vsock device
         listening = " (listening)" if device.listen else ""
         log.info("Exposing vsock port %d on %s%s", device.port, device.socket_url, listening)
         port = ExposedPort(device, launched.uds)
