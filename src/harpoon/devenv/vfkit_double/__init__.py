@@ -40,6 +40,18 @@ Known differences from real vfkit:
   stop), and its QEMU and helpers die with it; real vfkit on macOS outlives a parent
   killed with SIGKILL.
 - Guest vsock CID 3 (vhost-device-vsock's, and what VZ guests see).
+- Stop (VZ's requestStop) is QEMU's `system_powerdown`, an ACPI power-button press;
+  harpoon's guest image powered off on it when tried, a guest that ignores it is
+  stopped hard 5 s after a SIGTERM, as vfkit does.
+- `/vm/inspect` answers vfkit's JSON (vcpus, memoryBytes, bootloader, devices with
+  their "kind"), not VZ's live objects: a NIC's random MAC is not in it (nor in vfkit's).
+
+Faithful, though easy to take for bugs: the console log is truncated when the VM starts
+(vfkit opens it with append=false); a host's close or half-close of a vsock connection
+is not passed on to the guest (VZ's connection has no CloseWrite), the guest sees it
+only when it next writes; an existing vsock socket path is not replaced (a warning, the
+port is not exposed) and an existing REST socket path is an error; the pid file stays
+after vfkit exits; the sockets stay when vfkit is killed with SIGKILL.
 """
 
 from __future__ import annotations
