@@ -14,7 +14,7 @@ import pytest
 from harpoon import linux
 from harpoon.errdefs import FailedPrecondition
 from harpoon.guest.cache import GuestImage
-from harpoon.sandbox import bind_shares
+from harpoon.sandbox import bind_shares, rootfs
 from harpoon.sandbox.bind_shares import GUEST_BINDS, BindShare
 from harpoon.sandbox.binds import HostBind
 from harpoon.sandbox.rootfs import NINEP_OPTIONS, SHARE_TAG
@@ -291,3 +291,22 @@ def test_a_share_the_vm_lacks_is_an_error_naming_it(tmp_path: Path) -> None:
     with pytest.raises(VMError, match=f"the VM has no share 'bind0' for {tmp_path}"):
         asyncio.run(bind_shares.mount(agent, shares, (Share(SHARE_TAG, tmp_path),)))  # type: ignore[arg-type]
     assert agent.mounts == []
+
+
+# -- the rootfs share on a host without mounts -----------------------------------------
+
+
+def test_a_host_without_mounts_prepares_and_releases_the_share_without_mountinfo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """macOS has no /proc/self/mountinfo, and harpoon mounts nothing there: the share
+    goes at stop (where mountinfo cannot be read on Linux, release refuses instead)."""
+    monkeypatch.setattr(rootfs, "MOUNTINFO", str(tmp_path / "no-mountinfo"))
+    share = tmp_path / "share" / "c1"
+    rootfs.prepare(share)
+    with pytest.raises(OSError, match="still mounted"):
+        rootfs.release(share)
+    monkeypatch.setattr(linux, "HAS_BIND_MOUNTS", False)
+    rootfs.prepare(share)  # already prepared: kept
+    rootfs.release(share)
+    assert not share.exists()
