@@ -38,6 +38,7 @@ MS_STRICTATIME = 1 << 24
 #: way (harpoon.vmm.qemu_launch says which) instead of calling these.
 HAS_PARENT_DEATH_SIGNAL = sys.platform == "linux"
 HAS_NETWORK_NAMESPACES = sys.platform == "linux"
+HAS_BIND_MOUNTS = sys.platform == "linux"  # containerd: core/mount/mount_darwin.go
 
 MNT_DETACH = 0x2
 PR_SET_PDEATHSIG = 1

@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,11 +29,9 @@ from harpoon.devenv.images import (
 from harpoon.devenv.nerdctl import MINIMUM_CONTAINERD, version_tuple
 from harpoon.devenv.registry import REGISTRY_BINARY, Registry
 from harpoon.devenv.tools import NERDCTL, Flavour, flavour, scripts_dir
+from tests.e2e.leaks import leaks_of
 from tests.e2e.nerdctl import Nerdctl
 from tests.prerequisites import unavailable
-
-#: How long shims get to exit after their last task is deleted.
-SHIM_EXIT_TIMEOUT_S = 10.0
 
 
 @pytest.fixture(scope="session")
@@ -144,28 +141,10 @@ def nerdctl(nerdctl_session: Nerdctl, containerd: Containerd) -> Iterator[Nerdct
 def containerd(containerd_session: Containerd) -> Iterator[Containerd]:
     """The session's containerd; the test must leave no task, container, shim or mount."""
     yield containerd_session
-    leaks = _leaks(containerd_session)
+    leaks = leaks_of(containerd_session)
     if leaks:
         containerd_session.remove_all_containers()
         pytest.fail(f"test left behind: {'; '.join(leaks)}", pytrace=False)
-
-
-def _leaks(daemon: Containerd) -> list[str]:
-    leaks = []
-    if daemon.tasks():
-        leaks.append(f"tasks {daemon.tasks()}")
-    if daemon.containers():
-        leaks.append(f"containers {daemon.containers()}")
-    # A shim exits shortly after containerd deletes its last task: give it that time.
-    deadline = time.monotonic() + SHIM_EXIT_TIMEOUT_S
-    while daemon.shims() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if daemon.shims():
-        leaks.append(f"shims {[str(s) for s in daemon.shims()]}")
-    mounts = daemon.mounts()
-    if mounts:
-        leaks.append(f"mounts {mounts}")
-    return leaks
 
 
 @pytest.fixture

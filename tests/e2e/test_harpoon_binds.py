@@ -2,8 +2,14 @@
 mounts of directories and single files, read-write and read-only, a file the host
 rewrites while the container runs, tmpfs mounts, and mounts harpoon must refuse.
 
-A bind mount is served through the VM's share (harpoon.sandbox.binds): the guest sees
-the export's `mounts/<n>`, so what the export holds is what the guest can reach.
+Every test runs both ways a bind reaches the VM (BIND_WAYS):
+- "host-mounts", Linux's default: served through the VM's share (harpoon.sandbox.binds):
+  the guest sees the export's `mounts/<n>`, so what the export holds is what the guest
+  can reach;
+- "shares", the way of a host that cannot bind mount (macOS; here a containerd whose
+  shims get HARPOON_BIND_SHARES=1): each bound directory (a file's parent) is a share
+  of the VM of its own, mounted in the guest, and nothing is mounted on the host
+  (harpoon.sandbox.bind_shares).
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ from pathlib import Path
 import pytest
 
 from harpoon.devenv.containerd import Containerd
+from harpoon.devenv.tools import Flavour, scripts_dir
+from harpoon.sandbox import bind_shares
 from harpoon.sandbox.binds import MOUNTS_NAME
 from harpoon.shim import paths
+from tests.e2e.leaks import leaks_of
 from tests.e2e.test_harpoon_run import (
     HARPOON,
     RUN_TIMEOUT_S,
@@ -29,6 +38,65 @@ from tests.e2e.test_harpoon_run import (
 )
 
 pytestmark = pytest.mark.vm
+
+BIND_WAYS = ("host-mounts", "shares")
+
+
+@pytest.fixture(scope="module", params=BIND_WAYS)
+def bind_way(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="module")
+def bind_daemon(
+    bind_way: str, usable_flavour: Flavour, request: pytest.FixtureRequest
+) -> Iterator[Containerd]:
+    """The session's containerd for host mounts; for shares, one of this module's whose
+    shims take that way (HARPOON_BIND_SHARES=1 in their environment, inherited)."""
+    if bind_way == "host-mounts":
+        yield request.getfixturevalue("containerd_session")
+        return
+    log_dir = os.environ.get("HARPOON_LOG_DIR")
+    daemon = Containerd(
+        usable_flavour,
+        path_prepend=[scripts_dir()],
+        log_dir=Path(log_dir) if log_dir else None,
+        log_level="debug",
+        extra_env={bind_shares.ENV: "1"},
+    )
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.remove_all_containers()
+        daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def bind_image(bind_daemon: Containerd, busybox_image_tar: Path) -> str:
+    return bind_daemon.import_image(busybox_image_tar)
+
+
+@pytest.fixture
+def containerd(bind_daemon: Containerd) -> Iterator[Containerd]:
+    """This way's containerd; the test must leave no task, container, shim or mount."""
+    yield bind_daemon
+    leaks = leaks_of(bind_daemon)
+    if leaks:
+        bind_daemon.remove_all_containers()
+        pytest.fail(f"test left behind: {'; '.join(leaks)}", pytrace=False)
+
+
+@pytest.fixture
+def busybox_image(bind_image: str) -> str:
+    return bind_image
+
+
+def host_mounts_naming(path: Path) -> list[str]:
+    """The host's mounts (in the shims' namespace) whose source or mount point names
+    path or a path under it."""
+    with open("/proc/self/mountinfo") as mountinfo:
+        return [line for line in mountinfo if str(path) in line]
 
 
 @pytest.fixture
@@ -85,23 +153,29 @@ def test_a_read_only_bind_refuses_writes_with_erofs(
     assert (host_dir / "in.txt").read_text() == "from the host\n"
 
 
-def test_a_single_file_is_shared_alone_and_its_changes_reach_a_running_container(
-    containerd: Containerd, busybox_image: str, container_id: str, host_dir: Path
+def test_a_single_file_is_bound_and_its_changes_reach_a_running_container(
+    containerd: Containerd, busybox_image: str, container_id: str, host_dir: Path, bind_way: str
 ) -> None:
-    """As nerdctl binds /etc/hosts, and rewrites it (in place) when its network grows."""
+    """As nerdctl binds /etc/hosts, and rewrites it (in place) when its network grows.
+    With host mounts the guest reaches the file alone; as shares, its directory (the
+    container still sees the file alone)."""
     hosts = host_dir / "hosts"
     hosts.write_text("127.0.0.1 localhost\n")
-    (host_dir / "secret").write_text("a sibling the guest must not see\n")
+    (host_dir / "secret").write_text("a sibling the guest must not see with host mounts\n")
     containerd.ctr(
         "run", "-d", "--runtime", HARPOON, *bind(hosts, "/etc/hosts", "bind", "ro"),
         busybox_image, container_id, "sleep", "1000", timeout=RUN_TIMEOUT_S,
     )  # fmt: skip
     try:
-        # The guest's view of the share is the export: the rootfs and the file alone.
         export = paths.share_dir(containerd.namespace, container_id)
-        assert sorted(os.listdir(export / MOUNTS_NAME)) == ["0"]
-        assert (export / MOUNTS_NAME / "0").read_text() == "127.0.0.1 localhost\n"
-        assert stat.S_ISREG(os.stat(export / MOUNTS_NAME / "0").st_mode)
+        if bind_way == "host-mounts":
+            # The guest's view of the share is the export: the rootfs and the file alone.
+            assert sorted(os.listdir(export / MOUNTS_NAME)) == ["0"]
+            assert (export / MOUNTS_NAME / "0").read_text() == "127.0.0.1 localhost\n"
+            assert stat.S_ISREG(os.stat(export / MOUNTS_NAME / "0").st_mode)
+        else:
+            assert not (export / MOUNTS_NAME).exists()
+            assert host_mounts_naming(host_dir) == []
 
         def cat_hosts(exec_id: str) -> str:
             return containerd.ctr(
@@ -189,10 +263,12 @@ def test_fifos_and_device_nodes_can_be_made_on_a_bind_as_under_runc(
 
 @pytest.mark.parametrize("snapshotter", ["overlayfs", "native"])
 def test_a_file_written_in_the_rootfs_lands_in_the_snapshot_on_the_host(
-    containerd: Containerd, busybox_image: str, container_id: str, snapshotter: str
+    containerd: Containerd, busybox_image: str, container_id: str, snapshotter: str, bind_way: str
 ) -> None:
     """The rootfs is containerd's snapshot, mounted on the host and shared into the VM:
     what the container writes is in the snapshot's directory (overlayfs: its upper)."""
+    if bind_way != "host-mounts":
+        pytest.skip("no bind: the rootfs takes the same way either way")
     name = f"written-{container_id}.txt"
     containerd.ctr(
         "run", "-d", "--snapshotter", snapshotter, "--runtime", HARPOON, busybox_image,
@@ -225,3 +301,59 @@ def test_an_init_whose_executable_is_bound_in_runs_as_under_runc(
         "/opt/echo", "bound", timeout=RUN_TIMEOUT_S,
     )  # fmt: skip
     assert result.stdout == "bound\n"
+
+
+def test_as_shares_nothing_of_a_bind_is_mounted_on_the_host(
+    containerd: Containerd, busybox_image: str, container_id: str, host_dir: Path, bind_way: str
+) -> None:
+    """The way of a host that cannot bind mount: directories and files, read-write and
+    read-only, bound with no host mount at all; the VM boots cold, no template made."""
+    if bind_way != "shares":
+        pytest.skip("host mounts bind on the host")
+    (host_dir / "ro").mkdir()
+    (host_dir / "ro" / "kept.txt").write_text("kept\n")
+    (host_dir / "hosts").write_text("127.0.0.1 localhost\n")
+    mounts = (
+        bind(host_dir, "/rw", "rbind", "rw")
+        + bind(host_dir / "ro", "/ro", "rbind", "ro")
+        + bind(host_dir / "hosts", "/etc/hosts", "bind", "ro")
+    )
+    containerd.ctr(
+        "run", "-d", "--runtime", HARPOON, *mounts, busybox_image, container_id,
+        "sh", "-c", "echo up > /rw/up.txt; exec sleep 1000", timeout=RUN_TIMEOUT_S,
+    )  # fmt: skip
+    try:
+        export = paths.share_dir(containerd.namespace, container_id)
+        seen = containerd.ctr(
+            "task", "exec", "--exec-id", "look", container_id, "sh", "-c",
+            "cat /rw/up.txt /ro/kept.txt /etc/hosts; echo x > /ro/kept.txt; "
+            "echo x > /etc/hosts; echo written > /rw/out.txt",
+            check=False,
+        )  # fmt: skip
+        assert seen.stdout == "up\nkept\n127.0.0.1 localhost\n", seen.stderr
+        assert seen.stderr.count("Read-only file system") == 2, seen.stderr
+        assert (host_dir / "out.txt").read_text() == "written\n"
+        assert (host_dir / "ro" / "kept.txt").read_text() == "kept\n"
+        # No host mount names a bound path, and the export holds no mounts/.
+        assert host_mounts_naming(host_dir) == []
+        assert not (export / MOUNTS_NAME).exists()
+        log = containerd.log_path.read_text(errors="replace")
+        assert f"{container_id}: host binds shared as devices of their own: booting cold" in log
+    finally:
+        remove(containerd, container_id)
+    assert leftovers(containerd, container_id) == []
+    assert host_mounts_naming(host_dir) == []
+
+
+def test_a_create_that_fails_once_the_binds_are_in_the_vm_leaves_nothing(
+    containerd: Containerd, busybox_image: str, container_id: str, host_dir: Path
+) -> None:
+    """crun refuses a file bound over the image's /etc directory: Create fails after the
+    VM started and its binds were served, and everything goes."""
+    (host_dir / "file").write_text("not a directory\n")
+    mounts = bind(host_dir, "/data", "rbind") + bind(host_dir / "file", "/etc", "bind")
+    status, _, err = run_with(containerd, busybox_image, container_id, mounts, "true")
+    assert status != 0 and "crun create failed" in err and "Not a directory" in err, err
+    containerd.ctr("container", "delete", container_id, check=False)
+    assert leftovers(containerd, container_id) == []
+    assert host_mounts_naming(host_dir) == []

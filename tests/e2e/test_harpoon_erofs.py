@@ -175,3 +175,58 @@ def test_layers_of_an_erofs_image_stack_in_order_with_whiteouts(
     log = daemon.log_path.read_text(errors="replace")
     assert f"assembled the rootfs of {container_id} from 4 disks" in log
     daemon.ctr("image", "rm", image)
+
+
+def test_the_macs_way_erofs_disks_and_binds_as_shares_mount_nothing_on_the_host(
+    busybox_tar: Path, container_id: str, tmp_path: Path
+) -> None:
+    """What a Mac does, where the host cannot mount at all: the rootfs from erofs disks,
+    and a directory and a file bound as shares of their own (HARPOON_BIND_SHARES=1 in
+    the shims' environment, as on macOS without it); nothing of the container is
+    mounted on the host, and nothing is left after it."""
+    from harpoon.sandbox import bind_shares
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "in.txt").write_text("from the host\n")
+    (tmp_path / "hosts").write_text("127.0.0.1 localhost\n")
+    daemon = Containerd(
+        "2.3",
+        path_prepend=[scripts_dir()],
+        log_level="debug",
+        snapshotter=EROFS_SNAPSHOTTER,
+        extra_env={bind_shares.ENV: "1"},
+    )
+    if daemon.flavour.missing_binaries():
+        unavailable(f"containerd 2.3 is not built: {daemon.flavour.install_hint()}")
+    with daemon:
+        image = daemon.import_image(busybox_tar)
+        mounts = [
+            "--mount", f"type=bind,src={shared},dst=/data,options=rbind:rw",
+            "--mount", f"type=bind,src={tmp_path / 'hosts'},dst=/etc/hosts,options=bind:ro",
+        ]  # fmt: skip
+        daemon.ctr(
+            "run", "-d", "--runtime", HARPOON, *mounts, image, container_id,
+            "sh", "-c", "cat /data/in.txt > /data/out.txt && exec sleep 1000",
+            timeout=RUN_TIMEOUT_S,
+        )  # fmt: skip
+        export = paths.share_dir(daemon.namespace, container_id)
+        try:
+            seen = daemon.ctr(
+                "task", "exec", "--exec-id", "look", container_id,
+                "sh", "-c", "cat /etc/hosts; echo x > /etc/hosts",
+                check=False,
+            )  # fmt: skip
+            assert seen.stdout == "127.0.0.1 localhost\n"
+            assert "Read-only file system" in seen.stderr, seen.stderr
+            assert (shared / "out.txt").read_text() == "from the host\n"
+            # No mount point, nor any mount's source, of the container's or of the binds'.
+            named = [container_id, str(daemon.paths.base), str(export), str(tmp_path)]
+            mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+            assert [m for m in mountinfo if any(n in m for n in named)] == []
+        finally:
+            stop_and_delete_task(daemon, container_id)
+            daemon.ctr("container", "delete", container_id, check=False)
+        assert not _shims_left(daemon)
+        assert not export.exists()
+        assert not paths.vm_state_dir(daemon.namespace, container_id).exists()

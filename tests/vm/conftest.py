@@ -31,7 +31,7 @@ from harpoon.sandbox.agent_client import AgentClient
 from harpoon.sandbox.plan import plan_launch
 from harpoon.sandbox.sandbox import Sandbox
 from harpoon.shim.bundle import Bundle
-from harpoon.shim.container_plan import plan_container
+from harpoon.shim.container_plan import ContainerPlan, plan_container
 from harpoon.vmm.backend import QemuBackend, host_arch
 
 RunInGuest = Callable[..., Awaitable[tuple[int, bytes, bytes]]]
@@ -75,9 +75,13 @@ def guest_request(
     container_id: str = "",
     stdout: bool = False,
     stderr: bool = False,
+    mounts: list[dict[str, object]] | None = None,
+    root: str = "/",
 ) -> agent_pb2.CreateProcessRequest:
     """The agent's request for args as a guest container's init or, with container_id,
-    as an exec into that (guest) container."""
+    as an exec into that (guest) container. With mounts, the container has them, in a
+    mount namespace of its own, and its root is `root` (crun cannot move the guest's
+    own root, its initramfs: a mount of it elsewhere)."""
     process = {
         "args": list(args),
         "env": GUEST_ENV,
@@ -89,13 +93,17 @@ def guest_request(
         document: dict[str, object] = process
     else:
         # What the host's guest spec always carries (harpoon.shim.transform.guest_runtime).
-        linux = {"cgroupsPath": CONTAINER_CGROUPS_PATH, "personality": {"domain": "LINUX"}}
-        root = {"path": "/"}
+        linux: dict[str, object] = {
+            "cgroupsPath": CONTAINER_CGROUPS_PATH,
+            "personality": {"domain": "LINUX"},
+        }
+        if mounts:
+            linux["namespaces"] = [{"type": "mount"}]
         document = {
             "ociVersion": "1.0.2",
             "process": process,
-            "root": root,
-            "mounts": [],
+            "root": {"path": root},
+            "mounts": mounts or [],
             "linux": linux,
         }
     return agent_pb2.CreateProcessRequest(
@@ -109,13 +117,26 @@ def guest_request(
 
 
 async def run_in_guest(
-    agent: AgentClient, process_id: str, *args: str, container_id: str = ""
+    agent: AgentClient,
+    process_id: str,
+    *args: str,
+    container_id: str = "",
+    mounts: list[dict[str, object]] | None = None,
+    root: str = "/",
 ) -> tuple[int, bytes, bytes]:
-    """Runs args in a guest container of its own (or, with container_id, as an exec into
-    that guest container) to its exit: status, stdout, stderr."""
-    await agent.create_process(
-        guest_request(process_id, *args, container_id=container_id, stdout=True, stderr=True)
+    """Runs args in a guest container of its own (with mounts and root, if given:
+    guest_request), or, with container_id, as an exec into that guest container, to its
+    exit: status, stdout, stderr."""
+    request = guest_request(
+        process_id,
+        *args,
+        container_id=container_id,
+        stdout=True,
+        stderr=True,
+        mounts=mounts,
+        root=root,
     )
+    await agent.create_process(request)
     out = asyncio.ensure_future(collect(agent.read_output(process_id, agent_pb2.STDOUT)))
     err = asyncio.ensure_future(collect(agent.read_output(process_id, agent_pb2.STDERR)))
     await agent.start_process(process_id)
@@ -139,8 +160,10 @@ def guest_process() -> RunInGuest:
 class StartedSandbox:
     """A started sandbox, and the loop that drives it from synchronous tests."""
 
-    def __init__(self, sandbox: Sandbox, loop: asyncio.AbstractEventLoop) -> None:
-        self.sandbox, self.loop = sandbox, loop
+    def __init__(
+        self, sandbox: Sandbox, loop: asyncio.AbstractEventLoop, plan: ContainerPlan
+    ) -> None:
+        self.sandbox, self.loop, self.plan = sandbox, loop, plan
 
     def run(self, *args: str) -> tuple[int, bytes, bytes]:
         """run_in_guest, to the process's exit."""
@@ -160,22 +183,24 @@ def start_sandbox(
     *,
     cpus: int | None = None,
     templates: Literal[False] | None = None,
+    spec: dict[str, object] | None = None,
 ) -> Iterator[StartedSandbox]:
     """A container's sandbox as the shim plans it (harpoon.shim.container_plan: a rootfs
-    share), from a VM template unless templates is False; stopped, its state directory
-    removed, on the way out."""
+    share) for spec (default: `sh` alone), from a VM template unless templates is False;
+    stopped, its state directory removed, on the way out."""
     loop = asyncio.new_event_loop()
     backend = QemuBackend()
     container_id = f"{name}-{os.getpid()}-{time.time_ns()}"
-    bundle = Bundle(Path("/nonexistent"), {"process": {"args": ["sh"]}})
-    plan = plan_container("hp-test", container_id, bundle, guest, backend, templates).launch
+    bundle = Bundle(Path("/nonexistent"), spec or {"process": {"args": ["sh"]}})
+    container = plan_container("hp-test", container_id, bundle, guest, backend, templates)
+    plan = container.launch
     if cpus is not None:
         plan = plan_launch(replace(plan.config, cpus=cpus), backend, templates, plan.rootfs_share)
     config = plan.config
     sandbox = Sandbox(plan, backend)
     try:
         loop.run_until_complete(sandbox.start())
-        yield StartedSandbox(sandbox, loop)
+        yield StartedSandbox(sandbox, loop, container)
     finally:
         loop.run_until_complete(sandbox.stop())
         loop.close()

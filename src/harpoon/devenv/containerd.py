@@ -24,7 +24,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -255,8 +255,12 @@ class Containerd:
         log_level: str = "info",
         start_timeout_s: float = START_TIMEOUT_S,
         snapshotter: str = SNAPSHOTTER,
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
+        """extra_env: set in the daemon's environment, which its shims inherit (a
+        harpoon setting such as HARPOON_BIND_SHARES for every container it runs)."""
         self.flavour = flavour(flavour_name) if isinstance(flavour_name, str) else flavour_name
+        self.extra_env = dict(extra_env or {})
         self.snapshotter = snapshotter
         self.path_prepend = [Path(p) for p in path_prepend]
         if snapshotter == EROFS_SNAPSHOTTER:
@@ -405,7 +409,8 @@ class Containerd:
         self.stop()
 
     def _environment(self) -> dict[str, str]:
-        return daemon_environment([*self.path_prepend, self.flavour.bin_dir], self.snapshotter)
+        env = daemon_environment([*self.path_prepend, self.flavour.bin_dir], self.snapshotter)
+        return env | self.extra_env
 
     def _spawn(self) -> None:
         paths = self.paths

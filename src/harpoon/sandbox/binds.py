@@ -16,6 +16,10 @@ it into the container as the spec says, options and all. So:
   kernel can write through it.
 
 The mount points go with the share (rootfs.release unmounts everything under it).
+
+This is the way of a host that can bind mount (Linux, where it keeps templates: the VM
+does not depend on the binds). A host that cannot (macOS) shares each bind's directory
+as a device of its own instead: harpoon.sandbox.bind_shares.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 A LaunchPlan is computed from the VM's configuration before anything is launched, by
 `plan_launch`: restore the VM template whose key is the configuration's template
 identity (harpoon.sandbox.template), or boot cold (no store, templates off, a backend
-that cannot restore, or no template built yet for this layout). The shim's daemon
+that cannot restore, a VM with bind shares (harpoon.sandbox.bind_shares), or no
+template built yet for this layout). The shim's daemon
 computes it from config.json as soon as it starts, launches that very plan early
 (`launch_early`, no event loop needed), and the Sandbox that Create takes runs the same
 plan object: there is no second decision that could disagree with the first.
@@ -19,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from harpoon.sandbox import rootfs, template
+from harpoon.sandbox import bind_shares, rootfs, template
 from harpoon.sandbox.template import Template, TemplateStore
 from harpoon.vmm.backend import Backend
 from harpoon.vmm.base import VMConfig
@@ -81,6 +82,12 @@ def plan_launch(
         # build boots one more such VM; it boots cold and builds none.
         log.info("%s: %d devices, machine %s: booting cold", config.name,
                  len(config.devices), fitted.machine)  # fmt: skip
+        templates = False
+    if any(bind_shares.is_bind_share(share) for share in config.shares):
+        # Host binds as shares of their own: the layout names every bound directory,
+        # so a template would serve only containers binding as many; none is looked up
+        # or built for it (a container without binds keeps its template).
+        log.info("%s: host binds shared as devices of their own: booting cold", config.name)
         templates = False
     plan = _plan_launch(fitted, backend, templates, rootfs_share)
     return replace(plan, netns_owned=netns_owned) if netns_owned else plan

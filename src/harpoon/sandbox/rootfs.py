@@ -36,6 +36,7 @@ SHARE_TAG = "rootfs"
 ROOTFS_NAME = "rootfs"
 GUEST_SHARE = "/run/harpoon/share"
 GUEST_ROOTFS = f"{GUEST_SHARE}/{ROOTFS_NAME}"
+MOUNTINFO = "/proc/self/mountinfo"
 # cache=mmap: the page cache serves mmap (nothing else is cached, so the guest sees the
 # host's changes as with cache=none). Without it a MAP_SHARED writable mapping of a
 # rootfs file fails with EINVAL (sqlite's WAL, LMDB), and the share has no readahead:
@@ -109,9 +110,15 @@ def _is_prepared(share: Path) -> bool:
 
 def _mounted_under(path: Path) -> bool:
     """Whether anything is mounted at or below path (without loading libc)."""
+    from harpoon import linux
+
+    if not linux.HAS_BIND_MOUNTS:
+        # macOS: harpoon mounts nothing there (binds are shares of their own:
+        # harpoon.sandbox.bind_shares), and there is no mountinfo to read.
+        return False
     prefix = os.fsencode(path)
     try:
-        with open("/proc/self/mountinfo", "rb") as mountinfo:
+        with open(MOUNTINFO, "rb") as mountinfo:
             for line in mountinfo:
                 point = line.split(b" ", 5)[4]
                 if point == prefix or point.startswith(prefix + b"/"):

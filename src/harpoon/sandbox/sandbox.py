@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from harpoon.net.ports import PublishedPort
     from harpoon.net.wire import Network
     from harpoon.sandbox.agent_client import AgentClient
+    from harpoon.sandbox.bind_shares import BindShare
     from harpoon.sandbox.binds import HostBind
     from harpoon.sandbox.listeners import Forwarder
 
@@ -216,6 +217,16 @@ class Sandbox:
         from harpoon.sandbox import binds as host_binds
 
         host_binds.attach(self.rootfs_share, binds)
+
+    async def mount_bind_shares(self, shares: tuple[BindShare, ...]) -> None:
+        """Mounts the VM's bind shares in the guest (harpoon.sandbox.bind_shares)."""
+        if not shares:
+            return
+        if self.agent is None:
+            raise VMError(f"sandbox {self.config.name} has no agent to mount bind shares")
+        from harpoon.sandbox import bind_shares
+
+        await bind_shares.mount(self.agent, shares, self.config.shares)
 
     async def _restore(self, store: TemplateStore, found: Template) -> bool:
         began = time.monotonic()

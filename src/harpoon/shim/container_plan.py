@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harpoon.sandbox.bind_shares import BindShare
 from harpoon.sandbox.binds import HostBind
 from harpoon.sandbox.plan import LaunchPlan, Templates, plan_launch
 from harpoon.shim import paths
@@ -38,6 +39,9 @@ class ContainerPlan:
     launch: LaunchPlan
     binds: tuple[HostBind, ...] = ()
     """Host paths bound into the VM's share at Create."""
+    bind_shares: tuple[BindShare, ...] = ()
+    """Host directories shared into the VM for binds, mounted in the guest at Create
+    (the way of hosts that cannot bind mount: harpoon.sandbox.bind_shares)."""
     guest_rootfs: GuestRootfs | None = None
     """The rootfs the guest assembles from disks (an erofs snapshot), if it is one."""
 
@@ -95,6 +99,7 @@ def plan_container(
         encode(draft.guest_spec),
         launch,
         tuple(draft.binds),
+        tuple(draft.bind_shares),
         draft.guest_rootfs,
     )
 

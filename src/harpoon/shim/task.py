@@ -167,6 +167,7 @@ class TaskService:
                 undo,
                 rootfs=Path(),
                 binds=plan.binds,
+                bind_shares=plan.bind_shares,
                 guest_rootfs=plan.guest_rootfs,
             )
             for transformer in PIPELINE:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harpoon.sandbox.bind_shares import BindShare
 from harpoon.sandbox.binds import HostBind
 from harpoon.shim.transform.guest_rootfs import GuestRootfs, MountLike
 from harpoon.vmm.devices import NIC, Disk, Share
@@ -44,6 +45,9 @@ class Draft:
     """netns is harpoon's own, made for this container and removed with it."""
     binds: list[HostBind] = field(default_factory=list)
     """Host paths bound into the share at Create (harpoon.sandbox.binds)."""
+    bind_shares: list[BindShare] = field(default_factory=list)
+    """Host directories shared into the VM for binds, the other way (harpoon.sandbox.
+    bind_shares); each is in `shares` too."""
     bundle_dir: Path | None = None
     """The bundle's directory, which relative bind sources are relative to."""
     rootfs_mounts: tuple[MountLike, ...] = ()
@@ -68,6 +72,8 @@ class CreateContext:
     """The host directory that is the container's root (mounted by the rootfs step)."""
     binds: tuple[HostBind, ...] = ()
     """The plan's host binds."""
+    bind_shares: tuple[BindShare, ...] = ()
+    """The plan's bind shares, mounted in the guest at Create."""
     guest_rootfs: GuestRootfs | None = None
     """The plan's rootfs assembled in the guest from disks, if it is one."""
     network: Network | None = None
