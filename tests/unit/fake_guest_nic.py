@@ -3,9 +3,12 @@ read by hand, so that tests see what a VM would see from its gvproxy (DNS answer
 the host's loopback at the NAT address, a published port's connections) with no VM.
 
 It speaks QEMU's `-netdev stream` framing (each frame after its length, 4 bytes big
-endian), answers ARP for its own address (gvproxy asks before it sends to the guest)
-and sends UDP; of TCP it only reads the SYN a connection to a published port sends.
-IPv4 only, as gvproxy's stack is. gvproxy exits when this hangs up, as when QEMU does.
+endian), or, for a gvproxy listening for vfkit (`nic_protocol="vfkit"`), vfkit's: a
+unixgram socket of its own bound next to gvproxy's, the 4-byte magic "VFKT" first, then
+a frame per datagram (vfkit pkg/vf/virtionet.go). It answers ARP for its own address
+(gvproxy asks before it sends to the guest) and sends UDP; of TCP it only reads the SYN
+a connection to a published port sends. IPv4 only, as gvproxy's stack is. gvproxy exits
+when a QEMU NIC hangs up, as when QEMU does.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import socket
 import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address
+from pathlib import Path
 
 from harpoon.net.gvproxy import GvproxyConfig
 
@@ -27,6 +31,8 @@ ETHERNET_HEADER_BYTES = 14
 IPV4_HEADER_BYTES = 20  # no options: gvproxy sends none
 UDP_HEADER_BYTES = 8
 READ_TIMEOUT_S = 5.0
+VFKIT_MAGIC = b"VFKT"
+DATAGRAM_BYTES = 65536
 
 
 def _checksum(data: bytes) -> int:
@@ -100,9 +106,18 @@ class FakeGuestNic:
         self.mac = _mac(config.guest_mac)
         self.gateway = config.gateway
         self.gateway_mac = _mac(config.gateway_mac)
-        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._datagrams = config.nic_protocol == "vfkit"
+        self._bound: Path | None = None
+        if self._datagrams:
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self._bound = config.state_dir / "fake-nic.sock"
+            self._socket.bind(str(self._bound))
+        else:
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._socket.settimeout(READ_TIMEOUT_S)
         self._socket.connect(str(config.net_socket))
+        if self._datagrams:
+            self._socket.send(VFKIT_MAGIC)
         self._pending = b""
 
     def __enter__(self) -> FakeGuestNic:
@@ -110,6 +125,8 @@ class FakeGuestNic:
 
     def __exit__(self, *exc_info: object) -> None:
         self._socket.close()
+        if self._bound is not None:
+            self._bound.unlink(missing_ok=True)
 
     def send_udp(self, destination: IPv4Address, port: int, data: bytes, source_port: int) -> None:
         # UDP's checksum is optional over IPv4: 0 says there is none.
@@ -158,9 +175,14 @@ class FakeGuestNic:
 
     def _send_frame(self, destination_mac: bytes, ethertype: int, payload: bytes) -> None:
         frame = destination_mac + self.mac + struct.pack(">H", ethertype) + payload
-        self._socket.sendall(struct.pack(">I", len(frame)) + frame)
+        if self._datagrams:
+            self._socket.send(frame)
+        else:
+            self._socket.sendall(struct.pack(">I", len(frame)) + frame)
 
     def _read_frame(self) -> bytes:
+        if self._datagrams:
+            return self._socket.recv(DATAGRAM_BYTES)
         length = struct.unpack(">I", self._read_exactly(4))[0]
         return self._read_exactly(length)
 

@@ -138,6 +138,14 @@ def test_the_command_line_serves_the_api_without_connect_and_listens_for_qemu() 
     assert set(config.files()) >= {config.net_socket, config.api_socket, config.log_file}
 
 
+def test_for_a_vfkit_nic_it_listens_on_a_unixgram_socket_instead() -> None:
+    argv = command_line("/bin/gvproxy", GvproxyConfig(STATE, nic_protocol="vfkit"))
+    assert argv[argv.index("-listen-vfkit") + 1] == f"unixgram://{STATE}/gvproxy-net.sock"
+    assert "-listen-qemu" not in argv
+    with pytest.raises(ValueError, match="gvproxy nic_protocol 'tap': use one of qemu, vfkit"):
+        GvproxyConfig(STATE, nic_protocol="tap")  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("address", "port", "local"),
     [("127.0.0.1", 8080, "127.0.0.1:8080"), ("::1", 53, "[::1]:53"), ("", 80, ":80")],

@@ -14,6 +14,7 @@ import os
 import re
 import socket
 from collections.abc import Iterator
+from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
 
@@ -169,3 +170,21 @@ def test_its_files_are_the_owners_alone(gvproxy: Gvproxy) -> None:
     modes = {path.name: path.stat().st_mode & 0o777 for path in gvproxy.config.state_dir.iterdir()}
     assert set(modes) == {path.name for path in gvproxy.config.files()}
     assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+
+
+def test_a_vfkit_nic_gets_the_same_network_through_listen_vfkit(
+    binary: str, tmp_path: Path
+) -> None:
+    """vfkit's NIC (unixgram, `-listen-vfkit`): the same DNS, and a published port's
+    connection reaches the guest, as for QEMU's."""
+    config = replace(network(tmp_path / "vm"), nic_protocol="vfkit")
+    with start_gvproxy(config, binary) as started:
+        assert config.net_socket.is_socket()
+        port = free_port()
+        started.api.expose("tcp", LOOPBACK, port, 8080)
+        with FakeGuestNic(config) as nic:
+            assert nic.resolve("web.harpoon.internal") == (0, [IPv4Address("192.168.127.2")])
+            with socket.create_connection((LOOPBACK, port), CONNECT_TIMEOUT_S):
+                syn = nic.receive(IP_PROTOCOL_TCP)
+        assert (syn.destination, syn.ports[1]) == (config.guest, 8080)
+    assert list(config.state_dir.iterdir()) == []

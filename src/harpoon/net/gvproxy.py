@@ -12,7 +12,11 @@ published by asking gvproxy's HTTP API to listen on the host and forward to the 
 Facts this module relies on (v0.8.9's source, cmd/gvproxy and pkg/, and trying it):
 
 - One VM per gvproxy: `-listen-qemu` accepts one connection, and gvproxy exits when
-  that peer hangs up (so it goes with its QEMU). It refuses to start when the socket
+  that peer hangs up (so it goes with its QEMU). `-listen-vfkit unixgram://PATH` (a
+  vfkit VM's NIC: `virtio-net,unixSocketPath=PATH`) binds a datagram socket and takes
+  the first peer that sends vfkit's 4-byte magic "VFKT", then one Ethernet frame per
+  datagram; a datagram peer never hangs up, so that gvproxy runs until it is killed
+  (with its VM: harpoon.vmm). It refuses to start when the socket
   path exists. On SIGTERM it removes its sockets and pid file; SIGKILL leaves them.
 - No flag sets the subnet or DNS: they come from `-config FILE`, YAML, which JSON is
   a subset of (so this module writes JSON). With a config file gvproxy sets up no
@@ -55,7 +59,7 @@ import time
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from harpoon import linux, private
 from harpoon.net.gvproxy_api import GvproxyApi, GvproxyError
@@ -93,6 +97,9 @@ DEFAULT_MTU = 1500
 #: The zones gvproxy serves without a config file, each with the names `gateway` and
 #: `host` (host_loopback): podman's and Docker Desktop's names for the host.
 DEFAULT_ZONE_NAMES = ("containers.internal.", "docker.internal.")
+
+NicProtocol = Literal["qemu", "vfkit"]
+NIC_PROTOCOLS: tuple[NicProtocol, ...] = ("qemu", "vfkit")
 
 # Lower case only: gvproxy looks DHCP leases up by Go's (lower-case) spelling of the
 # client's MAC, so "5A:94:…" would silently get no lease.
@@ -138,10 +145,18 @@ class GvproxyConfig:
     #: False: an A query outside the zones is NXDOMAIN instead of the host resolver's
     #: answer (tests; see the module's docstring for the query types it cannot stop).
     resolve_upstream: bool = True
+    #: How the VM's NIC reaches `net_socket`: "qemu" (QEMU's `-netdev stream`: a unix
+    #: stream socket, `-listen-qemu`) or "vfkit" (vfkit's `virtio-net,unixSocketPath`:
+    #: a unixgram socket, `-listen-vfkit`).
+    nic_protocol: NicProtocol = "qemu"
 
     def __post_init__(self) -> None:
         _check_addresses(self)
         _check_link(self)
+        if self.nic_protocol not in NIC_PROTOCOLS:
+            raise ValueError(
+                f"gvproxy nic_protocol {self.nic_protocol!r}: use one of {', '.join(NIC_PROTOCOLS)}"
+            )
         for path in (self.net_socket, self.api_socket):
             if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
                 raise ValueError(
@@ -153,7 +168,8 @@ class GvproxyConfig:
 
     @property
     def net_socket(self) -> Path:
-        """Where gvproxy listens for the VM's NIC (QEMU's `-netdev stream` connects)."""
+        """Where gvproxy listens for the VM's NIC (QEMU's `-netdev stream` connects;
+        vfkit sends its datagrams)."""
         return self.state_dir / "gvproxy-net.sock"
 
     @property
@@ -265,10 +281,16 @@ def command_line(binary: str, config: GvproxyConfig) -> list[str]:
     return [
         binary,
         "-config", str(config.config_file),
-        "-listen-qemu", f"unix://{config.net_socket}",
+        *_nic_listener(config),
         "-services", f"unix://{config.api_socket}",
         "-pid-file", str(config.pid_file),
     ]  # fmt: skip
+
+
+def _nic_listener(config: GvproxyConfig) -> tuple[str, str]:
+    if config.nic_protocol == "vfkit":
+        return ("-listen-vfkit", f"unixgram://{config.net_socket}")
+    return ("-listen-qemu", f"unix://{config.net_socket}")
 
 
 def find() -> str | None:
@@ -294,7 +316,8 @@ def _tools_binary() -> Path:
 @dataclass
 class Gvproxy:
     """A running gvproxy: `stop` it (or leave a `with` block) to end it and remove its
-    files. It also exits by itself once its VM's NIC hangs up."""
+    files. It also exits by itself once its VM's NIC hangs up (a QEMU NIC's: a vfkit
+    NIC's datagrams never do)."""
 
     config: GvproxyConfig
     process: subprocess.Popen[bytes]

@@ -37,7 +37,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from harpoon import linux, private
 from harpoon.vmm import accel, virtiofsd
@@ -50,10 +50,9 @@ from harpoon.vmm.base import (
     VMError,
 )
 from harpoon.vmm.devices import NIC, Disk, Share, StreamBackend, TapBackend
+from harpoon.vmm.gvproxy_nics import gvproxy_config, remove_gvproxy_files, start_gvproxies
+from harpoon.vmm.kernel_args import BASE_KERNEL_ARGS
 from harpoon.vmm.process import VmmProcess
-
-if TYPE_CHECKING:
-    from harpoon.net.gvproxy import GvproxyConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,21 +68,6 @@ STDIO_DEVICE_ID = "stdio-port"
 LISTENER_IDS = ("agent", "stdio", "qmp")
 LISTEN_BACKLOG = 4
 MEMORY_BACKEND_ID = "ram"
-# PYTHONHASHSEED=0 reaches /init's environment (the kernel hands unknown `name=value`
-# arguments to init): without it the agent's Python reads /dev/urandom for its hash seed
-# before the kernel's RNG is seeded, and Linux 6.1 then runs its jitter-entropy loop, one
-# bit per timer tick, ~1 s of CPU at every cold boot (measured). The agent drops it from
-# its environment; the host's entropy credited at Hello seeds the RNG.
-# cryptomgr.notests skips the crypto API's self-tests of every algorithm at boot (~0.5 s
-# of CPU under TCG, the largest initcall; they check implementations, they guard nothing).
-BASE_KERNEL_ARGS = (
-    "quiet",
-    "panic=-1",
-    "rdinit=/init",
-    "random.trust_cpu=on",
-    "cryptomgr.notests",
-    "PYTHONHASHSEED=0",
-)
 # On a loaded host the x86 guest cannot calibrate its TSC against the PIT and hangs
 # silently before printing anything (about one boot in two under load, measured);
 # telling it the frequency skips the calibration.
@@ -539,7 +523,9 @@ def launch(config: VMConfig, restoring: Path | None = None) -> QemuLaunch:
     inherited: list[int] = []
     helpers = _start_virtiofsd(resolved) if restoring is None else ()
     try:
-        helpers += _start_gvproxies(resolved)
+        # Listening before QEMU connects: its stream netdev connects once as it starts
+        # (and retries every second after).
+        helpers += start_gvproxies(resolved, "qemu")
         listeners = {
             chardev: _listen(path)
             for chardev, path in zip(
@@ -623,55 +609,13 @@ def _start_virtiofsd(config: VMConfig) -> tuple[VmmProcess, ...]:
     return tuple(started)
 
 
-def gvproxy_config(state_dir: Path, nic: NIC) -> GvproxyConfig:
-    """The gvproxy of a NIC whose backend asks for one (StreamBackend.gvproxy): its files
-    in the VM's state directory, the NIC's MAC as the guest's."""
-    from harpoon.net.gvproxy import GvproxyConfig
-
-    return GvproxyConfig(state_dir, guest_mac=nic.mac)
-
-
-def _gvproxy_nics(config: VMConfig) -> list[NIC]:
-    return [
-        nic for nic in config.nics if isinstance(nic.backend, StreamBackend) and nic.backend.gvproxy
-    ]
-
-
-def _start_gvproxies(config: VMConfig) -> tuple[VmmProcess, ...]:
-    """A gvproxy for each NIC that asks for one, listening before QEMU connects (QEMU's
-    stream netdev connects once as it starts, and retries every second after)."""
-    nics = _gvproxy_nics(config)
-    if not nics:
-        return ()
-    from harpoon.net.gvproxy import start_gvproxy
-    from harpoon.net.gvproxy_api import GvproxyError
-
-    started: list[VmmProcess] = []
-    try:
-        for nic in nics:
-            try:
-                gvproxy = start_gvproxy(gvproxy_config(config.state_dir, nic))
-                started.append(VmmProcess(gvproxy.process))
-            except GvproxyError as error:
-                raise VMError(f"VM {config.name}: {error}") from None
-    except BaseException:
-        for process in started:
-            process.kill()
-        raise
-    return tuple(started)
-
-
 async def end_helpers(launched: QemuLaunch) -> None:
     """Ends the launch's helper processes (once QEMU is gone they exit by themselves;
     this makes sure, and waits) and removes their sockets."""
     for helper in launched.helpers:
         helper.kill()
         await helper.wait()
-    if _gvproxy_nics(launched.resolved):
-        from harpoon.net.gvproxy import remove_files
-
-        for nic in _gvproxy_nics(launched.resolved):
-            remove_files(gvproxy_config(launched.resolved.state_dir, nic))
+    remove_gvproxy_files(launched.resolved)
     for share in launched.resolved.shares:
         if share.fs == "virtiofs":
             for path in (
