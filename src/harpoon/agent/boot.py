@@ -32,6 +32,7 @@ PCI_DEVICES_DIR = "/sys/bus/pci/devices"
 VIRTIO_DEVICES_DIR = "/sys/bus/virtio/devices"
 #: A virtio device's `device` attribute for a block device (the virtio spec's id 2).
 VIRTIO_ID_BLOCK = "0x0002"
+CONSOLE_PATH = "/dev/console"
 # What the shell /init used to export; children of the agent inherit it.
 GUEST_ENVIRONMENT = {
     "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
@@ -97,8 +98,9 @@ def load_boot_modules(listing: str = BOOT_MODULES_PATH) -> None:
             log(f"insmod {path} failed: {error}")
 
 
-def has_virtio_disks(devices_dir: str = VIRTIO_DEVICES_DIR) -> bool:
-    """Whether the VM has a virtio-blk device (its driver need not be loaded)."""
+def has_virtio_device(device_id: str, devices_dir: str = VIRTIO_DEVICES_DIR) -> bool:
+    """Whether the VM has a virtio device of this type (VIRTIO_ID_*), probed by its
+    transport (virtio_mmio, virtio_pci: boot modules) whether or not its driver is loaded."""
     try:
         names = os.listdir(devices_dir)
     except OSError:
@@ -106,11 +108,16 @@ def has_virtio_disks(devices_dir: str = VIRTIO_DEVICES_DIR) -> bool:
     for name in names:
         try:
             with open(f"{devices_dir}/{name}/device") as device:
-                if device.read().strip() == VIRTIO_ID_BLOCK:
+                if device.read().strip() == device_id:
                     return True
         except OSError:
             continue
     return False
+
+
+def has_virtio_disks(devices_dir: str = VIRTIO_DEVICES_DIR) -> bool:
+    """Whether the VM has a virtio-blk device (its driver need not be loaded)."""
+    return has_virtio_device(VIRTIO_ID_BLOCK, devices_dir)
 
 
 def load_filesystems_for_disks() -> None:
@@ -127,6 +134,45 @@ def load_filesystems_for_disks() -> None:
             modules.load_filesystem(fstype)
         except OSError as error:
             log(f"loading the modules of {fstype} failed: {error}")
+
+
+def open_console(path: str = CONSOLE_PATH) -> None:
+    """Gives PID 1 its standard descriptors on the console if the kernel could not.
+
+    The kernel opens /dev/console for init before any module loads; a VM whose only
+    console is a virtio console (vfkit: `console=hvc0`, and Debian builds virtio_console
+    as a module) has none yet, so init starts without descriptors 0-2 and Python with
+    sys.stderr None: the agent's messages, which the host quotes from the console log
+    when a guest fails, would go nowhere (and the first files opened would take 0-2).
+    Once the boot modules are loaded the console exists: open it now. A VM with a serial
+    console (QEMU's) has them already, and nothing changes."""
+    missing = [fd for fd in (0, 1, 2) if not _is_open(fd)]
+    if not missing:
+        return
+    try:
+        console = os.open(path, os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return  # no console at all: nothing to say things on
+    for fd in missing:
+        if fd != console:
+            os.dup2(console, fd)
+    if console in (0, 1, 2):
+        os.set_inheritable(console, True)  # as the kernel's would be (os.open's are not)
+    else:
+        os.close(console)
+    for name, fd, mode, buffering in (("stdin", 0, "r", -1), ("stdout", 1, "w", 1),
+                                      ("stderr", 2, "w", 1)):  # fmt: skip
+        if getattr(sys, name) is None:
+            stream = open(fd, mode, buffering, errors="backslashreplace", closefd=False)  # noqa: SIM115
+            setattr(sys, name, stream)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def selftest_requested() -> bool:
@@ -182,6 +228,7 @@ def start() -> None:
         os.environ.pop(name, None)
     mount_base_filesystems()
     load_boot_modules()
+    open_console()
     load_filesystems_for_disks()
     bring_up_loopback()
     if selftest_requested():

@@ -117,7 +117,7 @@ BOOT_MODULES: tuple[str, ...] = (
 # (the kernel unpacks it before /init runs). harpoon.agent.modules loads them: the erofs
 # rootfs's disks' driver, the layers' and the writable image's filesystems, the overlay;
 # virtiofs (and fuse under it) at a virtiofs share's mount; the NIC's driver when a
-# container gets a network.
+# container gets a network; AF_VSOCK when the VM's host channel is a vsock device.
 ON_DEMAND_MODULES: tuple[str, ...] = (
     "virtio_blk",
     "erofs",
@@ -132,6 +132,11 @@ ON_DEMAND_MODULES: tuple[str, ...] = (
     "xt_nat",
     "xt_MASQUERADE",
     "xt_tcpudp",
+    # The host channel over AF_VSOCK in a VM without virtio-serial ports (vfkit's:
+    # harpoon.agent.vsock), ~0.2 MB: vsock, its virtio transport's common part, the transport.
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vmw_vsock_virtio_transport",
 )
 
 BUSYBOX_APPLETS: tuple[str, ...] = (
