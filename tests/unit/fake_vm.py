@@ -25,12 +25,18 @@ test process is made a child subreaper while a VM runs and the agent's table rea
 SIGCHLD, as in the guest. When a VM ends, its guest's processes are killed and reaped
 and the agent's descriptors closed, as a VM's death frees them. One VM runs at a time
 (one process has one SIGCHLD handler).
+
+With `FakeBackend.closed_before_listening` = N its VMs behave as vfkit's, whose agent
+sockets close each connection made before the guest's agent listens: the first N
+connections to the agent or stdio socket are closed unserved, and the VMs say
+`agent_waits_for_guest` False (harpoon.sandbox.agent_client retries).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -184,6 +190,7 @@ class FakeVM(VirtualMachine):
     def __init__(self, config: VMConfig, backend: FakeBackend) -> None:
         super().__init__(config)
         self.backend = backend
+        self._waits_for_guest = not backend.closed_before_listening
         self.running = False
         self.started = False
         self._ended: asyncio.Event | None = None
@@ -195,6 +202,10 @@ class FakeVM(VirtualMachine):
     @property
     def pid(self) -> int:
         return os.getpid()
+
+    @property
+    def agent_waits_for_guest(self) -> bool:
+        return self._waits_for_guest
 
     async def start(self) -> None:
         if self.backend.fail_start:
@@ -209,14 +220,26 @@ class FakeVM(VirtualMachine):
         self.running = True
         linux.prctl(linux.PR_SET_CHILD_SUBREAPER, 1)
         asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, self._reap)
-        for path in (self.config.agent_socket, self.config.stdio_socket):
-            self._listeners.append(await asyncio.start_unix_server(self._serve, path=str(path)))
+        for kind, path in (
+            ("agent", self.config.agent_socket),
+            ("stdio", self.config.stdio_socket),
+        ):
+            serve = functools.partial(self._serve, kind)
+            self._listeners.append(await asyncio.start_unix_server(serve, path=str(path)))
 
     def _reap(self) -> None:
         self.table.reap()
         self.backend.guest.prune()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(
+        self, kind: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if self.backend.closed_before_listening > 0:
+            self.backend.closed_before_listening -= 1
+            self.backend.connections.append((kind, "closed"))
+            writer.close()  # as vfkit does when its dial to the guest's port fails
+            return
+        self.backend.connections.append((kind, "served"))
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
@@ -279,6 +302,10 @@ class FakeBackend(Backend):
         self.guest = guest
         self.vms: list[FakeVM] = []
         self.fail_start = False
+        self.closed_before_listening = 0
+        """How many connections are closed unserved, as vfkit's (see the module)."""
+        self.connections: list[tuple[str, str]] = []
+        """(socket, "closed" or "served") of each connection to the VMs' sockets."""
 
     def new_vm(self, config: VMConfig) -> VirtualMachine:
         vm = FakeVM(config, self)

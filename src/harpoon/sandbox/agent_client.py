@@ -1,4 +1,12 @@
-"""The host's typed client for the guest agent's ttrpc service."""
+"""The host's typed client for the guest agent's ttrpc service.
+
+Connecting depends on the VMM (VirtualMachine.agent_waits_for_guest): QEMU's sockets
+hold a connection until the guest opens its ports, so `connect` connects both at once
+and Hello waits in the channel; vfkit's close a connection made before the guest's
+agent listens on its vsock port, so `connect_when_listening` connects and says Hello
+again after each such EOF until the agent answers, and connects the stdio socket then
+(the agent listens on both before it answers: harpoon.agent.main).
+"""
 
 from __future__ import annotations
 
@@ -14,12 +22,20 @@ from google.protobuf.message import Message
 
 from harpoon.api.agent.v1 import agent_pb2
 from harpoon.api.names import AGENT_SERVICE
-from harpoon.sandbox.ports import Port, connect_ports
+from harpoon.sandbox.ports import Port, connect_port, connect_ports
 from harpoon.ttrpc.client import Client
+from harpoon.ttrpc.status import Code, ConnectionClosedError, TtrpcError
 
 ResponseT = TypeVar("ResponseT", bound=Message)
 CONTROL_TIMEOUT_S = 30.0
 HELLO_ENTROPY_BYTES = 64
+#: Between a connection the VMM closed (the guest did not listen yet) and the next.
+RECONNECT_PAUSE_S = 0.02
+#: How long one connection may leave Hello unanswered before another is tried: a guard
+#: against a VMM whose dial to the guest waits instead of failing (Virtualization.
+#: framework's connectToPort is not documented to fail fast); a listening agent answers
+#: in well under it, and Hello may be said twice (harpoon.agent.service).
+ATTEMPT_TIMEOUT_S = 5.0
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +53,46 @@ class AgentClient:
     @classmethod
     async def connect(cls, socket_path: str, stdio_path: str | None = None) -> AgentClient:
         return cls.over(*await connect_ports(socket_path, stdio_path))
+
+    @classmethod
+    async def connect_when_listening(
+        cls, socket_path: str, stdio_path: str, timeout: float, warm_up: bool = False
+    ) -> tuple[AgentClient, agent_pb2.HelloResponse]:
+        """A client whose Hello the agent answered, for a VMM that closes connections
+        made before the guest listens (vfkit): connects to socket_path and says Hello,
+        again after each connection the VMM closed unanswered (or left unanswered for
+        ATTEMPT_TIMEOUT_S), until the agent answers or `timeout` has passed (then the
+        last attempt's error: ConnectionClosedError, or DEADLINE_EXCEEDED); then
+        connects stdio_path. The caller bounds it by the VMM's life too (a dead VMM's
+        socket refuses connections: ConnectionRefusedError)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        attempts = 0
+        while True:
+            attempts += 1
+            client = cls(_client(await connect_port(socket_path)))
+            try:
+                hello = await client.hello(
+                    max(0.0, min(deadline - loop.time(), ATTEMPT_TIMEOUT_S)), warm_up
+                )
+                break
+            except TtrpcError as error:
+                await client.close()
+                if not _unanswered(error) or loop.time() + RECONNECT_PAUSE_S >= deadline:
+                    raise
+                if error.code == Code.DEADLINE_EXCEEDED:
+                    continue  # waited long enough already
+            except BaseException:
+                await client.close()
+                raise
+            await asyncio.sleep(RECONNECT_PAUSE_S)
+        log.debug("the agent answered Hello on connection %d", attempts)
+        try:
+            stdio = await connect_port(stdio_path)
+        except BaseException:
+            await client.close()
+            raise
+        return cls(client._client, _client(stdio)), hello
 
     @classmethod
     def over(cls, control: Port, stdio: Port | None = None) -> AgentClient:
@@ -188,3 +244,9 @@ def _client(port: Port) -> Client:
     # its connection rather than dropping output: output is never lost. That is why
     # streams have a connection (and a port) of their own.
     return Client(*port, stream_full_timeout_s=None)
+
+
+def _unanswered(error: TtrpcError) -> bool:
+    """Whether a Hello failed for want of a guest on the other end: the VMM closed the
+    connection, or the attempt's time ran out; not an answer of the agent's."""
+    return isinstance(error, ConnectionClosedError) or error.code == Code.DEADLINE_EXCEEDED

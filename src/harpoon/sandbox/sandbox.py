@@ -1,19 +1,21 @@
 """A sandbox: one VM started for one container, and the connection to its agent.
 
 A sandbox runs one LaunchPlan (harpoon.sandbox.plan): it restores the VM template the
-plan names, or boots cold. Readiness is the agent answering Hello either
-way: the request is written as soon as QEMU listens and waits in the channel until the
-guest opens its end, so there is no polling. A restore that fails or does not answer
-within RESTORE_HELLO_TIMEOUT_S falls back to a cold boot; the template is discarded
-only if the VMM refused its state (harpoon.sandbox.template.TemplateRefused), never for
-a VM killed from outside or stopped by the sandbox's own stop (Create refused, the shim
-exiting). A
-cold-booted guest that does not answer within BOOT_TIMEOUT_S is killed and booted once
-more (about one TCG boot in 35 hangs silently on our machines), then reported with the
-end of its console. After a cold boot, once the container's process runs, the sandbox
-has the missing template built in the background at the lowest CPU priority, by a
-process that outlives it (harpoon.sandbox.template_builder): a container shorter than
-the build (most `--rm` runs under TCG) must not leave the next one to boot cold too.
+plan names, or boots cold. Readiness is the agent answering Hello either way: the
+request is written as soon as QEMU listens and waits in the channel until the guest
+opens its end, so there is no polling (a VMM that closes a connection made before the
+guest listens, vfkit, is connected to again until the agent answers:
+VirtualMachine.agent_waits_for_guest, AgentClient.connect_when_listening). A restore
+that fails or does not answer within RESTORE_HELLO_TIMEOUT_S falls back to a cold boot;
+the template is discarded only if the VMM refused its state
+(harpoon.sandbox.template.TemplateRefused), never for a VM killed from outside or
+stopped by the sandbox's own stop (Create refused, the shim exiting). A cold-booted
+guest that does not answer within BOOT_TIMEOUT_S is killed and booted once more (about
+one TCG boot in 35 hangs silently on our machines), then reported with the end of its
+console. After a cold boot, once the container's process runs, the sandbox has the
+missing template built in the background at the lowest CPU priority, by a process that
+outlives it (harpoon.sandbox.template_builder): a container shorter than the build (most
+`--rm` runs under TCG) must not leave the next one to boot cold too.
 
 A plan with a `rootfs_share` exports that (empty) directory as its root filesystem
 share and mounts it in the guest as soon as the agent answers, before any container
@@ -283,10 +285,14 @@ class Sandbox:
         await vm.start()
         from harpoon.sandbox.agent_client import AgentClient
 
-        self.agent = await AgentClient.connect(
-            str(self.config.agent_socket), str(self.config.stdio_socket)
-        )
-        hello = asyncio.ensure_future(self.agent.hello(BOOT_TIMEOUT_S, warm_up=vm.emulated))
+        hello: asyncio.Future[agent_pb2.HelloResponse]
+        if vm.agent_waits_for_guest:
+            self.agent = await AgentClient.connect(
+                str(self.config.agent_socket), str(self.config.stdio_socket)
+            )
+            hello = asyncio.ensure_future(self.agent.hello(BOOT_TIMEOUT_S, warm_up=vm.emulated))
+        else:
+            hello = asyncio.ensure_future(self._connect_when_listening(vm))
         self.guest_running.set()
         died = asyncio.ensure_future(vm.wait())
         done, _ = await asyncio.wait(
@@ -309,6 +315,20 @@ class Sandbox:
             raise VMError(f"{reason}; console:\n{vm.console_tail()}")
         self.hello = hello.result()
         self.boot_seconds = time.monotonic() - began
+
+    async def _connect_when_listening(self, vm: VirtualMachine) -> agent_pb2.HelloResponse:
+        """The agent's Hello through a VMM that closes connections made before the
+        guest listens (VirtualMachine.agent_waits_for_guest): connected again until the
+        agent answers (bounded by _boot's timeout and by the VMM's life)."""
+        from harpoon.sandbox.agent_client import AgentClient
+
+        self.agent, hello = await AgentClient.connect_when_listening(
+            str(self.config.agent_socket),
+            str(self.config.stdio_socket),
+            BOOT_TIMEOUT_S,
+            warm_up=vm.emulated,
+        )
+        return hello
 
     async def how_it_ended(self, wait_s: float = VMM_EXIT_WAIT_S) -> str:
         """How the VM ended, in words, for the error of a call it did not live to answer:

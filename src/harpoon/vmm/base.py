@@ -2,7 +2,8 @@
 
 A backend must expose the guest agent as a unix socket on the host (QEMU's
 virtio-serial chardev, vfkit's vsock-over-unix-socket): that is the common ground
-between Linux and macOS, so the shim never learns which VMM it runs on.
+between Linux and macOS, so the shim never learns which VMM it runs on. The one
+difference the host sees is when it may connect (`agent_waits_for_guest`).
 
 A backend that can save a running guest and start another from the saved state (QEMU
 migration to a file; Virtualization.framework's saveMachineStateToURL on macOS 14+)
@@ -189,6 +190,16 @@ class VirtualMachine(abc.ABC):
         """True once started if the guest's code is translated by the VMM (QEMU's TCG)
         rather than run by the CPU (KVM, HVF, Virtualization.framework)."""
         return False
+
+    @property
+    def agent_waits_for_guest(self) -> bool:
+        """True when a connection to the agent's sockets made once start() returns waits
+        there for the guest (QEMU's virtio-serial ports: what the host sends waits in the
+        port until the agent reads it), so the host connects once and sends Hello at
+        once. False when the VMM closes a connection made before the guest's agent
+        listens (vfkit's vsock sockets: EOF), so the host connects again until the agent
+        answers, and connects the stdio socket after (harpoon.sandbox.agent_client)."""
+        return True
 
     # -- saved states (VM templates) ---------------------------------------------------
     # The protocol: a template VM is started cold with a host connected to its agent
