@@ -4,8 +4,9 @@ Everything outside harpoon.vmm reaches a VMM through this module: which backend 
 on this host (`default_backend`), the host's architecture, a VM's template identity,
 the early launch a shim makes before it has loaded asyncio, and the VMs themselves.
 No module outside harpoon.vmm names QEMU, its files or its flags (an import-linter
-contract in pyproject.toml holds it). A second backend (vfkit on macOS) is a subclass
-here and a `default_backend` choice, nothing more.
+contract in pyproject.toml holds it). The second backend, vfkit (macOS's
+Virtualization.framework: harpoon.vmm.vfkit), is a subclass here and a choice
+(`default_backend`: harpoon.vmm.choice), nothing more.
 
 Importing this module loads no event loop: the shim's daemon calls `launch_early`
 first thing (harpoon.shim.daemon).
@@ -23,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 from harpoon.vmm.base import VirtualMachine, VMConfig
 
 if TYPE_CHECKING:
-    from harpoon.vmm.qemu_launch import Prelaunched
+    from harpoon.vmm import qemu_launch, vfkit_launch
 
-BACKEND_NAMES = ("qemu",)
+BACKEND_NAMES = ("qemu", "vfkit")
 
 
 def host_arch() -> str:
@@ -95,7 +96,7 @@ class QemuBackend(Backend):
     name = "qemu"
 
     def __init__(self) -> None:
-        self._early: Prelaunched | None = None
+        self._early: qemu_launch.Prelaunched | None = None
 
     def new_vm(self, config: VMConfig) -> VirtualMachine:
         from harpoon.vmm.qemu import QemuVM
@@ -148,12 +149,100 @@ class QemuBackend(Backend):
             await self._early.discard()
 
 
+class VfkitBackend(Backend):
+    """vfkit: macOS's Virtualization.framework, one vfkit process per VM
+    (harpoon.vmm.vfkit_launch, harpoon.vmm.vfkit). It cannot save or restore a guest
+    (vfkit issue #449): no VM templates, every VM boots cold (template_identity is
+    None). Its shares are virtiofs (fit), its NICs gvproxies of their own; it refuses
+    tap NICs and read-only shares (harpoon.vmm.vfkit_launch says why)."""
+
+    name = "vfkit"
+
+    def __init__(self, program: str | None = None) -> None:
+        """program: the vfkit to run unless $HARPOON_VFKIT names one; None: the one
+        harpoon's config file names (`[vmm] vfkit`), else PATH's."""
+        self._configured = program
+        self._early: vfkit_launch.Prelaunched | None = None
+
+    def program(self) -> str | None:
+        """The vfkit this backend runs; None when there is none."""
+        from harpoon.vmm import choice, vfkit_launch
+
+        configured = self._configured
+        if configured is None and (settings := choice.read_config()) is not None:
+            configured = settings.vfkit
+        return vfkit_launch.find_program(configured)
+
+    def new_vm(self, config: VMConfig) -> VirtualMachine:
+        from harpoon.vmm.vfkit import VfkitVM
+
+        return VfkitVM(config, self._required_program(), prelaunched=self._early)
+
+    def _required_program(self) -> str:
+        from harpoon.vmm.base import VMError
+        from harpoon.vmm.vfkit_launch import PROGRAM_ENV
+
+        program = self.program()
+        if program is None:
+            raise VMError(f"vfkit not found (brew install vfkit; or set {PROGRAM_ENV})")
+        return program
+
+    def serves_virtiofs(self) -> bool:
+        return True
+
+    def fit(self, config: VMConfig) -> VMConfig:
+        from harpoon.vmm import vfkit_launch
+
+        return vfkit_launch.fit(config)
+
+    def host_vmm(self) -> HostVMM:
+        import sys
+
+        path = self.program()
+        if sys.platform == "darwin":
+            accelerator: str | None = "Virtualization.framework"
+        else:
+            # vfkit runs only on macOS: elsewhere this is harpoon's test double, which
+            # runs its guests in QEMU under TCG (harpoon.vmm.vfkit: `emulated`).
+            accelerator = "tcg" if path else None
+        return HostVMM(
+            program="vfkit",
+            path=path,
+            accelerator=accelerator if path else None,
+            install_hint="brew install vfkit",
+        )
+
+    def launch_early(self, config: VMConfig, restoring: Path | None) -> None:
+        from harpoon.vmm import vfkit_launch
+        from harpoon.vmm.base import VMError
+
+        if restoring is not None:
+            raise VMError(f"VM {config.name}: vfkit cannot restore a saved guest (vfkit #449)")
+        if self._early is not None:
+            raise RuntimeError("this backend has launched a VM early already")
+        launched = vfkit_launch.launch(config, self._required_program())
+        self._early = vfkit_launch.Prelaunched(launched)
+
+    async def discard_early(self) -> None:
+        if self._early is not None:
+            await self._early.discard()
+
+
 def backend_named(name: str) -> Backend:
     if name == QemuBackend.name:
         return QemuBackend()
+    if name == VfkitBackend.name:
+        return VfkitBackend()
     raise ValueError(f"no VMM backend {name!r}: harpoon has {', '.join(BACKEND_NAMES)}")
 
 
 def default_backend() -> Backend:
-    """The backend for this host. (On macOS, vfkit will come first once it exists.)"""
-    return QemuBackend()
+    """The backend the user chose ($HARPOON_VMM, else harpoon's config file), else the
+    platform's default: QEMU, on macOS too, for its templates (harpoon.vmm.choice says
+    why). BackendChoiceError (a ValueError) names a choice that cannot be followed."""
+    from harpoon.vmm import choice
+
+    chosen = choice.choose(BACKEND_NAMES)
+    if chosen.name == VfkitBackend.name:
+        return VfkitBackend(chosen.vfkit)
+    return backend_named(chosen.name)
