@@ -72,7 +72,6 @@ ARM64_IMAGE_MAGIC_OFFSET = 0x38
 #: Characters a socket path may hold: vfkit makes a URL of it (`unix://:PATH`) and
 #: listens on its escaped path, so anything URL-escaping changes names another file.
 _URL_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789/._-~")
-IS_LINUX = sys.platform == "linux"
 IS_MACOS = sys.platform == "darwin"
 
 
@@ -303,7 +302,7 @@ def launch(config: VMConfig, program: str) -> VfkitLaunch:
 def _die_with_parent() -> None:
     # Runs in the forked child before exec: no imports here (another thread of the
     # shim may hold an import's lock).
-    if IS_LINUX:
+    if linux.HAS_PARENT_DEATH_SIGNAL:
         linux.set_parent_death_signal(signal.SIGKILL)
     os.setsid()
     # What vfkit creates (console log, sockets) holds the guest's data: root's alone.
