@@ -196,15 +196,10 @@ class VfkitBackend(Backend):
         return vfkit_launch.fit(config)
 
     def host_vmm(self) -> HostVMM:
-        import sys
-
         path = self.program()
-        if sys.platform == "darwin":
-            accelerator: str | None = "Virtualization.framework"
-        else:
-            # vfkit runs only on macOS: elsewhere this is harpoon's test double, which
-            # runs its guests in QEMU under TCG (harpoon.vmm.vfkit: `emulated`).
-            accelerator = "tcg" if path else None
+        # vfkit runs only on macOS: elsewhere this is harpoon's test double, which runs
+        # its guests in QEMU under TCG (harpoon.vmm.vfkit: `emulated`).
+        accelerator = "Virtualization.framework" if sys.platform == "darwin" else "tcg"
         return HostVMM(
             program="vfkit",
             path=path,

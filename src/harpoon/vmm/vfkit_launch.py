@@ -28,6 +28,10 @@ with a VMError naming what cannot be had):
 - A NIC is a gvproxy of the VM's own (`-listen-vfkit`): vfkit opens no tap device and
   speaks no stream socket; macOS's NAT is not used.
 - The guest's console is a virtio console (`console=hvc0`), logged to console.log.
+- The kernel is the guest image's: on arm64 an uncompressed Image, as vfkit requires
+  (check_guest says so before vfkit does); on amd64 the ELF vmlinux harpoon extracts for
+  QEMU's PVH entry, which VZ on an Intel Mac is not known to boot (Apple's own x86 guests
+  use a bzImage): unverified, as is everything here on a real Mac.
 - Values are split at commas by vfkit and taken as they are: a path with a comma, or a
   kernel argument with a double quote (the command line is quoted), cannot be given.
 
