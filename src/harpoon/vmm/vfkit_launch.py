@@ -22,9 +22,10 @@ with a VMError naming what cannot be had):
   (the host retries: harpoon.sandbox.agent_client). The guest picks the transport by
   what the VM has (harpoon.agent.main).
 - Shares are virtiofs (VZ has no 9p) and always writable: vfkit has no read-only
-  share, so a read-only share is refused (harpoon makes none: the rootfs share is
-  writable, and read-only bind mounts are made read-only by crun in the guest and by
-  the host's read-only bind under the export).
+  share, so a read-only share is refused. harpoon makes none: the rootfs share is
+  writable, and a read-only bind is made read-only in the guest (crun's `ro` bind, and
+  a bind share's `ro` mount: harpoon.sandbox.bind_shares) and, where the host bind
+  mounts it under the export, by the host's read-only bind.
 - A NIC is a gvproxy of the VM's own (`-listen-vfkit`): vfkit opens no tap device and
   speaks no stream socket; macOS's NAT is not used.
 - The guest's console is a virtio console (`console=hvc0`), logged to console.log.
