@@ -117,3 +117,40 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_start_refuses_a_backend_choice_it_cannot_follow_and_forks_nothing(
+    tmp_path: Path,
+) -> None:
+    """A bad $HARPOON_VMM is said on start's stderr, which containerd shows the user, and
+    no daemon is left behind (it would die on the same choice, in a log nobody reads)."""
+    assert SHIM is not None
+    sockets = Path(tempfile.mkdtemp(prefix="hp-s-", dir="/tmp"))
+    env = {**os.environ, "HARPOON_VMM": "firecracker", "HARPOON_RUN_DIR": str(tmp_path / "run")}
+    try:
+        done = subprocess.run(
+            [
+                str(SHIM),
+                "-namespace",
+                "ns",
+                "-id",
+                "bad-vmm",
+                "-address",
+                f"{sockets}/c.sock",
+                "start",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        _kill_processes_with_env(f"HARPOON_RUN_DIR={tmp_path / 'run'}")
+        shutil.rmtree(sockets, ignore_errors=True)
+    assert done.returncode == 1, done
+    assert "HARPOON_VMM='firecracker' names no VMM backend" in done.stderr
+    assert "qemu" in done.stderr and "vfkit" in done.stderr
+    assert done.stdout == ""
+    assert not (tmp_path / "address").exists()

@@ -94,6 +94,20 @@ def _daemon_flags(flags: Flags, namespace: str, task_id: str, grpc_address: str)
     return daemon
 
 
+def _backend_refused() -> str | None:
+    """Why the user's choice of VMM backend cannot be followed (a bad $HARPOON_VMM or
+    config file), checked before a daemon is forked: the user reads it from ctr or
+    nerdctl rather than in a dead daemon's log. None when it can."""
+    from harpoon.vmm.backend import default_backend
+    from harpoon.vmm.choice import BackendChoiceError
+
+    try:
+        default_backend()
+    except BackendChoiceError as error:
+        return f"harpoon: {error}"
+    return None
+
+
 def start(flags: Flags) -> int:
     data = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     parsed = parse_start_stdin(data, flags.id)
@@ -104,6 +118,9 @@ def start(flags: Flags) -> int:
     if not namespace or not task_id:
         print("start needs -namespace and -id", file=sys.stderr)
         return 2
+    if (refused := _backend_refused()) is not None:
+        print(refused, file=sys.stderr)  # containerd shows it: "failed to start shim: …"
+        return 1
     socket_dir = params.socket_dir if params is not None else None
     path = paths.socket_path_str(grpc_address, namespace, task_id, socket_dir or "")
     address = f"unix://{path}"

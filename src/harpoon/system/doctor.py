@@ -66,18 +66,27 @@ def _found(path: str | Path | None, what: str) -> Finding:
 
 def probe_vmm() -> Finding:
     from harpoon.vmm.backend import default_backend
+    from harpoon.vmm.choice import BackendChoiceError
 
-    vmm = default_backend().host_vmm()
+    try:
+        backend = default_backend()
+    except BackendChoiceError as error:
+        return Finding(False, str(error))
+    vmm = backend.host_vmm()
     if vmm.path is None:
-        return Finding(False, f"no {vmm.program} on PATH")
+        return Finding(False, f"{backend.name} backend: no {vmm.program} on PATH")
     note = " (no hardware acceleration: guests run slowly)" if vmm.accelerator == "tcg" else ""
-    return Finding(True, f"{vmm.path}, accelerator {vmm.accelerator}{note}")
+    return Finding(True, f"{backend.name} backend: {vmm.path}, accelerator {vmm.accelerator}{note}")
 
 
 def vmm_fix() -> str:
     from harpoon.vmm.backend import default_backend
+    from harpoon.vmm.choice import BackendChoiceError
 
-    return default_backend().host_vmm().install_hint
+    try:
+        return default_backend().host_vmm().install_hint
+    except BackendChoiceError:
+        return "set HARPOON_VMM (or [vmm] backend in harpoon's config file) to qemu or vfkit"
 
 
 def probe_guest() -> Finding:
@@ -161,7 +170,7 @@ def probe_buildkitd() -> Finding:
 
 
 CHECKS: tuple[Check, ...] = (
-    Check("qemu", True, probe_vmm, vmm_fix),
+    Check("VMM", True, probe_vmm, vmm_fix),
     Check("guest image", True, probe_guest, "harpoon guest build"),
     Check("VM templates", False, probe_templates, "harpoon template build"),
     Check("shim", True, probe_shim, "pip install -e . (or " + INSTALL_DEPS + ")"),
