@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from harpoon import linux, private
-from harpoon.vmm import accel, virtiofsd
+from harpoon.vmm import accel, prelaunch, virtiofsd
 from harpoon.vmm.backend import host_arch
 from harpoon.vmm.base import (
     AGENT_PORT_NAME,
@@ -625,31 +625,17 @@ async def end_helpers(launched: QemuLaunch) -> None:
                 path.unlink(missing_ok=True)
 
 
-class Prelaunched:
-    """A QEMU launched ahead of the QemuVM that will run it (a shim launches its VM
-    before it has loaded what drives one). The first QemuVM to launch through it takes
-    it if it asks for exactly that launch (same config, same saved state); any other
-    launch ends it, as would the process's own exit: it is never left running unowned."""
+class Prelaunched(prelaunch.Prelaunched[QemuLaunch]):
+    """A QEMU launched ahead of the QemuVM that will run it (harpoon.vmm.prelaunch): it
+    fits a launch of the same config restoring the same saved state."""
 
     def __init__(self, launched: QemuLaunch) -> None:
-        self._launched: QemuLaunch | None = launched
+        super().__init__(launched, _end, "QEMU")
 
     async def take(self, config: VMConfig, restoring: Path | None) -> QemuLaunch | None:
-        launched, self._launched = self._launched, None
-        if launched is None:
-            return None
-        if launched.config == config and launched.restoring == restoring:
-            return launched
-        log.info("the QEMU launched ahead for %s does not fit its VM: stopping it",
-                 launched.config.name)  # fmt: skip
-        await _end(launched)
-        return None
-
-    async def discard(self) -> None:
-        """Ends the QEMU unless it was taken; idempotent."""
-        launched, self._launched = self._launched, None
-        if launched is not None:
-            await _end(launched)
+        return await self.take_if(
+            lambda ahead: ahead.config == config and ahead.restoring == restoring
+        )
 
 
 async def _end(launched: QemuLaunch) -> None:

@@ -55,6 +55,7 @@ from pathlib import Path
 
 from harpoon import linux, private
 from harpoon.api.names import AGENT_VSOCK_PORT, STDIO_VSOCK_PORT
+from harpoon.vmm import prelaunch
 from harpoon.vmm.backend import host_arch
 from harpoon.vmm.base import LOWEST_PRIORITY_NICE, VMConfig, VMError
 from harpoon.vmm.devices import NIC, Disk, Share, StreamBackend, TapBackend
@@ -330,30 +331,15 @@ async def end_helpers(launched: VfkitLaunch) -> None:
     remove_gvproxy_files(launched.resolved)
 
 
-class Prelaunched:
-    """A vfkit launched ahead of the VfkitVM that will run it (as
-    harpoon.vmm.qemu_launch.Prelaunched): the first VfkitVM to start takes it if it
-    asks for exactly that config; any other start ends it. Never left running unowned."""
+class Prelaunched(prelaunch.Prelaunched[VfkitLaunch]):
+    """A vfkit launched ahead of the VfkitVM that will run it (harpoon.vmm.prelaunch): it
+    fits a launch of the same config."""
 
     def __init__(self, launched: VfkitLaunch) -> None:
-        self._launched: VfkitLaunch | None = launched
+        super().__init__(launched, _end, "vfkit")
 
     async def take(self, config: VMConfig) -> VfkitLaunch | None:
-        launched, self._launched = self._launched, None
-        if launched is None:
-            return None
-        if launched.config == config:
-            return launched
-        log.info("the vfkit launched ahead for %s does not fit its VM: stopping it",
-                 launched.config.name)  # fmt: skip
-        await _end(launched)
-        return None
-
-    async def discard(self) -> None:
-        """Ends the vfkit unless it was taken; idempotent."""
-        launched, self._launched = self._launched, None
-        if launched is not None:
-            await _end(launched)
+        return await self.take_if(lambda ahead: ahead.config == config)
 
 
 async def _end(launched: VfkitLaunch) -> None:
