@@ -180,7 +180,7 @@ def test_a_root_too_deep_for_its_sockets_is_refused(monkeypatch: pytest.MonkeyPa
 def test_every_piece_the_issue_names_is_checked() -> None:
     names = [check.name for check in doctor.CHECKS]
     assert names == [
-        "qemu", "guest image", "VM templates", "shim", "containerd", "nerdctl",
+        "VMM", "guest image", "VM templates", "shim", "containerd", "nerdctl",
         "CNI plugins", "iptables", "gvproxy", "virtiofsd", "buildkitd",
     ]  # fmt: skip
 

@@ -16,7 +16,7 @@ from harpoon import linux
 from harpoon.vmm import accel, backend, leftovers, qemu_launch, virtiofsd
 from harpoon.vmm.base import VMConfig, VMError
 from harpoon.vmm.devices import NIC, Share, StreamBackend
-from harpoon.vmm.process import VmmProcess
+from harpoon.vmm.process import VmmProcess, die_with_parent
 from harpoon.vmm.qemu_launch import Host, command_line
 
 MAC_ARM = Host("darwin", "arm64")
@@ -192,13 +192,9 @@ def test_a_vmm_is_spawned_without_a_parent_death_signal_where_there_is_none(
 
     monkeypatch.setattr(linux, "set_parent_death_signal", refuse)
     with pytest.raises(subprocess.SubprocessError):  # the guard is what is tested
-        VmmProcess.spawn(
-            ["true"], stderr_path=tmp_path / "log1", preexec=qemu_launch._die_with_parent
-        )
+        VmmProcess.spawn(["true"], stderr_path=tmp_path / "log1", preexec=die_with_parent)
     monkeypatch.setattr(linux, "HAS_PARENT_DEATH_SIGNAL", False)
-    process = VmmProcess.spawn(
-        ["true"], stderr_path=tmp_path / "log2", preexec=qemu_launch._die_with_parent
-    )
+    process = VmmProcess.spawn(["true"], stderr_path=tmp_path / "log2", preexec=die_with_parent)
     assert process._popen.wait(timeout=10) == 0
 
 

@@ -11,15 +11,38 @@ registers it with asyncio's child watchers.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from harpoon import private
+from harpoon import linux, private
+from harpoon.vmm.base import LOWEST_PRIORITY_NICE
 
 if TYPE_CHECKING:
     import asyncio
+
+
+def die_with_parent() -> None:
+    """A VMM child's pre-exec step: it gets SIGKILL if the shim dies (on Linux; macOS
+    has no such signal: `shim delete` ends it by its pid file, harpoon.vmm.leftovers),
+    leads a session of its own, and what it creates (console log, sockets, pid file, a
+    template's memory file, a saved state) is root's alone: it holds the guest's data.
+    Files the guest creates in a 9p share are not cut by that umask: QEMU sets their
+    modes as the guest asks."""
+    # Runs in the forked child before exec: no imports here (another thread of the
+    # shim may hold an import's lock).
+    if linux.HAS_PARENT_DEATH_SIGNAL:
+        linux.set_parent_death_signal(signal.SIGKILL)
+    os.setsid()
+    os.umask(private.UMASK)
+
+
+def die_with_parent_at_lowest_priority() -> None:
+    """die_with_parent, for background work (building a template)."""
+    die_with_parent()
+    os.nice(LOWEST_PRIORITY_NICE)
 
 
 class VmmProcess:

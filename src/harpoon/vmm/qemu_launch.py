@@ -31,7 +31,6 @@ import hashlib
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -44,7 +43,6 @@ from harpoon.vmm import accel, prelaunch, virtiofsd
 from harpoon.vmm.backend import host_arch
 from harpoon.vmm.base import (
     AGENT_PORT_NAME,
-    LOWEST_PRIORITY_NICE,
     STDIO_PORT_NAME,
     VMConfig,
     VMError,
@@ -52,7 +50,7 @@ from harpoon.vmm.base import (
 from harpoon.vmm.devices import NIC, Disk, Share, StreamBackend, TapBackend
 from harpoon.vmm.gvproxy_nics import gvproxy_config, remove_gvproxy_files, start_gvproxies
 from harpoon.vmm.kernel_args import BASE_KERNEL_ARGS
-from harpoon.vmm.process import VmmProcess
+from harpoon.vmm.process import VmmProcess, die_with_parent, die_with_parent_at_lowest_priority
 
 log = logging.getLogger(__name__)
 
@@ -428,24 +426,6 @@ def _file_identity(path: str | Path) -> list[int]:
     return [info.st_size, info.st_mtime_ns, info.st_ino]
 
 
-def _die_with_parent() -> None:
-    # Runs in the forked child before exec: QEMU gets SIGKILL if the shim dies (on
-    # Linux; macOS has no such signal: see the module's docstring). No imports here:
-    # another thread of the shim may hold an import's lock.
-    if linux.HAS_PARENT_DEATH_SIGNAL:
-        linux.set_parent_death_signal(signal.SIGKILL)
-    os.setsid()
-    # What QEMU creates (console log, pid file, a template's memory file, the saved
-    # state its `cat` writes) holds the guest's data: root's alone. Files the guest
-    # creates in a 9p share are not cut by it: QEMU sets their modes as the guest asks.
-    os.umask(private.UMASK)
-
-
-def _die_with_parent_at_lowest_priority() -> None:
-    _die_with_parent()
-    os.nice(LOWEST_PRIORITY_NICE)
-
-
 def _in_netns(netns_fd: int, then: Callable[[], None]) -> None:
     linux.setns(netns_fd, linux.CLONE_NEWNET)
     then()
@@ -547,7 +527,7 @@ def launch(config: VMConfig, restoring: Path | None = None) -> QemuLaunch:
             state_fd = os.open(restoring, os.O_RDONLY | os.O_CLOEXEC)
             inherited.append(state_fd)
             argv += RESTORE_ARGS
-        preexec = _die_with_parent_at_lowest_priority if resolved.low_priority else _die_with_parent
+        preexec = die_with_parent_at_lowest_priority if resolved.low_priority else die_with_parent
         if resolved.netns is not None:
             # QEMU opens its taps by name: in the namespace they were made in.
             netns_fd = os.open(resolved.netns, os.O_RDONLY | os.O_CLOEXEC)
@@ -593,7 +573,7 @@ def _start_virtiofsd(config: VMConfig) -> tuple[VmmProcess, ...]:
                 process = VmmProcess.spawn(
                     virtiofsd.command_line(binary, share, fd),
                     stderr_path=virtiofsd.log_file(config.state_dir, share),
-                    preexec=_die_with_parent,
+                    preexec=die_with_parent,
                     pass_fds=(fd,),
                 )
             finally:

@@ -49,19 +49,18 @@ import dataclasses
 import logging
 import os
 import shutil
-import signal
 import sys
 from pathlib import Path
 
-from harpoon import linux, private
+from harpoon import private
 from harpoon.api.names import AGENT_VSOCK_PORT, STDIO_VSOCK_PORT
 from harpoon.vmm import prelaunch
 from harpoon.vmm.backend import host_arch
-from harpoon.vmm.base import LOWEST_PRIORITY_NICE, VMConfig, VMError
+from harpoon.vmm.base import VMConfig, VMError
 from harpoon.vmm.devices import NIC, Disk, Share, StreamBackend, TapBackend
 from harpoon.vmm.gvproxy_nics import gvproxy_config, start_gvproxies
 from harpoon.vmm.kernel_args import BASE_KERNEL_ARGS
-from harpoon.vmm.process import VmmProcess
+from harpoon.vmm.process import VmmProcess, die_with_parent, die_with_parent_at_lowest_priority
 
 log = logging.getLogger(__name__)
 
@@ -292,9 +291,9 @@ def launch(config: VMConfig, program: str) -> VfkitLaunch:
         process = VmmProcess.spawn(
             argv,
             stderr_path=resolved.state_dir / "vmm.log",
-            preexec=_die_with_parent_at_lowest_priority
+            preexec=die_with_parent_at_lowest_priority
             if resolved.low_priority
-            else _die_with_parent,
+            else die_with_parent,
         )
         private.write_file(resolved.pid_file, f"{process.pid}\n".encode())
     except BaseException:
@@ -303,21 +302,6 @@ def launch(config: VMConfig, program: str) -> VfkitLaunch:
         raise
     log.debug("vfkit %d launched for %s", process.pid, resolved.name)
     return VfkitLaunch(config, resolved, process, helpers)
-
-
-def _die_with_parent() -> None:
-    # Runs in the forked child before exec: no imports here (another thread of the
-    # shim may hold an import's lock).
-    if linux.HAS_PARENT_DEATH_SIGNAL:
-        linux.set_parent_death_signal(signal.SIGKILL)
-    os.setsid()
-    # What vfkit creates (console log, sockets) holds the guest's data: root's alone.
-    os.umask(private.UMASK)
-
-
-def _die_with_parent_at_lowest_priority() -> None:
-    _die_with_parent()
-    os.nice(LOWEST_PRIORITY_NICE)
 
 
 async def end_helpers(launched: VfkitLaunch) -> None:
