@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from harpoon import linux
 from harpoon.api.names import CONTAINER_CGROUPS_PATH
 from harpoon.errdefs import FailedPrecondition, InvalidArgument, Unimplemented
 from harpoon.net.wire import TAP_NAME
@@ -20,6 +21,7 @@ from harpoon.sandbox.rootfs import GUEST_ROOTFS, SHARE_TAG
 from harpoon.shim import paths
 from harpoon.shim.container_plan import encode, plan_guest
 from harpoon.shim.transform.host_policy import process_for_guest
+from harpoon.shim.transform.network import user_network_ports
 from harpoon.vmm.devices import StreamBackend, TapBackend
 
 GUEST_ROOT = GUEST_ROOTFS
@@ -295,6 +297,26 @@ def test_a_new_network_namespace_is_harpoons_own_with_a_tap_nic() -> None:
     # The guest keeps its own network namespace, which gets the NIC once configured.
     guest_types = [ns["type"] for ns in draft.guest_spec["linux"]["namespaces"]]
     assert "network" in guest_types
+
+
+def test_on_a_host_without_network_namespaces_a_new_one_is_made_in_the_guest_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Mac (no netns, no tap): `ctr run` without --net-host gets a namespace of its own
+    in the guest, on the user-mode network, publishing nothing; a namespace named by
+    path is still refused there by the VMM (nothing harpoon can join)."""
+    monkeypatch.setattr(linux, "HAS_NETWORK_NAMESPACES", False)
+    spec = ctr_spec()
+    spec["linux"]["namespaces"] = [{"type": "pid"}, {"type": "network"}]
+    draft = plan_guest("ns", "c1", spec, "h")
+    assert draft.netns is None and not draft.netns_owned
+    (nic,) = draft.nics
+    assert isinstance(nic.backend, StreamBackend) and nic.backend.gvproxy
+    assert user_network_ports(spec) == ()
+    guest_types = [ns["type"] for ns in draft.guest_spec["linux"]["namespaces"]]
+    assert "network" in guest_types
+    spec["linux"]["namespaces"] = [{"type": "pid"}]
+    assert user_network_ports(spec) is None  # the host's network: the guest's own
 
 
 def test_a_network_namespace_named_by_path_is_used_and_not_owned() -> None:

@@ -19,6 +19,10 @@
   wildcard address is published on the host's 127.0.0.1 (Sandbox.forward_listeners),
   and a connection to 127.0.0.1 on a port the host listens on and the guest does not
   reaches the host's 127.0.0.1 (harpoon.agent.loopback).
+- **A namespace of its own on the user-mode network** (`user_network_ports`): the
+  annotation PORTS_ANNOTATION publishes ports of it through its gvproxy; and on a host
+  without network namespaces (macOS: no tap for the VM) every namespace harpoon is to
+  make is made so, in the guest alone, publishing nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import ipaddress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from harpoon import linux
 from harpoon.errdefs import FailedPrecondition, InvalidArgument
 from harpoon.net import gvproxy, wire
 from harpoon.net.ports import PublishedPort
@@ -67,7 +72,7 @@ class Network(Transformer):
     def plan(self, draft: Draft) -> None:
         entry = network_namespace(draft.spec)
         mac = NIC_MAC
-        published = published_ports(draft.spec)
+        published = user_network_ports(draft.spec)
         if entry is not None and entry.get("path") and published is not None:
             raise InvalidArgument(
                 f"annotation {PORTS_ANNOTATION} asks for harpoon's user-mode network, but "
@@ -120,7 +125,7 @@ class Network(Transformer):
             await sandbox.configure_network(INIT_GUEST_ID, create.network)
         elif sandbox.config.nics and sandbox.config.netns is None:
             nic = sandbox.config.nics[0]
-            published = published_ports(create.bundle.spec)
+            published = user_network_ports(create.bundle.spec)
             if published is None:
                 # The host's network, through gvproxy: the guest's own namespace, which
                 # the container shares, gets the NIC; what listens there is published on
@@ -142,6 +147,20 @@ class Network(Transformer):
                 INIT_GUEST_ID, user_network(nic.mac), block_tcp=GVPROXY_API
             )
             await sandbox.publish_ports(published)
+
+
+def user_network_ports(spec: dict[str, Any]) -> tuple[PublishedPort, ...] | None:
+    """For a container with a network namespace of its own on harpoon's user-mode
+    network, the ports it publishes; None for every other container. A namespace of its
+    own is on the user-mode network when PORTS_ANNOTATION publishes ports, or, on a host
+    without network namespaces (macOS: no tap to give the VM), whenever harpoon is to
+    make it: then it is made in the guest alone, and publishes nothing, as
+    `ctr run` without `--net-host` gives a container on Linux (plus a way out)."""
+    published = published_ports(spec)
+    if published is not None or linux.HAS_NETWORK_NAMESPACES:
+        return published
+    entry = network_namespace(spec)
+    return () if entry is not None and not entry.get("path") else None
 
 
 def published_ports(spec: dict[str, Any]) -> tuple[PublishedPort, ...] | None:
