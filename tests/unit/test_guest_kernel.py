@@ -156,3 +156,33 @@ def test_an_unknown_module_is_an_error(tmp_path: Path) -> None:
 
     with pytest.raises(kernel.KernelImageError, match="neither a file nor built in"):
         kernel.select_modules(tree, ["nosuch"])
+
+
+def _config(**options: str) -> str:
+    lines = ["# Linux/arm64 6.1 Kernel Configuration"]
+    lines += [f"CONFIG_{name}={value}" for name, value in options.items()]
+    lines.append("# CONFIG_HVC_DCC is not set")
+    return "\n".join(lines) + "\n"
+
+
+GOOD = {option: "m" for option in kernel.REQUIRED_OPTIONS}
+
+
+def test_a_kernel_config_with_every_option_fits_both_arches() -> None:
+    assert kernel.config_problems(_config(**GOOD), "arm64") == []
+    assert kernel.config_problems(_config(**GOOD), "amd64") == []
+
+
+def test_a_missing_vsock_option_is_named() -> None:
+    options = {**GOOD}
+    del options["VIRTIO_VSOCKETS"]
+    assert kernel.config_problems(_config(**options), "amd64") == [
+        "CONFIG_VIRTIO_VSOCKETS is not set (needs y or m)"
+    ]
+
+
+def test_arm64_refuses_the_dcc_console_that_takes_hvc0() -> None:
+    """VZ's console is hvc0 only while no DCC driver claims it first."""
+    text = _config(**GOOD, HVC_DCC="y")
+    assert kernel.config_problems(text, "arm64") == ["CONFIG_HVC_DCC=y (must be off)"]
+    assert kernel.config_problems(text, "amd64") == []

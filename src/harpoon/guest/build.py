@@ -600,6 +600,12 @@ def _build_into(out: Path, root: Path, plan: BuildPlan, report: Report) -> None:
     release = plan.kernel_release
     out.mkdir()
     report("extracting the kernel")
+    config_file = root / "boot" / f"config-{release}"
+    problems = kernel.config_problems(config_file.read_text(), arch)
+    if problems:
+        raise RuntimeError(
+            f"the {arch} kernel {release} cannot run harpoon's guest: " + "; ".join(problems)
+        )
     kernel_name, kernel_bytes = _kernel_image(root, arch, release)
     (out / kernel_name).write_bytes(kernel_bytes)
 

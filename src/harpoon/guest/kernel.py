@@ -296,3 +296,45 @@ def select_modules(modules_dir: Path, wanted: Iterable[str]) -> ModuleSet:
         depends=depends,
         builtin=frozenset(asked_builtin),
     )
+
+
+#: Kernel options every harpoon guest needs, built in (y) or as a module (m), by backend:
+#: the agent's channels (virtio-serial on QEMU, vsock on vfkit), shares, erofs disks.
+REQUIRED_OPTIONS = (
+    "VIRTIO_CONSOLE",
+    "HVC_DRIVER",
+    "VSOCKETS",
+    "VIRTIO_VSOCKETS",
+    "VIRTIO_FS",
+    "NET_9P_VIRTIO",
+    "EROFS_FS",
+    "EXT4_FS",
+    "OVERLAY_FS",
+    "VIRTIO_BLK",
+    "VIRTIO_NET",
+)
+#: Options that must not be built in: on arm64, the DCC console driver takes hvc0, and
+#: Virtualization.framework's only console (a virtio console, `console=hvc0`) would
+#: become hvc1 (macos-facts: AOSC issue #16648; nerdbox's kernel config leaves it out).
+FORBIDDEN_OPTIONS = {"arm64": ("HVC_DCC",)}
+
+
+def config_problems(config_text: str, arch: str) -> list[str]:
+    """What the kernel's build config (/boot/config-<release>) lacks or has that harpoon's
+    guests cannot run with, in words; empty when it fits."""
+    values: dict[str, str] = {}
+    for line in config_text.splitlines():
+        name, equals, value = line.partition("=")
+        if equals and name.startswith("CONFIG_"):
+            values[name.removeprefix("CONFIG_")] = value
+    problems = [
+        f"CONFIG_{option} is not set (needs y or m)"
+        for option in REQUIRED_OPTIONS
+        if values.get(option) not in ("y", "m")
+    ]
+    problems += [
+        f"CONFIG_{option}={values[option]} (must be off)"
+        for option in FORBIDDEN_OPTIONS.get(arch, ())
+        if values.get(option) in ("y", "m")
+    ]
+    return problems
