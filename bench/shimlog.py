@@ -4,8 +4,10 @@ containerd copies each shim's log FIFO into its own log (at debug level), so the
 `created ID: VM pid N started in X s (…)` (launch → agent ready, a cold boot or a
 template restore; `booted in X s` before 7f2ca71), `restored ID from template K in
 X s` and, for a VM planned to boot cold, `ID: WHY: booting cold` lines (harpoon.sandbox.plan;
-none when templates are off) are in our throw-away daemon's log. Read-only; the log is
-read incrementally.
+none when templates are off) are in our throw-away daemon's log, and so is `boot attempt
+N of ID failed: …` for a cold boot the sandbox gave up on and booted again
+(harpoon.sandbox.sandbox: a guest silent for BOOT_TIMEOUT_S). The time in `created` is
+the last attempt's alone. Read-only; the log is read incrementally.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ _RESTORED = re.compile(r"restored (\S+) from template")
 #: The plan's reason (`msg=ID: WHY: booting cold`; `=` and `"` end the ID, as containerd
 #: may quote the shim's line).
 _COLD = re.compile(r'([\w.-]+): ([^"\n]+?): booting cold')
+#: Its reason ends at "; console:" (the console's tail follows on the next lines).
+_FAILED_BOOT = re.compile(r"boot attempt \d+ of (\S+) failed: (.*?)(?:; console:|$)", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,9 @@ class VMStart:
     mode: str | None
     #: Why the plan booted it cold, when it said (harpoon.sandbox.plan).
     cold_reason: str | None = None
+    #: Why each cold boot given up on before the one that answered was (their time is
+    #: not in `seconds`, only in the run's wall time).
+    failed_boots: tuple[str, ...] = ()
 
 
 class ShimLog:
@@ -45,6 +52,7 @@ class ShimLog:
         self._created: dict[str, float] = {}
         self._restored: set[str] = set()
         self._cold_reasons: dict[str, str] = {}
+        self._failed_boots: dict[str, tuple[str, ...]] = {}
 
     def _scan(self) -> None:
         try:
@@ -61,6 +69,8 @@ class ShimLog:
             self._created[match.group(1)] = float(match.group(2))
         self._restored.update(m.group(1) for m in _RESTORED.finditer(text))
         self._cold_reasons.update((m[1], m[2]) for m in _COLD.finditer(text))
+        for match in _FAILED_BOOT.finditer(text):
+            self._failed_boots[match[1]] = (*self._failed_boots.get(match[1], ()), match[2])
 
     async def start(self, container_id: str) -> VMStart:
         """How the VM of `container_id` started (waits briefly for the log line)."""
@@ -71,8 +81,9 @@ class ShimLog:
             await asyncio.sleep(POLL_S)
             self._scan()
         seconds = self._created.get(container_id)
+        failed = self._failed_boots.get(container_id, ())
         if seconds is None:
-            return VMStart(None, None)
+            return VMStart(None, None, failed_boots=failed)
         if container_id in self._restored:
-            return VMStart(seconds, "template")
-        return VMStart(seconds, "cold", self._cold_reasons.get(container_id))
+            return VMStart(seconds, "template", failed_boots=failed)
+        return VMStart(seconds, "cold", self._cold_reasons.get(container_id), failed)

@@ -5,7 +5,8 @@ vfkit cannot save or restore a guest (vfkit issue #449: Virtualization.framework
 vfkit does not expose it), so there are no VM templates through it: every container's
 VM boots cold, the whole kernel and agent start-up on its critical path (QEMU with
 templates restores a saved guest instead). That is the price of this backend, and why
-it is not the default on macOS (harpoon.vmm.backend).
+it is not the default on macOS (harpoon.vmm.backend); what it costs in start time is
+measured by bench/vmm.py, its figures in bench/README.md, "vfkit: no save/restore".
 
 start() returns once vfkit listens on the agent's socket, which it does once the VM
 runs (cmd/vfkit/main.go: after VZ reports Running); a connection made before the
