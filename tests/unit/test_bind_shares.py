@@ -310,3 +310,20 @@ def test_a_host_without_mounts_prepares_and_releases_the_share_without_mountinfo
     rootfs.prepare(share)  # already prepared: kept
     rootfs.release(share)
     assert not share.exists()
+
+
+def test_a_read_only_binds_share_is_read_only_on_the_host_too_where_the_backend_can() -> None:
+    """A file's bind shares its whole directory (the host's /etc for --net-host's
+    /etc/hosts): QEMU serves it read-only; vfkit, which cannot, serves it writable
+    and the guest's read-only mount holds."""
+    from harpoon.sandbox.bind_shares import BindShare
+    from harpoon.vmm import vfkit_launch
+    from harpoon.vmm.base import VMConfig
+
+    ro, rw = BindShare("bind0", Path("/etc"), True), BindShare("bind1", Path("/srv"), False)
+    assert (ro.device().read_only, rw.device().read_only) == (True, False)
+    config = VMConfig(
+        name="c", arch="amd64", kernel=Path("/k"), initrd=Path("/i"), state_dir=Path("/s"),
+        shares=(ro.device(), rw.device()),
+    )  # fmt: skip
+    assert [share.read_only for share in vfkit_launch.fit(config).shares] == [False, False]

@@ -84,9 +84,13 @@ class BindShare:
         return f"{GUEST_BINDS}/{self.tag}"
 
     def device(self) -> Share:
-        """The VM's device for it. Writable on the host side whatever `readonly` says
-        (vfkit has no other kind); the guest mounts it read-only (`mount`)."""
-        return Share(self.tag, self.host_dir)
+        """The VM's device for it, read-only on the host side too where the backend can
+        make it so (QEMU's 9p and virtiofsd): a file's bind shares its whole directory
+        (`--net-host`'s /etc/hosts shares the host's /etc), which nothing in the guest
+        may then write, not even its kernel. vfkit has no read-only share: its backend
+        makes the share writable, and the guest's read-only mount (`mount`) is then
+        all that holds."""
+        return Share(self.tag, self.host_dir, read_only=self.readonly)
 
 
 def plan_bind(

@@ -47,6 +47,8 @@ class Share:
     host_path: Path
     fs: ShareFs = "9p"
     read_only: bool = False
+    """Served read-only by the host where the backend can (QEMU's 9p and virtiofsd);
+    vfkit cannot, and serves it writable: the guest must mount it read-only too."""
     PER_INSTANCE: ClassVar[tuple[str, ...]] = ("host_path",)
 
     def __post_init__(self) -> None:

@@ -22,10 +22,9 @@ with a VMError naming what cannot be had):
   (the host retries: harpoon.sandbox.agent_client). The guest picks the transport by
   what the VM has (harpoon.agent.main).
 - Shares are virtiofs (VZ has no 9p) and always writable: vfkit has no read-only
-  share, so a read-only share is refused. harpoon makes none: the rootfs share is
-  writable, and a read-only bind is made read-only in the guest (crun's `ro` bind, and
-  a bind share's `ro` mount: harpoon.sandbox.bind_shares) and, where the host bind
-  mounts it under the export, by the host's read-only bind.
+  share, so `fit` serves a read-only one writable (Share.read_only: the guest mounts it
+  read-only: a read-only bind's share, harpoon.sandbox.bind_shares, and crun's `ro`
+  bind), and `check` refuses one given to it as it is.
 - A NIC is a gvproxy of the VM's own (`-listen-vfkit`): vfkit opens no tap device and
   speaks no stream socket; macOS's NAT is not used.
 - The guest's console is a virtio console (`console=hvc0`), logged to console.log.
@@ -95,10 +94,15 @@ def rest_socket(config: VMConfig) -> Path:
 
 
 def fit(config: VMConfig) -> VMConfig:
-    """config as vfkit runs it: every share virtiofs. VMError for what vfkit cannot
-    give it (see the module's docstring); cheap, no I/O."""
+    """config as vfkit runs it: every share virtiofs and writable (vfkit has no
+    read-only share: what harpoon shares read-only, a read-only bind's share, the guest
+    mounts read-only: harpoon.sandbox.bind_shares). VMError for what vfkit cannot give
+    it (see the module's docstring); cheap, no I/O."""
     fitted = dataclasses.replace(
-        config, shares=tuple(dataclasses.replace(share, fs="virtiofs") for share in config.shares)
+        config,
+        shares=tuple(
+            dataclasses.replace(share, fs="virtiofs", read_only=False) for share in config.shares
+        ),
     )
     check(fitted)
     return fitted
