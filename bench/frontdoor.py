@@ -36,7 +36,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from typing import Any
 
 from bench import machine
 from bench.checkout import REPO, prepare_harpoon
-from bench.report import print_and_save
+from bench.report import exit_on_sigterm, print_and_save, say
 from bench.stats import quantile
 from bench.tcp import free_port
 from harpoon import dirs
@@ -75,15 +74,6 @@ DEFAULT_RUNS, QUICK_RUNS = 5, 2
 COMMAND_TIMEOUT_S = 300.0
 ANSWER_TIMEOUT_S = 180.0
 POLL_INTERVAL_S = 0.05
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _terminated(signum: int, _frame: object) -> None:
-    """SIGTERM ends the run as ^C does: through every clean-up on the way out."""
-    raise SystemExit(128 + signum)
 
 
 class FrontDoor:
@@ -215,14 +205,14 @@ def leftovers(root: Path) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    signal.signal(signal.SIGTERM, _terminated)
+    exit_on_sigterm()
     started = time.monotonic()
     began_utc = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     samples: dict[str, dict[str, list[float]]] = {f: {r: [] for r in RUNTIMES} for f in args.only}
     failures: list[str] = []
     with tempfile.TemporaryDirectory(prefix="hp-fd-bench-", dir="/var/tmp") as scratch_dir:
         scratch = Path(scratch_dir)
-        _say("building the bench's guest image and VM templates")
+        say("building the bench's guest image and VM templates")
         built = prepare_harpoon(scratch, template=True)
         root = Path(tempfile.mkdtemp(prefix="hpfb-", dir="/tmp"))  # short: sun_path
         harpoon = FrontDoor(root, built.environment())
@@ -230,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         left: list[str] = []
         runc_builder: RuncBuilder | None = None
         try:
-            _say(f"harpoon system start on {root}")
+            say(f"harpoon system start on {root}")
             harpoon("system", "start")
             harpoon("load", "-i", str(build_busybox_image(default_cache_dir())))
             if "compose" in args.only:
@@ -258,7 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             continue
                         if round_number:  # the first round warms up
                             samples[figure][runtime].append(took)
-                _say(f"round {round_number} of {args.runs} done")
+                say(f"round {round_number} of {args.runs} done")
         finally:
             if runc_builder is not None:
                 runc_builder.stop()

@@ -66,7 +66,6 @@ import ipaddress
 import json
 import os
 import secrets
-import signal
 import socket
 import sys
 import tempfile
@@ -80,7 +79,7 @@ from typing import Any
 from bench import machine
 from bench.checkout import REPO, HarpoonDirs, prepare_harpoon, wrapper_shim
 from bench.ctr import RUNC_RUNTIME, Ctr, CtrResult
-from bench.report import print_and_save
+from bench.report import exit_on_sigterm, print_and_save, say
 from bench.shimlog import ShimLog, VMStart
 from bench.stats import quantile
 from bench.tcp import (
@@ -246,7 +245,7 @@ class Measured:
 
     def fail(self, way: str, what: str, why: str) -> None:
         self.failures.setdefault(way, []).append(f"{what}: {why}")
-        _say(f"  {what} failed: {why}")
+        say(f"  {what} failed: {why}")
 
 
 @dataclass
@@ -282,10 +281,10 @@ class NetBench:
             shift = round_ % len(self.args.only)
             for name in self.args.only[shift:] + self.args.only[:shift]:
                 load_before, began = os.getloadavg()[0], time.monotonic()
-                _say(f"round {round_ + 1}/{self.args.runs}: {name} ({time.strftime('%H:%M:%S')})")
+                say(f"round {round_ + 1}/{self.args.runs}: {name} ({time.strftime('%H:%M:%S')})")
                 await self.run_way(name, f"net-{name}-{round_}-{os.getpid()}", measured)
                 measured.load.setdefault(name, []).append((load_before, os.getloadavg()[0]))
-                _say(f"  {time.monotonic() - began:.0f} s")
+                say(f"  {time.monotonic() - began:.0f} s")
         return measured
 
     async def warm_up(self, measured: Measured) -> None:
@@ -294,7 +293,7 @@ class NetBench:
         for name in self.args.only:
             way = WAYS[name]
             known = self.template_keys()
-            _say(f"warm-up: {name}")
+            say(f"warm-up: {name}")
             container_id = f"net-{name}-warmup-{os.getpid()}"
             try:
                 serving = await self.start(way, container_id)
@@ -304,7 +303,7 @@ class NetBench:
                     await self.remove(way, serving.name)
             except (Failed, OSError, TimeoutError) as error:
                 measured.warmup.append(f"{name}: failed: {error}")
-                _say(f"  failed: {error}")
+                say(f"  failed: {error}")
                 continue
             if not way.harpoon:
                 continue
@@ -313,7 +312,7 @@ class NetBench:
             if start.mode == "cold":
                 said += "; " + await self.wait_for_template(known)
             measured.warmup.append(said)
-            _say(f"  {said}")
+            say(f"  {said}")
 
     def template_keys(self) -> set[str]:
         return {meta.parent.name for meta in self.templates.glob(f"*/{META_NAME}")}
@@ -339,7 +338,7 @@ class NetBench:
                 measured.starts.setdefault(name, []).append(
                     {"id": serving.container_id, **asdict(start)}
                 )
-                _say(f"  VM: {_describe(start)}")
+                say(f"  VM: {_describe(start)}")
             await self.wait_serving(serving)
             for key, run in self.figures(serving):
                 try:
@@ -348,7 +347,7 @@ class NetBench:
                     measured.fail(name, key, f"{type(error).__name__}: {error}")
                     continue
                 samples.setdefault(key, []).extend(values)
-                _say(f"  {key}: {_summary(key, values)}")
+                say(f"  {key}: {_summary(key, values)}")
         except (Failed, OSError, TimeoutError) as error:
             measured.fail(name, "serving", str(error))
         finally:
@@ -513,7 +512,7 @@ class NetBench:
         if way.network == "cni":
             ran = await self.nerdctl_runner.run("rm", "--force", name, timeout_s=REMOVE_TIMEOUT_S)
             if not ran.ok and "no such container" not in ran.stderr.lower():
-                _say(f"  {ran.failure()}")
+                say(f"  {ran.failure()}")
         else:
             await self.ctr.remove_container(name)
 
@@ -530,10 +529,6 @@ def _summary(key: str, values: list[float]) -> str:
     if kind == "rate":
         return f"{values[0]:.1f} MiB/s"
     return f"median {median(values) * 1e3:.2f} ms, p90 {quantile(values, 0.9) * 1e3:.2f} ms"
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # -- set-up, clean-up, report -------------------------------------------------------------
@@ -562,14 +557,9 @@ def leftovers(
     return found
 
 
-def _terminated(signum: int, _frame: object) -> None:
-    """SIGTERM ends the run as ^C does: through every clean-up on the way out."""
-    raise SystemExit(128 + signum)
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole run: build, daemon, network, rounds, clean-up; the record (JSON)."""
-    signal.signal(signal.SIGTERM, _terminated)
+    exit_on_sigterm()
     started = time.monotonic()
     began_utc = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     if NERDCTL.missing_binaries() and any(WAYS[n].network == "cni" for n in args.only):
@@ -579,9 +569,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     left: list[str] = []
     with tempfile.TemporaryDirectory(prefix="hp-net-bench-", dir="/var/tmp") as scratch_dir:
         scratch = Path(scratch_dir)
-        _say("building the bench's guest image and VM templates")
+        say("building the bench's guest image and VM templates")
         dirs: HarpoonDirs = prepare_harpoon(scratch, template=True)
-        _say(f"  {dirs.built}")
+        say(f"  {dirs.built}")
         shims = scratch / "shims"
         shims.mkdir()
         runtime = wrapper_shim(shims, "harpoon", dirs.environment())
@@ -594,7 +584,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # so that sessions starting together seldom pick the same one.
                 subnet = cni.a_free_subnet()
                 network = cni.create(nerdctl, f"hpb-{secrets.token_hex(3)}", subnet)
-                _say(f"network {network.name}: {subnet}, bridge {network.bridge}")
+                say(f"network {network.name}: {subnet}, bridge {network.bridge}")
                 bench = NetBench(args, daemon, nerdctl, network, image, runtime, dirs.templates)
                 measured = asyncio.run(bench.measure())
             finally:

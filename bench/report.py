@@ -6,6 +6,8 @@ Pure formatting: takes what the run recorded, returns strings.
 from __future__ import annotations
 
 import json
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,20 @@ RATIOS = (
     ("harpoon: VM start → agent ready, restored from template (shim log)", FLOOR_FIGURE,
      "harpoon template restore / boot floor"),
 )  # fmt: skip
+
+
+def say(message: str) -> None:
+    """A standalone bench's progress line: stderr, so stdout holds the table alone."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM ends the run as ^C does: through every clean-up on the way out."""
+
+    def terminated(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
 
 
 def number(value: float) -> str:

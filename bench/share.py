@@ -53,6 +53,7 @@ from typing import Any
 
 from bench.checkout import REPO, HarpoonDirs, prepare_harpoon, wrapper_shim
 from bench.ctr import Ctr
+from bench.report import say
 from bench.shimlog import ShimLog, VMStart
 from harpoon.devenv.containerd import Containerd
 from harpoon.devenv.images import build_busybox_image, default_cache_dir
@@ -233,7 +234,7 @@ class ShareBench:
                 bind.mkdir()
                 shutil.copy(self.tarball, bind / "tree.tar")
                 began, load_before = time.monotonic(), os.getloadavg()[0]
-                _say(f"round {round_ + 1}/{self.args.runs}: {name} ({time.strftime('%H:%M:%S')})")
+                say(f"round {round_ + 1}/{self.args.runs}: {name} ({time.strftime('%H:%M:%S')})")
                 if name == "host":
                     host = asyncio.to_thread(run_host, self.scratch, bind, self.args.mib)
                     output, failure = await host
@@ -244,10 +245,10 @@ class ShareBench:
                         start = await shim_log.start(container_id)
                         starts = measured.starts.setdefault(name, [])
                         starts.append({"id": container_id, **asdict(start)})
-                        _say(f"  VM: {_describe(start)}")
+                        say(f"  VM: {_describe(start)}")
                 measured.load.setdefault(name, []).append((load_before, os.getloadavg()[0]))
                 said = measured.record(name, output, failure, expected)
-                _say(f"  {time.monotonic() - began:.0f} s: {said}")
+                say(f"  {time.monotonic() - began:.0f} s: {said}")
                 shutil.rmtree(bind, ignore_errors=True)
         return measured
 
@@ -269,10 +270,6 @@ def _describe(start: VMStart) -> str:
     if start.seconds is not None:
         said += f" in {start.seconds:.2f} s"
     return said + (f" ({start.cold_reason})" if start.cold_reason else "")
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,15 +302,15 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hp-share-bench-", dir="/var/tmp") as scratch_dir:
         scratch = Path(scratch_dir)
         variants = [HARPOON_VARIANTS[name] for name in args.only if name in HARPOON_VARIANTS]
-        _say("building the bench's guest image (and VM template)")
+        say("building the bench's guest image (and VM template)")
         dirs = prepare_harpoon(scratch, template=any(v.restores for v in variants))
-        _say(f"  {dirs.built}")
+        say(f"  {dirs.built}")
         shims = scratch / "shims"
         shims.mkdir()
         runtimes = {"runc": "io.containerd.runc.v2", **wrapper_shims(shims, dirs)}
         tarball = scratch / "tree.tar"
         build_tree(tarball, args.files)
-        _say(f"tarball: {args.files} files, {tarball.stat().st_size >> 20} MiB")
+        say(f"tarball: {args.files} files, {tarball.stat().st_size >> 20} MiB")
         # Debug: containerd copies the shims' log lines (VM starts) into its log.
         with Containerd(args.containerd, path_prepend=[shims], log_level="debug") as daemon:
             image = daemon.import_image(build_busybox_image(default_cache_dir()))

@@ -82,7 +82,7 @@ from bench import machine
 from bench.checkout import REPO, HarpoonDirs, wrapper_shim
 from bench.ctr import RUNC_RUNTIME, Ctr, CtrResult
 from bench.floor import boot_floor
-from bench.report import number, print_and_save
+from bench.report import exit_on_sigterm, number, print_and_save, say
 from bench.shimlog import ShimLog
 from bench.stats import quantile
 from harpoon import dirs
@@ -152,15 +152,6 @@ TEMPLATE_WAIT_S = 600.0
 POLL_INTERVAL_S = 0.2
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _terminated(signum: int, _frame: object) -> None:
-    """SIGTERM ends the run as ^C does: through every clean-up on the way out."""
-    raise SystemExit(128 + signum)
-
-
 @dataclass
 class Column:
     """One configuration's daemon, its ctr and its shims' log."""
@@ -194,7 +185,7 @@ class Measured:
 
     def fail(self, where: str, why: str) -> None:
         self.failures.setdefault(where, []).append(why)
-        _say(f"  {where} failed: {why}")
+        say(f"  {where} failed: {why}")
 
 
 def timed(result: CtrResult, run: Run) -> tuple[float | None, str | None]:
@@ -222,13 +213,13 @@ class Rounds:
         self.measured = Measured({c.name: {key: [] for key in keys} for c in columns})
 
     async def run(self) -> Measured:
-        _say("warm-up round (not measured)")
+        say("warm-up round (not measured)")
         await self.round(0)
         for round_ in range(1, self.args.runs + 1):
             load_before, began = os.getloadavg()[0], time.monotonic()
             await self.round(round_)
             self.measured.load.append((load_before, os.getloadavg()[0]))
-            _say(f"round {round_} of {self.args.runs}: {time.monotonic() - began:.0f} s")
+            say(f"round {round_} of {self.args.runs}: {time.monotonic() - began:.0f} s")
         return self.measured
 
     async def round(self, round_: int) -> None:
@@ -253,7 +244,7 @@ class Rounds:
             self.measured.fail("floor", boot.error or "no marker")
         else:
             self.measured.floor.append(boot.seconds)
-            _say(f"  boot floor {boot.seconds:.2f} s")
+            say(f"  boot floor {boot.seconds:.2f} s")
 
     async def one(self, column: Column, round_: int, run: Run) -> None:
         container_id = f"vmm-{column.name}-{run.key}-{round_}"
@@ -278,7 +269,7 @@ class Rounds:
                 )
             elif column.name == "qemu-template" and start.mode == "cold":
                 said += "; " + await self.wait_for_template()
-        _say(f"  {said}")
+        say(f"  {said}")
         if not round_:
             self.measured.warmup.append(said + (f": {problem}" if problem else ""))
             return
@@ -327,7 +318,7 @@ def columns_started(
                 args.containerd, path_prepend=[shims], log_level="debug", extra_env=env
             )
             stack.callback(_stop, name, daemon, left, args.keep)
-            _say(f"{name}: containerd {args.containerd} with {env or 'no extra environment'}")
+            say(f"{name}: containerd {args.containerd} with {env or 'no extra environment'}")
             daemon.start()
             image = daemon.import_image(image_tar)
             runtime = harpoon_runtime if config.harpoon else RUNC_RUNTIME
@@ -372,7 +363,7 @@ def leftovers(scratch: Path, namespace: str, ids: dict[str, list[str]]) -> list[
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole run: daemons, rounds, clean-up; the record (JSON)."""
-    signal.signal(signal.SIGTERM, _terminated)
+    exit_on_sigterm()
     started = time.monotonic()
     began_utc = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     described = machine.describe(REPO)
@@ -578,10 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         record = run(args)
     except KeyboardInterrupt:
-        _say("interrupted: cleaned up, no results written")
+        say("interrupted: cleaned up, no results written")
         return 130
     path = print_and_save("vmm", table(record), record)
-    _say(f"wrote {path}")
+    say(f"wrote {path}")
     return 0
 
 

@@ -29,7 +29,7 @@ from harpoon.devenv.images import (
 from harpoon.devenv.nerdctl import MINIMUM_CONTAINERD, version_tuple
 from harpoon.devenv.registry import REGISTRY_BINARY, Registry
 from harpoon.devenv.tools import NERDCTL, Flavour, flavour, scripts_dir
-from tests.e2e.leaks import leaks_of
+from tests.e2e.leaks import fail_on_leaks
 from tests.e2e.nerdctl import Nerdctl
 from tests.prerequisites import unavailable
 
@@ -141,10 +141,7 @@ def nerdctl(nerdctl_session: Nerdctl, containerd: Containerd) -> Iterator[Nerdct
 def containerd(containerd_session: Containerd) -> Iterator[Containerd]:
     """The session's containerd; the test must leave no task, container, shim or mount."""
     yield containerd_session
-    leaks = leaks_of(containerd_session)
-    if leaks:
-        containerd_session.remove_all_containers()
-        pytest.fail(f"test left behind: {'; '.join(leaks)}", pytrace=False)
+    fail_on_leaks(containerd_session)
 
 
 @pytest.fixture

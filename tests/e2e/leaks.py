@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from harpoon.devenv.containerd import Containerd
 from harpoon.devenv.host import is_under, mount_points
 from harpoon.shim import paths
@@ -20,6 +22,14 @@ from harpoon.vmm.leftovers import GVPROXY_PID_FILE, HELPER_PID_PREFIX, PID_FILE_
 SHIM_EXIT_TIMEOUT_S = 10.0
 #: How often VmWatch.watching looks at the host's processes and mounts.
 WATCH_INTERVAL_S = 0.2
+
+
+def fail_on_leaks(daemon: Containerd) -> None:
+    """Fails the test (its containers removed first) if it left anything in daemon."""
+    leaks = leaks_of(daemon)
+    if leaks:
+        daemon.remove_all_containers()
+        pytest.fail(f"test left behind: {'; '.join(leaks)}", pytrace=False)
 
 
 def leaks_of(daemon: Containerd, container_id: str | None = None) -> list[str]:

@@ -27,7 +27,7 @@ from harpoon.devenv.tools import Flavour, scripts_dir
 from harpoon.sandbox import bind_shares
 from harpoon.sandbox.binds import MOUNTS_NAME
 from harpoon.shim import paths
-from tests.e2e.leaks import leaks_of
+from tests.e2e.leaks import fail_on_leaks
 from tests.e2e.test_harpoon_run import (
     HARPOON,
     RUN_TIMEOUT_S,
@@ -81,10 +81,7 @@ def bind_image(bind_daemon: Containerd, busybox_image_tar: Path) -> str:
 def containerd(bind_daemon: Containerd) -> Iterator[Containerd]:
     """This way's containerd; the test must leave no task, container, shim or mount."""
     yield bind_daemon
-    leaks = leaks_of(bind_daemon)
-    if leaks:
-        bind_daemon.remove_all_containers()
-        pytest.fail(f"test left behind: {'; '.join(leaks)}", pytrace=False)
+    fail_on_leaks(bind_daemon)
 
 
 @pytest.fixture

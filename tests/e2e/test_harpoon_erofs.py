@@ -5,7 +5,6 @@ where they land is tested in tests/e2e/test_harpoon_binds.py.)"""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import subprocess
 import tarfile
@@ -20,6 +19,7 @@ from harpoon.devenv.host import mount_points
 from harpoon.devenv.images import build_layered_busybox_image
 from harpoon.devenv.tools import EROFS_UTILS, scripts_dir
 from harpoon.shim import paths
+from tests.e2e.leaks import loop_backing_files
 from tests.prerequisites import unavailable
 
 HARPOON = "io.containerd.harpoon.v1"
@@ -65,14 +65,6 @@ def erofs_daemon() -> Iterator[Containerd]:
     finally:
         daemon.remove_all_containers()
         daemon.stop()
-
-
-def loop_backing_files() -> list[str]:
-    files = []
-    for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
-        with contextlib.suppress(OSError):
-            files.append(backing.read_text().strip())
-    return files
 
 
 def test_an_erofs_rootfs_is_assembled_in_the_guest_with_nothing_mounted_on_the_host(
