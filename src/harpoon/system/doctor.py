@@ -21,9 +21,13 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harpoon import dirs
 from harpoon.system import config
+
+if TYPE_CHECKING:
+    from harpoon.vmm.backend import HostVMM
 
 #: The command that installs or builds every missing tool (from the repository).
 INSTALL_DEPS = "bash scripts/install-deps"
@@ -72,11 +76,16 @@ def probe_vmm() -> Finding:
         backend = default_backend()
     except BackendChoiceError as error:
         return Finding(False, str(error))
-    vmm = backend.host_vmm()
+    return vmm_finding(backend.host_vmm(), f"{backend.name} backend: ")
+
+
+def vmm_finding(vmm: HostVMM, label: str = "") -> Finding:
+    """A backend's VMM as doctor reports it, on Linux and on macOS."""
     if vmm.path is None:
-        return Finding(False, f"{backend.name} backend: no {vmm.program} on PATH")
+        return Finding(False, f"{label}no {vmm.program} on PATH")
     note = " (no hardware acceleration: guests run slowly)" if vmm.accelerator == "tcg" else ""
-    return Finding(True, f"{backend.name} backend: {vmm.path}, accelerator {vmm.accelerator}{note}")
+    accelerator = f", accelerator {vmm.accelerator}" if vmm.accelerator else ""
+    return Finding(True, f"{label}{vmm.path}{accelerator}{note}")
 
 
 def vmm_fix() -> str:

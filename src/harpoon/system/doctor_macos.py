@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harpoon.devenv.nerdctl import version_tuple
-from harpoon.system.doctor import Check, Finding
+from harpoon.system.doctor import Check, Finding, vmm_finding
 
 if TYPE_CHECKING:
     from harpoon.vmm.backend import HostVMM
@@ -221,12 +221,7 @@ class MacChecks:
     # -- the probes -----------------------------------------------------------------------
 
     def probe_vmm(self) -> Finding:
-        vmm = self.host.vmm()
-        if vmm.path is None:
-            return Finding(False, f"no {vmm.program} on PATH")
-        note = " (no hardware acceleration: guests run slowly)" if vmm.accelerator == "tcg" else ""
-        accelerator = f", accelerator {vmm.accelerator}" if vmm.accelerator else ""
-        return Finding(True, f"{vmm.path}{accelerator}{note}")
+        return vmm_finding(self.host.vmm())
 
     def vmm_fix(self) -> str:
         return self.host.vmm().install_hint
