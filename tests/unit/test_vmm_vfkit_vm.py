@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -178,13 +179,13 @@ def test_a_vm_launched_early_for_another_config_is_ended(base: Path, program: st
     asyncio.run(scenario())
 
 
-def test_shim_delete_after_a_killed_shim_kills_its_vfkit(base: Path, program: str) -> None:
-    """A shim killed with SIGKILL leaves its VM's state directory: `delete` finds the
-    vfkit by its pid file (harpoon.vmm.leftovers), as it finds a QEMU. (On Linux vfkit
-    also gets the shim's parent-death signal: the shim here is a child process.)"""
-    config = vm_config(base)
+def shim_with_a_vm(
+    config: VMConfig, then: str, **popen: Any
+) -> tuple[subprocess.Popen[bytes], int]:
+    """A stand-in shim: a process that starts a vfkit VM of config, then runs `then`;
+    and the VM's pid."""
     script = (
-        "import asyncio, os, sys\n"
+        "import asyncio, sys, time\n"
         "from harpoon.vmm.backend import VfkitBackend\n"
         "from harpoon.vmm.base import VMConfig\n"
         "from pathlib import Path\n"
@@ -193,19 +194,28 @@ def test_shim_delete_after_a_killed_shim_kills_its_vfkit(base: Path, program: st
         "vm = VfkitBackend().new_vm(config)\n"
         "asyncio.run(vm.start())\n"
         "print(vm.pid, flush=True)\n"
-        "sys.stdin.read()\n"
+        f"{then}\n"
     )
     src = Path(__file__).resolve().parents[2] / "src"
     shim = subprocess.Popen(
         [sys.executable, "-c", script],
-        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(src)},
-        start_new_session=True,
+        **popen,
+    )
+    assert shim.stdout is not None
+    return shim, int(shim.stdout.readline())
+
+
+def test_shim_delete_after_a_killed_shim_kills_its_vfkit(base: Path, program: str) -> None:
+    """A shim killed with SIGKILL leaves its VM's state directory: `delete` finds the
+    vfkit by its pid file (harpoon.vmm.leftovers), as it finds a QEMU. (On Linux vfkit
+    also gets the shim's parent-death signal: the shim here is a child process.)"""
+    config = vm_config(base)
+    shim, pid = shim_with_a_vm(
+        config, "sys.stdin.read()", stdin=subprocess.PIPE, start_new_session=True
     )
     try:
-        assert shim.stdout is not None
-        pid = int(shim.stdout.readline())
         assert running(pid)
         # The vfkit outlives no one here but for the test: its parent-death signal is
         # the thread's that spawned it, so stop the shim with SIGSTOP, not SIGKILL, to
@@ -222,26 +232,7 @@ def test_a_vfkit_dies_with_the_shim_that_started_it_on_linux(base: Path, program
     if sys.platform != "linux":
         pytest.skip("macOS has no parent-death signal: `shim delete` ends it")
     config = vm_config(base)
-    script = (
-        "import asyncio\n"
-        "from harpoon.vmm.backend import VfkitBackend\n"
-        "from harpoon.vmm.base import VMConfig\n"
-        "from pathlib import Path\n"
-        f"config = VMConfig(name='c1', arch={config.arch!r}, kernel=Path({str(config.kernel)!r}),"
-        f" initrd=Path({str(config.initrd)!r}), state_dir=Path({str(config.state_dir)!r}))\n"
-        "vm = VfkitBackend().new_vm(config)\n"
-        "asyncio.run(vm.start())\n"
-        "print(vm.pid, flush=True)\n"
-        "import time; time.sleep(60)\n"
-    )
-    src = Path(__file__).resolve().parents[2] / "src"
-    shim = subprocess.Popen(
-        [sys.executable, "-c", script],
-        stdout=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(src)},
-    )
-    assert shim.stdout is not None
-    pid = int(shim.stdout.readline())
+    shim, pid = shim_with_a_vm(config, "time.sleep(60)")
     shim.kill()
     shim.wait()
     deadline = time.monotonic() + 10
