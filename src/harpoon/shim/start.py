@@ -98,11 +98,12 @@ def _backend_refused() -> str | None:
     """Why the user's choice of VMM backend cannot be followed (a bad $HARPOON_VMM or
     config file), checked before a daemon is forked: the user reads it from ctr or
     nerdctl rather than in a dead daemon's log. None when it can."""
-    from harpoon.vmm.backend import default_backend
-    from harpoon.vmm.choice import BackendChoiceError
+    # The choice alone (os, and tomllib for a config file), not the backends' modules:
+    # their imports would delay start's answer to containerd; the daemon loads them.
+    from harpoon.vmm.choice import BACKEND_NAMES, BackendChoiceError, choose
 
     try:
-        default_backend()
+        choose(BACKEND_NAMES)
     except BackendChoiceError as error:
         return f"harpoon: {error}"
     return None

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from harpoon.vmm.base import VirtualMachine, VMConfig
+from harpoon.vmm.choice import BACKEND_NAMES
 
 if TYPE_CHECKING:
     from harpoon.vmm import qemu_launch, vfkit_launch
-
-BACKEND_NAMES = ("qemu", "vfkit")
 
 
 def host_arch() -> str:

@@ -15,16 +15,18 @@ A value that names no backend, a config file that cannot be read or has keys har
 does not know in `[vmm]` is an error naming the variable or file and what it may say:
 a VMM the user did not choose must never run silently.
 
-This runs in every shim's start (harpoon.shim.prestart): it imports os alone unless a
-config file exists (tomllib, then).
+This runs in every shim's start (harpoon.shim.start, harpoon.shim.prestart): it imports
+os alone unless a config file exists (tomllib, then): NamedTuples, not dataclasses,
+which would load inspect on start's way to its answer.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+#: Every backend harpoon has (harpoon.vmm.backend makes them).
+BACKEND_NAMES = ("qemu", "vfkit")
 VMM_ENV = "HARPOON_VMM"
 CONFIG_ENV = "HARPOON_CONFIG"
 DEFAULT_CONFIG_FILE = "/etc/harpoon/config.toml"
@@ -40,8 +42,7 @@ class BackendChoiceError(ValueError):
     made and what it may say."""
 
 
-@dataclass(frozen=True)
-class Choice:
+class Choice(NamedTuple):
     name: str
     origin: str
     """Where the choice was made: $HARPOON_VMM, the config file's path, or the platform."""
@@ -70,8 +71,7 @@ def choose(names: tuple[str, ...]) -> Choice:
     return Choice(PLATFORM_DEFAULT, "the platform's default", vfkit)
 
 
-@dataclass(frozen=True)
-class VmmSettings:
+class VmmSettings(NamedTuple):
     """The config file's [vmm] table."""
 
     path: str
