@@ -7,8 +7,9 @@ The same ttrpc Server serves it as the ports: the agent listens on AGENT_VSOCK_P
 STDIO_VSOCK_PORT (any CID), both bound before either is served, so that once the host
 has its Hello answered on the agent port the stdio port is listening too (the host
 connects it then: harpoon.sandbox.agent_client). Every accepted connection is served,
-concurrently: a host that reconnects after a drop gets a new connection while the old
-one ends with its EOF (vfkit closes the guest's end when the host's goes).
+concurrently: a host that reconnects after a drop gets a new connection. The old one
+lingers, idle, until the VM ends: vfkit does not pass a host-side close on to the guest
+(VZ's connection has no CloseWrite; the double does as vfkit does).
 
 vfkit dials the guest's port for each connection made to its unix socket and closes
 that connection if nobody listens (the host sees EOF and connects again): there is no
