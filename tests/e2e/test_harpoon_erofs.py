@@ -84,7 +84,10 @@ def test_an_erofs_rootfs_is_assembled_in_the_guest_with_nothing_mounted_on_the_h
         created_s = time.monotonic() - began
         seen = daemon.ctr(
             "task", "exec", "--exec-id", "look", container_id,
-            "sh", "-c", "cat /written-here; ls /bin/busybox; grep ' / ' /proc/mounts",
+            # `run -d` returns once the init started, maybe before its echo: wait for it.
+            "sh", "-c", "i=0; while [ ! -s /written-here ] && [ $i -lt 200 ]; do "
+            "sleep 0.05; i=$((i+1)); done; "
+            "cat /written-here; ls /bin/busybox; grep ' / ' /proc/mounts",
         ).stdout  # fmt: skip
         assert seen.startswith(f"{WRITTEN}\n/bin/busybox\n"), seen
         assert " overlay " in seen, seen  # the guest's overlay is the container's root
